@@ -1,0 +1,61 @@
+"""`python -m trainer CONFIG [--set key=value ...] [--print-config] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trainer.errors import ConfigError
+
+
+def _quiet_libraries() -> None:
+    # Progress bars and advisory warnings from transformers drown the run's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer", description="One Phase 2 run.")
+    ap.add_argument("config", help="YAML config (a file holding only a `phase2:` block works)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key, e.g. --set phase2.learning_rate=2e-4 (repeatable)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the validated config (with resolved LRs) and exit")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue output.run_name from its newest checkpoint")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    args = ap.parse_args(argv)
+    try:
+        from trainer.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            from trainer.yaml_io import dump_yaml
+
+            data = cfg.to_plain()
+            data["phase2"]["projector_lr"] = cfg.phase2.resolved_projector_lr
+            data["phase2"]["lora_lr"] = cfg.phase2.resolved_lora_lr
+            print(dump_yaml(data), end="")
+            return 0
+        _quiet_libraries()
+        from trainer.loop import train
+
+        summary = train(cfg, resume=args.resume, device=args.device, source=args.config)
+    except ConfigError as e:
+        for line in e.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume and the same output.run_name to continue "
+              "from the newest checkpoint", file=sys.stderr)
+        return 130
+    print(f"run directory: {summary.run_dir}")
+    return 0 if summary.status == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""One Phase 2 training run: build, train, close.
+
+`train()` reads top to bottom; the pieces it calls are named for what they do:
+`_loss_step` (forward on one micro-batch), `_optimizer_step` (norms, NaN guard,
+clipping, AdamW, schedule) and the sinks (metrics). The frozen encoders never
+run here when the feature cache is on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.bundle import Phase1Bundle, load_bundle
+from trainer.checkpoint import latest_readable, load_trainable, save_checkpoint, set_rng_state
+from trainer.config import Phase2, TrainConfig
+from trainer.data import Split, epoch_order
+from trainer.errors import ConfigError, Problem
+from trainer.fsutil import atomic_write_text
+from trainer.inputs import Inputs, load_splits, prepare_inputs
+from trainer.metrics import ConsoleSink, JsonlSink, MetricsSink, MultiSink, NanEvent, RunSummary
+from trainer.model import Phase2Model, build_model
+from trainer.optim import GROUPS, build_optimizer, build_scheduler, param_groups
+from trainer.yaml_io import dump_yaml
+
+AfterBackward = Callable[[int, Phase2Model], None]  # fault-injection hook for tests
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch_size: int
+    accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(p2: Phase2, n_train: int, source: str = "config") -> Plan:
+    """Optimizer-step plan; a run that cannot make sense is a ConfigError."""
+    per_step = p2.batch_size * p2.gradient_accumulation_steps
+    spe = n_train // per_step  # incomplete trailing micro-batches are dropped
+    if spe < 1:
+        raise ConfigError([Problem(source, "phase2.batch_size",
+                                   f"{n_train} training examples < batch_size x "
+                                   f"gradient_accumulation_steps = {per_step}",
+                                   "lower batch_size or add data")])
+    total = p2.total_training_steps or p2.epochs * spe
+    if p2.warmup_steps > total:
+        raise ConfigError([Problem(source, "phase2.warmup_steps",
+                                   f"warmup of {p2.warmup_steps} steps is longer than the run "
+                                   f"({total} optimizer steps)",
+                                   "lower warmup_steps or raise epochs / total_training_steps")])
+    return Plan(p2.batch_size, p2.gradient_accumulation_steps, spe, total, p2.warmup_steps)
+
+
+def resolved_params(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
+    """The knobs that define a run, same names for every run (MLflow params, leaderboard)."""
+    p2, lora = cfg.phase2, cfg.model.lora
+    return {
+        "learning_rate": p2.learning_rate, "projector_lr": p2.resolved_projector_lr,
+        "lora_lr": p2.resolved_lora_lr, "projector_lr_mult": p2.projector_lr_mult,
+        "lora_lr_mult": p2.lora_lr_mult, "warmup_steps": p2.warmup_steps,
+        "gradient_clip_val": p2.clip, "epochs": p2.epochs, "batch_size": p2.batch_size,
+        "gradient_accumulation_steps": p2.gradient_accumulation_steps,
+        "total_steps": plan.total_steps, "weight_decay": p2.weight_decay, "seed": p2.seed,
+        "precision": p2.precision, "nan_policy": p2.nan_policy,
+        "max_consecutive_nan": p2.max_consecutive_nan, "lora_r": lora.r,
+        "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+    }
+
+
+def resolved_config(cfg: TrainConfig, inputs: Inputs, plan: Plan) -> dict[str, Any]:
+    """The config with every default made explicit (projector_lr, lora_lr, paths, steps)."""
+    data = cfg.to_plain()
+    data["phase2"].update(projector_lr=cfg.phase2.resolved_projector_lr,
+                          lora_lr=cfg.phase2.resolved_lora_lr,
+                          total_training_steps=plan.total_steps)
+    data["phase1"]["bundle_path"] = str(inputs.bundle_dir)
+    data["model"]["llm_path"] = str(inputs.llm_dir)
+    data["data"]["manifest"] = str(inputs.manifest)
+    return data
+
+
+@dataclass
+class State:
+    step: int = 0
+    nan_events: list[NanEvent] = field(default_factory=list)
+    consecutive_bad: int = 0
+    first_loss: float | None = None
+    loss_ema: float | None = None
+    last_loss: float | None = None
+    eval_loss: float | None = None
+
+    def meta(self) -> dict[str, Any]:
+        return {"nan_events": [vars(e) for e in self.nan_events],
+                "consecutive_bad": self.consecutive_bad, "first_loss": self.first_loss,
+                "loss_ema": self.loss_ema, "last_loss": self.last_loss,
+                "eval_loss": self.eval_loss}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> State:
+        return cls(step=meta["step"], nan_events=[NanEvent(**e) for e in meta["nan_events"]],
+                   consecutive_bad=meta["consecutive_bad"], first_loss=meta["first_loss"],
+                   loss_ema=meta["loss_ema"], last_loss=meta["last_loss"],
+                   eval_loss=meta["eval_loss"])
+
+
+@dataclass
+class Run:
+    """Everything a run holds while training."""
+
+    cfg: TrainConfig
+    plan: Plan
+    model: Phase2Model
+    groups: dict[str, list[torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    train: Split
+    eval: Split | None
+    bundle: Phase1Bundle | None  # only when the encoders run every step (no feature cache)
+    device: torch.device
+    run_dir: Path
+    prefix_tokens: int
+    after_backward: AfterBackward | None = None
+    _orders: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def micro_batch(self, step_index: int, j: int) -> torch.Tensor:
+        """Row indices of micro-batch j of 0-based optimizer step `step_index`."""
+        p = self.plan
+        epoch, within = divmod(step_index, p.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(len(self.train), self.cfg.phase2.seed, epoch)}
+        k = within * p.accum + j
+        return self._orders[epoch][k * p.batch_size : (k + 1) * p.batch_size]
+
+
+def _autocast(run: Run):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.cfg.phase2.precision)
+    return torch.autocast(run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _loss_step(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """Forward one micro-batch to its mean target-token loss."""
+    dev = run.device
+    if "features" in batch:
+        features = batch["features"].to(dev, non_blocking=True)
+    else:
+        m = batch["media"]
+        with torch.no_grad():  # frozen: never part of the graph
+            features = run.bundle(m.images.to(dev), m.audio.to(dev), m.text.to(dev))
+    with _autocast(run):
+        return run.model(features, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                         batch["labels"].to(dev))
+
+
+def _group_norms(run: Run) -> list[torch.Tensor]:
+    out = []
+    for g in GROUPS:
+        grads = [p.grad for p in run.groups[g] if p.grad is not None]
+        if not grads:
+            out.append(torch.zeros((), device=run.device))
+            continue
+        out.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0))
+    return out
+
+
+def _optimizer_step(run: Run, state: State, step: int, loss: torch.Tensor
+                    ) -> tuple[dict[str, Any], NanEvent | None]:
+    """Norms, NaN guard, clipping, AdamW and the schedule for one optimizer step."""
+    p2 = run.cfg.phase2
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    norms = _group_norms(run)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    # The one host sync per step: the NaN guard must decide before optimizer.step().
+    loss_v, total_v, *group_v = torch.stack([loss.float(), total, *norms]).tolist()
+    lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
+    bad_groups = [g for g, v in zip(GROUPS, group_v, strict=True) if not math.isfinite(v)]
+    event = None
+    clipped = False
+    if not math.isfinite(loss_v) or bad_groups:
+        overflow = run.scaler is not None and math.isfinite(loss_v)
+        event = NanEvent(step, "grad" if math.isfinite(loss_v) else "loss", bad_groups,
+                         "skipped", fp16_overflow=overflow)
+        if run.scaler is not None:
+            run.scaler.update()  # lowers the loss scale after an overflow
+    else:
+        clip = p2.clip
+        if clip is not None and total_v > clip:
+            clipped = True
+            params = [p for g in GROUPS for p in run.groups[g] if p.grad is not None]
+            torch._foreach_mul_([p.grad for p in params], clip / (total_v + 1e-6))
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            run.optimizer.step()
+    # Skipped steps still advance the schedule: the LR stays a pure function of the step.
+    run.scheduler.step()
+    record = {
+        "step": step, "epoch": (step - 1) // run.plan.steps_per_epoch, "loss": loss_v,
+        "grad_norm": total_v, "grad_norm/projector": group_v[0], "grad_norm/lora": group_v[1],
+        "lr/projector": lrs["projector"], "lr/lora": lrs["lora"], "clipped": int(clipped),
+        "skipped": int(event is not None),
+    }
+    return record, event
+
+
+def _apply_policy(p2: Phase2, state: State, event: NanEvent | None, loss: float) -> str | None:
+    """Update NaN/divergence bookkeeping; return an end reason if the run must stop."""
+    if event is not None:
+        state.nan_events.append(event)
+        state.consecutive_bad += 1
+        if p2.nan_policy == "stop" and not event.fp16_overflow:
+            event.action = "stopped"
+            return "nan_stop"
+        if state.consecutive_bad >= p2.max_consecutive_nan:
+            event.action = "aborted"
+            return "nan_abort"
+        return None
+    state.consecutive_bad = 0
+    state.last_loss = loss
+    if state.first_loss is None:
+        state.first_loss = loss
+    state.loss_ema = loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss
+    if p2.divergence_factor and state.loss_ema > p2.divergence_factor * state.first_loss:
+        return "diverged"
+    return None
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float | None:
+    """Mean loss over the eval split, dropout off; restores train mode."""
+    if run.eval is None:
+        return None
+    run.model.eval()
+    total, count = 0.0, 0
+    bs = run.plan.batch_size * 4
+    for i in range(0, len(run.eval), bs):
+        idx = torch.arange(i, min(i + bs, len(run.eval)))
+        loss = _loss_step(run, run.eval.batch(idx))
+        total += float(loss) * len(idx)  # eval is off the hot path: a sync is fine
+        count += len(idx)
+    run.model.train()
+    return total / count
+
+
+def _train_one_step(run: Run, state: State, step: int) -> tuple[dict[str, Any], NanEvent | None]:
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=run.device)
+    samples = tokens = 0
+    for j in range(run.plan.accum):
+        batch = run.train.batch(run.micro_batch(step - 1, j))
+        loss = _loss_step(run, batch)
+        scaled = loss / run.plan.accum  # mean over micro-batches, not their sum
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+        samples += batch["input_ids"].shape[0]
+        tokens += int(batch["attention_mask"].sum()) + samples * run.prefix_tokens
+    if run.after_backward is not None:
+        run.after_backward(step, run.model)
+    record, event = _optimizer_step(run, state, step, loss_sum / run.plan.accum)
+    record["_samples"], record["_tokens"] = samples, tokens
+    return record, event
+
+
+def _make_run_dir(cfg: TrainConfig, resume: bool, source: str) -> Path:
+    name = cfg.output.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
+    run_dir = cfg.output.root / name
+    if run_dir.exists() and not resume and any(run_dir.iterdir()):
+        raise ConfigError([Problem(source, "output.run_name",
+                                   f"run directory {run_dir} already exists",
+                                   "pass --resume to continue it, or choose another run_name")])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device: str | None = None,
+              source: str = "config", log=print) -> tuple[Run, State, dict[str, Any]]:
+    """Everything needed to train, restored from the newest checkpoint if resuming."""
+    from transformers import AutoTokenizer
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(str(inputs.llm_dir), local_files_only=True)
+    train_split, eval_split = load_splits(cfg, inputs, tokenizer)
+    plan = plan_steps(cfg.phase2, len(train_split), source)
+    run_dir = _make_run_dir(cfg, resume, source)
+    resolved = resolved_config(cfg, inputs, plan)
+    atomic_write_text(run_dir / "config.resolved.yaml", dump_yaml(resolved))
+
+    _seed_everything(cfg.phase2.seed)
+    p2, m = cfg.phase2, cfg.model
+    bundle = None if train_split.features is not None else load_bundle(inputs.bundle_dir, dev)
+    align_dim = (train_split.features.shape[-1] if train_split.features is not None
+                 else bundle.align_dim)
+    prefix = (train_split.features.shape[1] if train_split.features is not None
+              else bundle.num_tokens)
+    model = build_model(inputs.llm_dir, align_dim, lora_r=m.lora.r, lora_alpha=m.lora.alpha,
+                        lora_dropout=m.lora.dropout, target_modules=m.lora.target_modules,
+                        projector_hidden=m.projector.hidden_dim,
+                        projector_dropout=m.projector.dropout,
+                        attn_implementation=m.attn_implementation, device=str(dev),
+                        seed=p2.seed)
+    model.train()
+    groups, counts = param_groups(model)
+    log(counts.describe(p2.resolved_projector_lr, p2.resolved_lora_lr))
+    optimizer = build_optimizer(groups, p2.resolved_projector_lr, p2.resolved_lora_lr,
+                                p2.weight_decay, p2.adam_betas, p2.adam_eps,
+                                fused=dev.type == "cuda")
+    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps)
+    scaler = torch.amp.GradScaler(dev.type) if p2.precision == "fp16" else None
+    run = Run(cfg, plan, model, groups, optimizer, scheduler, scaler, train_split, eval_split,
+              bundle, dev, run_dir, prefix)
+    state = State()
+    if resume:
+        found = latest_readable(run_dir / "checkpoints", log)
+        if found is None:
+            log(f"[resume] no checkpoint in {run_dir}; starting from step 0")
+        else:
+            path, (weights, st, meta) = found
+            load_trainable(model, weights)
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            if scaler is not None and st["scaler"]:
+                scaler.load_state_dict(st["scaler"])
+            set_rng_state(st["rng"])
+            state = State.from_meta(meta)
+            log(f"[resume] from {path.name} (step {state.step}/{plan.total_steps})")
+    return run, state, resolved_params(cfg, plan)
+
+
+def _save_weights(run: Run) -> None:
+    from safetensors.torch import save_file
+
+    from trainer.checkpoint import trainable_state
+
+    tmp = run.run_dir / ".trainable.safetensors.tmp"
+    save_file(trainable_state(run.model), str(tmp))
+    tmp.replace(run.run_dir / "trainable.safetensors")
+
+
+def train_loop(run: Run, state: State, sink: MetricsSink) -> str:
+    """Optimizer steps from state.step + 1 to the plan's end; returns the end reason."""
+    out = run.cfg.output
+    end_reason = "completed"
+    t_last = time.perf_counter()
+    for step in range(state.step + 1, run.plan.total_steps + 1):
+        record, event = _train_one_step(run, state, step)
+        stop = _apply_policy(run.cfg.phase2, state, event, record["loss"])
+        state.step = step
+        now = time.perf_counter()
+        dt, t_last = max(now - t_last, 1e-9), now
+        record["nan_events"] = len(state.nan_events)
+        record["samples_per_s"] = record.pop("_samples") / dt
+        record["tokens_per_s"] = record.pop("_tokens") / dt
+        last = stop is not None or step == run.plan.total_steps
+        if (out.eval_every and step % out.eval_every == 0) or last:
+            state.eval_loss = evaluate(run)
+            if state.eval_loss is not None:
+                record["eval_loss"] = state.eval_loss
+        ckpt = None
+        if (out.checkpoint_every and step % out.checkpoint_every == 0) or last:
+            ckpt = save_checkpoint(run.run_dir / "checkpoints", step, run.model, run.optimizer,
+                                   run.scheduler, run.scaler, state.meta(), out.keep_checkpoints)
+        sink.log_metrics(record, step, ckpt)
+        if stop is not None:
+            end_reason = stop
+            break
+    return end_reason
+
+
+def train(cfg: TrainConfig, sink: MetricsSink | None = None, *, inputs: Inputs | None = None,
+          resume: bool = False, device: str | None = None, source: str = "config",
+          after_backward: AfterBackward | None = None, console: bool = True,
+          log=print) -> RunSummary:
+    """One Phase 2 run. `sink` receives params, per-step metrics and the summary."""
+    t0 = time.perf_counter()
+    inputs = inputs or prepare_inputs(cfg, log)
+    run, state, params = build_run(cfg, inputs, resume=resume, device=device, source=source,
+                                   log=log)
+    run.after_backward = after_backward
+    sinks: list[MetricsSink] = [JsonlSink(run.run_dir, state.step if resume else None)]
+    if console:
+        sinks.append(ConsoleSink(cfg.output.log_every, run.plan.total_steps))
+    if sink is not None:
+        sinks.append(sink)
+    out = MultiSink(*sinks)
+    out.log_params(params)
+    end_reason = train_loop(run, state, out)
+    if cfg.output.save_weights:
+        _save_weights(run)
+    summary = RunSummary(
+        status="completed" if end_reason == "completed" else "unstable", end_reason=end_reason,
+        steps_done=state.step, total_steps=run.plan.total_steps, first_loss=state.first_loss,
+        final_loss=state.last_loss, eval_loss=state.eval_loss, nan_events=state.nan_events,
+        run_dir=str(run.run_dir), wall_s=time.perf_counter() - t0,
+    )
+    out.close(summary)
+    return summary
+
