@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from trainer.errors import ConfigError
 
@@ -13,6 +14,7 @@ def _quiet_libraries() -> None:
     # Progress bars and advisory warnings from transformers drown the run's own output.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a key, e.g. --set phase2.learning_rate=2e-4 (repeatable)")
     ap.add_argument("--print-config", action="store_true",
                     help="print the validated config (with resolved LRs) and exit")
+    ap.add_argument("--count-params", action="store_true",
+                    help="print parameter counts per component (meta device) and exit")
     ap.add_argument("--resume", action="store_true",
                     help="continue output.run_name from its newest checkpoint")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
@@ -42,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_yaml(data), end="")
             return 0
         _quiet_libraries()
+        if args.count_params:
+            from trainer.param_count import count_parameters, format_counts
+
+            print(format_counts(count_parameters(cfg)))
+            return 0
         from trainer.loop import train
 
         summary = train(cfg, resume=args.resume, device=args.device, source=args.config)

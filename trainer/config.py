@@ -283,6 +283,18 @@ def _check_paths(cfg: TrainConfig, source: str) -> list[Problem]:
     return problems
 
 
+def _wrap_bare_phase2(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The seed also shows bare blocks (`learning_rate: ...` at the top): read them as phase2."""
+    sections, knobs = set(TrainConfig.model_fields), set(Phase2.model_fields)
+    bare = [k for k in data if k in knobs and k not in sections]
+    if not bare:
+        return data
+    if any(k in sections for k in data):
+        raise ConfigError([Problem(source, k, "Phase 2 knob at the top level next to sections",
+                                   f"move it under `phase2:` (phase2.{k})") for k in bare])
+    return {"phase2": data}
+
+
 def config_from_data(data: Any, source: str = "<config>") -> TrainConfig:
     """Validate raw config data (as parsed from YAML) into a TrainConfig."""
     if data is None:
@@ -290,6 +302,7 @@ def config_from_data(data: Any, source: str = "<config>") -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError([Problem(source, "", "the top level must be a mapping",
                                    "start the file with `phase2:`")])
+    data = _wrap_bare_phase2(data, source)
     try:
         cfg = TrainConfig.model_validate(data)
     except ValidationError as err:

@@ -54,10 +54,10 @@ def plan_steps(p2: Phase2, n_train: int, source: str = "config") -> Plan:
                                    f"gradient_accumulation_steps = {per_step}",
                                    "lower batch_size or add data")])
     total = p2.total_training_steps or p2.epochs * spe
-    if p2.warmup_steps > total:
+    if p2.warmup_steps >= total:  # equal would leave no cosine decay at all
         raise ConfigError([Problem(source, "phase2.warmup_steps",
-                                   f"warmup of {p2.warmup_steps} steps is longer than the run "
-                                   f"({total} optimizer steps)",
+                                   f"warmup of {p2.warmup_steps} steps is not shorter than the "
+                                   f"run ({total} optimizer steps)",
                                    "lower warmup_steps or raise epochs / total_training_steps")])
     return Plan(p2.batch_size, p2.gradient_accumulation_steps, spe, total, p2.warmup_steps)
 

@@ -1,0 +1,160 @@
+"""Config loading: the seed's YAML examples, strict YAML, clear errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from trainer.config import config_from_data, load_config
+from trainer.errors import ConfigError
+from trainer.yaml_io import parse_yaml
+
+# The seed's four examples, verbatim (phase2-differential-lr.md).
+SEED_AUTO = """\
+phase2:
+  learning_rate: 0.0001  # 基础学习率 1e-4
+  # projector_lr 自动设置为 5e-4 (5x base)
+  # lora_lr 自动设置为 5e-5 (0.5x base)
+"""
+SEED_MANUAL = """\
+phase2:
+  learning_rate: 0.0001    # 基础学习率
+  projector_lr: 0.0005     # 投影头学习率 (手动指定)
+  lora_lr: 0.00005         # LoRA学习率 (手动指定)
+"""
+SEED_NAN = """\
+learning_rate: 0.00005  # 5e-5 (降低基础学习率)
+# projector_lr: 2.5e-4 (自动)
+# lora_lr: 2.5e-5 (自动)
+gradient_clip_val: 0.5  # 添加梯度裁剪
+"""
+SEED_SLOW = """\
+learning_rate: 0.0002  # 2e-4 (提高基础学习率)
+# projector_lr: 1e-3 (自动)
+# lora_lr: 1e-4 (自动)
+warmup_steps: 100  # 减少warmup步数
+"""
+SEED_INITIAL = """\
+learning_rate: 0.0001  # 1e-4
+# projector_lr: 5e-4 (自动)
+# lora_lr: 5e-5 (自动)
+epochs: 3
+batch_size: 2
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "base", "proj", "lora", "clip", "warmup"),
+    [
+        (SEED_AUTO, 1e-4, 5e-4, 5e-5, None, 500),
+        (SEED_MANUAL, 1e-4, 5e-4, 5e-5, None, 500),
+        (SEED_NAN, 5e-5, 2.5e-4, 2.5e-5, 0.5, 500),
+        (SEED_SLOW, 2e-4, 1e-3, 1e-4, None, 100),
+        (SEED_INITIAL, 1e-4, 5e-4, 5e-5, None, 500),
+    ],
+    ids=["auto", "manual", "nan", "slow", "initial"],
+)
+def test_seed_examples_resolve_to_the_seed_lrs(tmp_path, text, base, proj, lora, clip, warmup):
+    path = tmp_path / "seed.yaml"
+    path.write_text(text, encoding="utf-8")
+    p2 = load_config(path).phase2
+    assert math.isclose(p2.learning_rate, base)
+    assert math.isclose(p2.resolved_projector_lr, proj)
+    assert math.isclose(p2.resolved_lora_lr, lora)
+    assert p2.clip == clip
+    assert p2.warmup_steps == warmup
+    assert (p2.epochs, p2.batch_size) == (3, 2)  # the seed's defaults
+
+
+def test_explicit_lr_overrides_multiplier():
+    p2 = config_from_data({"phase2": {"learning_rate": 1e-4, "projector_lr_mult": 10,
+                                      "lora_lr": 3e-5}}).phase2
+    assert math.isclose(p2.resolved_projector_lr, 1e-3)
+    assert math.isclose(p2.resolved_lora_lr, 3e-5)
+
+
+def test_scientific_notation_without_dot_is_a_float():
+    assert parse_yaml("lr: 1e-4")["lr"] == pytest.approx(1e-4)
+    assert isinstance(parse_yaml("x: 5E3")["x"], float)
+    assert parse_yaml("v: 1.0.2")["v"] == "1.0.2"  # versions stay strings
+
+
+def test_duplicate_keys_are_rejected(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("phase2:\n  learning_rate: 1e-4\n  learning_rate: 2e-4\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'learning_rate' \(first at line 2\)"):
+        load_config(path)
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("phase2:\n  learning_rate: [1e-4\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"{path}:3:" in str(e.value)
+
+
+def test_unknown_key_suggests_the_nearest_name(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("phase2:\n  learning_rat: 1e-4\n  warmup_step: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    lines = e.value.lines()
+    assert len(lines) == 2  # collected, not first-only
+    assert "phase2.learning_rat: unknown key (did you mean 'learning_rate'?)" in lines[0]
+    assert "did you mean 'warmup_steps'?" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"phase2": {"learning_rate": 0}}, "phase2.learning_rate"),
+        ({"phase2": {"learning_rate": -1e-4}}, "phase2.learning_rate"),
+        ({"phase2": {"precision": "fp8"}}, "phase2.precision"),
+        ({"phase2": {"nan_policy": "ignore"}}, "phase2.nan_policy"),
+        ({"phase2": {"batch_size": 0}}, "phase2.batch_size"),
+        ({"output": {"run_name": "../escape"}}, "output"),
+        ({"data": {"manifest": "/nonexistent/manifest.jsonl"}}, "data.manifest"),
+        ({"phase1": {"bundle_path": "/nonexistent/bundle"}}, "phase1.bundle_path"),
+        ({"learning_rate": 1e-4, "phase2": {}}, "learning_rate"),
+    ],
+)
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        config_from_data(data, "x.yaml")
+    assert any(line.startswith(f"x.yaml: {key}") for line in e.value.lines()), e.value.lines()
+
+
+def test_alias_bomb_is_refused():
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n"
+        for p, c in zip("abcdefghijkl", "bcdefghijklm", strict=True))
+    with pytest.raises(ConfigError, match="alias"):
+        parse_yaml(bomb)
+
+
+def test_huge_file_is_refused(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("phase2:\n" + "  # padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(path)
+
+
+def test_shipped_configs_validate():
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        data = parse_yaml(path.read_text(), str(path))
+        if "phase2" in data and "search" not in data and "sweep" not in data:
+            config_from_data(data, str(path))
+
+
+def test_overrides_parse_like_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("phase2:\n  learning_rate: 1e-4\n")
+    cfg = load_config(path, ["phase2.learning_rate=3e-4", "phase2.gradient_clip_val=null",
+                             "model.lora.r=4"])
+    assert cfg.phase2.learning_rate == pytest.approx(3e-4)
+    assert cfg.phase2.clip is None and cfg.model.lora.r == 4
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(path, ["phase2.learning_rate"])
