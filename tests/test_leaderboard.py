@@ -1,0 +1,385 @@
+"""Leaderboard ranking and exports, best_stable.yaml round-trip, and sweep advice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tuning.advice import advise, tail_relative_drop
+from tuning.leaderboard import (
+    CSV_COLUMNS,
+    best_stable_config,
+    best_stable_record,
+    build_leaderboard,
+    format_markdown,
+    format_table,
+    write_best_stable_yaml,
+    write_csv,
+    write_markdown,
+    yaml_scalar,
+)
+from tuning.stability import StabilityRules, verdicts_for
+from tuning.trial_record import TrialRecord
+
+
+def history(
+    steps: int = 100,
+    loss: Callable[[int], float] = lambda s: 1.0 + 2.0 * math.exp(-s / 15),
+    grad: float = 2.0,
+    nan_steps: tuple[int, ...] = (),
+    eval_loss: float | None = None,
+) -> list[dict[str, Any]]:
+    rows = []
+    for step in range(1, steps + 1):
+        bad = step in nan_steps
+        rows.append(
+            {
+                "step": step,
+                "loss": None if bad else loss(step),
+                "grad_norm": None if bad else grad * (1 + 0.1 * math.sin(step)),
+                "grad_norm/projector": grad,
+                "grad_norm/lora": grad / 3,
+                "lr/projector": 5e-4,
+                "lr/lora": 5e-5,
+                "clipped": 0,
+                "skipped": int(bad),
+                "nan_events": sum(1 for s in nan_steps if s <= step),
+            }
+        )
+    if eval_loss is not None:
+        rows[-1]["eval_loss"] = eval_loss
+    return rows
+
+
+def record(
+    trial_id: str,
+    lr: float = 1e-4,
+    rows: list[dict[str, Any]] | None = None,
+    status: str = "TERMINATED",
+    end_reason: str | None = "completed",
+    **params: Any,
+) -> TrialRecord:
+    base = {
+        "learning_rate": lr,
+        "projector_lr": lr * 5,
+        "lora_lr": lr * 0.5,
+        "warmup_steps": 100,
+        "gradient_clip_val": None,
+        "epochs": 3,
+        "batch_size": 2,
+    }
+    return TrialRecord(
+        trial_id=trial_id,
+        params={**base, **params},
+        history=history() if rows is None else rows,
+        status=status,
+        end_reason=end_reason,
+        nan_events=[],
+    )
+
+
+def final_at(value: float) -> Callable[[int], float]:
+    """A decaying loss whose last 10 steps average exactly ``value`` (flat tail)."""
+    return lambda s: value + 2.0 * max(0, 60 - s) / 60
+
+
+@pytest.fixture
+def sweep() -> list[TrialRecord]:
+    return [
+        record("nan_t", lr=4e-4, rows=history(nan_steps=(37,))),
+        record("good_b", rows=history(loss=final_at(1.2))),
+        record("failed_t", rows=history(steps=20), status="ERROR", end_reason="error"),
+        record("early_c", rows=history(steps=40, loss=final_at(0.9)), end_reason="early_stopped"),
+        record("good_a", rows=history(loss=final_at(1.0))),
+        record("div_t", lr=3e-4, rows=history(loss=lambda s: 2.0 + s / 10)),
+        record("run_t", rows=history(steps=30), status="RUNNING", end_reason=None),
+        record("eval_d", rows=history(loss=final_at(0.5), eval_loss=1.1)),
+    ]
+
+
+def test_ranking_stable_by_loss_completed_before_early_stopped(sweep: list[TrialRecord]) -> None:
+    rows = build_leaderboard(sweep)
+    assert [r.trial_id for r in rows] == [
+        "good_a",  # 1.0 train
+        "eval_d",  # eval loss 1.1 wins over its 0.5 training loss
+        "good_b",  # 1.2
+        "early_c",  # best loss 0.9, but early-stopped
+        "run_t",
+        "div_t",
+        "nan_t",
+        "failed_t",
+    ]
+    assert [r.rank for r in rows] == list(range(1, 9))
+    assert [r.stable for r in rows] == [True] * 4 + [False] * 4
+    assert rows[1].final_loss == 1.1 and rows[1].loss_source == "eval"
+    assert rows[3].early_stopped and rows[3].reason_text.startswith("early-stopped")
+    assert rows[6].reason_text == "1 NaN event (first at step 37)"
+    assert rows[0].projector_lr == pytest.approx(5e-4)
+    assert rows[0].projector_lr_mult == pytest.approx(5.0)
+
+
+def test_csv_has_every_trial_with_numbers_and_reasons(
+    sweep: list[TrialRecord], tmp_path: Path
+) -> None:
+    path = write_csv(build_leaderboard(sweep), tmp_path / "out" / "leaderboard.csv")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames or ()) == CSV_COLUMNS
+        table = list(reader)
+    assert [row["trial_id"] for row in table][:2] == ["good_a", "eval_d"]
+    first = table[0]
+    assert first["verdict"] == "stable" and first["stable"] == "true"
+    assert float(first["final_loss"]) == pytest.approx(1.0)
+    assert float(first["learning_rate"]) == 1e-4
+    assert first["gradient_clip_val"] == ""  # None -> empty cell
+    nan_row = next(row for row in table if row["trial_id"] == "nan_t")
+    assert nan_row["verdict"] == "nan" and nan_row["nan_events"] == "1"
+    assert nan_row["reasons"] == "1 NaN event (first at step 37)"
+    early_row = next(row for row in table if row["trial_id"] == "early_c")
+    assert early_row["reasons"] == ""
+    assert early_row["notes"] == "early-stopped by the scheduler at step 40"
+    assert not list(tmp_path.joinpath("out").glob(".*.tmp"))  # atomic write cleaned up
+
+
+def test_markdown_and_terminal_table(sweep: list[TrialRecord], tmp_path: Path) -> None:
+    rows = build_leaderboard(sweep)
+    text = write_markdown(rows, tmp_path / "lb.md", title="sweep s1").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# sweep s1"
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 2 + len(sweep)  # header + separator + rows
+    assert table[0].startswith("| # | trial | verdict | final loss |")
+    assert "| 1 | good_a | stable | 1 train |" in table[2]
+    assert "early-stopped" in next(line for line in table if "early_c" in line)
+    assert "No stable trial" not in text
+
+    terminal = format_table(rows).splitlines()
+    assert len(terminal) == 2 + len(sweep)
+    assert terminal[2].split()[:3] == ["1", "good_a", "stable"]
+    # Columns line up: the trial id starts at the same offset on every row.
+    offsets = {line.index(row.trial_id) for line, row in zip(terminal[2:], rows, strict=True)}
+    assert len(offsets) == 1
+
+
+def test_markdown_escapes_pipes_and_says_when_nothing_is_stable() -> None:
+    bad = record("x|y", rows=history(nan_steps=(3,)))
+    text = format_markdown(build_leaderboard([bad]))
+    assert "x\\|y" in text
+    assert "**No stable trial in this sweep.**" in text
+    assert "No stable trial in this sweep." in format_table(build_leaderboard([bad]))
+
+
+def test_best_stable_config_keeps_phase2_knobs_in_seed_order(sweep: list[TrialRecord]) -> None:
+    sweep[4].params.update({"seed": 7, "ray_trial_dir": "/tmp/x", "weight_decay": 0.01})
+    config = best_stable_config(build_leaderboard(sweep))
+    assert config == {
+        "learning_rate": 1e-4,
+        "projector_lr": pytest.approx(5e-4),
+        "lora_lr": pytest.approx(5e-5),
+        "warmup_steps": 100,
+        "gradient_clip_val": None,
+        "epochs": 3,
+        "batch_size": 2,
+        "seed": 7,
+        "weight_decay": 0.01,
+    }
+    assert list(config)[:5] == [
+        "learning_rate", "projector_lr", "lora_lr", "warmup_steps", "gradient_clip_val"
+    ]  # fmt: skip
+
+
+def test_best_stable_yaml_round_trips_with_floats(sweep: list[TrialRecord], tmp_path: Path) -> None:
+    rows = build_leaderboard(sweep)
+    best = best_stable_record(sweep, rows)
+    assert best is not None and best.trial_id == "good_a"
+    best.params.update(
+        {
+            "gradient_clip_val": 0.5,
+            "precision": "bf16-mixed",
+            "lora_lr": 5e-5,
+            "adam_betas": (0.9, 0.999),
+            "total_steps": 100,  # an MLflow param, not a phase2 knob: must not be written
+        }
+    )
+    path = write_best_stable_yaml(best, tmp_path / "best_stable.yaml", sweep_name="s1")
+    assert path is not None
+    text = path.read_text()
+    assert text.splitlines()[0] == (
+        "# best stable config from sweep s1, trial good_a: smoothed final loss 1 (train loss)"
+    )
+    loaded = yaml.safe_load(text)
+    assert list(loaded) == ["phase2"]
+    phase2 = loaded["phase2"]
+    for key in ("learning_rate", "projector_lr", "lora_lr", "gradient_clip_val"):
+        assert type(phase2[key]) is float, (key, phase2[key])
+    assert phase2["learning_rate"] == 1e-4
+    assert phase2["projector_lr"] == 5e-4  # 12 significant digits drop 5 * 1e-4 float noise
+    assert phase2["lora_lr"] == 5e-5
+    assert phase2["gradient_clip_val"] == 0.5
+    assert phase2["warmup_steps"] == 100 and type(phase2["warmup_steps"]) is int
+    assert phase2["precision"] == "bf16-mixed"
+    assert phase2["adam_betas"] == [0.9, 0.999]
+    assert "total_steps" not in phase2
+    assert "1e-4" not in text and "5e-05" not in text  # PyYAML would read these as strings
+
+
+def test_best_stable_yaml_writes_null_clip(sweep: list[TrialRecord], tmp_path: Path) -> None:
+    best = best_stable_record(sweep, build_leaderboard(sweep))
+    path = write_best_stable_yaml(best, tmp_path / "best.yaml")
+    assert path is not None
+    assert yaml.safe_load(path.read_text())["phase2"]["gradient_clip_val"] is None
+    assert "gradient_clip_val: null  # no clipping" in path.read_text()
+
+
+def test_no_stable_trial_means_no_best_file(tmp_path: Path) -> None:
+    rows = build_leaderboard([record("n", rows=history(nan_steps=(2,)))])
+    assert best_stable_config(rows) is None
+    assert best_stable_record([], rows) is None
+    assert write_best_stable_yaml(None, tmp_path / "best.yaml") is None
+    assert not (tmp_path / "best.yaml").exists()
+
+
+def test_best_stable_yaml_refuses_unstable_record(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not stable"):
+        write_best_stable_yaml(record("n", rows=history(nan_steps=(2,))), tmp_path / "b.yaml")
+    assert not (tmp_path / "b.yaml").exists()
+
+
+def test_yaml_scalar_keeps_long_strings_on_one_line() -> None:
+    long = "x " * 100
+    assert "\n" not in yaml_scalar(long)
+    assert yaml.safe_load(f"k: {yaml_scalar(long)}")["k"] == long
+
+
+@pytest.mark.parametrize(
+    "value", [1e-4, 5e-5, 2.5e-4, 2.0, 1e20, 0.1, -3e-7, 3, "bf16-mixed", "1e-4", None, True]
+)
+def test_yaml_scalar_round_trips_type_and_value(value: Any) -> None:
+    loaded = yaml.safe_load(f"k: {yaml_scalar(value)}")["k"]
+    assert type(loaded) is type(value)
+    assert loaded == value
+
+
+def test_end_to_end_from_run_dirs(tmp_path: Path) -> None:
+    specs = {
+        "lr1": (1e-4, "completed", history()),
+        "lr8": (8e-4, "nan_stop", history(10, nan_steps=(10,))),
+    }
+    for name, (lr, reason, rows) in specs.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "summary.json").write_text(
+            json.dumps({"status": "TERMINATED", "end_reason": reason})
+        )
+        (run / "config.resolved.yaml").write_text(f"phase2:\n  learning_rate: {yaml_scalar(lr)}\n")
+    records = [TrialRecord.from_run_dir(tmp_path / name) for name in sorted(specs)]
+    rows = build_leaderboard(records)
+    assert [(r.trial_id, r.kind) for r in rows] == [("lr1", "stable"), ("lr8", "nan")]
+    out = write_best_stable_yaml(best_stable_record(records, rows), tmp_path / "best.yaml")
+    assert out is not None
+    assert yaml.safe_load(out.read_text())["phase2"] == {
+        "learning_rate": 1e-4,
+        "gradient_clip_val": None,
+    }
+
+
+# --------------------------------------------------------------------------- advice
+
+
+def test_advice_lower_lr_cites_unstable_high_lr_and_stable_low_lr() -> None:
+    records = [
+        record("lo1", lr=5e-5),
+        record("lo2", lr=1e-4),
+        record("hi_nan", lr=2e-4, rows=history(nan_steps=(40,))),
+        record("hi_div", lr=4e-4, rows=history(loss=lambda s: 2.0 + s / 10)),
+    ]
+    advice = advise(records, verdicts_for(records))
+    lower = [a for a in advice if a.kind == "lower_lr"]
+    assert len(lower) == 1
+    assert lower[0].trial_ids == ["hi_nan", "hi_div", "lo1", "lo2"]
+    assert lower[0].suggested == {"learning_rate": 1e-4, "gradient_clip_val": 0.5}
+    assert "learning_rate >= 0.0002" in lower[0].text
+    assert "gradient_clip_val: 0.5" in lower[0].text
+
+
+def test_no_lr_advice_when_instability_is_not_lr_related() -> None:
+    # One NaN at a low LR, stable trials at higher LRs: the LR is not the explanation.
+    records = [
+        record("a", lr=5e-5),
+        record("b", lr=1e-4, rows=history(nan_steps=(40,))),
+        record("c", lr=2e-4),
+        record("d", lr=4e-4),
+    ]
+    assert [
+        a.kind for a in advise(records, [verdicts_for(records)[r.trial_id] for r in records])
+    ] == []
+
+
+def test_all_unstable_sweep_advises_halving_the_lowest_lr() -> None:
+    records = [
+        record("x", lr=2e-4, rows=history(nan_steps=(5,)), gradient_clip_val=1.0),
+        record("y", lr=4e-4, rows=history(nan_steps=(3,))),
+    ]
+    (advice,) = advise(records, verdicts_for(records))
+    assert advice.kind == "lower_lr"
+    assert advice.trial_ids == ["x", "y"]
+    assert advice.suggested == {"learning_rate": pytest.approx(1e-4), "gradient_clip_val": 0.5}
+
+
+def steep_tail(step: int) -> float:
+    return 3.0 - 0.015 * step  # still falling 0.3 over the last 20 of 100 steps
+
+
+def test_advice_slow_convergence_when_best_is_still_improving() -> None:
+    records = [
+        record("steep", lr=1e-4, rows=history(loss=steep_tail), warmup_steps=500),
+        record("flat", lr=5e-5, rows=history(loss=final_at(2.0))),
+    ]
+    assert tail_relative_drop(records[0]) == pytest.approx(0.285 / 1.65, rel=0.05)
+    assert tail_relative_drop(records[1]) == pytest.approx(0.0, abs=1e-9)
+    (advice,) = advise(records, verdicts_for(records))
+    assert advice.kind == "slow_convergence"
+    assert advice.trial_ids == ["steep"]
+    assert advice.suggested == {"learning_rate": pytest.approx(2e-4), "warmup_steps": 100}
+
+
+def test_slow_convergence_does_not_raise_lr_into_known_failures() -> None:
+    records = [
+        record("steep", lr=1e-4, rows=history(loss=steep_tail), warmup_steps=500),
+        record("boom", lr=2e-4, rows=history(nan_steps=(9,))),
+    ]
+    slow = next(a for a in advise(records, verdicts_for(records)) if a.kind == "slow_convergence")
+    assert slow.suggested == {"warmup_steps": 100}
+    assert "do not raise learning_rate" in slow.text
+
+
+def test_no_slow_convergence_advice_when_best_has_converged() -> None:
+    records = [record("flat", rows=history(loss=final_at(1.0)), warmup_steps=500)]
+    assert advise(records, verdicts_for(records)) == []
+
+
+def test_advice_clipping_for_hot_unclipped_stable_trials() -> None:
+    records = [
+        record("hot", rows=history(grad=30.0)),
+        record("hot_clipped", rows=history(grad=30.0), gradient_clip_val=40.0),
+        record("cool", rows=history(grad=2.0)),
+    ]
+    (advice,) = advise(records, verdicts_for(records))
+    assert advice.kind == "add_clipping"
+    assert advice.trial_ids == ["hot"]
+    # p90 of 30 * (1 + 0.1 sin) is ~33 -> clip around 33, above the seed's normal max 10.
+    assert 30.0 < advice.suggested["gradient_clip_val"] < 34.0
+    assert "0.1-10" in advice.text
+
+
+def test_healthy_sweep_gets_no_advice() -> None:
+    records = [record("a", lr=5e-5), record("b", lr=1e-4, rows=history(loss=final_at(1.1)))]
+    assert advise(records, verdicts_for(records, StabilityRules())) == []

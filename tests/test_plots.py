@@ -1,0 +1,136 @@
+"""Plots are written as real, non-empty PNGs, including for sparse or None-ridden data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tuning.plots import (
+    plot_grad_norms,
+    plot_loss_curves,
+    plot_lr_schedule,
+    plot_stability_map,
+)
+from tuning.stability import verdicts_for
+from tuning.trial_record import TrialRecord
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def schedule(step: int, steps: int, warmup: int) -> float:
+    if step <= warmup:
+        return step / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+
+def trial(
+    trial_id: str,
+    lr: float,
+    mult: float = 5.0,
+    steps: int = 120,
+    nan_at: int | None = None,
+    diverge: bool = False,
+    grad: float = 2.0,
+    **kwargs: Any,
+) -> TrialRecord:
+    rows = []
+    for step in range(1, steps + 1):
+        loss = 1.0 + 2.0 * math.exp(-step / 30) + (step / 8 if diverge else 0.0)
+        bad = step == nan_at
+        rows.append(
+            {
+                "step": step,
+                "loss": None if bad else loss,
+                "grad_norm": None if bad else grad * (1 + 0.3 * math.sin(step)),
+                "grad_norm/projector": None if bad else grad * (1 + 0.3 * math.sin(step)),
+                "grad_norm/lora": None if bad else grad / 4 * (1 + 0.2 * math.cos(step)),
+                "lr/projector": lr * mult * schedule(step, steps, 20),
+                "lr/lora": lr * 0.5 * schedule(step, steps, 20),
+                "clipped": 0,
+                "skipped": int(bad),
+                "nan_events": int(nan_at is not None and step >= nan_at),
+            }
+        )
+    events = [{"step": nan_at, "where": "loss", "groups": ["lora"]}] if nan_at else []
+    return TrialRecord(
+        trial_id=trial_id,
+        params={"learning_rate": lr, "projector_lr_mult": mult, "warmup_steps": 20},
+        history=rows,
+        status=kwargs.get("status", "TERMINATED"),
+        end_reason=kwargs.get("end_reason", "completed"),
+        nan_events=events,
+    )
+
+
+@pytest.fixture
+def records() -> list[TrialRecord]:
+    return [
+        trial("s1", 5e-5),
+        trial("s2", 1e-4),
+        trial("s2_seed2", 1e-4),  # same point on the map: must be spread, not hidden
+        trial("s3", 1e-4, mult=10.0, end_reason="early_stopped", steps=50),
+        trial("n1", 4e-4, nan_at=60),
+        trial("d1", 3e-4, diverge=True),
+        trial("g1", 2e-4, grad=400.0),
+        trial("e1", 1e-4, steps=5, status="ERROR", end_reason="error"),
+        TrialRecord("p1", {"learning_rate": 1e-4}, [], "PENDING", None, []),
+    ]
+
+
+def assert_png(path: Path, min_size: tuple[int, int] = (600, 400)) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    with Image.open(path) as image:
+        image.verify()  # raises on a truncated / corrupt file
+    with Image.open(path) as image:
+        assert image.width >= min_size[0] and image.height >= min_size[1]
+        pixels = np.asarray(image.convert("L"))
+    # Something was drawn: not a blank canvas.
+    assert pixels.std() > 5
+
+
+def test_loss_curves_png(records: list[TrialRecord], tmp_path: Path) -> None:
+    path = plot_loss_curves(records, verdicts_for(records), tmp_path / "plots" / "loss.png")
+    assert path == tmp_path / "plots" / "loss.png"
+    assert_png(path)
+
+
+def test_loss_curves_accept_verdict_list(records: list[TrialRecord], tmp_path: Path) -> None:
+    verdicts = list(verdicts_for(records).values())
+    assert_png(plot_loss_curves(records, verdicts, tmp_path / "loss.png"))
+
+
+def test_lr_schedule_png(records: list[TrialRecord], tmp_path: Path) -> None:
+    assert_png(plot_lr_schedule(records[1], tmp_path / "lr.png"))
+
+
+def test_lr_schedule_without_lr_values(tmp_path: Path) -> None:
+    empty = TrialRecord("x", {}, [{"step": 1, "loss": 2.0}], "RUNNING", None, [])
+    assert_png(plot_lr_schedule(empty, tmp_path / "lr.png"))
+
+
+def test_stability_map_png(records: list[TrialRecord], tmp_path: Path) -> None:
+    assert_png(plot_stability_map(records, verdicts_for(records), tmp_path / "map.png"))
+
+
+def test_grad_norms_png(records: list[TrialRecord], tmp_path: Path) -> None:
+    assert_png(plot_grad_norms(records, tmp_path / "grad.png"))
+
+
+def test_plots_handle_empty_sweep(tmp_path: Path) -> None:
+    assert_png(plot_loss_curves([], {}, tmp_path / "a.png"))
+    assert_png(plot_stability_map([], {}, tmp_path / "b.png"))
+    assert_png(plot_grad_norms([], tmp_path / "c.png"))
+
+
+def test_plot_overwrites_atomically(records: list[TrialRecord], tmp_path: Path) -> None:
+    target = tmp_path / "grad.png"
+    target.write_bytes(b"stale")
+    plot_grad_norms(records[:2], target)
+    assert_png(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["grad.png"]  # no temp files left behind

@@ -1,0 +1,1 @@
+"""Sweep analysis for Phase 2 differential-learning-rate tuning."""

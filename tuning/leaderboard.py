@@ -1,0 +1,480 @@
+"""Rank sweep trials (stable first, by smoothed final loss) and export the winner's config."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuning.stability import KIND_PRIORITY, StabilityRules, Verdict, fmt_num, verdict
+from tuning.trial_record import TrialRecord, finite_or_none
+
+# Knobs of the trainer's `phase2:` section, in the order the seed's examples list them.
+PHASE2_KNOBS = (
+    "learning_rate",
+    "projector_lr",
+    "lora_lr",
+    "warmup_steps",
+    "gradient_clip_val",
+    "epochs",
+    "batch_size",
+    "seed",
+    "gradient_accumulation_steps",
+    "total_training_steps",
+    "precision",
+    "nan_policy",
+    "projector_lr_mult",
+    "lora_lr_mult",
+    "weight_decay",
+    # Also accepted by trainer/config.py's Phase2 (extra="forbid": nothing else may appear).
+    "max_consecutive_nan",
+    "divergence_factor",
+    "adam_betas",
+    "adam_eps",
+)
+
+# Unstable trials are listed closest-to-usable first: a still-running trial may turn out fine,
+# an over-clipped one trained, a failed one tells us least about the knobs.
+_UNSTABLE_ORDER = ("incomplete", "over_clipped", "high_grad_norm", "diverged", "nan", "failed")
+assert set(_UNSTABLE_ORDER) == set(KIND_PRIORITY)
+
+CSV_COLUMNS = (
+    "rank",
+    "trial_id",
+    "verdict",
+    "stable",
+    "early_stopped",
+    "final_loss",
+    "loss_source",
+    "learning_rate",
+    "projector_lr",
+    "lora_lr",
+    "projector_lr_mult",
+    "lora_lr_mult",
+    "warmup_steps",
+    "gradient_clip_val",
+    "grad_norm_pctl",
+    "clip_fraction",
+    "nan_events",
+    "steps",
+    "status",
+    "end_reason",
+    "reasons",
+    "notes",
+)
+
+
+@dataclass
+class Row:
+    """One leaderboard line: a trial's knobs, verdict and ranking metric."""
+
+    rank: int
+    trial_id: str
+    stable: bool
+    kind: str
+    early_stopped: bool
+    final_loss: float | None
+    loss_source: str | None
+    learning_rate: float | None
+    projector_lr: float | None
+    lora_lr: float | None
+    projector_lr_mult: float | None
+    lora_lr_mult: float | None
+    warmup_steps: int | None
+    gradient_clip_val: float | None
+    grad_norm_pctl: float | None
+    clip_fraction: float | None
+    nan_events: int
+    steps: int
+    status: str
+    end_reason: str | None
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    grad_norm_percentile: float = 90.0  # which percentile grad_norm_pctl is
+
+    @property
+    def reason_text(self) -> str:
+        """Why the trial is unstable, or the notes (e.g. early stop) of a stable one."""
+        return "; ".join(self.reasons or self.notes)
+
+
+def build_leaderboard(
+    records: Sequence[TrialRecord], rules: StabilityRules | None = None
+) -> list[Row]:
+    """Stable trials ranked by smoothed final loss (completed before early-stopped), then the
+    unstable ones grouped by what went wrong."""
+    rules = rules or StabilityRules()
+    pairs = [(record, verdict(record, rules)) for record in records]
+    pairs.sort(key=lambda pair: _sort_key(pair[0], pair[1]))
+    rows = [_make_row(rank, record, v) for rank, (record, v) in enumerate(pairs, start=1)]
+    for row in rows:
+        row.grad_norm_percentile = rules.grad_norm_percentile
+    return rows
+
+
+def _sort_key(record: TrialRecord, v: Verdict) -> tuple[Any, ...]:
+    # Loss from an early-stopped trial is not comparable with a finished one (fewer steps,
+    # LR not yet decayed), hence the early_stopped tier before the loss.
+    loss = v.final_loss if v.final_loss is not None else math.inf
+    if v.stable:
+        return (0, int(v.early_stopped), loss, record.trial_id)
+    return (1, _UNSTABLE_ORDER.index(v.kind), loss, record.trial_id)
+
+
+def _make_row(rank: int, record: TrialRecord, v: Verdict) -> Row:
+    params = record.params
+    base = record.base_lr
+    proj_mult, lora_mult = record.projector_lr_mult, record.lora_lr_mult
+    return Row(
+        rank=rank,
+        trial_id=record.trial_id,
+        stable=v.stable,
+        kind=v.kind,
+        early_stopped=v.early_stopped,
+        final_loss=v.final_loss,
+        loss_source=v.final_loss_source,
+        learning_rate=base,
+        projector_lr=_group_lr(params.get("projector_lr"), base, proj_mult),
+        lora_lr=_group_lr(params.get("lora_lr"), base, lora_mult),
+        projector_lr_mult=proj_mult,
+        lora_lr_mult=lora_mult,
+        warmup_steps=_int_or_none(params.get("warmup_steps")),
+        gradient_clip_val=finite_or_none(params.get("gradient_clip_val")),
+        grad_norm_pctl=v.grad_norm_pctl,
+        clip_fraction=v.clip_fraction,
+        nan_events=v.nan_count,
+        steps=v.steps,
+        status=record.status,
+        end_reason=record.end_reason,
+        reasons=list(v.reasons),
+        notes=list(v.notes),
+        params=dict(params),
+    )
+
+
+def _group_lr(explicit: Any, base: float | None, mult: float | None) -> float | None:
+    value = finite_or_none(explicit)
+    if value is not None:
+        return value
+    return base * mult if base is not None and mult is not None else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    number = finite_or_none(value)
+    return int(number) if number is not None else None
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def write_csv(rows: Sequence[Row], path: str | Path) -> Path:
+    """Machine-readable leaderboard: full-precision numbers, empty cell for missing values."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_cell(value) for value in _row_values(row)])
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def _row_values(row: Row) -> list[Any]:
+    return [
+        row.rank,
+        row.trial_id,
+        row.kind,
+        row.stable,
+        row.early_stopped,
+        row.final_loss,
+        row.loss_source,
+        row.learning_rate,
+        row.projector_lr,
+        row.lora_lr,
+        row.projector_lr_mult,
+        row.lora_lr_mult,
+        row.warmup_steps,
+        row.gradient_clip_val,
+        row.grad_norm_pctl,
+        row.clip_fraction,
+        row.nan_events,
+        row.steps,
+        row.status,
+        row.end_reason,
+        "; ".join(row.reasons),
+        "; ".join(row.notes),
+    ]
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+_DISPLAY_HEADERS = (
+    "#",
+    "trial",
+    "verdict",
+    "final loss",
+    "lr",
+    "proj lr",
+    "lora lr",
+    "warmup",
+    "clip",
+    "grad p{pct}",
+    "clipped",
+    "NaN",
+    "steps",
+    "reason / note",
+)
+
+
+def _headers(rows: Sequence[Row]) -> list[str]:
+    pct = rows[0].grad_norm_percentile if rows else 90.0
+    return [header.format(pct=f"{pct:g}") for header in _DISPLAY_HEADERS]
+
+
+def _display_cells(row: Row) -> list[str]:
+    verdict_text = row.kind + (" (early-stopped)" if row.early_stopped else "")
+    loss = "-" if row.final_loss is None else f"{row.final_loss:.4g} {row.loss_source}"
+    clipped = "-" if row.clip_fraction is None else f"{row.clip_fraction:.0%}"
+    return [
+        str(row.rank),
+        row.trial_id,
+        verdict_text,
+        loss,
+        _short(row.learning_rate),
+        _short(row.projector_lr),
+        _short(row.lora_lr),
+        "-" if row.warmup_steps is None else str(row.warmup_steps),
+        f"{row.gradient_clip_val:g}" if row.gradient_clip_val else "none",  # 0 = off too
+        _short(row.grad_norm_pctl),
+        clipped,
+        str(row.nan_events),
+        str(row.steps),
+        row.reason_text,
+    ]
+
+
+def _short(value: float | None) -> str:
+    return "-" if value is None else fmt_num(value)
+
+
+def write_markdown(rows: Sequence[Row], path: str | Path, title: str | None = None) -> Path:
+    """GitHub-flavoured Markdown table of the leaderboard (for MLflow artifacts / PRs)."""
+    return atomic_write_text(path, format_markdown(rows, title))
+
+
+def format_markdown(rows: Sequence[Row], title: str | None = None) -> str:
+    """The Markdown text that write_markdown writes."""
+    lines = [f"# {title}", ""] if title else []
+    lines.append("| " + " | ".join(_headers(rows)) + " |")
+    lines.append("|" + "|".join("---" for _ in _DISPLAY_HEADERS) + "|")
+    for row in rows:
+        # A literal "|" inside a cell would split it into two columns.
+        cells = [cell.replace("|", "\\|") for cell in _display_cells(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not any(row.stable for row in rows):
+        lines += ["", "**No stable trial in this sweep.**"]
+    return "\n".join(lines) + "\n"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Fixed-width plain-text table for the terminal."""
+    table = [_headers(rows), *(_display_cells(row) for row in rows)]
+    # The free-text last column is left unpadded so long reasons do not widen every line.
+    widths = [max(len(line[i]) for line in table) for i in range(len(_DISPLAY_HEADERS) - 1)]
+    out = []
+    for line in table:
+        padded = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        out.append("  ".join([*padded, line[-1]]).rstrip())
+    out.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * 13)
+    if not any(row.stable for row in rows):
+        out.append("No stable trial in this sweep.")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- best config
+
+
+def best_stable_row(rows: Sequence[Row]) -> Row | None:
+    """Top-ranked stable row, or None when no trial was stable."""
+    stable = [row for row in rows if row.stable]
+    return min(stable, key=lambda row: row.rank) if stable else None
+
+
+def best_stable_config(rows: Sequence[Row]) -> dict[str, Any] | None:
+    """The `phase2:` mapping of the best stable trial (None when no trial was stable)."""
+    row = best_stable_row(rows)
+    return phase2_config(row.params) if row is not None else None
+
+
+def best_stable_record(records: Sequence[TrialRecord], rows: Sequence[Row]) -> TrialRecord | None:
+    """The record behind best_stable_row, for write_best_stable_yaml and plot_lr_schedule."""
+    row = best_stable_row(rows)
+    if row is None:
+        return None
+    return next((record for record in records if record.trial_id == row.trial_id), None)
+
+
+def phase2_config(params: dict[str, Any]) -> dict[str, Any]:
+    """Keep the knobs the trainer's phase2 section accepts, in the seed's order.
+
+    gradient_clip_val is always present (None = no clipping) because whether a stable setting
+    relied on clipping is the first thing a reader of the file needs to know.
+    """
+    config = {key: params[key] for key in PHASE2_KNOBS if key in params}
+    config.setdefault("gradient_clip_val", None)
+    return {key: config[key] for key in PHASE2_KNOBS if key in config}
+
+
+def write_best_stable_yaml(
+    record: TrialRecord | None,
+    path: str | Path,
+    *,
+    sweep_name: str = "sweep",
+    rules: StabilityRules | None = None,
+) -> Path | None:
+    """Write ``record``'s phase2 knobs as a ready-to-use trainer config.
+
+    Returns None and writes nothing when there is no stable trial (``record`` is None).
+    Raises ValueError if ``record`` is not stable: the file's name promises a stable setting.
+    """
+    if record is None:
+        return None
+    rules = rules or StabilityRules()
+    v = verdict(record, rules)
+    if not v.stable:
+        raise ValueError(f"trial {record.trial_id} is not stable ({v.kind}: {v.reasons})")
+    text = _best_yaml_text(record, v, rules, sweep_name)
+    # Validate before replacing the previous file: a bad dump must never clobber a good one.
+    parsed = yaml.safe_load(text)
+    if not isinstance(parsed, dict) or "phase2" not in parsed:
+        raise RuntimeError("generated best-stable YAML does not parse back to a phase2 mapping")
+    return atomic_write_text(path, text)
+
+
+def _best_yaml_text(record: TrialRecord, v: Verdict, rules: StabilityRules, sweep: str) -> str:
+    config = phase2_config(record.params)
+    loss = "n/a" if v.final_loss is None else f"{v.final_loss:.4g}"
+    lines = [
+        f"# best stable config from sweep {sweep}, trial {record.trial_id}: "
+        f"smoothed final loss {loss} ({v.final_loss_source or 'no'} loss)",
+        *(f"# {line}" for line in _explanation(record, v, rules)),
+        "phase2:",
+    ]
+    base = finite_or_none(config.get("learning_rate"))
+    for key, value in config.items():
+        lines.append(f"  {key}: {yaml_scalar(value)}{_knob_comment(key, value, base)}")
+    return "\n".join(lines) + "\n"
+
+
+def _explanation(record: TrialRecord, v: Verdict, rules: StabilityRules) -> list[str]:
+    pctl = "n/a" if v.grad_norm_pctl is None else fmt_num(v.grad_norm_pctl)
+    clipped = "n/a" if v.clip_fraction is None else f"{v.clip_fraction:.0%}"
+    how = "early-stopped by the scheduler" if v.early_stopped else (record.end_reason or "ended")
+    return [
+        f"ranked first among stable trials; {v.steps} steps, {how}",
+        f"observed: p{rules.grad_norm_percentile:g} grad norm {pctl} "
+        f"(limit {rules.grad_norm_limit:g}), clipped on {clipped} of steps "
+        f"(limit {rules.max_clip_fraction:.0%}), {v.nan_count} NaN events "
+        f"(limit {rules.max_nan_events})",
+        "stable = no NaN beyond the limit, smoothed loss never above "
+        f"{rules.loss_spike_factor:g}x its start"
+        + (" and ending below it" if rules.final_above_start else ""),
+        "projector_lr / lora_lr: AdamW groups 'projector' and 'lora' (seed default 5x / 0.5x "
+        "learning_rate); linear warmup for warmup_steps, then cosine decay to 0",
+    ]
+
+
+def _knob_comment(key: str, value: Any, base: float | None) -> str:
+    number = finite_or_none(value)
+    if key in ("projector_lr", "lora_lr") and number is not None and base:
+        return f"  # {number / base:.3g}x learning_rate"
+    if key == "gradient_clip_val" and not value:  # the trainer treats null and 0 as off
+        return "  # no clipping"
+    return ""
+
+
+def yaml_scalar(value: Any) -> str:
+    """One YAML scalar that yaml.safe_load reads back with the same type.
+
+    Floats need care: PyYAML (YAML 1.1) reads ``1e-4`` as a *string* and ``2`` as an int, so
+    every float gets a decimal point and a signed exponent (``5.0e-05``, ``2.0``).
+    """
+    if isinstance(value, float) and not isinstance(value, bool):
+        return _yaml_float(value)
+    if isinstance(value, list | tuple):  # e.g. adam_betas; safe_dump cannot represent tuples
+        return "[" + ", ".join(yaml_scalar(item) for item in value) + "]"
+    # Unlimited width: PyYAML folds long strings onto continuation lines otherwise, which
+    # would break the one-knob-per-line layout (and the inline comments).
+    dumped = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**9)
+    return dumped.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _yaml_float(value: float) -> str:
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    # 12 significant digits: drops float noise like 0.0005000000000000001 from 5 * 1e-4.
+    text = f"{value:.12g}"
+    mantissa, _, exponent = text.partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent}" if exponent else mantissa
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write via a temp file in the same directory + os.replace, so readers (the driver, a
+    user tailing the sweep dir) never see a half-written file."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Bytes version of atomic_write_text (used for PNGs too)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates 0600; sweep reports are meant to be read by others (MLflow, teammates).
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "PHASE2_KNOBS",
+    "Row",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "best_stable_config",
+    "best_stable_record",
+    "best_stable_row",
+    "build_leaderboard",
+    "format_markdown",
+    "format_table",
+    "phase2_config",
+    "write_best_stable_yaml",
+    "write_csv",
+    "write_markdown",
+    "yaml_scalar",
+]

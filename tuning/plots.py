@@ -1,0 +1,345 @@
+"""Sweep plots as PNG files: loss curves, LR schedule, stability map, gradient norms.
+
+Figures are built on an explicit Agg canvas instead of pyplot: no display is ever needed, no
+global figure registry leaks memory in a long-running driver, and it is safe to call from
+worker threads.  Missing (None) metric values become gaps, never zeros.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from tuning.leaderboard import atomic_write_bytes
+from tuning.stability import KINDS, Verdict, index_verdicts
+from tuning.trial_record import TrialRecord
+
+DPI = 120
+
+KIND_COLORS = {
+    "stable": "#2ca02c",
+    "nan": "#d62728",
+    "diverged": "#ff7f0e",
+    "high_grad_norm": "#9467bd",
+    "over_clipped": "#8c564b",
+    "failed": "#333333",
+    "incomplete": "#17becf",
+}
+KIND_LABELS = {
+    "stable": "stable",
+    "nan": "NaN",
+    "diverged": "diverged",
+    "high_grad_norm": "high grad norm",
+    "over_clipped": "over-clipped",
+    "failed": "failed",
+    "incomplete": "incomplete",
+}
+GROUP_COLORS = {"projector": "#1f77b4", "lora": "#ff7f0e"}
+
+# Seed: grad norm 0.1-10 is normal, above 100 needs clipping.
+GRAD_NORM_NORMAL_MAX = 10.0
+GRAD_NORM_CLIP_NEEDED = 100.0
+SEED_PROJECTOR_MULT = 5.0
+# Beyond this many trials, per-line id labels pile up into an unreadable column.
+MAX_LINE_LABELS = 12
+
+
+def plot_loss_curves(
+    records: Sequence[TrialRecord],
+    verdicts: Mapping[str, Verdict] | Sequence[Verdict],
+    path: str | Path,
+) -> Path:
+    """Training loss per trial, coloured by verdict kind; x marks NaN events."""
+    by_id = index_verdicts(records, verdicts)
+    fig, ax = _new_figure(10, 6)
+    best = _best_stable_id(by_id)
+    all_losses: list[float] = []
+    for record in records:
+        v = by_id[record.trial_id]
+        steps, losses = _metric_with_gaps(record, "loss")
+        all_losses += [x for x in losses if np.isfinite(x)]
+        ax.plot(
+            steps,
+            losses,
+            color=KIND_COLORS[v.kind],
+            linestyle="--" if v.early_stopped else "-",
+            linewidth=2.6 if record.trial_id == best else 1.0,
+            alpha=1.0 if record.trial_id == best else 0.7,
+            zorder=3 if record.trial_id == best else 2,
+        )
+        _mark_nan_events(ax, record, steps, losses)
+        if len(records) <= MAX_LINE_LABELS:
+            _label_line_end(ax, record.trial_id, steps, losses, KIND_COLORS[v.kind])
+    if len(records) <= MAX_LINE_LABELS:
+        ax.margins(x=0.07)  # room on the right for the end-of-line trial ids
+    if _wide_range(all_losses):
+        ax.set_yscale("log")  # a diverged run would otherwise flatten every other curve
+    ax.set(title="Training loss by trial", xlabel="optimizer step", ylabel="training loss")
+    ax.grid(True, alpha=0.3)
+    # Outside the axes: inside, it would hide whichever curve happens to run under it.
+    ax.legend(
+        handles=_loss_legend(records, by_id, best),
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        title="verdict (trials)",
+        title_fontsize=8,
+    )
+    _no_data_note(ax, not all_losses, "no finite loss values")
+    return _save(fig, path)
+
+
+def _label_line_end(ax: Axes, text: str, steps: np.ndarray, values: np.ndarray, color: str) -> None:
+    # Colour says the verdict; the id at the curve's end says which trial it is.
+    finite = np.isfinite(values)
+    if finite.any():
+        ax.annotate(text, (steps[finite][-1], values[finite][-1]), color=color, fontsize=7,
+                    xytext=(3, 0), textcoords="offset points", va="center")  # fmt: skip
+
+
+def _best_stable_id(by_id: Mapping[str, Verdict]) -> str | None:
+    ranked = [
+        (v.early_stopped, v.final_loss, trial_id)
+        for trial_id, v in by_id.items()
+        if v.stable and v.final_loss is not None
+    ]
+    return min(ranked)[2] if ranked else None
+
+
+def _mark_nan_events(ax: Axes, record: TrialRecord, steps: np.ndarray, losses: np.ndarray) -> None:
+    # Put each marker at the last finite loss before the event, so it sits on the curve.
+    event_steps = sorted({int(e["step"]) for e in record.nan_events if e.get("step") is not None})
+    for step in event_steps:
+        before = np.isfinite(losses) & (steps <= step)
+        if before.any():
+            y = losses[before][-1]
+            ax.plot([step], [y], marker="x", color=KIND_COLORS["nan"], markersize=9, zorder=4)
+
+
+def _loss_legend(
+    records: Sequence[TrialRecord], by_id: Mapping[str, Verdict], best: str | None
+) -> list[Any]:
+    counts = Counter(by_id[r.trial_id].kind for r in records)
+    handles: list[Any] = [
+        Line2D([], [], color=KIND_COLORS[kind], label=f"{KIND_LABELS[kind]} ({counts[kind]})")
+        for kind in KINDS
+        if counts[kind]
+    ]
+    if best is not None:
+        handles.append(Line2D([], [], color=KIND_COLORS["stable"], lw=2.6, label=f"best: {best}"))
+    if any(by_id[r.trial_id].early_stopped for r in records):
+        handles.append(Line2D([], [], color="grey", linestyle="--", label="early-stopped"))
+    if any(r.nan_events for r in records):
+        handles.append(
+            Line2D([], [], color=KIND_COLORS["nan"], marker="x", lw=0, label="NaN event")
+        )
+    return handles
+
+
+def plot_lr_schedule(record: TrialRecord, path: str | Path) -> Path:
+    """lr/projector and lr/lora over steps (one panel each, shared x: the groups differ ~10x)."""
+    fig = _figure(10, 6)
+    axes = fig.subplots(2, 1, sharex=True)
+    warmup = record.params.get("warmup_steps")
+    any_data = False
+    for ax, group in zip(axes, ("projector", "lora"), strict=True):
+        steps, lrs = _metric_with_gaps(record, f"lr/{group}")
+        any_data |= bool(np.isfinite(lrs).any())
+        peak = np.nanmax(lrs) if np.isfinite(lrs).any() else None
+        label = f"lr/{group}" + (f" (peak {peak:.3g})" if peak is not None else "")
+        ax.plot(steps, lrs, color=GROUP_COLORS[group], linewidth=1.8, label=label)
+        if isinstance(warmup, int | float) and warmup > 0:
+            ax.axvline(warmup, color="grey", linestyle=":", label=f"end of warmup ({warmup:g})")
+        ax.set_ylabel(f"{group} learning rate")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle(f"Learning-rate schedule, trial {record.trial_id} (linear warmup, cosine decay)")
+    _no_data_note(axes[0], not any_data, "no learning-rate values logged")
+    return _save(fig, path)
+
+
+def plot_stability_map(
+    records: Sequence[TrialRecord],
+    verdicts: Mapping[str, Verdict] | Sequence[Verdict],
+    path: str | Path,
+) -> Path:
+    """Base learning_rate (log x) vs projector LR multiplier, one marker per trial outcome."""
+    by_id = index_verdicts(records, verdicts)
+    fig, ax = _new_figure(9, 6)
+    placed = [r for r in records if r.base_lr is not None and r.projector_lr_mult is not None]
+    xs = _spread_duplicates(placed)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(placed):
+        groups[_map_category(by_id[record.trial_id].kind)].append(index)
+    for category, (marker, color, label) in _MAP_STYLES.items():
+        idx = groups.get(category, [])
+        if idx:
+            ax.scatter(
+                [xs[i] for i in idx],
+                [placed[i].projector_lr_mult for i in idx],
+                marker=marker, color=color, s=90, alpha=0.8, edgecolors="black",
+                linewidths=0.5, label=f"{label} ({len(idx)})", zorder=3,
+            )  # fmt: skip
+    if len(placed) <= 30:  # trial ids stay legible up to about this many points
+        _label_points(ax, placed)
+    if placed:
+        ax.set_xscale("log")
+        ax.axhline(SEED_PROJECTOR_MULT, color="grey", linestyle=":", label="seed default 5x")
+        ax.legend(loc="best", fontsize=8)
+    ax.set(
+        title="Stability map: base LR vs projector LR multiplier",
+        xlabel="base learning_rate (log scale)",
+        ylabel="projector_lr_mult (projector_lr / learning_rate)",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    _no_data_note(ax, not placed, "no trials with a learning_rate")
+    return _save(fig, path)
+
+
+_MAP_STYLES = {
+    "stable": ("o", KIND_COLORS["stable"], "stable"),
+    "nan": ("X", KIND_COLORS["nan"], "NaN"),
+    "diverged": ("^", KIND_COLORS["diverged"], "diverged"),
+    "other": ("s", "#7f7f7f", "other (grad norm / clipping / failed / incomplete)"),
+}
+
+
+def _map_category(kind: str) -> str:
+    return kind if kind in ("stable", "nan", "diverged") else "other"
+
+
+def _label_points(ax: Axes, records: Sequence[TrialRecord]) -> None:
+    """One label per (lr, mult) point listing its trials left to right, so the ids of
+    repeated settings do not print on top of each other."""
+    groups: dict[tuple[Any, Any], list[str]] = defaultdict(list)
+    for record in records:
+        groups[(record.base_lr, record.projector_lr_mult)].append(record.trial_id)
+    for (lr, mult), ids in groups.items():
+        text = ", ".join(ids[:4]) + (f" +{len(ids) - 4}" if len(ids) > 4 else "")
+        ax.annotate(text, (lr, mult), fontsize=7, ha="center", xytext=(0, 9),
+                    textcoords="offset points")  # fmt: skip
+
+
+def _spread_duplicates(records: Sequence[TrialRecord]) -> list[float]:
+    """x positions with trials at identical (lr, mult) nudged apart by a few % in log space,
+    e.g. repeated seeds, so none hides behind another."""
+    keys = [(r.base_lr, r.projector_lr_mult) for r in records]
+    totals = Counter(keys)
+    seen: Counter[tuple[Any, Any]] = Counter()
+    xs = []
+    for record, key in zip(records, keys, strict=True):
+        offset = seen[key] - (totals[key] - 1) / 2
+        seen[key] += 1
+        xs.append(float(record.base_lr or 0.0) * 10 ** (0.025 * offset))
+    return xs
+
+
+def plot_grad_norms(records: Sequence[TrialRecord], path: str | Path) -> Path:
+    """Box plots of grad_norm/projector and grad_norm/lora per trial, seed thresholds marked."""
+    width = min(30.0, max(8.0, 0.9 * len(records) + 3))
+    fig, ax = _new_figure(width, 6)
+    ticks: list[float] = []
+    all_values: list[float] = []
+    for index, record in enumerate(records):
+        centre = index * 3.0 + 1.5
+        ticks.append(centre)
+        for offset, group in ((-0.5, "projector"), (0.5, "lora")):
+            values = record.series(f"grad_norm/{group}")[1]
+            if values:
+                all_values += values
+                _box(ax, values, centre + offset, GROUP_COLORS[group])
+    if all_values and min(all_values) > 0:
+        ax.set_yscale("log")  # norms span decades; 0.1-10 normal vs >100 must both show
+    ax.axhline(GRAD_NORM_NORMAL_MAX, color="grey", linestyle="--", lw=1)
+    ax.axhline(GRAD_NORM_CLIP_NEEDED, color=KIND_COLORS["nan"], linestyle=":", lw=1)
+    ax.set_xticks(ticks, [r.trial_id for r in records], rotation=45, ha="right", fontsize=8)
+    ax.set(title="Gradient norm per parameter group", xlabel="trial", ylabel="gradient norm")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(handles=_grad_legend(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    _no_data_note(ax, not all_values, "no per-group gradient norms logged")
+    return _save(fig, path)
+
+
+def _box(ax: Axes, values: list[float], position: float, color: str) -> None:
+    parts = ax.boxplot(
+        [values], positions=[position], widths=0.8, patch_artist=True,
+        flierprops={"markersize": 3, "markerfacecolor": color, "alpha": 0.6},
+        medianprops={"color": "black"},
+    )  # fmt: skip
+    for patch in parts["boxes"]:
+        patch.set_facecolor(color)
+        patch.set_alpha(0.6)
+
+
+def _grad_legend() -> list[Any]:
+    return [
+        Patch(color=GROUP_COLORS["projector"], alpha=0.6, label="grad_norm/projector"),
+        Patch(color=GROUP_COLORS["lora"], alpha=0.6, label="grad_norm/lora"),
+        Line2D([], [], color="grey", linestyle="--", label="10: top of normal range (seed)"),
+        Line2D([], [], color=KIND_COLORS["nan"], linestyle=":", label="100: clip (seed)"),
+    ]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _metric_with_gaps(record: TrialRecord, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values with NaN where the value was None: matplotlib breaks the line there."""
+    steps, values = [], []
+    for index, row in enumerate(record.history, start=1):
+        if key not in row:
+            continue
+        value = row[key]
+        steps.append(float(row.get("step", index)))
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        values.append(float(value) if is_number else np.nan)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def _wide_range(values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and bool(positive) and max(positive) / min(positive) > 50
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def _new_figure(width: float, height: float) -> tuple[Figure, Axes]:
+    fig = _figure(width, height)
+    return fig, fig.add_subplot()
+
+
+def _no_data_note(ax: Axes, empty: bool, message: str) -> None:
+    if empty:
+        ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center",
+                fontsize=12, color="grey")  # fmt: skip
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+__all__ = [
+    "KIND_COLORS",
+    "plot_grad_norms",
+    "plot_loss_curves",
+    "plot_lr_schedule",
+    "plot_stability_map",
+]
