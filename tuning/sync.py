@@ -1,0 +1,87 @@
+"""Replay a sweep's MLflow outage journal: ``python -m tuning.sync SWEEP_DIR``.
+
+SWEEP_DIR is the tracker's state directory (the one holding ``mlflow_state.json`` and
+``mlflow_journal.jsonl``). The tracking URI and experiment come from the state file;
+``--tracking-uri`` sends the replay to another store instead (run ids are kept per store, so
+nothing from the original store is reused there). Replaying is idempotent.
+
+Exit status: 0 journal empty afterwards, 1 the store is still unreachable (the journal is kept),
+2 SWEEP_DIR is not a sweep state directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tuning.tracking import (
+    JOURNAL_FILE,
+    STATE_FILE,
+    SweepTracker,
+    TrackingError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuning.sync",
+        description="Replay the MLflow journal a sweep wrote while the tracking server was down.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="state directory with mlflow_state.json")
+    parser.add_argument("--tracking-uri", help="replay into this store instead of the sweep's")
+    parser.add_argument(
+        "--kill-running",
+        action="store_true",
+        help="afterwards mark the sweep's RUNNING runs KILLED (the driver died without cleanup)",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="HTTP wait bound, seconds")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    sweep_dir: Path = args.sweep_dir
+    state_path = sweep_dir / STATE_FILE
+    if not sweep_dir.is_dir() or not state_path.is_file():
+        print(f"tuning.sync: {sweep_dir} is not a sweep state directory (no {STATE_FILE})")
+        return 2
+    try:
+        state = json.loads(state_path.read_text())
+        experiment_name = state["experiment_name"]
+        stored_uri = state["tracking_uri"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"tuning.sync: {state_path} is unreadable or incomplete: {exc}")
+        return 2
+
+    tracking_uri = args.tracking_uri or (None if state.get("embedded") else stored_uri)
+    tracker = SweepTracker(tracking_uri, experiment_name, sweep_dir, timeout_s=args.timeout)
+    journal = sweep_dir / JOURNAL_FILE
+    waiting = tracker.pending_operations()
+    print(f"store: {tracker.tracking_uri} (experiment {experiment_name!r})")
+    print(f"journal: {journal} with {waiting} operation(s)")
+    try:
+        report = tracker.retry_journal(force=True)
+    except TrackingError as exc:
+        print(f"tuning.sync: {exc}")
+        return 1
+    print(report.summary())
+    if report.remaining:
+        print(f"store still unreachable: {report.error}; run tuning.sync again later")
+        return 1
+    if args.kill_running:
+        tracker.kill_running()
+        left = tracker.pending_operations()
+        if left:
+            print(f"kill-running journaled, store unreachable: {tracker.last_outage}")
+            return 1
+        print("marked the sweep's RUNNING runs KILLED")
+    parent = tracker.parent_run_id
+    if parent:
+        print(f"parent run: {parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
