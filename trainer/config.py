@@ -178,6 +178,14 @@ class Output(_Strict):
         return self
 
 
+class Debug(_Strict):
+    """Fault injection, to test stability handling end to end (never set in real runs)."""
+
+    inject_nan_at_step: int | None = Field(None, ge=1)  # make one group's gradient NaN here
+    inject_nan_group: Literal["projector", "lora"] = "projector"
+    hang_at_step: int | None = Field(None, ge=1)  # sleep forever here (stall watchdog tests)
+
+
 class TrainConfig(_Strict):
     """One Phase 2 run: the seed's block plus everything it leaves to defaults."""
 
@@ -187,6 +195,7 @@ class TrainConfig(_Strict):
     data: Data = Field(default_factory=Data)
     demo: Demo = Field(default_factory=Demo)
     output: Output = Field(default_factory=Output)
+    debug: Debug = Field(default_factory=Debug)
 
     @property
     def assets_dir(self) -> Path:

@@ -98,3 +98,14 @@ def load_splits(cfg: TrainConfig, inputs: Inputs, tokenizer) -> tuple[Split, Spl
         ev = _split(eval_ex, [pos[e.id] for e in eval_ex], inputs.feature_cache, examples, spec,
                     tokenizer, cfg)
     return train, ev
+
+
+def train_size(cfg: TrainConfig) -> int:
+    """Training examples a run will see, computed without building anything."""
+    if cfg.data.manifest is None:
+        n = cfg.demo.num_examples
+    else:
+        n = len(read_manifest(cfg.data.manifest))
+    if cfg.data.eval_manifest is not None or cfg.data.eval_fraction <= 0 or n < 2:
+        return n
+    return n - max(1, round(n * cfg.data.eval_fraction))

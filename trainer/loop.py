@@ -385,6 +385,27 @@ def train_loop(run: Run, state: State, sink: MetricsSink) -> str:
     return end_reason
 
 
+def _debug_hook(cfg: TrainConfig, user: AfterBackward | None) -> AfterBackward | None:
+    """Compose the config's fault injection with a caller's hook."""
+    d = cfg.debug
+    if d.inject_nan_at_step is None and d.hang_at_step is None:
+        return user
+
+    def hook(step: int, model: Phase2Model) -> None:
+        if step == d.hang_at_step:
+            while True:  # a hung step: only the stall watchdog ends this
+                time.sleep(1.0)
+        if step == d.inject_nan_at_step:
+            for name, p in model.named_parameters():
+                in_projector = name.startswith("projector.")
+                if p.grad is not None and in_projector == (d.inject_nan_group == "projector"):
+                    p.grad.fill_(float("nan"))
+        if user is not None:
+            user(step, model)
+
+    return hook
+
+
 def train(cfg: TrainConfig, sink: MetricsSink | None = None, *, inputs: Inputs | None = None,
           resume: bool = False, device: str | None = None, source: str = "config",
           after_backward: AfterBackward | None = None, console: bool = True,
@@ -394,7 +415,7 @@ def train(cfg: TrainConfig, sink: MetricsSink | None = None, *, inputs: Inputs |
     inputs = inputs or prepare_inputs(cfg, log)
     run, state, params = build_run(cfg, inputs, resume=resume, device=device, source=source,
                                    log=log)
-    run.after_backward = after_backward
+    run.after_backward = _debug_hook(cfg, after_backward)
     sinks: list[MetricsSink] = [JsonlSink(run.run_dir, state.step if resume else None)]
     if console:
         sinks.append(ConsoleSink(cfg.output.log_every, run.plan.total_steps))

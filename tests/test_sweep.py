@@ -1,0 +1,208 @@
+"""The sweep driver: validation before anything starts, the real CLI end to end,
+NaN handling under a scheduler, resume and the sweep lock."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from trainer.config import config_from_data
+from trainer.yaml_io import dump_yaml, load_yaml_file
+from tuning.search_config import load_search, trial_count
+from tuning.sweep import main as sweep_main
+
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def _write(tmp_path: Path, edit: dict | None = None, drop: tuple = (),
+           space: dict | None = None) -> Path:
+    data = load_yaml_file(SMOKE)
+    data["sweep"]["storage_path"] = str(tmp_path / "sweeps")
+    data["base"]["overrides"]["output.root"] = str(tmp_path / "runs")
+    for key in drop:
+        data.pop(key)
+    for dotted, value in (edit or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    data["space"].update(space or {})  # space keys may themselves be dotted config keys
+    path = tmp_path / "search.yaml"
+    path.write_text(dump_yaml(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"space.learning_rate": {"uniform": [0.01, 0.001]}}, "space.learning_rate.uniform: min"),
+        ({"space.learning_rate": {"loguniform": [0.0, 0.1]}}, "log-uniform bounds must be > 0"),
+        ({"space.gradient_clip_val": {"choice": []}}, "space.gradient_clip_val.choice: empty"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"scheduler.type": "asha", "scheduler.grace_period": 50}, "scheduler.grace_period"),
+        ({"space.warmup_steps": {"grid": [3, 40]}}, "space.warmup_steps: at 40: warmup"),
+        ({"space.learning_rat": {"grid": [0.1]}}, "did you mean 'learning_rate'?"),
+        ({"schedular": {}}, "schedular: unknown key (did you mean 'scheduler'?)"),
+        ({"base.config": "missing.yaml"}, "base.config: file"),
+        ({"space.learning_rate": {"grid": [-0.1, 0.1]}}, "space.learning_rate: Input should be"),
+        ({"sweep.name": "../escape"}, "sweep.name"),
+        ({"search.algorithm": "optuna"}, "grid is not supported by optuna"),
+    ],
+)
+def test_bad_search_yaml_exits_2_before_anything_starts(tmp_path, capsys, edit, needle):
+    import ray
+
+    path = _write(tmp_path, edit)
+    assert sweep_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert all(line.startswith("error: ") for line in err.strip().splitlines())
+    assert "Traceback" not in err
+    assert not (tmp_path / "sweeps").exists()  # no sweep dir, no MLflow store
+    assert not ray.is_initialized()
+
+
+def test_space_forms_become_ray_domains(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from tuning.space import param_space
+
+    space = param_space({
+        "a": {"loguniform": [1e-4, 1e-2]}, "b": {"choice": [None, 0.5]},
+        "c": {"qrandint": [10, 40, 10]}, "d": {"grid": [1, 2, 3]}, "e": 7,
+        "f": {"quniform": [0.1, 0.9, 0.1]},
+    })
+    assert isinstance(space["a"], Float) and isinstance(space["b"], Categorical)
+    assert isinstance(space["c"], Integer) and space["d"] == {"grid_search": [1, 2, 3]}
+    assert space["e"] == 7 and isinstance(space["f"], Float)
+    loaded = load_search(_write(tmp_path, {"space.warmup_steps": {"grid": [1, 2, 3]},
+                                           "num_samples": 2}))
+    assert trial_count(loaded.cfg) == 2 * 2 * 3  # samples x learning_rate grid x warmup grid
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    assert sweep_main([str(_write(tmp_path)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 2" in out and "12 optimizer steps" in out
+    assert "phase2.learning_rate: {'grid': [0.001, 0.005]}" in out
+    assert not (tmp_path / "sweeps").exists()
+
+
+def _sweep(path: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuning.sweep", str(path), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _mlflow_rows(db: Path) -> dict:
+    con = sqlite3.connect(db)
+    try:
+        runs = con.execute("select run_uuid, status from runs").fetchall()
+        tags = dict(con.execute(
+            "select run_uuid, value from tags where key='phase2tune.trial_id'").fetchall())
+        parents = dict(con.execute(
+            "select run_uuid, value from tags where key='mlflow.parentRunId'").fetchall())
+        steps = {}
+        for run_id, step in con.execute(
+                "select run_uuid, step from metrics where key='loss'").fetchall():
+            steps.setdefault(run_id, []).append(step)
+        bad = con.execute("select count(*) from metrics where value != value").fetchone()[0]
+    finally:
+        con.close()
+    return {"runs": dict(runs), "trial_of": tags, "parent_of": parents, "steps": steps,
+            "nan_values": bad}
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    path = _write(tmp, {"scheduler.type": "asha", "scheduler.grace_period": 4},
+                  space={"debug.inject_nan_at_step": {"grid": [None, 3]}})
+    res = _sweep(path, cwd=tmp)
+    return tmp, path, res
+
+
+def test_smoke_sweep_end_to_end(smoke_sweep):
+    tmp, _, res = smoke_sweep
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    sweep_dir = tmp / "sweeps" / "smoke"
+    index = json.loads((sweep_dir / "trials.json").read_text())
+    assert len(index) == 4  # 2 learning rates x (clean, NaN-injected)
+    trials = sorted((sweep_dir / "trials").iterdir())
+    clean = []
+    for run_dir in trials:
+        cfg = load_yaml_file(run_dir / "config.resolved.yaml")
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if cfg["debug"]["inject_nan_at_step"] is None:
+            clean.append(run_dir.name)
+            assert [r["step"] for r in recs][-1] in (4, 12)  # ASHA may cut after the grace
+        else:  # stopped at the injected NaN, marked unstable, the event names the group
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert (summary["end_reason"], summary["first_nan_step"]) == ("nan_stop", 3)
+            assert summary["first_nan_group"] == "projector"
+    assert len(clean) == 2
+    # the report: leaderboard, best config, plots
+    report = sweep_dir / "report"
+    board = (report / "leaderboard.csv").read_text()
+    assert board.count("\n") >= 5 and "nan" in board
+    best = load_yaml_file(report / "best_stable.yaml")
+    assert config_from_data(best, "best_stable.yaml").phase2.learning_rate in (0.001, 0.005)
+    assert {p.name for p in (report / "plots").iterdir()} >= {"loss.png", "stability_map.png"}
+    assert "MLflow UI: mlflow ui --backend-store-uri sqlite:///" in res.stdout
+    assert "Leaderboard" in res.stdout
+
+
+def test_smoke_sweep_mlflow_has_one_parent_and_every_step_once(smoke_sweep):
+    tmp, _, res = smoke_sweep
+    rows = _mlflow_rows(tmp / "sweeps" / "smoke" / "mlflow" / "mlflow.db")
+    children = {r for r in rows["runs"] if r in rows["parent_of"]}
+    parents = set(rows["runs"]) - children
+    assert len(parents) == 1 and len(children) == 4
+    assert set(rows["parent_of"].values()) == parents
+    assert all(status == "FINISHED" for status in rows["runs"].values())
+    assert rows["nan_values"] == 0  # a NaN is an event and a tag, never a metric value
+    for run_id in children:
+        trial = rows["trial_of"][run_id]
+        recs = (tmp / "sweeps" / "smoke" / "trials" / trial / "metrics.jsonl").read_text()
+        reported = [json.loads(x)["step"] for x in recs.splitlines()
+                    if json.loads(x)["loss"] is not None]
+        assert sorted(rows["steps"].get(run_id, [])) == reported
+
+
+def test_rerun_resumes_without_redoing_trials_and_refuses_edits(smoke_sweep):
+    tmp, path, _ = smoke_sweep
+    sweep_dir = tmp / "sweeps" / "smoke"
+    before = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("trials/*/metrics.jsonl")}
+    res = _sweep(path, cwd=tmp)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming smoke" in res.stdout
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("trials/*/metrics.jsonl")} == before
+    rows = _mlflow_rows(sweep_dir / "mlflow" / "mlflow.db")
+    assert len(rows["runs"]) == 5  # no duplicate runs
+
+    data = load_yaml_file(path)
+    data["num_samples"] = 3
+    edited = tmp / "edited.yaml"
+    edited.write_text(dump_yaml(data))
+    res = _sweep(edited, cwd=tmp)
+    assert res.returncode == 2
+    assert "was started with a different config" in res.stderr
+    assert "num_samples: 3" in res.stderr and "--restart" in res.stderr
+
+
+def test_second_sweep_with_the_same_name_refuses(tmp_path, capsys):
+    path = _write(tmp_path)
+    sweep_dir = tmp_path / "sweeps" / "smoke"
+    sweep_dir.mkdir(parents=True)
+    with open(sweep_dir / ".sweep.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep_main([str(path)]) == 2
+    assert "already running" in capsys.readouterr().err
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [".sweep.lock"]  # untouched

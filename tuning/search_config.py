@@ -1,0 +1,283 @@
+"""`search.yaml`: a base Phase 2 config, a search space and how to run the sweep.
+
+Validated once, before anything starts: every problem names the file, the key
+and the fix. Nothing here imports Ray; `tuning.space` turns the validated space
+into Ray Tune domains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trainer.config import NAME_RE, Phase2, TrainConfig, config_from_data
+from trainer.errors import ConfigError, Problem
+from trainer.yaml_io import load_yaml_file
+from tuning.stability import StabilityRules
+
+FORMS = ("grid", "choice", "uniform", "loguniform", "quniform", "qloguniform", "randint",
+         "qrandint")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sweep(_Strict):
+    name: str = "phase2-sweep"  # sweep directory and MLflow experiment name
+    storage_path: Path = Path("runs/sweeps")  # sweeps live in <storage_path>/<name>/
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v) or v in {".", ".."}:
+            raise ValueError(f"{v!r} must match {NAME_RE.pattern} (no '/', no '..')")
+        return v
+
+
+class Base(_Strict):
+    config: Path | None = None  # a Phase 2 YAML (e.g. configs/phase2.yaml); null = defaults
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys on top of it
+
+
+class Search(_Strict):
+    algorithm: Literal["random", "grid", "optuna"] = "random"
+    metric: Literal["loss", "eval_loss"] = "loss"  # what the searcher/scheduler minimise
+    seed: int | None = 0  # sampling seed (null = random)
+
+
+class Scheduler(_Strict):
+    type: Literal["fifo", "asha"] = "asha"
+    grace_period: int = Field(20, ge=1)  # optimizer steps every trial gets before a cut
+    max_t: int | None = Field(None, ge=1)  # optimizer steps; null = the run's total steps
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class Resources(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)  # fractions share a GPU (0.25 = 4 trials/GPU)
+
+
+class Stopping(_Strict):
+    nan_policy: Literal["skip", "stop"] = "stop"  # trials: stop at the first NaN (unstable)
+    divergence_factor: float | None = Field(4.0, gt=1)  # smoothed loss > k x first = diverged
+    stall_timeout_s: float = Field(600.0, gt=0)  # no optimizer step for this long = stalled
+    time_budget_s: float | None = Field(None, gt=0)  # whole-sweep wall-clock limit
+    worst_loss: float = Field(1.0e4, gt=0)  # reported to schedulers instead of NaN/inf
+
+
+class Trials(_Strict):
+    report_every: int = Field(10, ge=1)  # optimizer steps per tune.report (all steps kept)
+    checkpoint_every: int = Field(50, ge=0)  # optimizer steps; 0 = only at the end
+    keep_checkpoints: int = Field(2, ge=2)  # >= 2: one is reported a step after it is written
+    max_failures: int = Field(2, ge=0)  # retries from the last checkpoint per trial
+
+
+class RayCfg(_Strict):
+    address: str | None = None  # null = RAY_ADDRESS or a local Ray; "auto" = running cluster
+    include_dashboard: bool = False  # the dashboard binds 127.0.0.1 when on
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only; null = all cores
+
+
+class MlflowCfg(_Strict):
+    tracking_uri: str | None = None  # null = SQLite under the sweep dir; http://host:5000
+    experiment: str | None = None  # null = the sweep name
+    on_unreachable: Literal["fail", "continue"] = "fail"  # tracking server down at start
+    timeout_s: float = Field(10.0, gt=0)  # bound on every tracking request
+
+
+class SearchConfig(_Strict):
+    sweep: Sweep = Field(default_factory=Sweep)
+    base: Base = Field(default_factory=Base)
+    space: dict[str, Any] = Field(default_factory=dict)
+    num_samples: int = Field(8, ge=1)  # samples (x every grid combination)
+    max_concurrent_trials: int = Field(2, ge=1)
+    search: Search = Field(default_factory=Search)
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    resources: Resources = Field(default_factory=Resources)
+    stopping: Stopping = Field(default_factory=Stopping)
+    trials: Trials = Field(default_factory=Trials)
+    ray: RayCfg = Field(default_factory=RayCfg)
+    mlflow: MlflowCfg = Field(default_factory=MlflowCfg)
+    stability: StabilityRules = Field(default_factory=StabilityRules)
+
+
+class Loaded:
+    """A validated search.yaml plus the base TrainConfig data it sweeps over."""
+
+    def __init__(self, path: Path, cfg: SearchConfig, base_data: dict[str, Any],
+                 base: TrainConfig, raw: dict[str, Any]) -> None:
+        self.path, self.cfg, self.base_data, self.base, self.raw = path, cfg, base_data, base, raw
+
+    @property
+    def sweep_dir(self) -> Path:
+        return (self.cfg.sweep.storage_path / self.cfg.sweep.name).resolve()
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def space_key_path(key: str) -> str:
+    """Space keys name phase2 knobs (`learning_rate`) or any dotted config key."""
+    return key if "." in key else f"phase2.{key}"
+
+
+def _domain_problems(src: str, key: str, spec: Any) -> tuple[list[Problem], list[Any]]:
+    """Check one space entry; return problems and the extreme values to validate."""
+    k = f"space.{key}"
+    if not isinstance(spec, dict):
+        return [], [spec]  # a constant
+    if len(spec) != 1 or next(iter(spec)) not in FORMS:
+        return [Problem(src, k, f"unknown domain {sorted(spec)}",
+                        f"use one of: {', '.join(FORMS)}, e.g. {{loguniform: [1.0e-5, 1.0e-3]}}")
+                ], []
+    form, args = next(iter(spec.items()))
+    if form in ("grid", "choice"):
+        if not isinstance(args, list) or not args:
+            return [Problem(src, f"{k}.{form}", "empty or not a list",
+                            "give at least one value, e.g. [0.5, 1.0, null]")], []
+        return [], list(args)
+    n = 3 if form.startswith("q") else 2
+    if not isinstance(args, list) or len(args) != n or not all(
+            isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+        return [Problem(src, f"{k}.{form}", f"expected {n} numbers",
+                        "[min, max]" + (", q]" if n == 3 else "]"))], []
+    lo, hi = args[0], args[1]
+    problems = []
+    if lo > hi:
+        problems.append(Problem(src, f"{k}.{form}", f"min {lo} > max {hi}", "swap the bounds"))
+    if "log" in form and min(lo, hi) <= 0:
+        problems.append(Problem(src, f"{k}.{form}", "log-uniform bounds must be > 0",
+                                "use positive bounds, e.g. [1.0e-5, 1.0e-3]"))
+    if n == 3 and args[2] <= 0:
+        problems.append(Problem(src, f"{k}.{form}", "quantum q must be > 0", "e.g. q = 10"))
+    if form in ("randint", "qrandint") and not all(isinstance(a, int) for a in args):
+        problems.append(Problem(src, f"{k}.{form}", "bounds must be integers", "e.g. [10, 200]"))
+    return problems, [lo, hi - 1 if form == "randint" else hi]
+
+
+def _check_space(src: str, cfg: SearchConfig, base_data: dict[str, Any]) -> list[Problem]:
+    problems: list[Problem] = []
+    if not cfg.space:
+        problems.append(Problem(src, "space", "empty search space",
+                                "add e.g. learning_rate: {loguniform: [1.0e-5, 1.0e-3]}"))
+    for key, spec in cfg.space.items():
+        path = space_key_path(key)
+        if "." not in key and key not in Phase2.model_fields:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(Phase2.model_fields), n=1)
+            problems.append(Problem(src, f"space.{key}", "not a phase2 knob",
+                                    f"did you mean '{close[0]}'?" if close
+                                    else "use a phase2 key or a dotted config key"))
+            continue
+        found, extremes = _domain_problems(src, key, spec)
+        problems += found
+        if isinstance(spec, dict) and next(iter(spec), None) == "grid" and (
+                cfg.search.algorithm == "optuna"):
+            problems.append(Problem(src, f"space.{key}.grid", "grid is not supported by optuna",
+                                    "use choice, or search.algorithm: grid / random"))
+        if cfg.search.algorithm == "grid" and not (
+                not isinstance(spec, dict) or next(iter(spec), None) == "grid"):
+            problems.append(Problem(src, f"space.{key}", "search.algorithm grid needs grid forms",
+                                    "write {grid: [...]} or switch to random / optuna"))
+        for value in extremes:  # each sampled extreme must make a valid trainer config
+            data = copy.deepcopy(base_data)
+            _set(data, path, value)
+            try:
+                config_from_data(data, src)
+            except ConfigError as e:
+                problems += [Problem(src, f"space.{key}", p.message, p.fix) for p in e.problems
+                             if p.key == path]
+    return problems
+
+
+def _problems_from_validation(err: ValidationError, src: str) -> list[Problem]:
+    import difflib
+
+    out = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            owner: type[BaseModel] = SearchConfig
+            for part in e["loc"][:-1]:
+                ann = owner.model_fields[str(part)].annotation
+                owner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else owner
+            close = difflib.get_close_matches(str(e["loc"][-1]), list(owner.model_fields), n=1)
+            out.append(Problem(src, key, "unknown key",
+                               f"did you mean '{close[0]}'?" if close else "remove it"))
+        else:
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            out.append(Problem(src, key, f"{msg} (got {e.get('input')!r})", "fix the value"))
+    return out
+
+
+def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
+    """Load and fully validate a search.yaml (and the base config it names)."""
+    from trainer.config import apply_overrides
+
+    path = Path(path)
+    src = str(path)
+    raw = load_yaml_file(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(src, "", "the top level must be a mapping",
+                                   "see configs/search.yaml")])
+    if overrides:
+        raw = apply_overrides(copy.deepcopy(raw), overrides)
+    try:
+        cfg = SearchConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_problems_from_validation(err, src)) from None
+    base_src = src
+    if cfg.base.config is not None:
+        base_path = cfg.base.config if cfg.base.config.is_absolute() else (
+            Path.cwd() / cfg.base.config)
+        if not base_path.is_file():
+            raise ConfigError([Problem(src, "base.config", f"file {base_path} not found",
+                                       "point it at a Phase 2 YAML, or null for defaults")])
+        base_data = load_yaml_file(base_path) or {}
+        base_src = str(base_path)
+    else:
+        base_data = {}
+    base_data = copy.deepcopy(base_data)
+    if isinstance(base_data, dict) and "phase2" not in base_data and any(
+            k in Phase2.model_fields for k in base_data):
+        base_data = {"phase2": base_data}  # a seed-style bare block
+    for key, value in cfg.base.overrides.items():
+        _set(base_data, key, value)
+    try:
+        base = config_from_data(base_data, base_src)
+    except ConfigError as e:
+        raise ConfigError(e.problems) from None
+    problems = _check_space(src, cfg, base_data)
+    if cfg.scheduler.max_t is not None and cfg.scheduler.grace_period > cfg.scheduler.max_t:
+        problems.append(Problem(src, "scheduler.grace_period",
+                                f"{cfg.scheduler.grace_period} > max_t {cfg.scheduler.max_t}",
+                                "lower grace_period or raise max_t"))
+    if cfg.mlflow.tracking_uri and not cfg.mlflow.tracking_uri.startswith(
+            ("http://", "https://", "sqlite:///", "postgresql://", "file:")):
+        problems.append(Problem(src, "mlflow.tracking_uri", "unsupported URI scheme",
+                                "use http(s)://host:port, sqlite:///path or null"))
+    if cfg.mlflow.experiment is not None and not NAME_RE.match(cfg.mlflow.experiment):
+        problems.append(Problem(src, "mlflow.experiment", "invalid name",
+                                f"must match {NAME_RE.pattern}"))
+    if problems:
+        raise ConfigError(problems)
+    return Loaded(path, cfg, base_data, base, raw)
+
+
+def trial_count(cfg: SearchConfig) -> int:
+    grid = math.prod(len(next(iter(s.values()))) for s in cfg.space.values()
+                     if isinstance(s, dict) and next(iter(s)) == "grid")
+    return cfg.num_samples * grid

@@ -1,0 +1,365 @@
+"""`python -m tuning.sweep configs/search.yaml`: a Ray Tune sweep of Phase 2 runs.
+
+Order of work, so that bad input costs nothing: validate search.yaml and the
+base config (exit 2, nothing written) -> check every sampled extreme makes a
+valid run -> take the sweep lock -> prepare shared inputs once (demo assets and
+the frozen-feature cache) -> start Ray -> fit or restore -> report.
+
+Sweep directory (<storage_path>/<name>/):
+  search.snapshot.yaml  what this sweep was started with (resume refuses edits)
+  ray/                  Ray Tune's experiment state, checkpoints and results
+  trials/<trial_id>/    each trial's trainer run dir (metrics.jsonl, summary.json, ...)
+  mlflow/               embedded MLflow store (unless mlflow.tracking_uri), journal
+  report/               leaderboard.csv/.md, best_stable.yaml, advice.md, plots/
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError, Problem
+from trainer.fsutil import atomic_write_text
+from trainer.yaml_io import dump_yaml
+from tuning.search_config import Loaded, load_search, space_key_path, trial_count
+
+SNAPSHOT = "search.snapshot.yaml"
+LOCK = ".sweep.lock"
+
+
+def _fail(lines: list[str]) -> int:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
+def check_runs(loaded: Loaded) -> None:
+    """Every space extreme must make a run that can happen (steps, warmup, batch)."""
+    from trainer.config import config_from_data
+    from trainer.inputs import train_size
+    from trainer.loop import plan_steps
+    from tuning.search_config import _domain_problems, _set
+
+    src = str(loaded.path)
+    cfg = loaded.cfg
+    base_plan = plan_steps(loaded.base.phase2, train_size(loaded.base), src)
+    problems: list[Problem] = []
+    for key, spec in cfg.space.items():
+        _, extremes = _domain_problems(src, key, spec)
+        for value in extremes:
+            data = copy.deepcopy(loaded.base_data)
+            _set(data, space_key_path(key), value)
+            trial = config_from_data(data, src)
+            try:
+                plan_steps(trial.phase2, train_size(trial), src)
+            except ConfigError as e:
+                problems += [Problem(src, f"space.{key}", f"at {value!r}: {p.message}", p.fix)
+                             for p in e.problems]
+    max_t = cfg.scheduler.max_t or base_plan.total_steps
+    if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > max_t:
+        problems.append(Problem(src, "scheduler.grace_period",
+                                f"{cfg.scheduler.grace_period} steps > max_t ({max_t} steps)",
+                                "lower grace_period below the run's total steps"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _sweep_dir(loaded: Loaded) -> Path:
+    root = loaded.cfg.sweep.storage_path.resolve()
+    sweep_dir = root / loaded.cfg.sweep.name
+    if sweep_dir.is_symlink() or (sweep_dir.exists() and sweep_dir.resolve().parent != root):
+        raise ConfigError([Problem(str(loaded.path), "sweep.name",
+                                   f"{sweep_dir} leaves {root} (symlink)",
+                                   "remove the link or pick another name")])
+    return sweep_dir
+
+
+def snapshot_text(loaded: Loaded) -> str:
+    return dump_yaml({"search": loaded.raw, "base": loaded.base_data})
+
+
+def _acquire_lock(sweep_dir: Path, src: str):
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    f = open(sweep_dir / LOCK, "a+")  # noqa: SIM115 - held open for the whole sweep
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError([Problem(src, "sweep.name",
+                                   f"sweep {sweep_dir.name} is already running ({holder})",
+                                   "wait for it, or use another sweep.name")]) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
+
+
+def _check_resume(sweep_dir: Path, loaded: Loaded, restart: bool, src: str) -> bool:
+    """Decide resume vs fresh start; refuse an edited config. True = resume."""
+    snap = sweep_dir / SNAPSHOT
+    new = snapshot_text(loaded)
+    if restart:
+        for name in ("ray", "trials", "mlflow", "report", SNAPSHOT, "trials.json"):
+            p = sweep_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return False
+    if not snap.is_file():
+        return False
+    old = snap.read_text()
+    if old != new:
+        diff = [d for d in difflib.unified_diff(old.splitlines(), new.splitlines(), "started with",
+                                                "now", lineterm="", n=0)
+                if d.startswith(("+", "-")) and not d.startswith(("+++", "---"))]
+        raise ConfigError([Problem(src, "", f"sweep {sweep_dir.name} was started with a "
+                                   f"different config: {' | '.join(diff[:6])}",
+                                   "undo the edit, use --restart to start over, or change "
+                                   "sweep.name")])
+    return True
+
+
+def dry_run(loaded: Loaded) -> None:
+    from trainer.inputs import train_size
+    from trainer.loop import plan_steps
+
+    cfg = loaded.cfg
+    plan = plan_steps(loaded.base.phase2, train_size(loaded.base), str(loaded.path))
+    print(f"sweep {cfg.sweep.name} -> {_sweep_dir(loaded)}")
+    print(f"trials: {trial_count(cfg)} ({cfg.num_samples} samples"
+          f"{' x grid' if trial_count(cfg) != cfg.num_samples else ''}), "
+          f"{cfg.max_concurrent_trials} at a time, search {cfg.search.algorithm}, "
+          f"scheduler {cfg.scheduler.type}")
+    print(f"each trial: {plan.total_steps} optimizer steps (base), "
+          f"{cfg.resources.cpus_per_trial} CPU, {cfg.resources.gpus_per_trial} GPU")
+    print("space:")
+    for key, spec in cfg.space.items():
+        print(f"  {space_key_path(key)}: {spec}")
+    print(f"ray: {cfg.ray.address or os.environ.get('RAY_ADDRESS') or 'local'}; "
+          f"mlflow: {cfg.mlflow.tracking_uri or 'sqlite under the sweep dir'}")
+
+
+def _searcher(loaded: Loaded):
+    cfg = loaded.cfg
+    if cfg.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=cfg.search.metric, mode="min", seed=cfg.search.seed)
+    return None  # Ray's BasicVariantGenerator: random sampling and grid expansion
+
+
+def _scheduler(loaded: Loaded, total_steps: int):
+    cfg = loaded.cfg
+    if cfg.scheduler.type == "fifo":
+        from ray.tune.schedulers import FIFOScheduler
+
+        return FIFOScheduler()
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="step", max_t=cfg.scheduler.max_t or total_steps,
+                         grace_period=cfg.scheduler.grace_period,
+                         reduction_factor=cfg.scheduler.reduction_factor)
+
+
+def _init_ray(loaded: Loaded) -> None:
+    import logging
+
+    import ray
+
+    rc = loaded.cfg.ray
+    address = rc.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False,
+                                  configure_logging=True)
+    # Ray's ResultGrid warns that result.json is missing: we turned those loggers off.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
+                 dashboard_host="127.0.0.1", **kwargs)
+
+
+def _trials_index(results) -> dict[str, Any]:
+    """trial id -> Ray's final status, for `tuning.report` (which has no Ray)."""
+    index = {}
+    for r in results:
+        # Ray names trial dirs <trainable>_<trial_id>_<n>_<params>_<date>
+        m = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(r.path).name)
+        trial_id = (r.metrics or {}).get("trial_id") or (m.group(1) if m else Path(r.path).name)
+        index[str(trial_id)] = {"status": "ERROR" if r.error else "TERMINATED",
+                                "error": str(r.error)[:500] if r.error else None}
+    return index
+
+
+def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = False) -> int:
+    """Everything after validation. Returns the exit code."""
+    from ray import tune
+
+    from trainer.inputs import prepare_inputs, train_size
+    from trainer.loop import plan_steps
+    from tuning.mlflow_callback import MlflowSweepCallback
+    from tuning.progress import ProgressCallback
+    from tuning.report import TRIALS_INDEX, build_report, print_report
+    from tuning.space import param_space
+    from tuning.tracking import SweepTracker, TrackingUnavailable
+    from tuning.trainable import TrialOptions, run_trial
+
+    cfg, src = loaded.cfg, str(loaded.path)
+    sweep_dir = _sweep_dir(loaded)
+    mlflow_dir = sweep_dir / "mlflow"
+    experiment = cfg.mlflow.experiment or cfg.sweep.name
+    if cfg.mlflow.tracking_uri and cfg.mlflow.on_unreachable == "fail":
+        try:  # fail fast, before any directory or Ray exists
+            with tempfile.TemporaryDirectory() as tmp:
+                SweepTracker(cfg.mlflow.tracking_uri, experiment, Path(tmp),
+                             timeout_s=cfg.mlflow.timeout_s).check_reachable()
+        except TrackingUnavailable as e:
+            return _fail([f"{src}: mlflow.tracking_uri: {e}"])
+    lock = _acquire_lock(sweep_dir, src)
+    try:
+        resume = _check_resume(sweep_dir, loaded, restart, src)
+        if resume_flag and not resume:
+            print(f"[sweep] nothing to resume in {sweep_dir}; starting a new sweep")
+        atomic_write_text(sweep_dir / SNAPSHOT, snapshot_text(loaded))
+        print("[sweep] preparing shared inputs (demo assets, frozen-feature cache) ...")
+        inputs = prepare_inputs(loaded.base, log=lambda m: print(m, flush=True))
+        plan = plan_steps(loaded.base.phase2, train_size(loaded.base), src)
+        opts = TrialOptions(
+            trials_dir=sweep_dir / "trials", report_every=cfg.trials.report_every,
+            checkpoint_every=cfg.trials.checkpoint_every,
+            keep_checkpoints=cfg.trials.keep_checkpoints, nan_policy=cfg.stopping.nan_policy,
+            divergence_factor=cfg.stopping.divergence_factor,
+            stall_timeout_s=cfg.stopping.stall_timeout_s, worst_loss=cfg.stopping.worst_loss,
+            cpus_per_trial=cfg.resources.cpus_per_trial)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=loaded.base_data, inputs=inputs, opts=opts),
+            {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial})
+        _init_ray(loaded)
+        ray_dir = sweep_dir / "ray"
+        if resume and tune.Tuner.can_restore(str(ray_dir)):
+            print(f"[sweep] resuming {cfg.sweep.name} from {ray_dir}")
+            tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(cfg.space),
+                tune_config=tune.TuneConfig(
+                    metric=cfg.search.metric, mode="min", num_samples=cfg.num_samples,
+                    max_concurrent_trials=cfg.max_concurrent_trials,
+                    search_alg=_searcher(loaded), scheduler=_scheduler(loaded, plan.total_steps),
+                    time_budget_s=cfg.stopping.time_budget_s, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name="ray", storage_path=str(sweep_dir), verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=cfg.trials.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=cfg.trials.keep_checkpoints),
+                    callbacks=[
+                        MlflowSweepCallback(
+                            tracking_uri=cfg.mlflow.tracking_uri, experiment_name=experiment,
+                            state_dir=mlflow_dir, sweep_name=cfg.sweep.name,
+                            parent_params=_parent_params(loaded),
+                            parent_artifacts=[sweep_dir / SNAPSHOT],
+                            timeout_s=cfg.mlflow.timeout_s),
+                        ProgressCallback(total_trials=trial_count(cfg)),
+                    ]),
+            )
+        t0 = time.time()
+        results = tuner.fit()
+        index = _trials_index(results)
+        atomic_write_text(sweep_dir / TRIALS_INDEX, json.dumps(index, indent=2))
+        report = build_report(sweep_dir, cfg.stability, cfg.sweep.name)
+        _publish_report(cfg, experiment, mlflow_dir, report)
+        print_report(report)
+        uri = cfg.mlflow.tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+        print(f"\nsweep finished in {time.time() - t0:.0f}s: {len(index)} trials, "
+              f"{sum(v['status'] == 'ERROR' for v in index.values())} failed")
+        if cfg.mlflow.tracking_uri:
+            print(f"MLflow: {cfg.mlflow.tracking_uri} (experiment {experiment})")
+        else:
+            print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
+                  "--port 5000")
+        return 1 if index and all(v["status"] == "ERROR" for v in index.values()) else 0
+    finally:
+        lock.close()
+
+
+def _parent_params(loaded: Loaded) -> dict[str, Any]:
+    p2 = loaded.base.phase2
+    params: dict[str, Any] = {f"base.{k}": v for k, v in p2.model_dump(mode="json").items()}
+    params.update({f"space.{k}": json.dumps(v) for k, v in loaded.cfg.space.items()})
+    params.update(num_samples=loaded.cfg.num_samples, search=loaded.cfg.search.algorithm,
+                  scheduler=loaded.cfg.scheduler.type)
+    return params
+
+
+def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> None:
+    """Verdict tags on each child run; the report files on the parent run."""
+    from tuning.tracking import SweepTracker
+
+    tracker = SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
+                           timeout_s=cfg.mlflow.timeout_s)
+    try:
+        for trial_id, kind in report.verdicts.items():
+            if tracker.run_id_of(trial_id):
+                tracker.set_trial_tags(trial_id, {"phase2tune.verdict": kind})
+        for path in report.files.values():
+            tracker.log_artifact(None, path, "report")
+        if report.best_trial:
+            tracker.set_parent_tags({"phase2tune.best_trial": report.best_trial})
+    finally:
+        tracker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tuning.sweep",
+                                 description="Sweep Phase 2 stability knobs with Ray Tune.")
+    ap.add_argument("config", help="search.yaml (see configs/search.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a search.yaml key, e.g. --set num_samples=4")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate, print the resolved space, trial count and resources; exit")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted sweep (the default when one exists)")
+    group.add_argument("--restart", action="store_true",
+                       help="discard this sweep's previous state and start over")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's CSV/JSON/TensorBoard loggers would duplicate (and choke on) the step records:
+    # the trial run dirs and MLflow hold them.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    try:
+        loaded = load_search(args.config, args.overrides)
+        check_runs(loaded)
+        _sweep_dir(loaded)
+        if args.dry_run:
+            dry_run(loaded)
+            return 0
+        # SIGTERM (e.g. from a scheduler) stops like Ctrl-C: state saved, runs KILLED.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return run_sweep(loaded, resume_flag=args.resume, restart=args.restart)
+    except ConfigError as e:
+        return _fail(e.lines())
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume this sweep", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

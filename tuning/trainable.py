@@ -1,0 +1,232 @@
+"""The Ray Tune trial: a thin adapter around `trainer.train`.
+
+Sampled config in (merged into the base Phase 2 config), per-step metrics out
+through `tune.report` every `report_every` steps (all step records travel in the
+report, so none is lost), checkpoints through Ray's checkpoint API. A non-finite
+loss never reaches a scheduler or searcher: it is replaced by `worst_loss`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import META
+from trainer.inputs import Inputs
+from trainer.metrics import RunSummary, finite_or_none
+
+STALL_FILE = "stalled.json"
+
+
+@dataclass(frozen=True)
+class TrialOptions:
+    trials_dir: Path
+    report_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    nan_policy: str
+    divergence_factor: float | None
+    stall_timeout_s: float
+    worst_loss: float
+    cpus_per_trial: float
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_id: str,
+                 opts: TrialOptions) -> dict[str, Any]:
+    """Base config data + the sampled values + the trial's output/stopping settings."""
+    from tuning.search_config import _set, space_key_path
+
+    data = copy.deepcopy(base)
+    for key, value in sampled.items():
+        _set(data, space_key_path(key), value)
+    out = data.setdefault("output", {})
+    out.update(root=str(opts.trials_dir), run_name=trial_id,
+               checkpoint_every=opts.checkpoint_every, keep_checkpoints=opts.keep_checkpoints)
+    p2 = data.setdefault("phase2", {})
+    p2["nan_policy"] = opts.nan_policy
+    p2.setdefault("divergence_factor", opts.divergence_factor)
+    return data
+
+
+class RayReportSink:
+    """Buffers step records and reports them to Tune in batches (plus on checkpoints)."""
+
+    def __init__(self, opts: TrialOptions, run_dir: Path, watchdog: StallWatchdog) -> None:
+        self.opts, self.run_dir, self.watchdog = opts, run_dir, watchdog
+        self.params: dict[str, Any] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.events_seen = 0
+        self.last_eval: float | None = None
+        self.last_loss: float | None = None  # for reports that carry no new records
+        self.stashed: Path | None = None  # checkpoint waiting for the next report
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params = dict(params)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int,
+                    checkpoint: Path | None = None) -> None:
+        self.watchdog.beat()
+        # A checkpoint is reported one call late: the report may be where the scheduler
+        # ends the trial, and the last one must come after the trainer wrote its summary
+        # and weights (close()). keep_checkpoints >= 2 keeps the stashed one on disk.
+        if self.stashed is not None:
+            self._report(self.stashed)
+            self.stashed = None
+        self.pending.append(dict(metrics))
+        if checkpoint is not None:
+            self.stashed = checkpoint
+        elif len(self.pending) >= self.opts.report_every:
+            self._report(None)
+
+    def _scheduler_loss(self) -> float:
+        """Mean loss of the pending steps; worst_loss if any was non-finite."""
+        vals = [r.get("loss") for r in self.pending]
+        if any(v is None or not math.isfinite(v) for v in vals):
+            self.last_loss = self.opts.worst_loss  # NaN never reaches ASHA / the searcher
+        elif vals:
+            self.last_loss = sum(vals) / len(vals)
+        return self.last_loss if self.last_loss is not None else self.opts.worst_loss
+
+    def _report(self, checkpoint: Path | None, summary: RunSummary | None = None) -> None:
+        from ray import tune
+
+        last = self.pending[-1] if self.pending else {}
+        events = self._new_events()
+        self.events_seen += len(events)
+        if "eval_loss" in last:
+            ev = last["eval_loss"]
+            self.last_eval = ev if ev is not None and math.isfinite(ev) else self.opts.worst_loss
+        result = {
+            "step": last.get("step", summary.steps_done if summary else 0),
+            "steps_total": summary.total_steps if summary else None,
+            "loss": (loss := self._scheduler_loss()),
+            "eval_loss": self.last_eval if self.last_eval is not None else loss,
+            "grad_norm": finite_or_none(last.get("grad_norm")) or 0.0,
+            "nan_events": last.get("nan_events", self.events_seen),
+            "unstable": int(self.events_seen > 0 or (summary is not None and
+                                                     summary.status != "completed")),
+            "records": [{k: finite_or_none(v) for k, v in r.items()} for r in self.pending],
+            "new_nan_events": events,
+            "resolved_params": self.params,
+            "end_reason": summary.end_reason if summary else None,
+            "run_dir": str(self.run_dir),
+        }
+        self.pending = []
+        ckpt = None
+        if checkpoint is not None:
+            from ray.tune import Checkpoint
+
+            ckpt = Checkpoint.from_directory(str(checkpoint))
+        tune.report(result, checkpoint=ckpt)
+
+    def _new_events(self) -> list[dict[str, Any]]:
+        """NaN events of the pending records: a step whose record raised the count."""
+        out = []
+        prev = self.events_seen
+        for r in self.pending:
+            if r.get("nan_events", 0) > prev:
+                prev = r["nan_events"]
+                groups = [g for g in ("projector", "lora")
+                          if r.get(f"grad_norm/{g}") is None
+                          or not math.isfinite(r[f"grad_norm/{g}"])]
+                loss = r.get("loss")
+                finite_loss = loss is not None and math.isfinite(loss)
+                out.append({"step": r["step"], "where": "grad" if finite_loss else "loss",
+                            "groups": groups})
+        return out
+
+    def close(self, summary: RunSummary) -> None:
+        self.watchdog.stop()
+        self._report(self.stashed, summary)
+        self.stashed = None
+
+
+class StallWatchdog:
+    """Ends the worker if no optimizer step completes for `timeout_s` (a hung trial).
+
+    A hung step cannot be interrupted from Python, so the watchdog records why in
+    the run dir and exits the process; Ray then retries the trial from its last
+    checkpoint (FailureConfig), or marks it failed.
+    """
+
+    def __init__(self, timeout_s: float, run_dir: Path) -> None:
+        self.timeout_s, self.run_dir = timeout_s, run_dir
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="stall-watchdog")
+
+    def start(self) -> StallWatchdog:
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / STALL_FILE).write_text(json.dumps(
+                    {"end_reason": "stalled", "idle_s": round(idle, 1), "time": time.time()}))
+                os._exit(3)
+
+
+def _restore_checkpoint(run_dir: Path) -> bool:
+    """Make the run dir agree with Ray's checkpoint; True if training should resume."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a retry with no checkpoint starts clean
+        return False
+    ckpt_root = run_dir / "checkpoints"
+    with ckpt.as_directory() as d:
+        step = json.loads((Path(d) / META).read_text())["step"]
+        for p in ckpt_root.glob("step_*") if ckpt_root.is_dir() else []:
+            if int(p.name.split("_")[1]) > step:  # newer than what Ray recorded
+                shutil.rmtree(p)
+        target = ckpt_root / f"step_{step:06d}"
+        if not (target / META).is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(d, target)
+    return True
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
+              opts: TrialOptions) -> None:
+    """Ray Tune function trainable: one Phase 2 run with the sampled config."""
+    import torch
+    from ray import tune
+
+    from trainer.config import config_from_data
+    from trainer.loop import train
+
+    torch.set_num_threads(max(1, int(opts.cpus_per_trial)))
+    trial_id = tune.get_context().get_trial_id()
+    cfg = config_from_data(trial_config(base, config, trial_id, opts), f"trial {trial_id}")
+    run_dir = opts.trials_dir / trial_id
+    resume = _restore_checkpoint(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STALL_FILE).unlink(missing_ok=True)
+    watchdog = StallWatchdog(opts.stall_timeout_s, run_dir).start()
+    log_file = run_dir / "train.log"
+
+    def log(msg: str) -> None:
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+    sink = RayReportSink(opts, run_dir, watchdog)
+    train(cfg, sink, inputs=inputs, resume=resume, console=False, log=log)
