@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -206,7 +207,9 @@ def _optimizer_step(run: Run, state: State, step: int, loss: torch.Tensor
         else:
             run.optimizer.step()
     # Skipped steps still advance the schedule: the LR stays a pure function of the step.
-    run.scheduler.step()
+    with warnings.catch_warnings():  # torch warns when a skipped first step precedes this
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        run.scheduler.step()
     record = {
         "step": step, "epoch": (step - 1) // run.plan.steps_per_epoch, "loss": loss_v,
         "grad_norm": total_v, "grad_norm/projector": group_v[0], "grad_norm/lora": group_v[1],
