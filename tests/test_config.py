@@ -158,3 +158,14 @@ def test_overrides_parse_like_yaml(tmp_path):
     assert cfg.phase2.clip is None and cfg.model.lora.r == 4
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(path, ["phase2.learning_rate"])
+
+
+def test_config_error_survives_copy_and_pickle():
+    import copy
+    import pickle
+
+    from trainer.errors import Problem
+
+    err = ConfigError([Problem("a.yaml", "phase2.x", "bad", "fix it")])
+    for clone in (copy.copy(err), pickle.loads(pickle.dumps(err))):
+        assert clone.lines() == err.lines() == ["a.yaml: phase2.x: bad (fix it)"]

@@ -37,8 +37,14 @@ STEPS = 60
 def stable_history(final: float, steps: int = STEPS) -> list[dict[str, Any]]:
     """Training loss falling 3.0 -> ~1.0; the last row's eval_loss fixes the final loss."""
     rows = [
-        {"step": s, "loss": 1.0 + 2.0 * math.exp(-s / 10), "grad_norm": 2.0, "clipped": 0,
-         "skipped": 0, "nan_events": 0}
+        {
+            "step": s,
+            "loss": 1.0 + 2.0 * math.exp(-s / 10),
+            "grad_norm": 2.0,
+            "clipped": 0,
+            "skipped": 0,
+            "nan_events": 0,
+        }
         for s in range(1, steps + 1)
     ]
     rows[-1]["eval_loss"] = final
@@ -56,19 +62,33 @@ def nan_history(at: int = 30) -> list[dict[str, Any]]:
 def resolved_params(lr: float, **extra: Any) -> dict[str, Any]:
     """A phase2 section as config.resolved.yaml writes it: every knob, group LRs resolved."""
     params = {
-        "learning_rate": lr, "projector_lr": lr * 5.0, "lora_lr": lr * 0.5,
-        "warmup_steps": 20, "gradient_clip_val": None, "epochs": 2, "batch_size": 2,
-        "seed": 42, "gradient_accumulation_steps": 1, "total_training_steps": STEPS,
-        "precision": "fp32", "nan_policy": "stop", "projector_lr_mult": 5.0,
-        "lora_lr_mult": 0.5, "weight_decay": 0.0, "max_consecutive_nan": 5,
-        "divergence_factor": 4.0, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8,
+        "learning_rate": lr,
+        "projector_lr": lr * 5.0,
+        "lora_lr": lr * 0.5,
+        "warmup_steps": 20,
+        "gradient_clip_val": None,
+        "epochs": 2,
+        "batch_size": 2,
+        "seed": 42,
+        "gradient_accumulation_steps": 1,
+        "total_training_steps": STEPS,
+        "precision": "fp32",
+        "nan_policy": "stop",
+        "projector_lr_mult": 5.0,
+        "lora_lr_mult": 0.5,
+        "weight_decay": 0.0,
+        "max_consecutive_nan": 5,
+        "divergence_factor": 4.0,
+        "adam_betas": [0.9, 0.999],
+        "adam_eps": 1e-8,
     }
     params.update(extra)
     return params
 
 
-def sweep_record(trial_id: str, lr: float, final: float, nan: bool = False,
-                 **extra: Any) -> TrialRecord:
+def sweep_record(
+    trial_id: str, lr: float, final: float, nan: bool = False, **extra: Any
+) -> TrialRecord:
     return TrialRecord(
         trial_id=trial_id,
         params=resolved_params(lr, **extra),
@@ -102,19 +122,28 @@ def trainer_resolved(config: dict[str, Any]) -> dict[str, Any]:
 Outcome = Callable[[RecheckTrial], tuple[bool, float]]  # -> (went NaN?, final loss)
 
 
-def run_plan(plan: list[RecheckTrial], outcome: Outcome,
-             skip: Callable[[RecheckTrial], bool] = lambda t: False) -> list[TrialRecord]:
+def run_plan(
+    plan: list[RecheckTrial],
+    outcome: Outcome,
+    skip: Callable[[RecheckTrial], bool] = lambda t: False,
+) -> list[TrialRecord]:
     """Fake the re-check sweep: one record per plan entry, named as Ray would name it."""
     records = []
     for index, trial in enumerate(plan):
         if skip(trial):
             continue
         nan, final = outcome(trial)
-        records.append(TrialRecord(
-            trial_id=f"ray_{index:05d}", params=trainer_resolved(trial.config),
-            history=nan_history() if nan else stable_history(final),
-            status="TERMINATED", end_reason="nan_stop" if nan else "completed",
-            nan_events=[], total_steps=STEPS))
+        records.append(
+            TrialRecord(
+                trial_id=f"ray_{index:05d}",
+                params=trainer_resolved(trial.config),
+                history=nan_history() if nan else stable_history(final),
+                status="TERMINATED",
+                end_reason="nan_stop" if nan else "completed",
+                nan_events=[],
+                total_steps=STEPS,
+            )
+        )
     return records
 
 
@@ -136,8 +165,12 @@ def all_stable(trial: RecheckTrial) -> tuple[bool, float]:
     return False, loss_of(trial)
 
 
-def summary_for(outcome: Outcome, records: list[TrialRecord] | None = None,
-                skip: Callable[[RecheckTrial], bool] = lambda t: False, top_k: int = 3):
+def summary_for(
+    outcome: Outcome,
+    records: list[TrialRecord] | None = None,
+    skip: Callable[[RecheckTrial], bool] = lambda t: False,
+    top_k: int = 3,
+):
     plan = recheck_plan(records or sweep(), RULES, top_k=top_k, seeds=SEEDS)
     return summarize(match_plan(plan, run_plan(plan, outcome, skip)), RULES)
 
@@ -200,13 +233,23 @@ def test_plan_configs_through_trial_config_give_scaled_effective_lrs(tmp_path: P
     from trainer.config import config_from_data
     from tuning.trainable import TrialOptions, trial_config
 
-    opts = TrialOptions(trials_dir=tmp_path, report_every=10, checkpoint_every=50,
-                        keep_checkpoints=2, nan_policy="stop", divergence_factor=4.0,
-                        stall_timeout_s=600, worst_loss=1e4, cpus_per_trial=1)
+    opts = TrialOptions(
+        trials_dir=tmp_path,
+        report_every=10,
+        checkpoint_every=50,
+        keep_checkpoints=2,
+        nan_policy="stop",
+        divergence_factor=4.0,
+        stall_timeout_s=600,
+        worst_loss=1e4,
+        cpus_per_trial=1,
+    )
     # The base config pins an explicit projector_lr: a derived trial must not inherit it.
     base = {"phase2": {"learning_rate": 1e-4, "projector_lr": 9e-4, "epochs": 1}}
-    records = [sweep_record("A", 2e-4, 1.00),
-               sweep_record("E", 1e-4, 1.01, projector_lr=2e-3, lora_lr=1e-5)]
+    records = [
+        sweep_record("A", 2e-4, 1.00),
+        sweep_record("E", 1e-4, 1.01, projector_lr=2e-3, lora_lr=1e-5),
+    ]
     original = {"A": (1e-3, 1e-4), "E": (2e-3, 1e-5)}  # effective (projector, lora) LRs
     for trial in recheck_plan(records, RULES, top_k=2, seeds=[3]):
         cfg = config_from_data(trial_config(base, trial.config, "t", opts), "test")
@@ -229,8 +272,9 @@ def test_factor_one_reproduces_the_original_knobs_except_seed() -> None:
 
 def test_swept_keys_limit_the_carried_knobs() -> None:
     record = sweep_record("A", 2e-4, 1.0, weight_decay=0.01)
-    plan = recheck_plan([record], RULES, top_k=1, seeds=[0],
-                        swept_keys=["learning_rate", "phase2.weight_decay"])
+    plan = recheck_plan(
+        [record], RULES, top_k=1, seeds=[0], swept_keys=["learning_rate", "phase2.weight_decay"]
+    )
     config = plan[0].config
     assert config["weight_decay"] == 0.01
     assert {"warmup_steps", "gradient_clip_val", "projector_lr_mult", "seed"} <= set(config)
@@ -253,8 +297,9 @@ def test_non_phase2_swept_key_is_refused() -> None:
         (1, [1], [1.0, 1.0], "repeat"),
     ],
 )
-def test_bad_plan_arguments_are_refused(top_k: int, seeds: list[int], factors: list[float],
-                                        match: str) -> None:
+def test_bad_plan_arguments_are_refused(
+    top_k: int, seeds: list[int], factors: list[float], match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
         recheck_plan(sweep(), RULES, top_k=top_k, seeds=seeds, lr_factors=factors)
 
@@ -295,7 +340,7 @@ def test_recommendation_moves_off_a_best_trial_next_to_a_cliff() -> None:
     assert (a.stable_runs, a.total_runs) == (7, 9) and a.broke_first == 1.5
     assert not a.neighbours_stable and a.reproducible and a.within_tolerance
     assert b.margin == 1.0 and b.neighbours_stable and b.status == STATUS_RECOMMENDED
-    assert c.status == STATUS_OUTSIDE and "20.0% above the best mean 1" in c.reason
+    assert c.status == STATUS_OUTSIDE and "20.0% above the best mean 1 (tolerance 5%)" in c.reason
     assert "instead of the sweep's best trial A" in summary.message
     assert "trial A sits next to a cliff: x1.5 went NaN in 2/3 seeds" in summary.message
     assert "sits next to a cliff: x1.5 went NaN in 2/3 seeds" in a.reason
@@ -324,7 +369,7 @@ def test_cliff_alone_does_not_switch_to_a_config_outside_tolerance() -> None:
     losses = {"A": 1.00, "B": 1.10, "C": 1.20}
     summary = summary_for(lambda t: (a_cliff(t)[0], loss_of(t, losses)))
     assert summary.recommended == "A" and not summary.overturned
-    assert "Caveat: x1.5 went NaN in 2/3 seeds" in summary.message
+    assert "stays the pick with a caveat: x1.5 went NaN in 2/3 seeds" in summary.message
     assert entry(summary, "B").status == STATUS_OUTSIDE
 
 
@@ -337,6 +382,8 @@ def test_best_trial_unstable_at_its_own_lr_is_not_a_candidate() -> None:
     a = entry(summary, "A")
     assert a.status == STATUS_NOT_REPRODUCIBLE and not a.reproducible
     assert a.broke_first == 1.0
+    assert a.seeds_at_1x == 2 and a.runs_at_1x == 3
+    assert "| 0.995 (2/3 seeds) |" in format_recheck(summary)
     assert summary.recommended == "B"
     assert "trial A is not reproducible: unstable at its own LR in 1/3 seeds" in summary.message
 
@@ -346,7 +393,7 @@ def test_seed_luck_is_named_when_the_best_falls_outside_tolerance() -> None:
     losses = {"A": 1.10, "B": 1.00, "C": 1.20}
     summary = summary_for(lambda t: (False, loss_of(t, losses)))
     assert summary.recommended == "B"
-    assert "trial A's single-run loss was seed luck" in summary.message
+    assert "trial A's sweep loss looks like seed luck: over 3 seeds" in summary.message
     assert "10.0% above the best mean" in summary.message
 
 
@@ -379,8 +426,7 @@ def test_match_plan_pairs_runs_by_their_knobs() -> None:
         for trial, record in pairs:
             assert trial.source_trial == source
             assert record.params["seed"] == trial.seed
-            assert record.params["learning_rate"] == pytest.approx(
-                trial.config["learning_rate"])
+            assert record.params["learning_rate"] == pytest.approx(trial.config["learning_rate"])
 
 
 # --------------------------------------------------------------------------- output
@@ -391,7 +437,7 @@ def test_format_recheck_has_one_row_per_config_and_factor_columns() -> None:
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| sweep rank"))
     assert "stable x0.67" in header and "stable x1" in header and "stable x1.5" in header
-    rows = [line for line in lines if line.startswith("| ") and line is not header]
+    rows = [line for line in lines if line.startswith("| ") and line != header]
     assert [row.split("|")[2].strip() for row in rows] == ["A", "B", "C"]
     a_cells = [cell.strip() for cell in rows[0].split("|")[1:-1]]
     assert a_cells[5:8] == ["3/3", "3/3", "1/3"] and a_cells[8] == "x1.5"
@@ -399,8 +445,9 @@ def test_format_recheck_has_one_row_per_config_and_factor_columns() -> None:
 
 def test_write_recheck_csv_round_trips(tmp_path: Path) -> None:
     summary = summary_for(a_cliff)
-    md, path_csv = write_recheck(summary, tmp_path / "out" / "recheck.md",
-                                 tmp_path / "out" / "recheck.csv")
+    md, path_csv = write_recheck(
+        summary, tmp_path / "out" / "recheck.md", tmp_path / "out" / "recheck.csv"
+    )
     assert md.read_text() == format_recheck(summary)
     rows = list(csv.DictReader(path_csv.open()))
     assert [r["trial_id"] for r in rows] == ["A", "B", "C"]

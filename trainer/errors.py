@@ -26,5 +26,8 @@ class ConfigError(Exception):
         self.problems = problems
         super().__init__("\n".join(p.line() for p in problems))
 
+    def __reduce__(self):  # copy/pickle (Ray re-raises copies of trial errors)
+        return (ConfigError, (self.problems,))
+
     def lines(self) -> list[str]:
         return [p.line() for p in self.problems]

@@ -280,7 +280,8 @@ def _train_one_step(run: Run, state: State, step: int) -> tuple[dict[str, Any], 
 def _make_run_dir(cfg: TrainConfig, resume: bool, source: str) -> Path:
     name = cfg.output.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
     run_dir = cfg.output.root / name
-    if run_dir.exists() and not resume and any(run_dir.iterdir()):
+    previous = [run_dir / "metrics.jsonl", run_dir / "checkpoints"]
+    if not resume and any(p.exists() for p in previous):
         raise ConfigError([Problem(source, "output.run_name",
                                    f"run directory {run_dir} already exists",
                                    "pass --resume to continue it, or choose another run_name")])

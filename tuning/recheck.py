@@ -290,8 +290,11 @@ def explain_plan(
     sources = list(dict.fromkeys(t.source_trial for t in plan))
     seeds = sorted({t.seed for t in plan})
     factors = sorted({t.lr_factor for t in plan})
-    short = f" (only {len(sources)} stable of the {top_k} asked for)" if (
-        top_k is not None and len(sources) < top_k) else ""
+    short = (
+        f" (only {len(sources)} stable of the {top_k} asked for)"
+        if (top_k is not None and len(sources) < top_k)
+        else ""
+    )
     return (
         f"Re-checking {len(sources)} stable trial(s){short}: {', '.join(sources)} x "
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) x {len(factors)} LR factors "
@@ -381,7 +384,7 @@ def summarize(
         raise ValueError(f"loss_tolerance must be >= 0, got {loss_tolerance}")
     rules = rules or StabilityRules()
     entries = [_entry(source, pairs, rules) for source, pairs in plan_records.items()]
-    entries.sort(key=lambda e: (math.inf if e.source_rank is None else e.source_rank))
+    entries.sort(key=lambda e: math.inf if e.source_rank is None else e.source_rank)
     sweep_best = _sweep_best(entries, plan_records)
     if not entries:
         message = "No re-check runs: the sweep had no stable trial to re-check."
@@ -481,8 +484,10 @@ def _is_one(factor: float) -> bool:
 
 def _failure_text(outcome: FactorOutcome) -> str:
     """E.g. "x1.5 went NaN in 2/3 seeds and diverged in 1/3"."""
-    parts = [f"{_KIND_WORDS.get(kind, kind)} in {n}/{outcome.runs}"
-             for kind, n in outcome.failures.most_common()]
+    parts = [
+        f"{_KIND_WORDS.get(kind, kind)} in {n}/{outcome.runs}"
+        for kind, n in outcome.failures.most_common()
+    ]
     return f"{_fx(outcome.factor)} {' and '.join(parts)} seeds"
 
 
@@ -494,11 +499,16 @@ def _breaks(entry: RecheckEntry, neighbours_only: bool = False) -> str:
     return "; ".join(_failure_text(f) for f in broken)
 
 
+def _loss(value: float | None) -> str:
+    # Four digits like the leaderboard: configs 1% apart must not print the same number.
+    return "-" if value is None else f"{value:.4g}"
+
+
 def _loss_text(entry: RecheckEntry) -> str:
     if entry.mean_loss is None:
         return "no loss at x1"
     spread = "" if entry.std_loss is None else f" ± {fmt_num(entry.std_loss)}"
-    return f"mean loss {fmt_num(entry.mean_loss)}{spread} over {entry.seeds_at_1x} seeds at x1"
+    return f"mean loss {_loss(entry.mean_loss)}{spread} over {entry.seeds_at_1x} seeds at x1"
 
 
 def _facts(entry: RecheckEntry) -> str:
@@ -515,8 +525,11 @@ def _entry_reason(
     breaks = _breaks(entry)
     if not entry.reproducible:
         unstable = entry.runs_at_1x - entry.seeds_at_1x
-        why = f"unstable at its own LR in {unstable}/{entry.runs_at_1x} seeds" if (
-            entry.runs_at_1x) else f"no runs at {_fx(1.0)}"
+        why = (
+            f"unstable at its own LR in {unstable}/{entry.runs_at_1x} seeds"
+            if entry.runs_at_1x
+            else f"no runs at {_fx(1.0)}"
+        )
         return f"not reproducible: {why}" + (f" ({breaks})" if breaks else "")
     if entry.recommended:
         lead = "recommended: most robust within tolerance"
@@ -534,8 +547,10 @@ def _outside_text(entry: RecheckEntry, best: float | None, tol: float) -> str:
     if entry.mean_loss is None or not best:
         return "outside tolerance"
     above = (entry.mean_loss - best) / abs(best)
-    return (f"mean loss {fmt_num(entry.mean_loss)} is {above:.1%} above the best mean "
-            f"{fmt_num(best)} (tolerance {tol:.0%})")
+    return (
+        f"mean loss {_loss(entry.mean_loss)} is {above:.1%} above the best mean "
+        f"{_loss(best)} (tolerance {tol:.0%})"
+    )
 
 
 def _headline(
@@ -546,22 +561,31 @@ def _headline(
     tol: float,
 ) -> str:
     if chosen is None:
-        return (f"No recommendation: none of the {len(entries)} re-checked configs was stable "
-                "in every seed at its own learning rate. Lower the learning rate or add "
-                "clipping, and re-check.")
+        return (
+            f"No recommendation: none of the {len(entries)} re-checked configs was stable "
+            "in every seed at its own learning rate. Lower the learning rate or add "
+            "clipping, and re-check."
+        )
     name = chosen.source_trial
     if sweep_best == name:
         caveat = _breaks(chosen)
-        note = f" Caveat: {caveat}; no config within {tol:.0%} was more robust." if caveat else ""
-        return f"Trial {name}, the sweep's best, holds up: {_facts(chosen)}.{note}"
+        if caveat:
+            return (
+                f"Trial {name}, the sweep's best, stays the pick with a caveat: {caveat}; "
+                f"no config within {tol:.0%} of the best mean loss was more robust. "
+                f"Trial {name}: {_facts(chosen)}."
+            )
+        return f"Trial {name}, the sweep's best, holds up: {_facts(chosen)}."
     if sweep_best is None:
-        return (f"Recommending trial {name} (the sweep's best trial was not re-checked): "
-                f"{_facts(chosen)}.")
+        return (
+            f"Recommending trial {name} (the sweep's best trial was not re-checked): "
+            f"{_facts(chosen)}."
+        )
     best_entry = next(e for e in entries if e.source_trial == sweep_best)
     return (
         f"Recommending trial {name} instead of the sweep's best trial {sweep_best}: "
         f"{_why_not(best_entry, chosen, best, tol)}. Trial {name}: {_facts(chosen)}, "
-        f"within {tol:.0%} of the best mean loss {fmt_num(best or 0.0)}."
+        f"within {tol:.0%} of the best mean loss {_loss(best)}."
     )
 
 
@@ -571,15 +595,22 @@ def _why_not(entry: RecheckEntry, chosen: RecheckEntry, best: float | None, tol:
     if not entry.reproducible:
         return f"{name} is {entry.reason}"
     if not entry.within_tolerance:
-        return f"{name}'s single-run loss was seed luck: its {_outside_text(entry, best, tol)}"
+        return (
+            f"{name}'s sweep loss looks like seed luck: over "
+            f"{entry.seeds_at_1x} seeds its {_outside_text(entry, best, tol)}"
+        )
     if entry.margin < chosen.margin:
         cliff = _breaks(entry, neighbours_only=True) or _breaks(entry)
-        return (f"{name} sits next to a cliff: {cliff} (stable in "
-                f"{entry.stable_runs}/{entry.total_runs} re-check runs vs "
-                f"{chosen.stable_runs}/{chosen.total_runs})")
-    return (f"{name} is as robust ({entry.stable_runs}/{entry.total_runs} stable) but its "
-            f"mean loss over seeds is higher ({_num(entry.mean_loss)} vs "
-            f"{_num(chosen.mean_loss)})")
+        return (
+            f"{name} sits next to a cliff: {cliff} (stable in "
+            f"{entry.stable_runs}/{entry.total_runs} re-check runs vs "
+            f"{chosen.stable_runs}/{chosen.total_runs})"
+        )
+    return (
+        f"{name} is as robust ({entry.stable_runs}/{entry.total_runs} stable) but its "
+        f"mean loss over seeds is higher ({_loss(entry.mean_loss)} vs "
+        f"{_loss(chosen.mean_loss)})"
+    )
 
 
 def _num(value: float | None) -> str:
@@ -590,8 +621,17 @@ def _num(value: float | None) -> str:
 
 
 def _headers(factors: Sequence[float]) -> list[str]:
-    return ["sweep rank", "trial", "mean loss (x1)", "std", "stable runs",
-            *(f"stable {_fx(f)}" for f in factors), "broke first", "status", "reason"]
+    return [
+        "sweep rank",
+        "trial",
+        "mean loss (x1)",
+        "std",
+        "stable runs",
+        *(f"stable {_fx(f)}" for f in factors),
+        "broke first",
+        "status",
+        "reason",
+    ]
 
 
 def _cells(entry: RecheckEntry, factors: Sequence[float]) -> list[str]:
@@ -601,7 +641,7 @@ def _cells(entry: RecheckEntry, factors: Sequence[float]) -> list[str]:
     return [
         "-" if entry.source_rank is None else str(entry.source_rank),
         entry.source_trial,
-        _num(entry.mean_loss),
+        _loss(entry.mean_loss) + _partial(entry),
         _num(entry.std_loss),
         f"{entry.stable_runs}/{entry.total_runs}",
         *per_factor,
@@ -609,6 +649,13 @@ def _cells(entry: RecheckEntry, factors: Sequence[float]) -> list[str]:
         entry.status,
         entry.reason,
     ]
+
+
+def _partial(entry: RecheckEntry) -> str:
+    # A mean over only the seeds that stayed stable flatters the config; say so in the cell.
+    if entry.mean_loss is None or entry.reproducible:
+        return ""
+    return f" ({entry.seeds_at_1x}/{entry.runs_at_1x} seeds)"
 
 
 def format_recheck(summary: RecheckSummary) -> str:
@@ -622,25 +669,56 @@ def format_recheck(summary: RecheckSummary) -> str:
             cells = [c.replace("|", "\\|") for c in _cells(entry, factors)]
             lines.append("| " + " | ".join(cells) + " |")
         tol = f"{summary.loss_tolerance:.0%}"
-        lines += ["", f"Candidates: stable in every seed at x1 and within {tol} of the best "
-                  "mean loss; the most stable runs wins, then the lower mean loss."]
+        lines += [
+            "",
+            f"Candidates: stable in every seed at x1 and within {tol} of the best "
+            "mean loss; among those, the most stable runs, then the lower mean loss.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _csv_columns(factors: Sequence[float]) -> list[str]:
-    return ["sweep_rank", "trial_id", "status", "recommended", "reproducible",
-            "within_tolerance", "mean_loss", "std_loss", "seeds_at_1x", "stable_runs",
-            "total_runs", "margin", "neighbours_stable", "broke_first",
-            *(f"stable_x{f:g}" for f in factors), "reason"]
+    return [
+        "sweep_rank",
+        "trial_id",
+        "status",
+        "recommended",
+        "reproducible",
+        "within_tolerance",
+        "mean_loss",
+        "std_loss",
+        "seeds_at_1x",
+        "stable_runs",
+        "total_runs",
+        "margin",
+        "neighbours_stable",
+        "broke_first",
+        *(f"stable_x{f:g}" for f in factors),
+        "reason",
+    ]
 
 
 def _csv_values(entry: RecheckEntry, factors: Sequence[float]) -> list[Any]:
     by_factor = {f.factor: f for f in entry.factors}
     per_factor = [f"{o.stable}/{o.runs}" if (o := by_factor.get(f)) else None for f in factors]
-    return [entry.source_rank, entry.source_trial, entry.status, entry.recommended,
-            entry.reproducible, entry.within_tolerance, entry.mean_loss, entry.std_loss,
-            entry.seeds_at_1x, entry.stable_runs, entry.total_runs, entry.margin,
-            entry.neighbours_stable, entry.broke_first, *per_factor, entry.reason]
+    return [
+        entry.source_rank,
+        entry.source_trial,
+        entry.status,
+        entry.recommended,
+        entry.reproducible,
+        entry.within_tolerance,
+        entry.mean_loss,
+        entry.std_loss,
+        entry.seeds_at_1x,
+        entry.stable_runs,
+        entry.total_runs,
+        entry.margin,
+        entry.neighbours_stable,
+        entry.broke_first,
+        *per_factor,
+        entry.reason,
+    ]
 
 
 def _csv_cell(value: Any) -> str:

@@ -205,6 +205,18 @@ def _restore_checkpoint(run_dir: Path) -> bool:
     return True
 
 
+def _record_placement(run_dir: Path) -> None:
+    """Which Ray node and process ran (each attempt of) this trial, for debugging."""
+    import socket
+
+    import ray
+
+    with open(run_dir / "placement.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"node_id": ray.get_runtime_context().get_node_id(),
+                            "host": socket.gethostname(), "pid": os.getpid(),
+                            "time": time.time()}) + "\n")
+
+
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
               opts: TrialOptions) -> None:
     """Ray Tune function trainable: one Phase 2 run with the sampled config."""
@@ -221,6 +233,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
     resume = _restore_checkpoint(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STALL_FILE).unlink(missing_ok=True)
+    _record_placement(run_dir)
     watchdog = StallWatchdog(opts.stall_timeout_s, run_dir).start()
     log_file = run_dir / "train.log"
 
