@@ -247,3 +247,24 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unreachable" in err[0] and "mlflow.tracking_uri" in err[0]
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.slow
+def test_recheck_stage_reruns_the_best_config_and_writes_its_table(tmp_path):
+    path = _write(tmp_path, {"recheck.seeds": [1, 2], "recheck.lr_factors": [1.0, 1.5]})
+    res = _sweep(path, "--recheck", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    sweep_dir = tmp_path / "sweeps" / "smoke"
+    runs = sorted((sweep_dir / "recheck" / "trials").iterdir())
+    assert len(runs) == 4  # top 1 x 2 seeds x 2 LR factors
+    seeds_lrs = sorted((load_yaml_file(r / "config.resolved.yaml")["phase2"]["seed"],
+                        load_yaml_file(r / "config.resolved.yaml")["phase2"]["learning_rate"])
+                       for r in runs)
+    best = load_yaml_file(sweep_dir / "report" / "best_stable.yaml")["phase2"]["learning_rate"]
+    want = sorted((s, best * f) for s in (1, 2) for f in (1.0, 1.5))
+    assert [s for s, _ in seeds_lrs] == [s for s, _ in want]
+    assert all(g == pytest.approx(w) for (_, g), (_, w) in zip(seeds_lrs, want, strict=True))
+    table = (sweep_dir / "report" / "recheck.md").read_text()
+    assert "Robustness re-check" in table and "2/2" in table
+    rows = _mlflow_rows(sweep_dir / "mlflow" / "mlflow.db")
+    assert len(rows["runs"]) == 2 + 1 + 4 + 1  # sweep parent + children, recheck parent + children

@@ -90,6 +90,15 @@ class MlflowCfg(_Strict):
     timeout_s: float = Field(10.0, gt=0)  # bound on every tracking request
 
 
+class Recheck(_Strict):
+    """Robustness re-check of the best stable configs (`--recheck K` or top_k here)."""
+
+    top_k: int = Field(0, ge=0)  # re-check the K best stable trials; 0 = off
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    lr_factors: list[float] = Field(default_factory=lambda: [0.67, 1.0, 1.5], min_length=1)
+    loss_tolerance: float = Field(0.05, ge=0)  # "as good as the best": within 5% of its loss
+
+
 class SearchConfig(_Strict):
     sweep: Sweep = Field(default_factory=Sweep)
     base: Base = Field(default_factory=Base)
@@ -104,6 +113,7 @@ class SearchConfig(_Strict):
     ray: RayCfg = Field(default_factory=RayCfg)
     mlflow: MlflowCfg = Field(default_factory=MlflowCfg)
     stability: StabilityRules = Field(default_factory=StabilityRules)
+    recheck: Recheck = Field(default_factory=Recheck)
 
 
 class Loaded:
@@ -261,6 +271,9 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     except ConfigError as e:
         raise ConfigError(e.problems) from None
     problems = _check_space(src, cfg, base_data)
+    if 1.0 not in cfg.recheck.lr_factors or len(set(cfg.recheck.seeds)) != len(cfg.recheck.seeds):
+        problems.append(Problem(src, "recheck", "lr_factors must include 1.0 and seeds be unique",
+                                "e.g. seeds: [1, 2, 3], lr_factors: [0.67, 1.0, 1.5]"))
     if cfg.scheduler.max_t is not None and cfg.scheduler.grace_period > cfg.scheduler.max_t:
         problems.append(Problem(src, "scheduler.grace_period",
                                 f"{cfg.scheduler.grace_period} > max_t {cfg.scheduler.max_t}",

@@ -204,7 +204,40 @@ def _trials_index(results) -> dict[str, Any]:
     return index
 
 
-def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = False) -> int:
+def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config,
+         callbacks: list, max_failures: int, keep: int, resume: bool):
+    """Run (or restore) one Tuner whose state lives in <stage_dir>/ray."""
+    from ray import tune
+
+    ray_dir = stage_dir / "ray"
+    if resume and tune.Tuner.can_restore(str(ray_dir)):
+        print(f"[sweep] resuming {stage_dir.name} from {ray_dir}")
+        tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                           run_config=tune.RunConfig(
+                               name="ray", storage_path=str(stage_dir), verbose=0,
+                               failure_config=tune.FailureConfig(max_failures=max_failures),
+                               checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+                               callbacks=callbacks))
+    results = tuner.fit()
+    from tuning.report import TRIALS_INDEX
+
+    index = _trials_index(results)
+    atomic_write_text(stage_dir / TRIALS_INDEX, json.dumps(index, indent=2))
+    return index
+
+
+def _with_resources(fn, cfg, **params):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(fn, **params),
+                               {"cpu": cfg.resources.cpus_per_trial,
+                                "gpu": cfg.resources.gpus_per_trial})
+
+
+def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = False,
+              recheck_k: int | None = None) -> int:
     """Everything after validation. Returns the exit code."""
     from ray import tune
 
@@ -212,7 +245,7 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
     from trainer.loop import plan_steps
     from tuning.mlflow_callback import MlflowSweepCallback
     from tuning.progress import ProgressCallback
-    from tuning.report import TRIALS_INDEX, build_report, print_report
+    from tuning.report import build_report, print_report
     from tuning.space import param_space
     from tuning.tracking import SweepTracker, TrackingUnavailable
     from tuning.trainable import TrialOptions, run_trial
@@ -244,43 +277,29 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             divergence_factor=cfg.stopping.divergence_factor,
             stall_timeout_s=cfg.stopping.stall_timeout_s, worst_loss=cfg.stopping.worst_loss,
             cpus_per_trial=cfg.resources.cpus_per_trial)
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=loaded.base_data, inputs=inputs, opts=opts),
-            {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial})
         _init_ray(loaded)
-        ray_dir = sweep_dir / "ray"
-        if resume and tune.Tuner.can_restore(str(ray_dir)):
-            print(f"[sweep] resuming {cfg.sweep.name} from {ray_dir}")
-            tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(cfg.space),
-                tune_config=tune.TuneConfig(
-                    metric=cfg.search.metric, mode="min", num_samples=cfg.num_samples,
-                    max_concurrent_trials=cfg.max_concurrent_trials,
-                    search_alg=_searcher(loaded), scheduler=_scheduler(loaded, plan.total_steps),
-                    time_budget_s=cfg.stopping.time_budget_s, reuse_actors=True),
-                run_config=tune.RunConfig(
-                    name="ray", storage_path=str(sweep_dir), verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=cfg.trials.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(
-                        num_to_keep=cfg.trials.keep_checkpoints),
-                    callbacks=[
-                        MlflowSweepCallback(
-                            tracking_uri=cfg.mlflow.tracking_uri, experiment_name=experiment,
-                            state_dir=mlflow_dir, sweep_name=cfg.sweep.name,
-                            parent_params=_parent_params(loaded),
-                            parent_artifacts=[sweep_dir / SNAPSHOT],
-                            timeout_s=cfg.mlflow.timeout_s),
-                        ProgressCallback(total_trials=trial_count(cfg)),
-                    ]),
-            )
         t0 = time.time()
-        results = tuner.fit()
-        index = _trials_index(results)
-        atomic_write_text(sweep_dir / TRIALS_INDEX, json.dumps(index, indent=2))
+        index = _fit(
+            sweep_dir, _with_resources(run_trial, cfg, base=loaded.base_data, inputs=inputs,
+                                       opts=opts),
+            param_space=param_space(cfg.space),
+            tune_config=tune.TuneConfig(
+                metric=cfg.search.metric, mode="min", num_samples=cfg.num_samples,
+                max_concurrent_trials=cfg.max_concurrent_trials, search_alg=_searcher(loaded),
+                scheduler=_scheduler(loaded, plan.total_steps),
+                time_budget_s=cfg.stopping.time_budget_s, reuse_actors=True),
+            callbacks=[MlflowSweepCallback(
+                tracking_uri=cfg.mlflow.tracking_uri, experiment_name=experiment,
+                state_dir=mlflow_dir, sweep_name=cfg.sweep.name,
+                parent_params=_parent_params(loaded), parent_artifacts=[sweep_dir / SNAPSHOT],
+                timeout_s=cfg.mlflow.timeout_s), ProgressCallback(trial_count(cfg))],
+            max_failures=cfg.trials.max_failures, keep=cfg.trials.keep_checkpoints,
+            resume=resume)
         report = build_report(sweep_dir, cfg.stability, cfg.sweep.name)
+        top_k = cfg.recheck.top_k if recheck_k is None else recheck_k
+        if top_k:
+            run_recheck(loaded, sweep_dir, report, top_k, inputs=inputs, opts=opts,
+                        resume=resume)
         _publish_report(cfg, experiment, mlflow_dir, report)
         print_report(report)
         uri = cfg.mlflow.tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
@@ -294,6 +313,67 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         return 1 if index and all(v["status"] == "ERROR" for v in index.values()) else 0
     finally:
         lock.close()
+
+
+def run_recheck(loaded: Loaded, sweep_dir: Path, report, top_k: int, *, inputs, opts,
+                resume: bool) -> None:
+    """Re-run the top-K stable configs over seeds and at LR x0.67 / x1.5; recommend the one
+    with the most margin among those within `recheck.loss_tolerance` of the best loss."""
+    from dataclasses import replace
+
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from tuning.leaderboard import write_best_stable_yaml
+    from tuning.mlflow_callback import MlflowSweepCallback
+    from tuning.progress import ProgressCallback
+    from tuning.recheck import (
+        explain_plan,
+        format_recheck,
+        match_plan,
+        recheck_plan,
+        summarize,
+        write_recheck,
+    )
+    from tuning.report import collect_records
+    from tuning.trainable import run_listed_trial
+
+    cfg, rc = loaded.cfg, loaded.cfg.recheck
+    records = collect_records(sweep_dir)
+    plan = recheck_plan(records, cfg.stability, top_k, rc.seeds, rc.lr_factors,
+                        swept_keys=cfg.space)
+    print("\n[recheck] " + explain_plan(plan, records, cfg.stability, top_k))
+    if not plan:
+        return
+    stage = sweep_dir / "recheck"
+    # FIFO: every re-check run goes to the end, so their final losses compare.
+    uri = cfg.mlflow.tracking_uri or f"sqlite:///{sweep_dir / 'mlflow' / 'mlflow.db'}"
+    _fit(stage, _with_resources(run_listed_trial, cfg, configs=[t.config for t in plan],
+                                base=loaded.base_data, inputs=inputs,
+                                opts=replace(opts, trials_dir=stage / "trials")),
+         param_space={"i": tune.grid_search(list(range(len(plan))))},
+         tune_config=tune.TuneConfig(metric=cfg.search.metric, mode="min", num_samples=1,
+                                     max_concurrent_trials=cfg.max_concurrent_trials,
+                                     scheduler=FIFOScheduler(), reuse_actors=True),
+         callbacks=[MlflowSweepCallback(
+             tracking_uri=uri, experiment_name=cfg.mlflow.experiment or cfg.sweep.name,
+             state_dir=stage / "mlflow", sweep_name=f"{cfg.sweep.name}-recheck",
+             timeout_s=cfg.mlflow.timeout_s), ProgressCallback(len(plan))],
+         max_failures=cfg.trials.max_failures, keep=cfg.trials.keep_checkpoints,
+         resume=resume)
+    summary = summarize(match_plan(plan, collect_records(stage)), cfg.stability,
+                        loss_tolerance=rc.loss_tolerance)
+    out = sweep_dir / "report"
+    md, csv = write_recheck(summary, out / "recheck.md", out / "recheck.csv")
+    report.files.update(recheck_md=md, recheck_csv=csv)
+    print(format_recheck(summary))
+    if summary.recommended:
+        best = next(r for r in records if r.trial_id == summary.recommended)
+        path = write_best_stable_yaml(best, out / "best_stable.yaml", sweep_name=cfg.sweep.name,
+                                      rules=cfg.stability)
+        report.best_trial = summary.recommended
+        if path:
+            report.files["best_stable"] = path
 
 
 def _parent_params(loaded: Loaded) -> dict[str, Any]:
@@ -336,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="continue an interrupted sweep (the default when one exists)")
     group.add_argument("--restart", action="store_true",
                        help="discard this sweep's previous state and start over")
+    ap.add_argument("--recheck", type=int, default=None, metavar="K",
+                    help="after the sweep, re-run the K best stable configs over "
+                         "recheck.seeds and recheck.lr_factors (overrides recheck.top_k)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -353,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # SIGTERM (e.g. from a scheduler) stops like Ctrl-C: state saved, runs KILLED.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        return run_sweep(loaded, resume_flag=args.resume, restart=args.restart)
+        return run_sweep(loaded, resume_flag=args.resume, restart=args.restart,
+                         recheck_k=args.recheck)
     except ConfigError as e:
         return _fail(e.lines())
     except KeyboardInterrupt:

@@ -217,6 +217,12 @@ def _record_placement(run_dir: Path) -> None:
                             "time": time.time()}) + "\n")
 
 
+def run_listed_trial(config: dict[str, Any], *, configs: list[dict[str, Any]],
+                     **kwargs: Any) -> None:
+    """Trainable over an explicit list of configs (`config["i"]` picks one): the re-check."""
+    run_trial(configs[config["i"]], **kwargs)
+
+
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
               opts: TrialOptions) -> None:
     """Ray Tune function trainable: one Phase 2 run with the sampled config."""
