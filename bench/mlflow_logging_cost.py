@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mlflow-cost-") as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     met = worst < TARGET_SHARE
     print()
     print(f"store:                        {store}")
-    print(f"device:                       {args.device or 'auto'}; python {sys.version.split()[0]}")
+    print(f"machine:                      device {args.device or 'auto'}, "
+          f"python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end (other work on the machine skews both phases)")
     print(f"steps:                        {steps} (one record each, {len(records[0])} keys)")
     print(f"trial seconds per step:       {trial_per_step:.6f} s mean (loop {trial_s:.2f}s incl. "
           f"final eval+checkpoint); {median_step:.6f} s median step")

@@ -169,3 +169,12 @@ def test_config_error_survives_copy_and_pickle():
     err = ConfigError([Problem("a.yaml", "phase2.x", "bad", "fix it")])
     for clone in (copy.copy(err), pickle.loads(pickle.dumps(err))):
         assert clone.lines() == err.lines() == ["a.yaml: phase2.x: bad (fix it)"]
+
+
+def test_override_into_a_null_section_creates_it(tmp_path):
+    from tuning.search_config import load_search
+
+    path = tmp_path / "s.yaml"
+    path.write_text("base:\n  overrides:\n    phase2: null\n    phase2.epochs: 2\n"
+                    "space:\n  learning_rate: 0.001\n")
+    assert load_search(path).base.phase2.epochs == 2

@@ -22,8 +22,19 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class _Strict(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a misspelt key is an error, never silently ignored;
+    # allow_inf_nan=False: `.inf` / `.nan` are never a sensible LR, eps or size.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        # A NUL byte makes every file-system call raise; refuse it as bad input.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if isinstance(value, str) and "\0" in value:
+                    raise ValueError(f"{key}: contains a NUL byte")
+        return data
 
 
 class Phase2(_Strict):
@@ -86,6 +97,8 @@ class Projector(_Strict):
 class Model(_Strict):
     llm_path: Path | None = None  # local HF model dir (from_pretrained); null = demo tiny LLM
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
+    # the model's forward (CUDA only); the first steps pay the compile time
     lora: LoRA = Field(default_factory=LoRA)
     projector: Projector = Field(default_factory=Projector)
 

@@ -50,8 +50,11 @@ def _demo_data(cfg: TrainConfig, spec: DemoBundle) -> Path:
     return build_once(target, lambda d: build_demo_dataset(d, **args)) / "manifest.jsonl"
 
 
-def prepare_inputs(cfg: TrainConfig, log=print) -> Inputs:
-    """Resolve (and on first use build) everything a run reads. Idempotent."""
+def prepare_inputs(cfg: TrainConfig, log=print, device: str = "cpu") -> Inputs:
+    """Resolve (and on first use build) everything a run reads. Idempotent.
+
+    `device` runs the frozen encoders for the feature cache (a GPU makes it fast).
+    """
     bundle_dir = cfg.phase1.bundle_path or _demo_bundle(cfg)
     llm_dir = cfg.model.llm_path or _demo_llm(cfg)
     spec = read_spec(bundle_dir)
@@ -59,10 +62,10 @@ def prepare_inputs(cfg: TrainConfig, log=print) -> Inputs:
     cache = eval_cache = None
     if cfg.data.feature_cache:
         cache_dir = cfg.assets_dir / "features"
-        cache = cached_features(cache_dir, bundle_dir, read_manifest(manifest), log=log)
+        cache = cached_features(cache_dir, bundle_dir, read_manifest(manifest), device, log)
         if cfg.data.eval_manifest:
             eval_cache = cached_features(cache_dir, bundle_dir,
-                                         read_manifest(cfg.data.eval_manifest), log=log)
+                                         read_manifest(cfg.data.eval_manifest), device, log)
     return Inputs(bundle_dir, llm_dir, manifest, cfg.data.eval_manifest, cache, eval_cache)
 
 

@@ -24,12 +24,19 @@ FORMS = ("grid", "choice", "uniform", "loguniform", "quniform", "qloguniform", "
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Sweep(_Strict):
     name: str = "phase2-sweep"  # sweep directory and MLflow experiment name
     storage_path: Path = Path("runs/sweeps")  # sweeps live in <storage_path>/<name>/
+
+    @field_validator("storage_path")
+    @classmethod
+    def _path(cls, v: Path) -> Path:
+        if "\0" in str(v):
+            raise ValueError("contains a NUL byte")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -128,11 +135,21 @@ class Loaded:
         return (self.cfg.sweep.storage_path / self.cfg.sweep.name).resolve()
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+def _set(data: dict[str, Any], dotted: str, value: Any, src: str = "search.yaml") -> None:
+    """Set a dotted key; a path through a non-section value is a ConfigError."""
     node = data
     parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
+    if not all(parts):
+        raise ConfigError([Problem(src, dotted, "empty part in a dotted key",
+                                   "write keys like phase2.epochs")])
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p) if isinstance(node, dict) else None
+        if nxt is None and isinstance(node, dict):
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError([Problem(src, dotted, f"{'.'.join(parts[: i + 1])} is not a "
+                                       "section", "set a leaf key such as phase2.epochs")])
+        node = nxt
     node[parts[-1]] = value
 
 
@@ -147,7 +164,7 @@ def _domain_problems(src: str, key: str, spec: Any) -> tuple[list[Problem], list
     if not isinstance(spec, dict):
         return [], [spec]  # a constant
     if len(spec) != 1 or next(iter(spec)) not in FORMS:
-        return [Problem(src, k, f"unknown domain {sorted(spec)}",
+        return [Problem(src, k, f"unknown domain {sorted(map(str, spec))}",
                         f"use one of: {', '.join(FORMS)}, e.g. {{loguniform: [1.0e-5, 1.0e-3]}}")
                 ], []
     form, args = next(iter(spec.items()))
@@ -202,12 +219,13 @@ def _check_space(src: str, cfg: SearchConfig, base_data: dict[str, Any]) -> list
                                     "write {grid: [...]} or switch to random / optuna"))
         for value in extremes:  # each sampled extreme must make a valid trainer config
             data = copy.deepcopy(base_data)
-            _set(data, path, value)
             try:
+                _set(data, path, value, src)
                 config_from_data(data, src)
             except ConfigError as e:
                 problems += [Problem(src, f"space.{key}", p.message, p.fix) for p in e.problems
-                             if p.key == path]
+                             if p.key == path or p.key.startswith(path + ".")
+                             or path.startswith(p.key + ".")]
     return problems
 
 
@@ -261,15 +279,20 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     else:
         base_data = {}
     base_data = copy.deepcopy(base_data)
-    if isinstance(base_data, dict) and "phase2" not in base_data and any(
-            k in Phase2.model_fields for k in base_data):
+    if not isinstance(base_data, dict):
+        raise ConfigError([Problem(base_src, "", "the top level must be a mapping",
+                                   "start the file with `phase2:`")])
+    if "phase2" not in base_data and any(k in Phase2.model_fields for k in base_data):
         base_data = {"phase2": base_data}  # a seed-style bare block
     for key, value in cfg.base.overrides.items():
-        _set(base_data, key, value)
+        _set(base_data, key, value, src)
     try:
         base = config_from_data(base_data, base_src)
     except ConfigError as e:
-        raise ConfigError(e.problems) from None
+        # A bad value that came from base.overrides is search.yaml's fault, not the base's.
+        raise ConfigError([
+            Problem(src, f"base.overrides.{p.key}", p.message, p.fix)
+            if p.key in cfg.base.overrides else p for p in e.problems]) from None
     problems = _check_space(src, cfg, base_data)
     if 1.0 not in cfg.recheck.lr_factors or len(set(cfg.recheck.seeds)) != len(cfg.recheck.seeds):
         problems.append(Problem(src, "recheck", "lr_factors must include 1.0 and seeds be unique",

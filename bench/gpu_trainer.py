@@ -1,0 +1,195 @@
+"""One Phase 2 training step, naive loop vs. the project's trainer, same model and batch.
+
+    python bench/gpu_trainer.py configs/reference.yaml --batch 2 --text-len 128
+    python bench/gpu_trainer.py configs/reference.yaml --batch 16 --text-len 512
+
+Model: the config's demo model (configs/reference.yaml: Qwen2.5-0.5B-shaped LLM, LoRA
+r=16 on q,k,v,o, 8.4M projector, ~106M of frozen encoders; random init). Batch: B
+examples of P prefix tokens (one per aligned feature token: 196 image + 40 audio + 1
+text at reference scale) plus `--text-len` random text tokens, all trained (labels =
+inputs), so tokens per step = B x (P + text_len).
+
+Arms, timed in the same process one after the other:
+  naive    fp32, no TF32, the frozen encoders run on every step from raw image/audio/
+           text tensors, unfused (for-loop) AdamW, `loss.item()` every step.
+  trainer  the project's hot path (`trainer.loop._train_one_step` + NaN policy): bf16
+           autocast over fp32 weights, fused AdamW, TF32, SDPA, cached features.
+Reported per arm: step time (median of timed steps), tokens/s, peak GPU memory, MFU.
+MFU = tokens/s x (4 x frozen LLM params + 6 x trainable params) / peak FLOP/s, the
+peak being the card's dense bf16 figure (`--peak-tflops`, default 989 for H100/H200
+SXM); the naive arm is measured against the same peak. The ratio line compares
+step times: trainer / naive (target <= 0.1 at the seed's batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.bundle import load_bundle  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.data import Split, Tokens, load_media, read_manifest  # noqa: E402
+from trainer.inputs import prepare_inputs  # noqa: E402
+from trainer.loop import Plan, State, _apply_policy, _train_one_step, build_run  # noqa: E402
+from trainer.model import build_model  # noqa: E402
+from trainer.optim import param_groups  # noqa: E402
+
+
+def synthetic_tokens(n: int, length: int, vocab: int, seed: int = 0) -> Tokens:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (n, length), generator=g)
+    return Tokens(ids, ids.clone(), torch.ones_like(ids))
+
+
+def _sync_time() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _timed(step_fn, warmup: int, steps: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        t0 = _sync_time()
+        step_fn(i)
+        dt = _sync_time() - t0
+        if i >= warmup:
+            times.append(dt)
+    return times
+
+
+def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[float], dict]:
+    run, state, _ = build_run(cfg, inputs, device=args.device, log=lambda *_: None)
+    feats = run.train.features
+    n = min(len(feats), len(tokens.input_ids))
+    run.train = Split([str(i) for i in range(n)],
+                      Tokens(tokens.input_ids[:n], tokens.labels[:n], tokens.attention_mask[:n]),
+                      features=feats[:n])
+    run.plan = Plan(batch, 1, n // batch, 10**9, 0)
+    state = State()
+
+    def step(i: int) -> None:
+        record, event = _train_one_step(run, state, i + 1)
+        _apply_policy(cfg.phase2, state, event, record["loss"])
+
+    times = _timed(step, args.warmup, args.steps)
+    _, counts = param_groups(run.model)
+    return times, {"trainable": counts.trainable, "frozen": counts.frozen}, _peak_gib()
+
+
+def naive_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> list[float]:
+    dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    bundle = load_bundle(inputs.bundle_dir, dev)
+    examples = read_manifest(inputs.manifest)[: len(tokens.input_ids)]
+    media = load_media(examples, bundle.spec)
+    m = cfg.model
+    model = build_model(inputs.llm_dir, bundle.align_dim, lora_r=m.lora.r,
+                        lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                        target_modules=m.lora.target_modules,
+                        projector_hidden=m.projector.hidden_dim,
+                        projector_dropout=m.projector.dropout, device=str(dev))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False, fused=False)
+    n = len(examples)
+
+    def step(i: int) -> None:
+        idx = torch.arange(i * batch, (i + 1) * batch) % n
+        with torch.no_grad():
+            feats = bundle(media.images[idx].to(dev), media.audio[idx].to(dev),
+                           media.text[idx].to(dev))
+        loss = model(feats, tokens.input_ids[idx].to(dev), tokens.attention_mask[idx].to(dev),
+                     tokens.labels[idx].to(dev))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # the per-step host sync a naive loop has
+
+    return _timed(step, args.warmup, args.steps), _peak_gib()
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def summarize(name: str, times: list[float], mem: float, tokens_per_step: int,
+              flops_per_token: float, peak: float) -> dict:
+    step = statistics.median(times)
+    tps = tokens_per_step / step
+    out = {"arm": name, "step_ms": round(step * 1e3, 2), "tokens_per_s": round(tps),
+           "peak_mem_gib": round(mem, 2), "mfu_pct": round(100 * tps * flops_per_token / peak, 2)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--text-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--arms", default="naive,trainer")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, [*args.overrides, "output.run_name=null",
+                                    "output.save_weights=false"])
+    inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True), device=args.device)
+    n = max(args.batch * (args.warmup + args.steps), args.batch)
+    n = min(n, cfg.demo.num_examples if cfg.data.manifest is None else n)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(str(inputs.llm_dir)).vocab_size
+    tokens = synthetic_tokens(n, args.text_len, min(vocab, 99))
+    prefix = load_bundle(inputs.bundle_dir, "cpu").num_tokens
+    per_step = args.batch * (prefix + args.text_len)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device: {device_name}; batch {args.batch} x ({prefix} prefix + {args.text_len} "
+          f"text) = {per_step} tokens/step", flush=True)
+    results, counts = {}, None
+    for arm in args.arms.split(","):
+        gc.collect()  # the previous arm's model must not count against this one
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        if arm == "trainer":
+            times, counts, mem = trainer_arm(cfg, inputs, tokens, args.batch, args)
+        else:
+            times, mem = naive_arm(cfg, inputs, tokens, args.batch, args)
+        results[arm] = (times, mem)
+    if counts is None:
+        from trainer.param_count import count_parameters
+
+        c = count_parameters(cfg)
+        counts = {"trainable": c["trainable"], "frozen": c["llm"]}
+    flops = 4 * counts["frozen"] + 6 * counts["trainable"]
+    rows = [summarize(a, t, mem, per_step, flops, args.peak_tflops * 1e12)
+            for a, (t, mem) in results.items()]
+    if len(rows) == 2:
+        ratio = rows[1]["step_ms"] / rows[0]["step_ms"]
+        print(f"ratio step time {rows[1]['arm']} / {rows[0]['arm']}: {ratio:.3f} "
+              f"(speed-up {1 / ratio:.1f}x) on {device_name}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "batch": args.batch,
+                                         "text_len": args.text_len, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
