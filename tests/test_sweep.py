@@ -268,3 +268,53 @@ def test_recheck_stage_reruns_the_best_config_and_writes_its_table(tmp_path):
     assert "Robustness re-check" in table and "2/2" in table
     rows = _mlflow_rows(sweep_dir / "mlflow" / "mlflow.db")
     assert len(rows["runs"]) == 2 + 1 + 4 + 1  # sweep parent + children, recheck parent + children
+
+
+def test_best_stable_yaml_trains_with_the_trainer_cli(smoke_sweep):
+    tmp, _, _ = smoke_sweep
+    best = tmp / "sweeps" / "smoke" / "report" / "best_stable.yaml"
+    res = subprocess.run(
+        [sys.executable, "-m", "trainer", str(best), "--set", "demo.num_examples=64",
+         "--set", "demo.llm.pretrain_steps=50", "--set", f"output.root={tmp / 'runs'}",
+         "--set", "output.run_name=from-best"],
+        cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "done: completed (completed)" in res.stdout
+
+
+def test_report_cli_rebuilds_the_report(smoke_sweep, tmp_path):
+    tmp, _, _ = smoke_sweep
+    sweep_dir = tmp / "sweeps" / "smoke"
+    (sweep_dir / "report" / "leaderboard.csv").unlink()
+    res = subprocess.run([sys.executable, "-m", "tuning.report", str(sweep_dir)], cwd=tmp,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Leaderboard" in res.stdout and (sweep_dir / "report" / "leaderboard.csv").is_file()
+    bad = subprocess.run([sys.executable, "-m", "tuning.report", str(tmp_path)], cwd=tmp,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a sweep directory" in bad.stderr
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials(tmp_path):
+    path = _write(tmp_path, {"search.algorithm": "optuna", "num_samples": 2,
+                             "space.learning_rate": {"loguniform": [0.0005, 0.01]}})
+    res = _sweep(path, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    index = json.loads((tmp_path / "sweeps" / "smoke" / "trials.json").read_text())
+    assert len(index) == 2 and all(v["status"] == "TERMINATED" for v in index.values())
+    lrs = {load_yaml_file(p / "config.resolved.yaml")["phase2"]["learning_rate"]
+           for p in (tmp_path / "sweeps" / "smoke" / "trials").iterdir()}
+    assert len(lrs) == 2 and all(0.0005 <= lr <= 0.01 for lr in lrs)
+
+
+def test_all_trials_failing_exits_non_zero(tmp_path):
+    path = _write(tmp_path, {"trials.max_failures": 0, "num_samples": 1},
+                  space={"debug.hang_at_step": 2, "learning_rate": {"grid": [0.001]}})
+    data = load_yaml_file(path)
+    data["stopping"] = {"stall_timeout_s": 3}
+    path.write_text(dump_yaml(data))
+    res = _sweep(path, cwd=tmp_path)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "1 failed" in res.stdout
+    assert "stalled" in (tmp_path / "sweeps" / "smoke" / "report" / "leaderboard.csv").read_text()
