@@ -30,17 +30,25 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write via a temp file in the same directory, fsync, then rename over `path`:
+    readers (the driver, a user tailing a run dir) never see a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports and configs are meant to be shared
+        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+    return target
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Text version of atomic_write_bytes (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from trainer.fsutil import atomic_write_text
 from tuning.stability import KIND_PRIORITY, StabilityRules, Verdict, fmt_num, verdict
 from tuning.trial_record import TrialRecord, finite_or_none
 
@@ -182,7 +181,7 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> Path:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
-        writer.writerow([_csv_cell(value) for value in _row_values(row)])
+        writer.writerow([csv_cell(value) for value in _row_values(row)])
     return atomic_write_text(path, buffer.getvalue())
 
 
@@ -213,7 +212,7 @@ def _row_values(row: Row) -> list[Any]:
     ]
 
 
-def _csv_cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -435,41 +434,17 @@ def _yaml_float(value: float) -> str:
     return f"{mantissa}e{exponent}" if exponent else mantissa
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write via a temp file in the same directory + os.replace, so readers (the driver, a
-    user tailing the sweep dir) never see a half-written file."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Bytes version of atomic_write_text (used for PNGs too)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600; sweep reports are meant to be read by others (MLflow, teammates).
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 __all__ = [
     "CSV_COLUMNS",
     "PHASE2_KNOBS",
     "Row",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "best_stable_config",
     "best_stable_record",
     "best_stable_row",
     "build_leaderboard",
+    "csv_cell",
     "format_markdown",
     "format_table",
     "phase2_config",

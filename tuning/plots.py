@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from tuning.leaderboard import atomic_write_bytes
+from trainer.fsutil import atomic_write_bytes
 from tuning.stability import KINDS, Verdict, index_verdicts
 from tuning.trial_record import TrialRecord
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuning.leaderboard import PHASE2_KNOBS, atomic_write_text, build_leaderboard
+from trainer.fsutil import atomic_write_text
+from tuning.leaderboard import PHASE2_KNOBS, build_leaderboard, csv_cell
 from tuning.stability import StabilityRules, fmt_num, verdict, verdicts_for
 from tuning.trial_record import (
     DEFAULT_LORA_LR_MULT,
@@ -721,14 +722,6 @@ def _csv_values(entry: RecheckEntry, factors: Sequence[float]) -> list[Any]:
     ]
 
 
-def _csv_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def format_recheck_csv(summary: RecheckSummary) -> str:
     """Machine-readable entries, full precision, empty cells for missing values."""
     buffer = io.StringIO()
@@ -736,7 +729,7 @@ def format_recheck_csv(summary: RecheckSummary) -> str:
     factors = summary.factors
     writer.writerow(_csv_columns(factors))
     for entry in summary.entries:
-        writer.writerow([_csv_cell(v) for v in _csv_values(entry, factors)])
+        writer.writerow([csv_cell(v) for v in _csv_values(entry, factors)])
     return buffer.getvalue()
 
 
