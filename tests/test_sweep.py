@@ -318,3 +318,13 @@ def test_all_trials_failing_exits_non_zero(tmp_path):
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert "1 failed" in res.stdout
     assert "stalled" in (tmp_path / "sweeps" / "smoke" / "report" / "leaderboard.csv").read_text()
+
+
+def test_environment_points_storage_and_tracking_at_shared_services(tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setenv("PHASE2_TUNE_STORAGE_PATH", str(tmp_path / "shared"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    loaded = load_search(_write(tmp_path))
+    assert loaded.sweep_dir == tmp_path / "shared" / "smoke"
+    assert loaded.base.output.assets_dir == tmp_path / "shared" / "_assets"
+    assert loaded.cfg.mlflow.tracking_uri == "http://127.0.0.1:5999"

@@ -249,6 +249,32 @@ def _problems_from_validation(err: ValidationError, src: str) -> list[Problem]:
     return out
 
 
+STORAGE_ENV = "PHASE2_TUNE_STORAGE_PATH"
+
+
+def _apply_environment(raw: dict[str, Any]) -> dict[str, Any]:
+    """Deployment settings from the environment (docker/compose.yaml sets them).
+
+    PHASE2_TUNE_STORAGE_PATH replaces sweep.storage_path, and the shared demo assets and
+    feature caches move under it, so every Ray node reads them from the shared mount;
+    MLFLOW_TRACKING_URI applies when mlflow.tracking_uri is left null.
+    """
+    import os
+
+    raw = copy.deepcopy(raw)
+    storage = os.environ.get(STORAGE_ENV)
+    if storage:
+        raw.setdefault("sweep", {})["storage_path"] = storage
+        overrides = raw.setdefault("base", {}).setdefault("overrides", {})
+        if isinstance(overrides, dict):
+            overrides.setdefault("output.assets_dir", str(Path(storage) / "_assets"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow = raw.setdefault("mlflow", {})
+    if uri and isinstance(mlflow, dict) and mlflow.get("tracking_uri") is None:
+        mlflow["tracking_uri"] = uri
+    return raw
+
+
 def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     """Load and fully validate a search.yaml (and the base config it names)."""
     from trainer.config import apply_overrides
@@ -263,6 +289,7 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
                                    "see configs/search.yaml")])
     if overrides:
         raw = apply_overrides(copy.deepcopy(raw), overrides)
+    raw = _apply_environment(raw)
     try:
         cfg = SearchConfig.model_validate(raw)
     except ValidationError as err:
