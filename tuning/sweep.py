@@ -181,6 +181,8 @@ def _init_ray(loaded: Loaded) -> None:
 
     rc = loaded.cfg.ray
     address = rc.address or os.environ.get("RAY_ADDRESS")
+    # Without an address, ray.init() would join any cluster recorded in /tmp/ray (someone
+    # else's `ray start`); "local" always starts this sweep's own.
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False,
                                   configure_logging=True)
     # Ray's ResultGrid warns that result.json is missing: we turned those loggers off.
@@ -188,7 +190,7 @@ def _init_ray(loaded: Loaded) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
+        ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=rc.include_dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
 
 
@@ -202,6 +204,34 @@ def _trials_index(results) -> dict[str, Any]:
         index[str(trial_id)] = {"status": "ERROR" if r.error else "TERMINATED",
                                 "error": str(r.error)[:500] if r.error else None}
     return index
+
+
+class Interrupt:
+    """SIGINT/SIGTERM -> a graceful Tune stop that we can see afterwards.
+
+    Tune's own SIGINT handler (turned off via TUNE_DISABLE_SIGINT_HANDLER) leaves no trace
+    of the interrupt, and ray.init() replaces any SIGTERM handler with a sys.exit. Ours
+    records the signal and asks Tune to stop through SIGUSR1, which Tune always handles by
+    saving its state and stopping the trials; a second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n[sweep] {signal.Signals(signum).name}: stopping trials and saving state "
+              "(send again to stop at once)", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+INTERRUPT = Interrupt()
 
 
 def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config,
@@ -220,7 +250,10 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
                                failure_config=tune.FailureConfig(max_failures=max_failures),
                                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
                                callbacks=callbacks))
+    INTERRUPT.install()  # after ray.init(), which installs its own SIGTERM handler
     results = tuner.fit()
+    if INTERRUPT.signal is not None:
+        raise KeyboardInterrupt  # no final statuses: the trials did not finish
     from tuning.report import TRIALS_INDEX
 
     index = _trials_index(results)
@@ -311,8 +344,25 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
                   "--port 5000")
         return 1 if index and all(v["status"] == "ERROR" for v in index.values()) else 0
+    except KeyboardInterrupt:
+        _kill_runs(cfg, experiment, mlflow_dir)
+        raise
     finally:
         lock.close()
+
+
+def _kill_runs(cfg, experiment: str, mlflow_dir: Path) -> None:
+    """An interrupted sweep leaves no MLflow run RUNNING or FINISHED-looking: KILLED."""
+    from tuning.tracking import SweepTracker
+
+    tracker = SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
+                           timeout_s=cfg.mlflow.timeout_s)
+    try:
+        tracker.kill_running()
+        if tracker.parent_run_id:
+            tracker.finish_parent("KILLED")
+    finally:
+        tracker.close()
 
 
 def run_recheck(loaded: Loaded, sweep_dir: Path, report, top_k: int, *, inputs, opts,
@@ -427,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray's CSV/JSON/TensorBoard loggers would duplicate (and choke on) the step records:
     # the trial run dirs and MLflow hold them.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours (Interrupt) records the signal
     try:
         loaded = load_search(args.config, args.overrides)
         check_runs(loaded)
@@ -435,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(loaded)
             return 0
         # SIGTERM (e.g. from a scheduler) stops like Ctrl-C: state saved, runs KILLED.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        INTERRUPT.install()
         return run_sweep(loaded, resume_flag=args.resume, restart=args.restart,
                          recheck_k=args.recheck)
     except ConfigError as e:

@@ -157,9 +157,12 @@ class StallWatchdog:
     checkpoint (FailureConfig), or marks it failed.
     """
 
+    SETUP_GRACE_S = 900.0  # imports + loading an LLM before step 1 are not a stall
+
     def __init__(self, timeout_s: float, run_dir: Path) -> None:
         self.timeout_s, self.run_dir = timeout_s, run_dir
         self._last = time.monotonic()
+        self._stepped = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="stall-watchdog")
 
@@ -169,6 +172,7 @@ class StallWatchdog:
 
     def beat(self) -> None:
         self._last = time.monotonic()
+        self._stepped = True
 
     def stop(self) -> None:
         self._stop.set()
@@ -176,7 +180,8 @@ class StallWatchdog:
     def _watch(self) -> None:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            limit = self.timeout_s if self._stepped else max(self.timeout_s, self.SETUP_GRACE_S)
+            if idle > limit:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / STALL_FILE).write_text(json.dumps(
                     {"end_reason": "stalled", "idle_s": round(idle, 1), "time": time.time()}))
