@@ -187,6 +187,10 @@ def _group_of(metric_key: str) -> str:
     return metric_key.rsplit("/", 1)[-1]
 
 
+# Keys the trainer writes on every optimizer step (loss only while finite).
+WATERMARK_METRICS = ("skipped", "lr/projector", "loss")
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -977,7 +981,8 @@ class SweepTracker:
         trial = self._trial_state(trial_id)
         if trial.get("run_id"):
             if trial_id not in self._reconciled:
-                self._reconcile(trial_id, self.client.get_run(trial["run_id"]).data.tags)
+                self._reconcile(trial_id, self.client.get_run(trial["run_id"]).data.tags,
+                                trial["run_id"])
             return trial["run_id"]
         parent_id = self._ensure_parent()
         experiment_id = self._ensure_experiment()
@@ -990,7 +995,7 @@ class SweepTracker:
         )
         if found:
             run_id = found[0].info.run_id
-            self._reconcile(trial_id, found[0].data.tags)
+            self._reconcile(trial_id, found[0].data.tags, run_id)
         elif create:
             spec = self._state["trials"].get(trial_id, {})
             run = self.client.create_run(
@@ -1014,13 +1019,22 @@ class SweepTracker:
         self._save_state()
         return run_id
 
-    def _reconcile(self, trial_id: str, tags: Mapping[str, str]) -> None:
-        """Take the max of local state and the run's own tags (the state may be stale/lost)."""
+    def _reconcile(self, trial_id: str, tags: Mapping[str, str], run_id: str) -> None:
+        """Take the max of local state, the run's own tags and the steps the store holds
+        (the state may be stale or lost)."""
         trial = self._trial_state(trial_id)
         with contextlib.suppress(ValueError):
             trial["watermark"] = max(
                 int(trial.get("watermark", 0)), int(tags.get(TAG_LOGGED_THROUGH, 0))
             )
+        # The SQL store commits a batch's metrics and its watermark tag in separate
+        # transactions: a driver killed between them leaves steps stored but not marked.
+        # These keys are in (nearly) every step record: their histories say what is stored.
+        for key in WATERMARK_METRICS:
+            history = self.client.get_metric_history(run_id, key)
+            if history:
+                trial["watermark"] = max(int(trial.get("watermark", 0)),
+                                         max(m.step for m in history))
         with contextlib.suppress(ValueError):
             trial["nan_events"] = max(
                 int(trial.get("nan_events", 0)), int(tags.get(TAG_NAN_EVENTS, 0))
