@@ -337,9 +337,6 @@ def test_driver_sigkilled_three_times_then_resumes_exactly_once(kill9):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "a trial whose trainer finished (summary.json, final checkpoint) before a driver SIGKILL, "
-    "but whose end Ray had not snapshotted, is re-run from an older checkpoint on resume"))
 def test_trial_finished_before_a_driver_sigkill_is_not_rerun(kill9):
     assert kill9["rc"] == 0, kill9["driver"].tail()
     final = finished_mtimes(kill9["sweep_dir"])

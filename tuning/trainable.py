@@ -188,6 +188,48 @@ class StallWatchdog:
                 os._exit(3)
 
 
+def _ray_checkpoint_step() -> int:
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        return int(json.loads((Path(d) / META).read_text())["step"])
+
+
+def _replay_finished(cfg, run_dir: Path, opts: TrialOptions, watchdog: StallWatchdog) -> bool:
+    """Re-report a run that finished on disk but whose end Ray never recorded.
+
+    A driver killed between the trainer's last write and Ray's next experiment snapshot
+    leaves a complete run dir; training it again from an older checkpoint would only
+    recompute the same numbers. Replays the records after Ray's checkpoint, the final
+    checkpoint and the summary instead. True if it did.
+    """
+    from trainer.inputs import train_size
+    from trainer.loop import plan_steps, resolved_params
+    from trainer.metrics import NanEvent
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file() or not (run_dir / "trainable.safetensors").is_file():
+        return False
+    data = json.loads(summary_path.read_text())
+    final = run_dir / "checkpoints" / f"step_{data['steps_done']:06d}"
+    if not (final / META).is_file():
+        return False
+    after = _ray_checkpoint_step()
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["step"] > after]
+    sink = RayReportSink(opts, run_dir, watchdog)
+    sink.log_params(resolved_params(cfg, plan_steps(cfg.phase2, train_size(cfg))))
+    for i, record in enumerate(records):
+        sink.log_metrics(record, record["step"], final if i == len(records) - 1 else None)
+    fields = {k: v for k, v in data.items() if k not in ("first_nan_step", "first_nan_group")}
+    fields["nan_events"] = [NanEvent(**e) for e in fields["nan_events"]]
+    sink.close(RunSummary(**fields))
+    return True
+
+
 def _restore_checkpoint(run_dir: Path) -> bool:
     """Make the run dir agree with Ray's checkpoint; True if training should resume."""
     from ray import tune
@@ -241,11 +283,14 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
     trial_id = tune.get_context().get_trial_id()
     cfg = config_from_data(trial_config(base, config, trial_id, opts), f"trial {trial_id}")
     run_dir = opts.trials_dir / trial_id
+    watchdog = StallWatchdog(opts.stall_timeout_s, run_dir)
+    if _replay_finished(cfg, run_dir, opts, watchdog):
+        return
     resume = _restore_checkpoint(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STALL_FILE).unlink(missing_ok=True)
     _record_placement(run_dir)
-    watchdog = StallWatchdog(opts.stall_timeout_s, run_dir).start()
+    watchdog.start()
     log_file = run_dir / "train.log"
 
     def log(msg: str) -> None:
