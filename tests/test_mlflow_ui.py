@@ -9,18 +9,13 @@ shows its params and its loss chart. Screenshots land in the test's tmp dir.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import closing, suppress
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from test_mlflow_server import MlflowServer, free_port
 
 from tuning.tracking import SweepTracker
 
@@ -39,12 +34,6 @@ CHROMIUM_ARGS = [
 # MLflow 3 opens experiments in its GenAI (traces) view unless asked for the training view.
 TRAINING_VIEW = "workflowType=machine_learning"
 UI_TIMEOUT_MS = 60_000
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def populate(tmp_path: Path) -> tuple[str, str, str, dict[str, str]]:
@@ -81,58 +70,6 @@ def populate(tmp_path: Path) -> tuple[str, str, str, dict[str, str]]:
     return uri, experiment_id, parent, runs
 
 
-def start_server(uri: str, tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    log = open(tmp_path / "server.log", "ab")  # noqa: SIM115 - the child writes to it
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            uri,
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
-        start_new_session=True,  # own process group: it forks uvicorn and a job runner
-    )
-    log.close()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((tmp_path / "server.log").read_text()[-3000:])
-        with (
-            suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response,
-        ):
-            if response.status == 200:
-                return proc
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError("mlflow server did not become healthy in 120 s")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # a straggling uvicorn worker
-
 
 def test_sweep_is_readable_in_the_mlflow_ui(tmp_path: Path) -> None:
     if not CHROMIUM.exists():
@@ -141,9 +78,9 @@ def test_sweep_is_readable_in_the_mlflow_ui(tmp_path: Path) -> None:
         "playwright.sync_api", reason="Python package playwright missing: pip install playwright"
     )
     uri, experiment_id, parent_id, runs = populate(tmp_path)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = start_server(uri, tmp_path, port)
+    server = MlflowServer(free_port(), uri, tmp_path / "artifacts", tmp_path / "server.log")
+    server.start()
+    base = server.url
     try:
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -182,7 +119,7 @@ def test_sweep_is_readable_in_the_mlflow_ui(tmp_path: Path) -> None:
             finally:
                 browser.close()
     finally:
-        stop_server(server)
+        server.stop()
     for shot in ("experiment.png", "run-overview.png", "run-metrics.png"):
         assert (tmp_path / shot).stat().st_size > 10_000, shot
     print(f"screenshots in {tmp_path}")
