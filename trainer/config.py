@@ -221,9 +221,9 @@ class TrainConfig(_Strict):
 
 # --------------------------------------------------------------------------- loading
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class that owns the key at `loc` (for suggestions)."""
-    model: type[BaseModel] = TrainConfig
+    model = root
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
@@ -234,13 +234,15 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _problems(err: ValidationError, source: str) -> list[Problem]:
+def validation_problems(err: ValidationError, source: str, root: type[BaseModel],
+                        example: str) -> list[Problem]:
+    """One Problem per pydantic error; unknown keys get the nearest valid name."""
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            owner = _model_at(loc)
+            owner = _model_at(root, loc)
             names = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), names, n=1)
             fix = f"did you mean '{close[0]}'?" if close else (
@@ -252,19 +254,25 @@ def _problems(err: ValidationError, source: str) -> list[Problem]:
         else:
             got = e.get("input")
             out.append(Problem(source, key, f"{e['msg']} (got {got!r})",
-                               "fix the value, see configs/phase2.yaml for an example"))
+                               f"fix the value, see {example} for an example"))
     return out
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str = "--set") -> None:
+    """Set `a.b.c` in nested raw data; a path through a non-section is a ConfigError."""
     parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError([Problem(source, dotted, "empty part in a dotted key",
+                                   "write keys like phase2.learning_rate")])
     node = data
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError([Problem("--set", dotted, f"{p} is not a section",
+    for i, p in enumerate(parts[:-1]):
+        if node.get(p) is None:  # a missing or null section becomes a new one
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError([Problem(source, dotted,
+                                       f"{'.'.join(parts[: i + 1])} is not a section",
                                        "set a leaf key such as phase2.learning_rate")])
-        node = nxt
+        node = node[p]
     node[parts[-1]] = value
 
 
@@ -275,7 +283,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key.strip():
             raise ConfigError([Problem("--set", item, "expected key=value",
                                        "e.g. --set phase2.learning_rate=2e-4")])
-        _set_dotted(data, key.strip(), parse_scalar(raw))
+        set_dotted(data, key.strip(), parse_scalar(raw))
     return data
 
 
@@ -328,7 +336,8 @@ def config_from_data(data: Any, source: str = "<config>") -> TrainConfig:
     try:
         cfg = TrainConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_problems(err, source)) from None
+        raise ConfigError(validation_problems(err, source, TrainConfig,
+                                              "configs/phase2.yaml")) from None
     cfg = _absolutize(cfg)
     problems = _check_paths(cfg, source)
     if problems:

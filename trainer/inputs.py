@@ -85,22 +85,21 @@ def load_splits(cfg: TrainConfig, inputs: Inputs, tokenizer) -> tuple[Split, Spl
     examples = read_manifest(inputs.manifest)
     if inputs.eval_manifest:
         train_ex, eval_ex = examples, read_manifest(inputs.eval_manifest)
-        train_rows = list(range(len(examples)))
+        eval_source, eval_cache = eval_ex, inputs.eval_feature_cache
     else:
         train_ex, eval_ex = split_eval(examples, cfg.data.eval_fraction, EVAL_SPLIT_SEED)
-        pos = {e.id: i for i, e in enumerate(examples)}
-        train_rows = [pos[e.id] for e in train_ex]
-    train = _split(train_ex, train_rows, inputs.feature_cache, examples, spec, tokenizer, cfg)
+        eval_source, eval_cache = examples, inputs.feature_cache
+
+    def rows(subset, source) -> list[int]:  # cache rows are in manifest order
+        pos = {e.id: i for i, e in enumerate(source)}
+        return [pos[e.id] for e in subset]
+
+    train = _split(train_ex, rows(train_ex, examples), inputs.feature_cache, examples, spec,
+                   tokenizer, cfg)
     if not eval_ex:
         return train, None
-    if inputs.eval_manifest:
-        ev = _split(eval_ex, list(range(len(eval_ex))), inputs.eval_feature_cache, eval_ex, spec,
-                    tokenizer, cfg)
-    else:
-        pos = {e.id: i for i, e in enumerate(examples)}
-        ev = _split(eval_ex, [pos[e.id] for e in eval_ex], inputs.feature_cache, examples, spec,
-                    tokenizer, cfg)
-    return train, ev
+    return train, _split(eval_ex, rows(eval_ex, eval_source), eval_cache, eval_source, spec,
+                         tokenizer, cfg)
 
 
 def train_size(cfg: TrainConfig) -> int:

@@ -14,7 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainer.config import NAME_RE, Phase2, TrainConfig, config_from_data
+from trainer.config import (
+    NAME_RE,
+    Phase2,
+    TrainConfig,
+    config_from_data,
+    set_dotted,
+    validation_problems,
+)
 from trainer.errors import ConfigError, Problem
 from trainer.yaml_io import load_yaml_file
 from tuning.stability import StabilityRules
@@ -135,24 +142,6 @@ class Loaded:
         return (self.cfg.sweep.storage_path / self.cfg.sweep.name).resolve()
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any, src: str = "search.yaml") -> None:
-    """Set a dotted key; a path through a non-section value is a ConfigError."""
-    node = data
-    parts = dotted.split(".")
-    if not all(parts):
-        raise ConfigError([Problem(src, dotted, "empty part in a dotted key",
-                                   "write keys like phase2.epochs")])
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.get(p) if isinstance(node, dict) else None
-        if nxt is None and isinstance(node, dict):
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError([Problem(src, dotted, f"{'.'.join(parts[: i + 1])} is not a "
-                                       "section", "set a leaf key such as phase2.epochs")])
-        node = nxt
-    node[parts[-1]] = value
-
-
 def space_key_path(key: str) -> str:
     """Space keys name phase2 knobs (`learning_rate`) or any dotted config key."""
     return key if "." in key else f"phase2.{key}"
@@ -220,33 +209,13 @@ def _check_space(src: str, cfg: SearchConfig, base_data: dict[str, Any]) -> list
         for value in extremes:  # each sampled extreme must make a valid trainer config
             data = copy.deepcopy(base_data)
             try:
-                _set(data, path, value, src)
+                set_dotted(data, path, value, src)
                 config_from_data(data, src)
             except ConfigError as e:
                 problems += [Problem(src, f"space.{key}", p.message, p.fix) for p in e.problems
                              if p.key == path or p.key.startswith(path + ".")
                              or path.startswith(p.key + ".")]
     return problems
-
-
-def _problems_from_validation(err: ValidationError, src: str) -> list[Problem]:
-    import difflib
-
-    out = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            owner: type[BaseModel] = SearchConfig
-            for part in e["loc"][:-1]:
-                ann = owner.model_fields[str(part)].annotation
-                owner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else owner
-            close = difflib.get_close_matches(str(e["loc"][-1]), list(owner.model_fields), n=1)
-            out.append(Problem(src, key, "unknown key",
-                               f"did you mean '{close[0]}'?" if close else "remove it"))
-        else:
-            msg = str(e["msg"]).removeprefix("Value error, ")
-            out.append(Problem(src, key, f"{msg} (got {e.get('input')!r})", "fix the value"))
-    return out
 
 
 STORAGE_ENV = "PHASE2_TUNE_STORAGE_PATH"
@@ -293,7 +262,8 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     try:
         cfg = SearchConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_problems_from_validation(err, src)) from None
+        raise ConfigError(validation_problems(err, src, SearchConfig,
+                                              "configs/search.yaml")) from None
     base_src = src
     if cfg.base.config is not None:
         base_path = cfg.base.config if cfg.base.config.is_absolute() else (
@@ -312,7 +282,7 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     if "phase2" not in base_data and any(k in Phase2.model_fields for k in base_data):
         base_data = {"phase2": base_data}  # a seed-style bare block
     for key, value in cfg.base.overrides.items():
-        _set(base_data, key, value, src)
+        set_dotted(base_data, key, value, src)
     try:
         base = config_from_data(base_data, base_src)
     except ConfigError as e:

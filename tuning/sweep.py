@@ -47,10 +47,10 @@ def _fail(lines: list[str]) -> int:
 
 def check_runs(loaded: Loaded) -> None:
     """Every space extreme must make a run that can happen (steps, warmup, batch)."""
-    from trainer.config import config_from_data
+    from trainer.config import config_from_data, set_dotted
     from trainer.inputs import train_size
     from trainer.loop import plan_steps
-    from tuning.search_config import _domain_problems, _set
+    from tuning.search_config import _domain_problems
 
     src = str(loaded.path)
     cfg = loaded.cfg
@@ -60,7 +60,7 @@ def check_runs(loaded: Loaded) -> None:
         _, extremes = _domain_problems(src, key, spec)
         for value in extremes:
             data = copy.deepcopy(loaded.base_data)
-            _set(data, space_key_path(key), value)
+            set_dotted(data, space_key_path(key), value, str(loaded.path))
             trial = config_from_data(data, src)
             try:
                 plan_steps(trial.phase2, train_size(trial), src)
@@ -351,12 +351,17 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         lock.close()
 
 
-def _kill_runs(cfg, experiment: str, mlflow_dir: Path) -> None:
-    """An interrupted sweep leaves no MLflow run RUNNING or FINISHED-looking: KILLED."""
+def _tracker(cfg, experiment: str, mlflow_dir: Path):
+    """The driver's own MLflow handle, after Tune's callback is done writing."""
     from tuning.tracking import SweepTracker
 
-    tracker = SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
-                           timeout_s=cfg.mlflow.timeout_s)
+    return SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
+                        timeout_s=cfg.mlflow.timeout_s)
+
+
+def _kill_runs(cfg, experiment: str, mlflow_dir: Path) -> None:
+    """An interrupted sweep leaves no MLflow run RUNNING or FINISHED-looking: KILLED."""
+    tracker = _tracker(cfg, experiment, mlflow_dir)
     try:
         tracker.kill_running()
         if tracker.parent_run_id:
@@ -437,10 +442,7 @@ def _parent_params(loaded: Loaded) -> dict[str, Any]:
 
 def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> None:
     """Verdict tags on each child run; the report files on the parent run."""
-    from tuning.tracking import SweepTracker
-
-    tracker = SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
-                           timeout_s=cfg.mlflow.timeout_s)
+    tracker = _tracker(cfg, experiment, mlflow_dir)
     try:
         for trial_id, kind in report.verdicts.items():
             if tracker.run_id_of(trial_id):

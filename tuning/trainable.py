@@ -42,11 +42,12 @@ class TrialOptions:
 def trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_id: str,
                  opts: TrialOptions) -> dict[str, Any]:
     """Base config data + the sampled values + the trial's output/stopping settings."""
-    from tuning.search_config import _set, space_key_path
+    from trainer.config import set_dotted
+    from tuning.search_config import space_key_path
 
     data = copy.deepcopy(base)
     for key, value in sampled.items():
-        _set(data, space_key_path(key), value)
+        set_dotted(data, space_key_path(key), value)
     out = data.setdefault("output", {})
     out.update(root=str(opts.trials_dir), run_name=trial_id,
                checkpoint_every=opts.checkpoint_every, keep_checkpoints=opts.keep_checkpoints)
