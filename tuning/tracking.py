@@ -1042,6 +1042,9 @@ class SweepTracker:
         if trial.get("first_nonfinite_step") is None and TAG_FIRST_NONFINITE_STEP in tags:
             with contextlib.suppress(ValueError):
                 trial["first_nonfinite_step"] = int(tags[TAG_FIRST_NONFINITE_STEP])
+        # Persist now: the next ``_locked()`` re-reads the file, and a reconciled watermark
+        # that lived only in memory was lost there (the resumed sweep re-logged those steps).
+        self._save_state()
         self._reconciled.add(trial_id)
 
     def _apply_start_trial(self, op: dict[str, Any], report: ReplayReport) -> None:
