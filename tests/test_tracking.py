@@ -518,8 +518,6 @@ def make_callback(store_uri: str, experiment: str, tmp_path: Path, **kw: Any) ->
         sweep_name="fake-sweep",
         parent_params={"num_samples": 4},
         parent_artifacts=[search],
-        flush_every=kw.pop("flush_every", 3),
-        flush_seconds=kw.pop("flush_seconds", 3600.0),
         timeout_s=4.0,
     )
     # Tuner pickles RunConfig (callbacks included) into tuner.pkl; do the same.
@@ -606,11 +604,11 @@ def test_callback_with_fake_trials(store_uri: str, experiment: str, tmp_path: Pa
     assert runs[trials[0].trial_id].data.tags["end_reason"] == "completed"
     # still picklable after use, without its client
     clone = pickle.loads(pickle.dumps(callback))
-    assert clone._tracker is None and clone.sweep_name == "fake-sweep"
+    assert clone._writer is None and clone._reader is None and clone.sweep_name == "fake-sweep"
 
 
 def test_callback_interrupt_then_restore(store_uri: str, experiment: str, tmp_path: Path) -> None:
-    pickled = pickle.dumps(make_callback(store_uri, experiment, tmp_path, flush_every=100))
+    pickled = pickle.dumps(make_callback(store_uri, experiment, tmp_path))
     callback = pickle.loads(pickled)
     callback.setup()
     trials = [FakeTrial(f"xyz98_0000{i}", status="RUNNING") for i in range(2)]
@@ -637,6 +635,7 @@ def test_callback_interrupt_then_restore(store_uri: str, experiment: str, tmp_pa
     restored.setup()
     for trial in trials:
         restored.on_trial_start(iteration=0, trials=trials, trial=trial)
+    assert restored.flush(timeout=60)  # hooks return at once; the writer thread applies
     assert client.get_run(parent_id).info.status == "RUNNING"
     for trial in trials:
         assert client.get_run(restored.tracker.run_id_of(trial.trial_id)).info.status == "RUNNING"
@@ -725,8 +724,6 @@ def test_real_ray_tune_sweep_and_restore(store_uri: str, experiment: str, tmp_pa
             experiment_name=experiment,
             state_dir=tmp_path / "state",
             sweep_name="ray-sweep",
-            flush_every=4,
-            flush_seconds=5.0,
         )
         trainable = tune.with_resources(_phase2_like_trainable, {"cpu": 0.5})
         lrs = [1e-4, 3e-4, 1e-3, 3e-3]

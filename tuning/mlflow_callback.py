@@ -1,8 +1,11 @@
 """Ray Tune callback that is the sweep's single MLflow writer.
 
 Trials never talk to MLflow: they ``tune.report`` a result every N optimizer steps holding all
-per-step records since their last report. This callback runs in the Ray driver, buffers those
-records and hands them to a ``SweepTracker`` in batches.
+per-step records since their last report. This callback runs in the Ray driver and hands every
+operation to a ``BackgroundWriter`` (``tuning.tracking_writer``): the hook appends it to an
+inbox file and returns, one writer thread applies it through a ``SweepTracker`` in merged
+batches. A trial blocked in ``tune.report`` waits for the hook, so the hook must not wait for
+MLflow (bench/mlflow_logging_cost.py measures both sides).
 
 Pickling: ``Tuner`` pickles its ``RunConfig`` -- callbacks included -- into ``tuner.pkl`` when it
 is constructed (ray/tune/impl/tuner_internal.py, ``TunerInternal.__init__`` ->
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ray.tune import Callback
 
 from tuning.tracking import SweepTracker
+from tuning.tracking_writer import BackgroundWriter
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -65,9 +69,9 @@ class MlflowSweepCallback(Callback):
             Ray experiment so ``Tuner.restore`` finds the same parent run and watermarks.
         sweep_name: the parent run's name and ``phase2tune.sweep`` tag.
         parent_params / parent_artifacts / parent_tags: logged on the parent run.
-        flush_every: flush after this many results (over all trials) ...
-        flush_seconds: ... or when this long has passed since the last flush.
         timeout_s: bound on one MLflow write's HTTP wait (see ``SweepTracker``).
+        drain_timeout_s: at the sweep's end, wait this long for the writer to catch up; what
+            is left stays in the inbox for the next run or ``python -m tuning.sync``.
     """
 
     def __init__(
@@ -80,9 +84,8 @@ class MlflowSweepCallback(Callback):
         parent_params: Mapping[str, Any] | None = None,
         parent_artifacts: Sequence[str | Path] = (),
         parent_tags: Mapping[str, Any] | None = None,
-        flush_every: int = 10,
-        flush_seconds: float = 30.0,
         timeout_s: float = 10.0,
+        drain_timeout_s: float = 300.0,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
@@ -91,15 +94,15 @@ class MlflowSweepCallback(Callback):
         self.parent_params = dict(parent_params or {})
         self.parent_artifacts = [str(p) for p in parent_artifacts]
         self.parent_tags = dict(parent_tags or {})
-        self.flush_every = max(1, int(flush_every))
-        self.flush_seconds = float(flush_seconds)
         self.timeout_s = float(timeout_s)
+        self.drain_timeout_s = float(drain_timeout_s)
         self._reset_runtime()
 
     # ------------------------------------------------------------------ pickling
 
     def _reset_runtime(self) -> None:
-        self._tracker: SweepTracker | None = None
+        self._writer: BackgroundWriter | None = None
+        self._reader: SweepTracker | None = None
         self._parent_started = False
         self._started: set[str] = set()
         self._params_done: set[str] = set()
@@ -108,8 +111,7 @@ class MlflowSweepCallback(Callback):
         # trial_id -> {step: record}; a dict so a re-reported step inside one buffer is kept once
         self._pending: dict[str, dict[int, Mapping[str, Any]]] = {}
         self._pending_events: dict[str, list[Mapping[str, Any]]] = {}
-        self._results_since_flush = 0
-        self._last_flush = time.monotonic()
+        self.hook_seconds = 0.0  # time spent inside on_trial_result (what a trial waits on)
 
     def __getstate__(self) -> dict[str, Any]:
         config_keys = (
@@ -120,37 +122,56 @@ class MlflowSweepCallback(Callback):
             "parent_params",
             "parent_artifacts",
             "parent_tags",
-            "flush_every",
-            "flush_seconds",
             "timeout_s",
+            "drain_timeout_s",
         )
         return {key: self.__dict__[key] for key in config_keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("drain_timeout_s", 300.0)  # pickled by an older version
         self.__dict__.update(state)
         self._reset_runtime()
 
     # ------------------------------------------------------------------ tracker access
 
     @property
-    def tracker(self) -> SweepTracker:
-        """The tracker, created on first use in the driver process."""
-        if self._tracker is None:
-            self._tracker = SweepTracker(
-                self.tracking_uri,
-                self.experiment_name,
+    def writer(self) -> BackgroundWriter:
+        """The writer thread (and its tracker), created on first use in the driver process."""
+        if self._writer is None:
+            self._writer = BackgroundWriter(
+                lambda: SweepTracker(
+                    self.tracking_uri,
+                    self.experiment_name,
+                    Path(self.state_dir),
+                    timeout_s=self.timeout_s,
+                ),
                 Path(self.state_dir),
-                timeout_s=self.timeout_s,
             )
-        return self._tracker
+        return self._writer
+
+    @property
+    def tracker(self) -> SweepTracker:
+        """A tracker to read from: the writer's once it applied everything submitted so far,
+        or (no writer running) a fresh one on the same state directory."""
+        if self._writer is not None:
+            self.flush()
+            return self._writer.tracker
+        if self._reader is None:
+            self._reader = SweepTracker(self.tracking_uri, self.experiment_name,
+                                        Path(self.state_dir), timeout_s=self.timeout_s)
+        return self._reader
+
+    def _submit(self, method: str, *args: Any) -> None:
+        self.writer.submit(method, *args)
 
     def _ensure_parent(self) -> None:
         if self._parent_started:
             return
-        self.tracker.start_parent(
+        self._submit(
+            "start_parent",
             self.sweep_name,
             self.parent_params,
-            [Path(p) for p in self.parent_artifacts],
+            list(self.parent_artifacts),
             self.parent_tags,
         )
         self._parent_started = True
@@ -167,36 +188,31 @@ class MlflowSweepCallback(Callback):
         trial_path = getattr(trial, "path", None)
         if trial_path:
             tags["phase2tune.ray_trial_path"] = trial_path
-        self.tracker.start_trial(trial_id, run_name=str(trial), tags=tags)
+        self._submit("start_trial", trial_id, str(trial), tags)
         self._started.add(trial_id)
         return trial_id
 
-    # ------------------------------------------------------------------ buffering
+    # ------------------------------------------------------------------ handing over
 
-    def flush(self) -> None:
-        """Send every buffered record to the tracker (which batches, dedups and journals)."""
+    def _submit_pending(self) -> None:
+        """Hand every buffered record to the writer (returns at once)."""
         pending, events = self._pending, self._pending_events
         self._pending, self._pending_events = {}, {}
         for trial_id in sorted(set(pending) | set(events)):
             records = pending.get(trial_id, {})
-            self.tracker.log_records(
+            self._submit(
+                "log_records",
                 trial_id,
                 [records[step] for step in sorted(records)],
                 events.get(trial_id, []),
             )
-        self._results_since_flush = 0
-        self._last_flush = time.monotonic()
-        if self._tracker is not None:
-            self._tracker.retry_journal()  # drains an outage backlog even when nothing is new
 
-    def _flush_if_due(self) -> None:
-        due_by_count = self._results_since_flush >= self.flush_every
-        due_by_time = time.monotonic() - self._last_flush >= self.flush_seconds
-        if due_by_count or (due_by_time and (self._pending or self._pending_events)):
-            self.flush()
-        elif due_by_time and self._tracker is not None:
-            self._last_flush = time.monotonic()
-            self._tracker.retry_journal()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Hand over what is buffered and wait until the writer applied it (False on timeout)."""
+        self._submit_pending()
+        if self._writer is None:
+            return True
+        return self._writer.drain(timeout)
 
     # ------------------------------------------------------------------ Ray Tune hooks
 
@@ -223,15 +239,16 @@ class MlflowSweepCallback(Callback):
         result: dict[str, Any],
         **info: Any,
     ) -> None:
+        t0 = time.perf_counter()
         trial_id = self._ensure_trial(trial)
         params = result.get("resolved_params")
         if trial_id not in self._params_done and isinstance(params, Mapping):
-            self.tracker.log_params(trial_id, params)
+            self._submit("log_params", trial_id, dict(params))
             self._params_done.add(trial_id)
         run_dir = result.get("run_dir")
         if run_dir and self._run_dirs.get(trial_id) != str(run_dir):
             self._run_dirs[trial_id] = str(run_dir)
-            self.tracker.set_trial_tags(trial_id, {TAG_RUN_DIR: str(run_dir)})
+            self._submit("set_trial_tags", trial_id, {TAG_RUN_DIR: str(run_dir)})
         if result.get("end_reason"):
             self._end_reasons[trial_id] = str(result["end_reason"])
         buffer = self._pending.setdefault(trial_id, {})
@@ -247,32 +264,28 @@ class MlflowSweepCallback(Callback):
         new_events = result.get("new_nan_events") or ()
         if new_events:
             self._pending_events.setdefault(trial_id, []).extend(dict(e) for e in new_events)
-        self._results_since_flush += 1
-        self._flush_if_due()
-
-    @_never_raise
-    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        # Runs every Tune loop iteration: lets time-based flushes happen between results.
-        self._flush_if_due()
+        self._submit_pending()
+        self.hook_seconds += time.perf_counter() - t0
 
     @_never_raise
     def on_checkpoint(
         self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any
     ) -> None:
         # Once Ray commits a trial checkpoint, a restore will not re-report the steps before it,
-        # so those steps must be stored (or journaled, fsync'd) before the next experiment
-        # snapshot; flushing here guarantees that.
-        self.flush()
+        # so those steps must be durable before the next experiment snapshot: they are in the
+        # inbox already; fsync it (one fsync per checkpoint, not per result).
+        self._submit_pending()
+        self.writer.sync_to_disk()
 
     @_never_raise
     def on_trial_recover(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         trial_id = self._ensure_trial(trial)
-        self.flush()
+        self._submit_pending()
         failures = getattr(trial, "num_failures", None)
         if failures is not None:
-            self.tracker.set_trial_tags(trial_id, {TAG_RECOVERIES: failures})
+            self._submit("set_trial_tags", trial_id, {TAG_RECOVERIES: failures})
 
     @_never_raise
     def on_trial_complete(
@@ -284,28 +297,28 @@ class MlflowSweepCallback(Callback):
             # search algorithm); they have no child run.
             return
         self._ensure_trial(trial)
-        self.flush()
+        self._submit_pending()
         self._log_run_dir_artifacts(trial)
         # end_reason None at completion: a scheduler/stopper ended it before the trainer did.
         end_reason = self._end_reasons.get(trial_id) or "stopped_by_tune"
-        self.tracker.finish_trial(trial_id, "FINISHED", {TAG_END_REASON: end_reason})
+        self._submit("finish_trial", trial_id, "FINISHED", {TAG_END_REASON: end_reason})
 
     @_never_raise
     def on_trial_error(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         trial_id = self._ensure_trial(trial)
-        self.flush()
+        self._submit_pending()
         self._log_run_dir_artifacts(trial)
         tags: dict[str, Any] = {TAG_END_REASON: self._end_reasons.get(trial_id) or "error"}
         error = _error_text(trial)
         if error:
             tags[TAG_ERROR] = error
-        self.tracker.finish_trial(trial_id, "FAILED", tags)
+        self._submit("finish_trial", trial_id, "FAILED", tags)
 
     @_never_raise
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        self.flush()
+        self._submit_pending()
         # On Ctrl+C Ray cleans up and calls this with trials still RUNNING/PENDING/PAUSED:
         # those (and so the sweep) are KILLED, and a later Tuner.restore reopens them.
         unfinished = [
@@ -313,10 +326,11 @@ class MlflowSweepCallback(Callback):
         ]
         for trial in unfinished:
             if str(trial.trial_id) in self._started:
-                self.tracker.finish_trial(str(trial.trial_id), "KILLED")
+                self._submit("finish_trial", str(trial.trial_id), "KILLED", {})
         failed = sum(1 for t in trials if str(getattr(t, "status", "")) == "ERROR")
         self._ensure_parent()
-        self.tracker.finish_parent(
+        self._submit(
+            "finish_parent",
             "KILLED" if unfinished else "FINISHED",
             {
                 "phase2tune.trials": len(trials),
@@ -324,16 +338,32 @@ class MlflowSweepCallback(Callback):
                 "phase2tune.unfinished_trials": len(unfinished),
             },
         )
-        pending = self.tracker.pending_operations()
-        if pending:
+        self.close()
+
+    def close(self) -> None:
+        """Wait (bounded) for the writer, stop it and say what is left for ``tuning.sync``."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        left = writer.pending()
+        if left:
+            log.info("waiting for %d MLflow operation(s) to be written", left)
+        drained = writer.close(self.drain_timeout_s)
+        tracker = writer.tracker
+        pending = tracker.pending_operations()
+        if not drained or pending:
             log.warning(
-                "MLflow unreachable at sweep end (%s): %d operation(s) wait in %s; "
-                "replay with: python -m tuning.sync %s",
-                self.tracker.last_outage,
+                "MLflow writes left at sweep end (%s): %d in the inbox, %d in the outage "
+                "journal; replay with: python -m tuning.sync %s",
+                tracker.last_outage or "writer still busy",
+                writer.pending(),
                 pending,
-                self.tracker.journal_path,
                 self.state_dir,
             )
+        # A later hook (tests, a restored sweep in this process) starts a fresh writer.
+        self._parent_started = False
+        self._started.clear()
+        self._params_done.clear()
 
     # ------------------------------------------------------------------ helpers
 
@@ -355,7 +385,7 @@ class MlflowSweepCallback(Callback):
         for name in RUN_DIR_ARTIFACTS:
             path = base / name
             if path.is_file():
-                self.tracker.log_artifact(trial_id, path)
+                self._submit("log_artifact", trial_id, str(path))
 
 
 def _error_text(trial: Trial) -> str | None:

@@ -16,6 +16,7 @@ Sweep directory (<storage_path>/<name>/):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
 import fcntl
@@ -354,9 +355,13 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
 def _tracker(cfg, experiment: str, mlflow_dir: Path):
     """The driver's own MLflow handle, after Tune's callback is done writing."""
     from tuning.tracking import SweepTracker
+    from tuning.tracking_writer import InboxBusy, replay_inbox
 
-    return SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
-                        timeout_s=cfg.mlflow.timeout_s)
+    tracker = SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
+                           timeout_s=cfg.mlflow.timeout_s)
+    with contextlib.suppress(InboxBusy):  # busy: the callback's writer still owns it
+        replay_inbox(tracker)  # what the callback's writer had not written when it stopped
+    return tracker
 
 
 def _kill_runs(cfg, experiment: str, mlflow_dir: Path) -> None:

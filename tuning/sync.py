@@ -1,9 +1,11 @@
 """Replay a sweep's MLflow outage journal: ``python -m tuning.sync SWEEP_DIR``.
 
-SWEEP_DIR is the tracker's state directory (the one holding ``mlflow_state.json`` and
-``mlflow_journal.jsonl``). The tracking URI and experiment come from the state file;
-``--tracking-uri`` sends the replay to another store instead (run ids are kept per store, so
-nothing from the original store is reused there). Replaying is idempotent.
+SWEEP_DIR is the tracker's state directory (the one holding ``mlflow_state.json``,
+``mlflow_inbox.jsonl`` and ``mlflow_journal.jsonl``). The inbox (operations a killed driver had
+received but not written yet) is applied first, then the outage journal. The tracking URI and
+experiment come from the state file; ``--tracking-uri`` sends the replay to another store
+instead (run ids are kept per store, so nothing from the original store is reused there).
+Replaying is idempotent.
 
 Exit status: 0 journal empty afterwards, 1 the store is still unreachable (the journal is kept),
 2 SWEEP_DIR is not a sweep state directory.
@@ -24,6 +26,7 @@ from tuning.tracking import (
     SweepTracker,
     TrackingError,
 )
+from tuning.tracking_writer import InboxBusy, replay_inbox
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tracking_uri = args.tracking_uri or (None if state.get("embedded") else stored_uri)
     tracker = SweepTracker(tracking_uri, experiment_name, sweep_dir, timeout_s=args.timeout)
+    try:  # operations a killed driver had received but not written: first, in their order
+        applied = replay_inbox(tracker)
+    except InboxBusy as exc:
+        print(f"tuning.sync: {exc}; let it finish (or stop it) and run tuning.sync again")
+        return 1
+    if applied:
+        print(f"inbox: {applied} operation(s) a stopped driver had not written, applied")
     journal = sweep_dir / JOURNAL_FILE
     waiting = tracker.pending_operations()
     print(f"store: {tracker.tracking_uri} (experiment {experiment_name!r})")

@@ -394,8 +394,32 @@ class SweepTracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            if self.embedded:
+                self._create_store_atomically()
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
+
+    def _create_store_atomically(self) -> None:
+        """Create the embedded SQLite schema in a side file, then link it into place.
+
+        MLflow migrates a new SQLite file in many steps; a driver killed in between leaves a
+        half-migrated ``mlflow.db`` that every later open refuses ("table _alembic_tmp_...
+        already exists"). ``os.link`` publishes the finished file only if none exists yet, so
+        two processes racing here both end up on one complete store.
+        """
+        db = self.state_dir / "mlflow.db"
+        if db.exists():
+            return
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        side = self.state_dir / f".mlflow.db.init-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            store = SqlAlchemyStore(f"sqlite:///{side}", self.artifact_location)
+            store.engine.dispose()
+            with contextlib.suppress(FileExistsError):  # another process was first: use its
+                os.link(side, db)
+        finally:
+            side.unlink(missing_ok=True)
 
     @property
     def last_outage(self) -> str | None:
