@@ -1,10 +1,13 @@
-"""Trials per GPU: the same reference trials through `tuning.sweep`, one at a time and K at
-a time on one GPU (fractional GPU resources).
+"""Trials per GPU: the same reference trials through `tuning.sweep`, one at a time, K at
+a time on one GPU (fractional GPU resources), and as one shared-weight group.
 
-    python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 --k 1,4
+    python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 --k 1,4,g8
 
 Each arm runs `python -m tuning.sweep` end to end on a generated search.yaml (grid of
-`--trials` base learning rates, FIFO, `gpus_per_trial = 1/K`, `max_concurrent = K`).
+`--trials` base learning rates, FIFO). An arm `K` runs K trial processes side by side
+(`gpus_per_trial = 1/K`, `max_concurrent = K`); an arm `gK` runs one shared-weight group
+(`resources.shared_group: true`: one process, one copy of the frozen model, up to K trials
+stepped together, the whole GPU).
 Shared inputs (demo assets at reference scale, the feature cache) are built before the
 first arm and reused. Reported per arm: wall time, aggregate trial-steps/s (all
 optimizer steps of all trials / wall), aggregate tokens/s and MFU from the trials' own
@@ -31,33 +34,36 @@ from trainer.inputs import prepare_inputs  # noqa: E402
 from trainer.yaml_io import dump_yaml  # noqa: E402
 
 
-def run_arm(config: Path, work: Path, k: int, trials: int, steps: int, batch: int,
+def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
             overrides: dict) -> dict:
+    group = arm.startswith("g")
+    k = int(arm.lstrip("g"))
+    gpus = (1.0 if group else round(1.0 / k, 4)) if _has_cuda() else 0
     search = {
-        "sweep": {"name": f"k{k}", "storage_path": str(work / "sweeps")},
+        "sweep": {"name": f"arm-{arm}", "storage_path": str(work / "sweeps")},
         "base": {"config": str(config.resolve()), "overrides": {
             **overrides, "phase2.total_training_steps": steps, "phase2.warmup_steps": 5,
             "phase2.batch_size": batch, "output.eval_every": 0, "data.eval_fraction": 0.0}},
         "space": {"learning_rate": {"grid": [1e-4 * (1.3 ** i) for i in range(trials)]}},
         "num_samples": 1, "max_concurrent_trials": k, "search": {"algorithm": "grid"},
         "scheduler": {"type": "fifo"},
-        "resources": {"cpus_per_trial": 1,
-                      "gpus_per_trial": round(1.0 / k, 4) if _has_cuda() else 0},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus, "shared_group": group},
         "trials": {"report_every": 10, "checkpoint_every": 0},
     }
-    path = work / f"search-k{k}.yaml"
+    path = work / f"search-{arm}.yaml"
     path.write_text(dump_yaml(search))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tuning.sweep", str(path), "--restart"], cwd=ROOT,
                    check=True, stdout=subprocess.DEVNULL, env={**os.environ})
     wall = time.perf_counter() - t0
     tps, done = [], 0
-    for metrics in (work / "sweeps" / f"k{k}" / "trials").glob("*/metrics.jsonl"):
+    for metrics in (work / "sweeps" / f"arm-{arm}" / "trials").glob("*/metrics.jsonl"):
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         done += len(recs)
         tail = recs[len(recs) // 4:]  # skip warm-up steps (allocator, kernels)
         tps.append(sum(r["tokens_per_s"] for r in tail) / max(1, len(tail)))
-    return {"k": k, "wall_s": round(wall, 1), "trial_steps": done,
+    return {"arm": arm, "k": k, "shared_group": group, "wall_s": round(wall, 1),
+            "trial_steps": done,
             "trial_steps_per_s": round(done / wall, 2),
             "tokens_per_s_per_trial": round(sum(tps) / max(1, len(tps))),
             "aggregate_tokens_per_s_steady": round(k * sum(tps) / max(1, len(tps)))}
@@ -69,7 +75,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--k", default="1,4")
+    ap.add_argument("--k", default="1,4,g8",
+                    help="arms: K = K processes with 1/K GPU each; gK = one shared group of K")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     # Reuse the assets of bench/gpu_trainer.py (the 2 GB reference LLM is built once).
@@ -82,8 +89,8 @@ def main() -> None:
                           ["data.eval_fraction=0.0"])
         prepare_inputs(cfg, log=lambda m: print(m, flush=True),
                        device="cuda" if _has_cuda() else "cpu")
-        rows = [run_arm(args.config, work, int(k), args.trials, args.steps, args.batch,
-                        overrides) for k in args.k.split(",")]
+        rows = [run_arm(args.config, work, arm.strip(), args.trials, args.steps, args.batch,
+                        overrides) for arm in args.k.split(",")]
     base = rows[0]["trial_steps_per_s"]
     for r in rows:
         r["ratio_vs_first"] = round(r["trial_steps_per_s"] / base, 2)

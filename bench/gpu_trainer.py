@@ -14,6 +14,8 @@ Arms, timed in the same process one after the other:
            text tensors, unfused (for-loop) AdamW, `loss.item()` every step.
   trainer  the project's hot path (`trainer.loop._train_one_step` + NaN policy): bf16
            autocast over fp32 weights, fused AdamW, TF32, SDPA, cached features.
+  trainer-nocache  the same with `data.feature_cache: false` (the frozen encoders and
+           aligner run every step, no_grad): what the cache saves in time and memory.
 Reported per arm: step time (median of timed steps), tokens/s, peak GPU memory, MFU.
 MFU = tokens/s x (4 x frozen LLM params + 6 x trainable params) / peak FLOP/s, the
 peak being the card's dense bf16 figure (`--peak-tflops`, default 989 for H100/H200
@@ -85,6 +87,30 @@ def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[flo
     times = _timed(step, args.warmup, args.steps)
     _, counts = param_groups(run.model)
     return times, {"trainable": counts.trainable, "frozen": counts.frozen}, _peak_gib()
+
+
+def trainer_nocache_arm(cfg, inputs, tokens: Tokens, batch: int, args):
+    """The trainer with `data.feature_cache: false`: encoders + aligner run every step
+    (under no_grad, bf16 autocast): the memory and time the feature cache saves."""
+    from dataclasses import replace
+
+    nocache = cfg.model_copy(update={"data": cfg.data.model_copy(update={"feature_cache": False})})
+    raw = replace(inputs, feature_cache=None, eval_feature_cache=None)  # splits carry media
+    run, state, _ = build_run(nocache, raw, device=args.device, log=lambda *_: None)
+    examples = read_manifest(inputs.manifest)[: len(tokens.input_ids)]
+    media = load_media(examples, run.bundle.spec)
+    n = len(examples)
+    run.train = Split([str(i) for i in range(n)],
+                      Tokens(tokens.input_ids[:n], tokens.labels[:n], tokens.attention_mask[:n]),
+                      media=media)
+    run.plan = Plan(batch, 1, n // batch, 10**9, 0)
+    state = State()
+
+    def step(i: int) -> None:
+        record, event = _train_one_step(run, state, i + 1)
+        _apply_policy(nocache.phase2, state, event, record["loss"])
+
+    return _timed(step, args.warmup, args.steps), _peak_gib()
 
 
 def naive_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> list[float]:
@@ -171,8 +197,12 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         if arm == "trainer":
             times, counts, mem = trainer_arm(cfg, inputs, tokens, args.batch, args)
-        else:
+        elif arm == "trainer-nocache":
+            times, mem = trainer_nocache_arm(cfg, inputs, tokens, args.batch, args)
+        elif arm == "naive":
             times, mem = naive_arm(cfg, inputs, tokens, args.batch, args)
+        else:
+            ap.error(f"unknown arm {arm!r} (naive, trainer, trainer-nocache)")
         results[arm] = (times, mem)
     if counts is None:
         from trainer.param_count import count_parameters
@@ -182,9 +212,9 @@ def main() -> None:
     flops = 4 * counts["frozen"] + 6 * counts["trainable"]
     rows = [summarize(a, t, mem, per_step, flops, args.peak_tflops * 1e12)
             for a, (t, mem) in results.items()]
-    if len(rows) == 2:
-        ratio = rows[1]["step_ms"] / rows[0]["step_ms"]
-        print(f"ratio step time {rows[1]['arm']} / {rows[0]['arm']}: {ratio:.3f} "
+    for row in rows[1:]:
+        ratio = row["step_ms"] / rows[0]["step_ms"]
+        print(f"ratio step time {row['arm']} / {rows[0]['arm']}: {ratio:.3f} "
               f"(speed-up {1 / ratio:.1f}x) on {device_name}")
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "batch": args.batch,

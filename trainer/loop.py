@@ -4,6 +4,11 @@
 `_loss_step` (forward on one micro-batch), `_optimizer_step` (norms, NaN guard,
 clipping, AdamW, schedule) and the sinks (metrics). The frozen encoders never
 run here when the feature cache is on.
+
+A trial group (`trainer.group`) trains several runs over one shared forward and
+reuses everything here per member: `prepare_run_dir` / `assemble_run` /
+`restore_state` to build one, `StepTally` + `_optimizer_step` for its step,
+`finish_step` (policy, eval, checkpoint, record) and `open_sinks` / `close_run`.
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ class Run:
         return self._orders[epoch][k * p.batch_size : (k + 1) * p.batch_size]
 
 
-def _autocast(run: Run):
+def autocast_for(run: Run):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.cfg.phase2.precision)
     return torch.autocast(run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
@@ -159,9 +164,10 @@ def _loss_step(run: Run, batch: dict[str, Any]) -> torch.Tensor:
         m = batch["media"]
         with torch.no_grad():  # frozen: never part of the graph
             features = run.bundle(m.images.to(dev), m.audio.to(dev), m.text.to(dev))
-    with _autocast(run):
+    with autocast_for(run):
+        # labels stay on the CPU: the loss finds the target positions there, without a sync
         return run.model(features, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                         batch["labels"].to(dev))
+                         batch["labels"])
 
 
 def _group_norms(run: Run) -> list[torch.Tensor]:
@@ -258,23 +264,44 @@ def evaluate(run: Run) -> float | None:
     return total / count
 
 
+def scale_for_backward(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """One micro-batch's share of the step's loss, fp16-scaled when the run has a scaler."""
+    scaled = loss / run.plan.accum  # mean over micro-batches, not their sum
+    return run.scaler.scale(scaled) if run.scaler is not None else scaled
+
+
+@dataclass
+class StepTally:
+    """Loss and throughput counts over one optimizer step's micro-batches."""
+
+    loss_sum: torch.Tensor
+    samples: int = 0
+    tokens: int = 0
+
+    def add(self, run: Run, batch: dict[str, Any], loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float()
+        self.samples += batch["input_ids"].shape[0]
+        self.tokens += int(batch["attention_mask"].sum()) + self.samples * run.prefix_tokens
+
+    def optimizer_step(self, run: Run, state: State, step: int
+                       ) -> tuple[dict[str, Any], NanEvent | None]:
+        """Hook, then `_optimizer_step` on the mean micro-batch loss; the record carries counts."""
+        if run.after_backward is not None:
+            run.after_backward(step, run.model)
+        record, event = _optimizer_step(run, state, step, self.loss_sum / run.plan.accum)
+        record["_samples"], record["_tokens"] = self.samples, self.tokens
+        return record, event
+
+
 def _train_one_step(run: Run, state: State, step: int) -> tuple[dict[str, Any], NanEvent | None]:
     run.optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=run.device)
-    samples = tokens = 0
+    tally = StepTally(torch.zeros((), device=run.device))
     for j in range(run.plan.accum):
         batch = run.train.batch(run.micro_batch(step - 1, j))
         loss = _loss_step(run, batch)
-        scaled = loss / run.plan.accum  # mean over micro-batches, not their sum
-        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-        loss_sum += loss.detach().float()
-        samples += batch["input_ids"].shape[0]
-        tokens += int(batch["attention_mask"].sum()) + samples * run.prefix_tokens
-    if run.after_backward is not None:
-        run.after_backward(step, run.model)
-    record, event = _optimizer_step(run, state, step, loss_sum / run.plan.accum)
-    record["_samples"], record["_tokens"] = samples, tokens
-    return record, event
+        scale_for_backward(run, loss).backward()
+        tally.add(run, batch, loss)
+    return tally.optimizer_step(run, state, step)
 
 
 def _make_run_dir(cfg: TrainConfig, resume: bool, source: str) -> Path:
@@ -289,31 +316,86 @@ def _make_run_dir(cfg: TrainConfig, resume: bool, source: str) -> Path:
     return run_dir
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device: str | None = None,
-              source: str = "config", log=print) -> tuple[Run, State, dict[str, Any]]:
-    """Everything needed to train, restored from the newest checkpoint if resuming."""
-    from transformers import AutoTokenizer
-
+def resolve_device(device: str | None) -> torch.device:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         # TF32 for the fp32 matmuls left outside autocast (and for fp32 runs): ~same loss,
         # several times the throughput on Ampere and newer.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    tokenizer = AutoTokenizer.from_pretrained(str(inputs.llm_dir), local_files_only=True)
+    return dev
+
+
+def load_tokenizer(inputs: Inputs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(inputs.llm_dir), local_files_only=True)
+
+
+def prepare_run_dir(cfg: TrainConfig, inputs: Inputs, tokenizer, *, resume: bool, source: str
+                    ) -> tuple[Split, Split | None, Plan, Path]:
+    """Splits, step plan and run directory (with config.resolved.yaml) of one run."""
     train_split, eval_split = load_splits(cfg, inputs, tokenizer)
     plan = plan_steps(cfg.phase2, len(train_split), source)
     run_dir = _make_run_dir(cfg, resume, source)
-    resolved = resolved_config(cfg, inputs, plan)
-    atomic_write_text(run_dir / "config.resolved.yaml", dump_yaml(resolved))
+    atomic_write_text(run_dir / "config.resolved.yaml",
+                      dump_yaml(resolved_config(cfg, inputs, plan)))
+    return train_split, eval_split, plan, run_dir
 
-    _seed_everything(cfg.phase2.seed)
+
+def assemble_run(cfg: TrainConfig, plan: Plan, model: Phase2Model, train_split: Split,
+                 eval_split: Split | None, bundle: Phase1Bundle | None, dev: torch.device,
+                 run_dir: Path, prefix: int, log=print) -> Run:
+    """Optimizer groups, AdamW, schedule and loss scaler around a freshly built model."""
+    p2 = cfg.phase2
+    groups, counts = param_groups(model)
+    log(counts.describe(p2.resolved_projector_lr, p2.resolved_lora_lr))
+    optimizer = build_optimizer(groups, p2.resolved_projector_lr, p2.resolved_lora_lr,
+                                p2.weight_decay, p2.adam_betas, p2.adam_eps,
+                                fused=dev.type == "cuda")
+    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps)
+    scaler = torch.amp.GradScaler(dev.type) if p2.precision == "fp16" else None
+    return Run(cfg, plan, model, groups, optimizer, scheduler, scaler, train_split, eval_split,
+               bundle, dev, run_dir, prefix)
+
+
+def restore_state(run: Run, log=print, *, restore_rng: bool = True) -> State:
+    """Load the newest readable checkpoint of `run` into it; a fresh State if there is none.
+
+    `restore_rng=False` leaves the process RNG alone (a trial group shares one RNG stream
+    among its members, so one member's saved stream must not rewind the others').
+    """
+    found = latest_readable(run.run_dir / "checkpoints", log)
+    if found is None:
+        log(f"[resume] no checkpoint in {run.run_dir}; starting from step 0")
+        return State()
+    path, (weights, st, meta) = found
+    load_trainable(run.model, weights)
+    run.optimizer.load_state_dict(st["optimizer"])
+    run.scheduler.load_state_dict(st["scheduler"])
+    if run.scaler is not None and st["scaler"]:
+        run.scaler.load_state_dict(st["scaler"])
+    if restore_rng:
+        set_rng_state(st["rng"])
+    state = State.from_meta(meta)
+    log(f"[resume] from {path.name} (step {state.step}/{run.plan.total_steps})")
+    return state
+
+
+def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device: str | None = None,
+              source: str = "config", log=print) -> tuple[Run, State, dict[str, Any]]:
+    """Everything needed to train, restored from the newest checkpoint if resuming."""
+    dev = resolve_device(device)
+    train_split, eval_split, plan, run_dir = prepare_run_dir(
+        cfg, inputs, load_tokenizer(inputs), resume=resume, source=source)
+
+    seed_everything(cfg.phase2.seed)
     p2, m = cfg.phase2, cfg.model
     bundle = None if train_split.features is not None else load_bundle(inputs.bundle_dir, dev)
     align_dim = (train_split.features.shape[-1] if train_split.features is not None
@@ -327,34 +409,13 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
                         attn_implementation=m.attn_implementation, device=str(dev),
                         seed=p2.seed)
     model.train()
-    groups, counts = param_groups(model)
+    run = assemble_run(cfg, plan, model, train_split, eval_split, bundle, dev, run_dir, prefix,
+                       log)
     if m.compile != "off" and dev.type == "cuda":
         # Compile the bound forward, not the module: parameter names (and so the optimizer
         # groups and checkpoints) stay as they are.
         model.forward = torch.compile(model.forward, mode=m.compile, dynamic=False)
-    log(counts.describe(p2.resolved_projector_lr, p2.resolved_lora_lr))
-    optimizer = build_optimizer(groups, p2.resolved_projector_lr, p2.resolved_lora_lr,
-                                p2.weight_decay, p2.adam_betas, p2.adam_eps,
-                                fused=dev.type == "cuda")
-    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps)
-    scaler = torch.amp.GradScaler(dev.type) if p2.precision == "fp16" else None
-    run = Run(cfg, plan, model, groups, optimizer, scheduler, scaler, train_split, eval_split,
-              bundle, dev, run_dir, prefix)
-    state = State()
-    if resume:
-        found = latest_readable(run_dir / "checkpoints", log)
-        if found is None:
-            log(f"[resume] no checkpoint in {run_dir}; starting from step 0")
-        else:
-            path, (weights, st, meta) = found
-            load_trainable(model, weights)
-            optimizer.load_state_dict(st["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-            if scaler is not None and st["scaler"]:
-                scaler.load_state_dict(st["scaler"])
-            set_rng_state(st["rng"])
-            state = State.from_meta(meta)
-            log(f"[resume] from {path.name} (step {state.step}/{plan.total_steps})")
+    state = restore_state(run, log) if resume else State()
     return run, state, resolved_params(cfg, plan)
 
 
@@ -368,37 +429,48 @@ def _save_weights(run: Run) -> None:
     tmp.replace(run.run_dir / "trainable.safetensors")
 
 
+def finish_step(run: Run, state: State, step: int, record: dict[str, Any],
+                event: NanEvent | None, sink: MetricsSink, dt: float) -> str | None:
+    """Everything after an optimizer step: policy, throughput, eval, checkpoint, the record.
+
+    Shared by solo runs and trial-group members. Returns the end reason when this step
+    ends the run ("completed" on the plan's last step), else None.
+    """
+    out = run.cfg.output
+    stop = _apply_policy(run.cfg.phase2, state, event, record["loss"])
+    state.step = step
+    record["nan_events"] = len(state.nan_events)
+    record["samples_per_s"] = record.pop("_samples") / dt
+    record["tokens_per_s"] = record.pop("_tokens") / dt
+    last = stop is not None or step == run.plan.total_steps
+    if (out.eval_every and step % out.eval_every == 0) or last:
+        state.eval_loss = evaluate(run)
+        if state.eval_loss is not None:
+            record["eval_loss"] = state.eval_loss
+    ckpt = None
+    if (out.checkpoint_every and step % out.checkpoint_every == 0) or last:
+        ckpt = save_checkpoint(run.run_dir / "checkpoints", step, run.model, run.optimizer,
+                               run.scheduler, run.scaler, state.meta(), out.keep_checkpoints)
+    sink.log_metrics(record, step, ckpt)
+    if stop is not None:
+        return stop
+    return "completed" if step == run.plan.total_steps else None
+
+
 def train_loop(run: Run, state: State, sink: MetricsSink) -> str:
     """Optimizer steps from state.step + 1 to the plan's end; returns the end reason."""
-    out = run.cfg.output
-    end_reason = "completed"
     t_last = time.perf_counter()
     for step in range(state.step + 1, run.plan.total_steps + 1):
         record, event = _train_one_step(run, state, step)
-        stop = _apply_policy(run.cfg.phase2, state, event, record["loss"])
-        state.step = step
         now = time.perf_counter()
         dt, t_last = max(now - t_last, 1e-9), now
-        record["nan_events"] = len(state.nan_events)
-        record["samples_per_s"] = record.pop("_samples") / dt
-        record["tokens_per_s"] = record.pop("_tokens") / dt
-        last = stop is not None or step == run.plan.total_steps
-        if (out.eval_every and step % out.eval_every == 0) or last:
-            state.eval_loss = evaluate(run)
-            if state.eval_loss is not None:
-                record["eval_loss"] = state.eval_loss
-        ckpt = None
-        if (out.checkpoint_every and step % out.checkpoint_every == 0) or last:
-            ckpt = save_checkpoint(run.run_dir / "checkpoints", step, run.model, run.optimizer,
-                                   run.scheduler, run.scaler, state.meta(), out.keep_checkpoints)
-        sink.log_metrics(record, step, ckpt)
-        if stop is not None:
-            end_reason = stop
-            break
-    return end_reason
+        end_reason = finish_step(run, state, step, record, event, sink, dt)
+        if end_reason is not None:
+            return end_reason
+    return "completed"
 
 
-def _debug_hook(cfg: TrainConfig, user: AfterBackward | None) -> AfterBackward | None:
+def debug_hook(cfg: TrainConfig, user: AfterBackward | None) -> AfterBackward | None:
     """Compose the config's fault injection with a caller's hook."""
     d = cfg.debug
     if d.inject_nan_at_step is None and d.hang_at_step is None:
@@ -419,6 +491,40 @@ def _debug_hook(cfg: TrainConfig, user: AfterBackward | None) -> AfterBackward |
     return hook
 
 
+def open_sinks(run: Run, state: State, sink: MetricsSink | None, *, resume: bool,
+               console: bool, console_prefix: str = "") -> MultiSink:
+    """metrics.jsonl (truncated to the resumed step), optional console, the caller's sink."""
+    sinks: list[MetricsSink] = [JsonlSink(run.run_dir, state.step if resume else None)]
+    if console:
+        sinks.append(ConsoleSink(run.cfg.output.log_every, run.plan.total_steps,
+                                 console_prefix))
+    if sink is not None:
+        sinks.append(sink)
+    return MultiSink(*sinks)
+
+
+def run_status(end_reason: str) -> str:
+    """RunSummary.status of an end reason: a run stopped from outside is not unstable."""
+    if end_reason in ("completed", "stopped"):
+        return end_reason
+    return "unstable"
+
+
+def close_run(run: Run, state: State, sink: MetricsSink, end_reason: str,
+              wall_s: float) -> RunSummary:
+    """Final weights (if configured), then the summary to every sink."""
+    if run.cfg.output.save_weights:
+        _save_weights(run)
+    summary = RunSummary(
+        status=run_status(end_reason), end_reason=end_reason, steps_done=state.step,
+        total_steps=run.plan.total_steps, first_loss=state.first_loss,
+        final_loss=state.last_loss, eval_loss=state.eval_loss, nan_events=state.nan_events,
+        run_dir=str(run.run_dir), wall_s=wall_s,
+    )
+    sink.close(summary)
+    return summary
+
+
 def train(cfg: TrainConfig, sink: MetricsSink | None = None, *, inputs: Inputs | None = None,
           resume: bool = False, device: str | None = None, source: str = "config",
           after_backward: AfterBackward | None = None, console: bool = True,
@@ -428,23 +534,8 @@ def train(cfg: TrainConfig, sink: MetricsSink | None = None, *, inputs: Inputs |
     inputs = inputs or prepare_inputs(cfg, log)
     run, state, params = build_run(cfg, inputs, resume=resume, device=device, source=source,
                                    log=log)
-    run.after_backward = _debug_hook(cfg, after_backward)
-    sinks: list[MetricsSink] = [JsonlSink(run.run_dir, state.step if resume else None)]
-    if console:
-        sinks.append(ConsoleSink(cfg.output.log_every, run.plan.total_steps))
-    if sink is not None:
-        sinks.append(sink)
-    out = MultiSink(*sinks)
+    run.after_backward = debug_hook(cfg, after_backward)
+    out = open_sinks(run, state, sink, resume=resume, console=console)
     out.log_params(params)
     end_reason = train_loop(run, state, out)
-    if cfg.output.save_weights:
-        _save_weights(run)
-    summary = RunSummary(
-        status="completed" if end_reason == "completed" else "unstable", end_reason=end_reason,
-        steps_done=state.step, total_steps=run.plan.total_steps, first_loss=state.first_loss,
-        final_loss=state.last_loss, eval_loss=state.eval_loss, nan_events=state.nan_events,
-        run_dir=str(run.run_dir), wall_s=time.perf_counter() - t0,
-    )
-    out.close(summary)
-    return summary
-
+    return close_run(run, state, out, end_reason, time.perf_counter() - t0)

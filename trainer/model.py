@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainer.data import IGNORE_INDEX
+
+LOSS_CHUNK_ROWS = 4096  # LM-head rows per chunk of the loss: bounds the fp32 logits' memory
 
 
 class Projector(nn.Module):
@@ -41,14 +44,83 @@ def load_llm(path: Path, attn_implementation: str = "sdpa", device: str = "cpu")
     ).to(device)
 
 
+def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]):
+    """The one LoraConfig of a Phase 2 run (solo runs and trial-group members alike)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
+
+
 def add_lora(llm: nn.Module, r: int, alpha: float, dropout: float,
              target_modules: list[str]) -> nn.Module:
     """Wrap the LLM with peft LoRA; peft freezes every base weight."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(llm, cfg)
+    return get_peft_model(llm, lora_config(r, alpha, dropout, target_modules))
+
+
+def causal_lm(llm: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a peft wrapper (or the model itself)."""
+    from peft import PeftModel
+
+    # PeftModel.base_model is the LoraModel tuner; its .model is the CausalLM that peft
+    # injected the LoRA layers into (in place). Not get_base_model(): that reads the
+    # active adapter, which a trial group leaves unset.
+    return llm.base_model.model if isinstance(llm, PeftModel) else llm
+
+
+def prefix_inputs(projector: Projector, embed: nn.Module, features: torch.Tensor,
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected feature tokens before the text: (embeds, attention mask, labels).
+
+    The prefix is always attended and never a target.
+    """
+    prefix = projector(features.to(projector.net[0].weight.dtype))
+    tokens = embed(input_ids)
+    embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+    b, t = features.shape[:2]
+    ones = attention_mask.new_ones((b, t))
+    ignore = labels.new_full((b, t), IGNORE_INDEX)
+    return embeds, torch.cat([ones, attention_mask], 1), torch.cat([ignore, labels], 1)
+
+
+def final_hidden(lm: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """Last hidden states of the decoder, without the LM head (`lm` is the CausalLM)."""
+    # The decoder body, not the CausalLM forward: that would run the LM head (a quarter of
+    # a Qwen model) over every position, prefix and prompt included.
+    return lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                         use_cache=False).last_hidden_state
+
+
+# Eager even inside a torch.compile'd forward: the number of targets is data-dependent,
+# and a compiled graph would break (and recompile) on it every batch.
+@torch.compiler.disable
+def target_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+                chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """Mean next-token cross-entropy over the target tokens (labels != IGNORE_INDEX).
+
+    Position i predicts label i + 1 (the usual shift), so only the positions whose *next*
+    label is a target go through the LM head, `chunk_rows` at a time with fp32 logits:
+    the [tokens, vocab] logits of a whole batch never exist at once. Sum / number of
+    targets is HF's mean loss (and NaN, like HF, when a batch has no target).
+
+    `labels` may stay on the CPU (the trainer keeps them there): the target positions
+    are then found without a device sync.
+    """
+    b, length, width = hidden.shape
+    keep = labels[:, 1:] != IGNORE_INDEX  # [b, length - 1], on the labels' device
+    bi, ti = keep.nonzero(as_tuple=True)
+    y = labels[bi, ti + 1].to(hidden.device, non_blocking=True)
+    rows = (bi * length + ti).to(hidden.device, non_blocking=True)
+    h = hidden.reshape(b * length, width).index_select(0, rows)  # [targets, hidden]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, y.shape[0], chunk_rows):
+        logits = lm_head(h[i : i + chunk_rows]).float()
+        total = total + F.cross_entropy(logits, y[i : i + chunk_rows], reduction="sum")
+    return total / y.shape[0]
 
 
 class Phase2Model(nn.Module):
@@ -61,15 +133,10 @@ class Phase2Model(nn.Module):
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        prefix = self.projector(features.to(self.projector.net[0].weight.dtype))
-        tokens = self.llm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
-        b, t = features.shape[:2]
-        ones = attention_mask.new_ones((b, t))
-        ignore = labels.new_full((b, t), IGNORE_INDEX)
-        out = self.llm(inputs_embeds=embeds, attention_mask=torch.cat([ones, attention_mask], 1),
-                       labels=torch.cat([ignore, labels], 1), use_cache=False)
-        return out.loss
+        lm = causal_lm(self.llm)
+        embeds, mask, labels = prefix_inputs(self.projector, lm.get_input_embeddings(),
+                                             features, input_ids, attention_mask, labels)
+        return target_loss(final_hidden(lm, embeds, mask), labels, lm.get_output_embeddings())
 
 
 def build_model(llm_path: Path, align_dim: int, *, lora_r: int, lora_alpha: float,

@@ -74,6 +74,11 @@ class Scheduler(_Strict):
 class Resources(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)  # fractions share a GPU (0.25 = 4 trials/GPU)
+    # One process trains up to max_concurrent_trials trials over one copy of the frozen
+    # model (tuning/group_actor.py); the group then holds cpus_per_trial CPUs and
+    # gpus_per_trial GPUs in all, and each trial's own process only relays its reports.
+    shared_group: bool = False
+    group_orphan_timeout_s: float = Field(120.0, gt=0)  # a member nobody polls is dropped
 
 
 class Stopping(_Strict):

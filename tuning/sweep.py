@@ -68,6 +68,8 @@ def check_runs(loaded: Loaded) -> None:
             except ConfigError as e:
                 problems += [Problem(src, f"space.{key}", f"at {value!r}: {p.message}", p.fix)
                              for p in e.problems]
+    if cfg.resources.shared_group:
+        problems += _group_problems(loaded)
     max_t = cfg.scheduler.max_t or base_plan.total_steps
     if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > max_t:
         problems.append(Problem(src, "scheduler.grace_period",
@@ -75,6 +77,31 @@ def check_runs(loaded: Loaded) -> None:
                                 "lower grace_period below the run's total steps"))
     if problems:
         raise ConfigError(problems)
+
+
+def _group_problems(loaded: Loaded) -> list[Problem]:
+    """A shared group needs cached features, no compile, and trials that agree on what the
+    shared forward fixes (trainer.group.SHARED_KEYS): checked here, before Ray starts."""
+    from trainer.group import SHARED_KEYS
+
+    src, base = str(loaded.path), loaded.base
+    problems = []
+    if base.model.compile != "off":
+        problems.append(Problem(src, "base: model.compile", f"is {base.model.compile!r}; a "
+                                "shared group runs one uncompiled forward",
+                                "set model.compile: off, or resources.shared_group: false"))
+    if not base.data.feature_cache:
+        problems.append(Problem(src, "base: data.feature_cache", "is off; a shared group "
+                                "trains on cached features only",
+                                "set data.feature_cache: true, or resources.shared_group: "
+                                "false"))
+    for key in loaded.cfg.space:
+        path = space_key_path(key)
+        if any(path == k or path.startswith(k + ".") for k in SHARED_KEYS):
+            problems.append(Problem(src, f"space.{key}", "varies a setting every member of "
+                                    "a shared group must share",
+                                    "sweep it with resources.shared_group: false"))
+    return problems
 
 
 def _sweep_dir(loaded: Loaded) -> Path:
@@ -270,6 +297,33 @@ def _with_resources(fn, cfg, **params):
                                 "gpu": cfg.resources.gpus_per_trial})
 
 
+def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts):
+    """The Tune trainable, and the shared group's actor when ``resources.shared_group``."""
+    import hashlib
+
+    from ray import tune
+
+    from tuning.trainable import run_trial
+
+    if not cfg.resources.shared_group:
+        return _with_resources(run_trial, cfg, base=base, inputs=inputs, opts=opts), None
+    from tuning.group_actor import group_actor_name, run_group_member, start_group_actor
+
+    name = group_actor_name(hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:16])
+    actor = start_group_actor(name, inputs, report_every=cfg.trials.report_every,
+                              num_cpus=cfg.resources.cpus_per_trial,
+                              num_gpus=cfg.resources.gpus_per_trial,
+                              orphan_timeout_s=cfg.resources.group_orphan_timeout_s)
+    print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
+          f"over one copy of the frozen model ({cfg.resources.cpus_per_trial} CPU, "
+          f"{cfg.resources.gpus_per_trial} GPU)")
+    # A member's own process only relays reports: a token CPU share, no GPU.
+    member = tune.with_resources(
+        tune.with_parameters(run_group_member, base=base, inputs=inputs, opts=opts,
+                             actor_name=name), {"cpu": 0.01})
+    return member, actor
+
+
 def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = False,
               recheck_k: int | None = None) -> int:
     """Everything after validation. Returns the exit code."""
@@ -282,7 +336,7 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
     from tuning.report import build_report, print_report
     from tuning.space import param_space
     from tuning.tracking import SweepTracker, TrackingUnavailable
-    from tuning.trainable import TrialOptions, run_trial
+    from tuning.trainable import TrialOptions
 
     cfg, src = loaded.cfg, str(loaded.path)
     sweep_dir = _sweep_dir(loaded)
@@ -313,9 +367,9 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             cpus_per_trial=cfg.resources.cpus_per_trial)
         _init_ray(loaded)
         t0 = time.time()
+        trainable, group = _trainable(cfg, sweep_dir, loaded.base_data, inputs, opts)
         index = _fit(
-            sweep_dir, _with_resources(run_trial, cfg, base=loaded.base_data, inputs=inputs,
-                                       opts=opts),
+            sweep_dir, trainable,
             param_space=param_space(cfg.space),
             tune_config=tune.TuneConfig(
                 metric=cfg.search.metric, mode="min", num_samples=cfg.num_samples,
@@ -329,6 +383,10 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
                 timeout_s=cfg.mlflow.timeout_s), ProgressCallback(trial_count(cfg))],
             max_failures=cfg.trials.max_failures, keep=cfg.trials.keep_checkpoints,
             resume=resume)
+        if group is not None:
+            import ray
+
+            ray.kill(group)  # every member finished; free its GPU memory for the recheck
         report = build_report(sweep_dir, cfg.stability, cfg.sweep.name)
         top_k = cfg.recheck.top_k if recheck_k is None else recheck_k
         if top_k:

@@ -1,0 +1,310 @@
+"""Trial groups: every member trains exactly as the same config trained alone (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.errors import ConfigError
+from trainer.group import TrialGroup, adapter_of, train_group
+from trainer.inputs import prepare_inputs
+from trainer.loop import train
+from trainer.metrics import MemorySink
+
+RTOL, ATOL = 1e-5, 1e-6
+COMPARED = ("loss", "grad_norm", "grad_norm/projector", "grad_norm/lora", "lr/projector",
+            "lr/lora", "clipped", "skipped", "nan_events", "eval_loss")
+
+# Three trials that differ in everything a member may have of its own; B stops after 5
+# steps and C runs 12, so members leave the group at different steps.
+SPECS = {
+    "a": dict(learning_rate=2e-3, warmup_steps=2, gradient_clip_val=1.0, seed=7),
+    "b": dict(learning_rate=5e-3, projector_lr_mult=2.0, lora_lr_mult=1.0, warmup_steps=1,
+              gradient_clip_val=0.3, seed=3, batch_size=3, total_training_steps=5),
+    "c": dict(learning_rate=1e-3, projector_lr=4e-3, warmup_steps=3, gradient_clip_val=None,
+              seed=11, batch_size=6, epochs=2, weight_decay=0.01),
+}
+
+
+def _quiet(*_):
+    pass
+
+
+def _cfg(tiny, name, *, lora_dropout=0.0, projector_dropout=0.0, **p2):
+    cfg = tiny(run_name=name, **p2)
+    cfg.model.lora.dropout = lora_dropout
+    cfg.model.projector.dropout = projector_dropout
+    return cfg
+
+
+def _solo(cfg, hook=None, resume=False):
+    sink = MemorySink()
+    train(cfg, sink, after_backward=hook, resume=resume, console=False, log=_quiet)
+    return sink
+
+
+def _assert_same_steps(solo, grouped, who):
+    """Every step's record of a group member equals the solo run's (names the member)."""
+    assert [r["step"] for r in grouped] == [r["step"] for r in solo], who
+    for s, g in zip(solo, grouped, strict=True):
+        for key in COMPARED:
+            assert (key in s) == (key in g), (who, s["step"], key)
+            if key not in s:
+                continue
+            a, b = s[key], g[key]
+            if isinstance(a, float) and math.isnan(a):
+                assert math.isnan(b), (who, s["step"], key, a, b)
+                continue
+            assert b == pytest.approx(a, rel=RTOL, abs=ATOL), (
+                f"member {who} step {s['step']} {key}: solo {a!r} != group {b!r} "
+                "(another member's rows leaked into this one?)")
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "trainable.safetensors"))
+
+
+def _member_adapters(group):
+    return {adapter_of(n) for n, _ in group.llm.named_parameters()} - {None}
+
+
+def test_target_loss_equals_the_hf_causal_lm_loss(tiny):
+    from trainer.model import build_model, causal_lm, final_hidden, prefix_inputs, target_loss
+
+    cfg = tiny()
+    inputs = prepare_inputs(cfg, _quiet)
+    model = build_model(inputs.llm_dir, 32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                        target_modules=["q_proj", "v_proj"], projector_hidden=None,
+                        projector_dropout=0.0)
+    lm = causal_lm(model.llm)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, lm.config.vocab_size, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt
+    labels[mask == 0] = -100
+    features = torch.randn(3, 5, 32, generator=gen)
+    embeds, full_mask, full_labels = prefix_inputs(model.projector, lm.get_input_embeddings(),
+                                                   features, ids, mask, labels)
+    with torch.no_grad():
+        hf = model.llm(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels,
+                       use_cache=False).loss
+        ours = model(features, ids, mask, labels)
+        hidden = final_hidden(lm, embeds, full_mask)
+        chunked = target_loss(hidden, full_labels, lm.get_output_embeddings(), chunk_rows=5)
+    assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
+    assert chunked.item() == pytest.approx(hf.item(), rel=1e-5)  # several chunks, same sum
+
+
+def test_members_train_exactly_as_they_train_alone(tiny):
+    solo_cfgs = {k: _cfg(tiny, f"solo-{k}", **p) for k, p in SPECS.items()}
+    solo_cfgs["c"].output.eval_every = 4
+    solo = {k: _solo(cfg) for k, cfg in solo_cfgs.items()}
+
+    group_cfgs = {k: _cfg(tiny, f"group-{k}", **p) for k, p in SPECS.items()}
+    group_cfgs["c"].output.eval_every = 4
+    group = TrialGroup(prepare_inputs(group_cfgs["a"], _quiet), log=_quiet)
+    sinks = {k: MemorySink() for k in SPECS}
+    for k, cfg in group_cfgs.items():
+        group.add_member(k, cfg, sinks[k])
+    assert len(_member_adapters(group)) == 3
+    ended_at, n = {}, 0
+    while group.members:
+        n += 1
+        for k, summary in group.step().items():
+            ended_at[k] = n
+            assert summary.end_reason == "completed"
+    assert ended_at == {"b": 5, "a": 9, "c": 12}
+    assert _member_adapters(group) == set()  # finished members' adapters are deleted
+
+    # Non-vacuous: the members really differ, so a leak would show up as a mismatch.
+    firsts = [sinks[k].records[0]["loss"] for k in SPECS]
+    assert len({round(x, 6) for x in firsts}) == 3, firsts
+    root = group_cfgs["a"].output.root
+    for k in SPECS:
+        _assert_same_steps(solo[k].records, sinks[k].records, k)
+        run_dir = root / f"group-{k}"
+        assert sorted(p.name for p in run_dir.iterdir()) == [
+            "checkpoints", "config.resolved.yaml", "metrics.jsonl", "summary.json",
+            "trainable.safetensors"]
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [r["step"] for r in sinks[k].records]
+        # Same tensor names as a solo run (so a solo model loads them), and equal values.
+        mine, theirs = _weights(run_dir), _weights(root / f"solo-{k}")
+        assert set(mine) == set(theirs) and all(".default." in n for n in mine if "lora_" in n)
+        for name in theirs:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=RTOL, atol=ATOL)
+        assert sinks[k].params == solo[k].params
+
+
+def test_a_nan_stays_in_its_member(tiny):
+    def break_weights(step, model):  # the member's own forward turns non-finite at step 3
+        if step == 2:
+            with torch.no_grad():
+                model.projector.net[0].weight.fill_(float("inf"))
+
+    specs = {
+        "skip": dict(SPECS["a"], nan_policy="skip"),
+        "stop": dict(SPECS["b"], nan_policy="stop"),
+        "clean": SPECS["c"],
+    }
+    hooks = {"stop": break_weights}
+
+    def cfg(prefix, k):
+        c = _cfg(tiny, f"{prefix}-{k}", **specs[k])
+        if k == "skip":
+            c.debug.inject_nan_at_step = 3
+            c.debug.inject_nan_group = "lora"
+        return c
+
+    solo = {k: _solo(cfg("solo", k), hooks.get(k)) for k in specs}
+    group = TrialGroup(prepare_inputs(cfg("group", "skip"), _quiet), log=_quiet)
+    sinks = {k: MemorySink() for k in specs}
+    for k in specs:
+        group.add_member(k, cfg("group", k), sinks[k], after_backward=hooks.get(k))
+    while group.members:
+        group.step()
+
+    skip = sinks["skip"].summary
+    assert skip.end_reason == "completed" and len(skip.nan_events) == 1
+    ev = skip.nan_events[0]
+    assert (ev.step, ev.where, ev.groups, ev.action) == (3, "grad", ["lora"], "skipped")
+    stop = sinks["stop"].summary
+    assert (stop.status, stop.end_reason, stop.steps_done) == ("unstable", "nan_stop", 3)
+    ev = stop.nan_events[0]
+    assert (ev.step, ev.where, ev.action) == (3, "loss", "stopped")
+    assert math.isnan(sinks["stop"].records[-1]["loss"])
+    assert sinks["clean"].summary.nan_events == []
+    for k in specs:  # NaN rows and NaN gradients did not reach any other member
+        _assert_same_steps(solo[k].records, sinks[k].records, k)
+    clean = _weights(tiny().output.root / "group-clean")
+    assert all(torch.isfinite(t).all() for t in clean.values())
+
+
+def test_removed_member_ends_cleanly_and_frees_its_adapter(tiny):
+    keep = _cfg(tiny, "solo-keep", **SPECS["a"])
+    solo = _solo(keep)
+
+    group = TrialGroup(prepare_inputs(keep, _quiet), log=_quiet)
+    sinks = {"keep": MemorySink(), "gone": MemorySink()}
+    group.add_member("keep", _cfg(tiny, "keep", **SPECS["a"]), sinks["keep"])
+    group.add_member("gone", _cfg(tiny, "gone", **SPECS["c"]), sinks["gone"])
+    gone_adapter = group.members["gone"].adapter
+    before = sum(p.numel() for p in group.llm.parameters())
+    for _ in range(3):
+        group.step()
+    summary = group.remove_member("gone")
+
+    assert (summary.status, summary.end_reason, summary.steps_done) == ("stopped", "stopped", 3)
+    run_dir = tiny().output.root / "gone"
+    assert json.loads((run_dir / "summary.json").read_text())["end_reason"] == "stopped"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (run_dir / "trainable.safetensors").is_file()
+    # The adapter is gone from the shared model: no layer, config or parameter keeps it.
+    assert gone_adapter not in group.llm.peft_config
+    assert _member_adapters(group) == {group.members["keep"].adapter}
+    assert sum(p.numel() for p in group.llm.parameters()) < before
+    while group.members:
+        group.step()
+    _assert_same_steps(solo.records, sinks["keep"].records, "keep")
+
+
+@pytest.mark.parametrize(("key", "change"), [
+    ("phase2.precision", lambda c: setattr(c.phase2, "precision", "bf16")),
+    ("model.lora.target_modules", lambda c: setattr(c.model.lora, "target_modules", ["q_proj"])),
+    ("phase2.gradient_accumulation_steps",
+     lambda c: setattr(c.phase2, "gradient_accumulation_steps", 2)),
+    ("model.compile", lambda c: setattr(c.model, "compile", "default")),
+    ("data.feature_cache", lambda c: setattr(c.data, "feature_cache", False)),
+])
+def test_incompatible_member_is_a_config_error_naming_the_key(tiny, key, change):
+    first = _cfg(tiny, "first", **SPECS["b"])
+    group = TrialGroup(prepare_inputs(first, _quiet), log=_quiet)
+    group.add_member("first", first, MemorySink())
+    other = _cfg(tiny, "other", **SPECS["a"])
+    change(other)
+    with pytest.raises(ConfigError, match=rf"trial.yaml: {key.replace('.', '[.]')}: ") as err:
+        group.add_member("other", other, MemorySink(), source="trial.yaml")
+    assert [p.key for p in err.value.problems] == [key]
+    assert not (other.output.root / "other").exists()  # nothing written
+    assert list(group.members) == ["first"]
+
+
+def test_resume_continues_a_member_like_an_uninterrupted_run(tiny):
+    def with_ckpts(c):
+        c.output.checkpoint_every = 4
+        return c
+
+    straight = {k: _solo(with_ckpts(_cfg(tiny, f"solo-{k}", **SPECS[k]))) for k in ("a", "c")}
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, model):
+        if step == 7:
+            raise Crash
+
+    cfgs = {k: with_ckpts(_cfg(tiny, f"cut-{k}", **SPECS[k])) for k in ("a", "c")}
+    group = TrialGroup(prepare_inputs(cfgs["a"], _quiet), log=_quiet)
+    group.add_member("a", cfgs["a"], MemorySink(), after_backward=crash)
+    group.add_member("c", cfgs["c"], MemorySink())
+    with pytest.raises(Crash):
+        while group.members:
+            group.step()
+
+    # Member a continues in a new group; member c's group checkpoint continues *solo*.
+    resumed = TrialGroup(prepare_inputs(cfgs["a"], _quiet), log=_quiet)
+    sink_a = MemorySink()
+    resumed.add_member("a", cfgs["a"], sink_a, resume=True)
+    while resumed.members:
+        resumed.step()
+    sink_c = _solo(cfgs["c"], resume=True)
+
+    for k, sink in (("a", sink_a), ("c", sink_c)):
+        assert sink.records[0]["step"] == 5, k  # from the step-4 checkpoint
+        run_dir = cfgs[k].output.root / f"cut-{k}"
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [r["step"] for r in straight[k].records]
+        _assert_same_steps(straight[k].records, lines, k)
+
+
+def test_members_with_dropout_still_learn(tiny):
+    specs = [dict(SPECS["a"], epochs=2, learning_rate=5e-3),
+             dict(SPECS["c"], learning_rate=5e-3)]
+    cfgs = [_cfg(tiny, f"drop{i}", lora_dropout=0.1, projector_dropout=0.1, **p)
+            for i, p in enumerate(specs)]
+    sinks = [MemorySink(), MemorySink()]
+    summaries = train_group(cfgs, sinks, inputs=prepare_inputs(cfgs[0], _quiet), log=_quiet)
+    assert [s.end_reason for s in summaries] == ["completed", "completed"]
+    for sink in sinks:
+        losses = [r["loss"] for r in sink.records]
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        assert all(math.isfinite(x) for x in losses)
+        assert last < 0.8 * first, (first, last)
+
+
+def test_fp16_members_keep_their_own_loss_scale(tiny):
+    # fp16 on CPU overflows now and then: each member's GradScaler must skip and rescale
+    # exactly as the same run alone does (its scale multiplies only its own loss).
+    specs = {"a": dict(SPECS["a"], total_training_steps=6), "b": SPECS["b"]}
+    solo = {k: _solo(_cfg(tiny, f"solo-{k}", precision="fp16", **p)) for k, p in specs.items()}
+    cfgs = [_cfg(tiny, f"fp16-{k}", precision="fp16", **p) for k, p in specs.items()]
+    sinks = [MemorySink(), MemorySink()]
+    train_group(cfgs, sinks, inputs=prepare_inputs(cfgs[0], _quiet), log=_quiet)
+    for k, sink in zip(specs, sinks, strict=True):
+        _assert_same_steps(solo[k].records, sink.records, k)
+    assert any(r["skipped"] for s in sinks for r in s.records)  # the overflow path ran
+
+
+def test_lora_on_the_lm_head_cannot_be_grouped(tiny):
+    cfg = _cfg(tiny, "head", **SPECS["b"])
+    cfg.model.lora.target_modules = ["q_proj", "lm_head"]
+    group = TrialGroup(prepare_inputs(cfg, _quiet), log=_quiet)
+    with pytest.raises(ConfigError, match=r"model[.]lora[.]target_modules: \['lm_head'\]"):
+        group.add_member("head", cfg, MemorySink())
+    assert group.members == {} and not (cfg.output.root / "head").exists()

@@ -1,0 +1,111 @@
+"""A sweep in shared-group mode (`resources.shared_group: true`) through the real CLI.
+
+Trials train as members of one process over one copy of the frozen model, yet each stays a
+Ray Tune trial and an MLflow child run of its own, and its losses are those of the same
+config trained alone (`python -m trainer` on the trial's config.resolved.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from test_sweep import _mlflow_rows, _sweep, _write
+
+from trainer.yaml_io import dump_yaml, load_yaml_file
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def group_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("group")
+    path = _write(tmp, {
+        "sweep.name": "group",
+        "resources.shared_group": True,
+        "max_concurrent_trials": 3,
+        "scheduler.type": "asha", "scheduler.grace_period": 4,
+    }, space={"learning_rate": {"grid": [0.001, 0.003, 0.005]},
+              "debug.inject_nan_at_step": {"grid": [None, 3]}})
+    data = load_yaml_file(path)
+    data["base"]["overrides"]["model.lora.dropout"] = 0.0  # bit-comparable with solo runs
+    path.write_text(dump_yaml(data))
+    res = _sweep(path, cwd=tmp)
+    return tmp, res
+
+
+def test_group_sweep_runs_every_trial_as_its_own_trial(group_sweep):
+    tmp, res = group_sweep
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "shared group: up to 3 trials in one process" in res.stdout
+    sweep_dir = tmp / "sweeps" / "group"
+    index = json.loads((sweep_dir / "trials.json").read_text())
+    assert len(index) == 6
+    rows = _mlflow_rows(sweep_dir / "mlflow" / "mlflow.db")
+    children = {r for r in rows["runs"] if r in rows["parent_of"]}
+    assert len(children) == 6 and all(s == "FINISHED" for s in rows["runs"].values())
+    assert rows["nan_values"] == 0
+    for run_id in children:
+        trial = rows["trial_of"][run_id]
+        recs = (sweep_dir / "trials" / trial / "metrics.jsonl").read_text().splitlines()
+        reported = [json.loads(x)["step"] for x in recs if json.loads(x)["loss"] is not None]
+        assert sorted(rows["steps"].get(run_id, [])) == reported  # every step, once
+    ended = 0
+    for run_dir in (sweep_dir / "trials").iterdir():
+        cfg = load_yaml_file(run_dir / "config.resolved.yaml")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if cfg["debug"]["inject_nan_at_step"] is not None:  # only that member saw the NaN
+            assert (summary["end_reason"], summary["first_nan_step"]) == ("nan_stop", 3)
+            assert summary["first_nan_group"] == "projector"
+        else:  # trained to the end, or stopped by ASHA (the member left the group)
+            assert summary["end_reason"] in ("completed", "stopped"), summary
+            assert summary["nan_events"] == []
+            ended += summary["end_reason"] == "completed"
+    assert ended >= 1
+
+
+def test_group_members_train_exactly_as_alone(group_sweep, tmp_path):
+    tmp, res = group_sweep
+    assert res.returncode == 0
+    compared = 0
+    for run_dir in sorted((tmp / "sweeps" / "group" / "trials").iterdir()):
+        cfg = load_yaml_file(run_dir / "config.resolved.yaml")
+        group_recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if cfg["debug"]["inject_nan_at_step"] is not None or len(group_recs) < STEPS:
+            continue  # stopped early (NaN or ASHA): the solo twin would run on
+        cfg["output"].update(root=str(tmp_path / "solo"), run_name=run_dir.name)
+        solo_yaml = tmp_path / f"{run_dir.name}.yaml"
+        solo_yaml.write_text(dump_yaml(cfg))
+        done = subprocess.run([sys.executable, "-m", "trainer", str(solo_yaml)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        solo = tmp_path / "solo" / run_dir.name / "metrics.jsonl"
+        solo_recs = [json.loads(x) for x in solo.read_text().splitlines()]
+        assert [r["step"] for r in group_recs] == [r["step"] for r in solo_recs]
+        for g, s in zip(group_recs, solo_recs, strict=True):
+            for key in ("loss", "grad_norm", "lr/projector", "lr/lora"):
+                assert g[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (run_dir, key, g)
+        compared += 1
+    assert compared >= 1  # ASHA keeps at least the best clean trial to the end
+
+
+@pytest.mark.parametrize(("edit", "space", "needle"), [
+    ({"base.overrides.model.compile": "default"}, {}, "base: model.compile"),
+    ({}, {"phase2.precision": {"grid": ["fp32", "bf16"]}}, "space.phase2.precision: varies"),
+])
+def test_group_sweep_refuses_what_a_group_cannot_share(tmp_path, capsys, edit, space, needle):
+    from tuning.sweep import main as sweep_main
+
+    path = _write(tmp_path, {"resources.shared_group": True}, space=space)
+    data = load_yaml_file(path)
+    for dotted, value in edit.items():  # overrides keys are themselves dotted
+        data["base"]["overrides"][dotted.removeprefix("base.overrides.")] = value
+    path.write_text(dump_yaml(data))
+    assert sweep_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "sweeps").exists()
+

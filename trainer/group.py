@@ -1,0 +1,468 @@
+"""Shared-weight trial groups: several Phase 2 trials in one process over one frozen LLM.
+
+A sweep's trials differ only in what they train (projector, LoRA adapter) and how
+(LRs, warmup, clipping, seed, batch size); the LLM under them is frozen and the same.
+Loading it once and batching the trials' rows through it is the idea of HFTA
+(Wang et al., arXiv 2102.02344: fuse the models of many trials into one so they share
+the accelerator) and of ASPEN (Ye et al., arXiv 2312.02515: many LoRA jobs over one
+shared base model, each row routed to its own adapter).
+
+How one group step works (`TrialGroup.step`):
+  * every active member draws its own micro-batch (its seed's epoch order, its batch size);
+  * the rows are concatenated (text right-padded to the longest: with causal attention
+    right padding changes nothing at the real positions), each member's prefix coming from
+    its own projector;
+  * ONE forward through the shared LLM, where every LoRA layer adds each row's own
+    adapter (peft's per-row `adapter_names` path, fed by forward pre-hooks);
+  * a loss per member over ITS target tokens only (`trainer.model.target_loss`, the
+    same function a solo run uses), and one backward of their sum. The members'
+    parameters are disjoint and their rows independent (row-wise ops, per-row
+    attention, frozen shared weights get no gradient), so each member's gradient is its
+    solo gradient, and a NaN in one member's rows or loss stays in that member;
+  * then per member, with the solo code (`trainer.loop`): norms, NaN guard, clipping,
+    AdamW, schedule, NaN/divergence policy, metrics record, eval, checkpoint.
+
+Each member is presented to that solo code as a `MemberView`: a `Phase2Model` whose
+parameters are named exactly as in a solo run (its adapter shows up as peft's
+"default"), so checkpoints and `trainable.safetensors` of a member load into a solo
+model, and a solo `--resume` can continue a group member (and vice versa).
+
+Exactness: with LoRA and projector dropout at 0 a member trains as the same config
+trained alone, up to float rounding (bigger matmuls, longer padded sequences):
+tests/test_group.py pins this. With dropout > 0 the masks come from the one process
+RNG stream that every member draws from in turn, so group losses match solo runs in
+distribution, not bit for bit (the order in which peft's layers draw the members'
+masks even follows Python's string-hash order of the adapter names, so set
+PYTHONHASHSEED for run-to-run repeatability); for the same reason a member's resume
+does not restore the RNG state saved in its checkpoint.
+
+Requirements: the feature cache (encoders never run in a group), and one value per
+group of everything the shared forward fixes (LLM, attention implementation, LoRA
+target modules, precision, gradient accumulation, data); `model.compile` must be off,
+and LoRA may not target the token embedding or the LM head. Anything raised inside a
+step (a fault hook, an out-of-memory) ends the whole group, as it would end the process
+of a solo run; every member then resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import TrainConfig
+from trainer.data import IGNORE_INDEX
+from trainer.errors import ConfigError, Problem
+from trainer.inputs import Inputs, prepare_inputs
+from trainer.loop import (
+    AfterBackward,
+    Run,
+    State,
+    StepTally,
+    assemble_run,
+    autocast_for,
+    close_run,
+    debug_hook,
+    finish_step,
+    load_tokenizer,
+    open_sinks,
+    prepare_run_dir,
+    resolve_device,
+    resolved_params,
+    restore_state,
+    scale_for_backward,
+    seed_everything,
+)
+from trainer.metrics import MetricsSink, MultiSink, NanEvent, RunSummary
+from trainer.model import (
+    Phase2Model,
+    Projector,
+    causal_lm,
+    final_hidden,
+    load_llm,
+    lora_config,
+    prefix_inputs,
+    target_loss,
+)
+
+SOLO_ADAPTER = "default"  # peft's adapter name in a solo run: checkpoints use it
+
+# `...q_proj.lora_A.<adapter>.weight`, `...lora_embedding_A.<adapter>`: the adapter segment.
+_ADAPTER_RE = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(?=\.|$)")
+
+# Every key whose value the shared forward fixes for the whole group.
+SHARED_KEYS = (
+    "model.llm_path", "model.attn_implementation", "model.lora.target_modules",
+    "phase2.precision", "phase2.gradient_accumulation_steps", "phase1.bundle_path",
+    "data", "demo",
+)
+
+
+def adapter_of(name: str) -> str | None:
+    """The LoRA adapter a parameter name belongs to (None for projector / base weights)."""
+    m = _ADAPTER_RE.search(name)
+    return m.group(2) if m else None
+
+
+def solo_name(name: str, adapter: str) -> str:
+    """A member's parameter name as the same parameter is named in a solo run."""
+    return _ADAPTER_RE.sub(
+        lambda m: f".{m.group(1)}.{SOLO_ADAPTER}" if m.group(2) == adapter else m.group(0), name)
+
+
+@contextmanager
+def adapter_rows(llm: nn.Module, names: list[str]) -> Iterator[None]:
+    """Route batch row i through LoRA adapter names[i] in every LoRA layer of `llm`.
+
+    peft's own `_enable_peft_forward_hooks` does this for inference only (it refuses in
+    training mode); the layer path it feeds (`_mixed_batch_forward`) is plain autograd,
+    so the same hooks are registered here for training too.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+               for m in llm.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Rows:
+    """One member's share of a shared forward."""
+
+    projector: Projector
+    adapter: str
+    features: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(t, (0, length - t.shape[1]), value=value)
+
+
+def rows_losses(llm: nn.Module, parts: list[Rows]) -> list[torch.Tensor]:
+    """One forward of every part's rows through `llm`; each part's mean target loss."""
+    lm = causal_lm(llm)
+    length = max(p.input_ids.shape[1] for p in parts)
+    embeds, masks, labels, names = [], [], [], []
+    for p in parts:
+        e, m, lb = prefix_inputs(
+            p.projector, lm.get_input_embeddings(), p.features,
+            _pad_right(p.input_ids, length, 0),  # masked out: any id in the vocab will do
+            _pad_right(p.attention_mask, length, 0),
+            _pad_right(p.labels, length, IGNORE_INDEX))
+        embeds.append(e)
+        masks.append(m)
+        labels.append(lb)
+        names += [p.adapter] * e.shape[0]
+    with adapter_rows(llm, names):
+        hidden = final_hidden(lm, torch.cat(embeds), torch.cat(masks))
+    head = lm.get_output_embeddings()
+    losses, start = [], 0
+    for lb in labels:  # each member's loss over its own rows and target tokens only
+        losses.append(target_loss(hidden[start : start + lb.shape[0]], lb, head))
+        start += lb.shape[0]
+    return losses
+
+
+class MemberView(Phase2Model):
+    """One member seen as a solo `Phase2Model`.
+
+    Its forward runs its rows through the shared LLM and its own adapter, and its
+    parameters carry solo names: its projector, the frozen base weights and its own
+    LoRA weights under peft's "default" name; other members' adapters are invisible.
+    So the solo optimizer groups, checkpoints, weight files and fault hooks work on it
+    unchanged.
+    """
+
+    def __init__(self, projector: Projector, llm: nn.Module, adapter: str) -> None:
+        super().__init__(projector, llm)
+        self.adapter = adapter
+
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = Rows(self.projector, self.adapter, features, input_ids, attention_mask, labels)
+        return rows_losses(self.llm, [rows])[0]
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            owner = adapter_of(name)
+            if owner is None:
+                yield name, p
+            elif owner == self.adapter:
+                yield solo_name(name, self.adapter), p
+
+
+@dataclass
+class Member:
+    """A trial training in the group: its solo `Run`/`State` plus its sinks and clocks."""
+
+    member_id: str
+    adapter: str
+    run: Run
+    state: State
+    sink: MultiSink
+    t0: float
+    t_last: float
+
+
+def _leaves(node: Any, key: str) -> dict[str, Any]:
+    """Dotted leaf keys under `key` of plain config data, so a problem names the exact key."""
+    if isinstance(node, dict):
+        return {k: v for sub, child in node.items()
+                for k, v in _leaves(child, f"{key}.{sub}").items()}
+    return {key: node}
+
+
+def _shared_values(cfg: TrainConfig) -> dict[str, Any]:
+    plain = cfg.to_plain()
+    out: dict[str, Any] = {}
+    for key in SHARED_KEYS:
+        node: Any = plain
+        for part in key.split("."):
+            node = node[part]
+        out.update(_leaves(node, key))
+    return out
+
+
+def group_problems(ref: TrainConfig | None, cfg: TrainConfig, inputs: Inputs,
+                   source: str = "config") -> list[Problem]:
+    """Why `cfg` cannot join a group whose first member had `ref` (empty when it can)."""
+    problems = []
+    if cfg.model.compile != "off":
+        problems.append(Problem(
+            source, "model.compile",
+            f"is {cfg.model.compile!r}, but a trial group runs one shared, uncompiled forward",
+            "set model.compile=off for grouped trials, or train this trial alone"))
+    if not cfg.data.feature_cache or inputs.feature_cache is None:
+        problems.append(Problem(
+            source, "data.feature_cache", "is off, but a trial group trains on cached features "
+            "only (the frozen encoders never run in a group)",
+            "set data.feature_cache=true, or train this trial alone"))
+    mine_all = _shared_values(cfg)
+    theirs_all = _shared_values(ref) if ref is not None else mine_all
+    reported = {p.key for p in problems}
+    for key, mine in mine_all.items():
+        theirs = theirs_all[key]
+        if mine != theirs and key not in reported:
+            problems.append(Problem(
+                source, key, f"{mine!r} differs from the group's {theirs!r}; every member of "
+                "a trial group shares it", "group only trials that agree on it, or train "
+                "this trial alone"))
+    return problems
+
+
+def io_lora_problems(lm: nn.Module, cfg: TrainConfig, source: str = "config") -> list[Problem]:
+    """LoRA on the token embedding or the LM head cannot be routed per row in a group.
+
+    The group embeds every row and applies the LM head outside the per-row adapter
+    routing (the head only on target positions), so those two must stay plain modules.
+    """
+    io = (lm.get_input_embeddings(), lm.get_output_embeddings())
+    targets = cfg.model.lora.target_modules
+    hit = sorted({t for name, mod in lm.named_modules() if any(mod is x for x in io)
+                  for t in targets if name == t or name.endswith("." + t)})
+    if not hit:
+        return []
+    return [Problem(source, "model.lora.target_modules",
+                    f"{hit} adapt the token embedding or the LM head, which a trial group "
+                    "shares unadapted", "target only layers inside the decoder, or train "
+                    "this trial alone")]
+
+
+class TrialGroup:
+    """Phase 2 trials training together over one frozen LLM; see the module docstring."""
+
+    def __init__(self, inputs: Inputs, device: str | None = None, log: Callable = print) -> None:
+        self.inputs = inputs
+        self.device = resolve_device(device)
+        self.log = log
+        self.members: dict[str, Member] = {}
+        self._ref: TrainConfig | None = None  # the first member's config: the group's keys
+        self._lm: nn.Module | None = None  # the CausalLM, loaded once at the first member
+        self._peft: nn.Module | None = None  # the peft wrapper holding every member's adapter
+        self._tokenizer = None
+        self._next_adapter = 0
+        self._live_adapters: set[str] = set()  # adapters whose LoRA weights must train
+
+    @property
+    def llm(self) -> nn.Module | None:
+        """The shared peft-wrapped LLM holding every member's adapter (None before the first)."""
+        return self._peft
+
+    # ------------------------------------------------------------------ membership
+
+    def add_member(self, member_id: str, cfg: TrainConfig, sink: MetricsSink | None = None, *,
+                   resume: bool = False, after_backward: AfterBackward | None = None,
+                   console: bool = False, source: str = "config") -> None:
+        """Start (or with `resume`, continue) one trial in the group, as `train()` would."""
+        if member_id in self.members:
+            raise ValueError(f"trial group already has a member {member_id!r}")
+        problems = group_problems(self._ref, cfg, self.inputs, source)
+        if problems:
+            raise ConfigError(problems)
+        t0 = time.perf_counter()
+        if self._lm is None:
+            lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
+            problems = io_lora_problems(lm, cfg, source)
+            if problems:
+                raise ConfigError(problems)
+            self._lm, self._tokenizer = lm, load_tokenizer(self.inputs)
+            self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
+        train_split, eval_split, plan, run_dir = prepare_run_dir(
+            cfg, self.inputs, self._tokenizer, resume=resume, source=source)
+        features = train_split.features
+        adapter = f"member{self._next_adapter}"  # peft names must be plain identifiers
+        self._next_adapter += 1
+        view = self._new_view(cfg, adapter, features.shape[-1])
+        try:
+            run = assemble_run(cfg, plan, view, train_split, eval_split, None, self.device,
+                               run_dir, features.shape[1], self.log)
+            run.after_backward = debug_hook(cfg, after_backward)
+            state = restore_state(run, self.log, restore_rng=False) if resume else State()
+            out = open_sinks(run, state, sink, resume=resume, console=console,
+                             console_prefix=f"[{member_id}] ")
+        except BaseException:
+            self._delete_adapter(adapter)
+            raise
+        out.log_params(resolved_params(cfg, plan))
+        self.members[member_id] = Member(member_id, adapter, run, state, out, t0,
+                                         time.perf_counter())
+
+    def remove_member(self, member_id: str, end_reason: str = "stopped") -> RunSummary:
+        """End a member from outside (e.g. an ASHA stop): weights, summary, memory freed."""
+        return self._close(self.members[member_id], end_reason)
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, only: Collection[str] | None = None) -> dict[str, RunSummary]:
+        """One optimizer step of every active member (or of the members in `only`; the
+        others wait, e.g. while their reports are unread); the summaries of those that
+        ended."""
+        finished = {}
+        for m in [m for m in self.members.values() if m.state.step >= m.run.plan.total_steps]:
+            finished[m.member_id] = self._close(m, "completed")  # resumed at its last step
+        active = [m for m in self.members.values() if only is None or m.member_id in only]
+        if not active:
+            return finished
+        results = self._train_step(active)
+        for m, (record, event) in zip(active, results, strict=True):
+            now = time.perf_counter()
+            dt, m.t_last = max(now - m.t_last, 1e-9), now
+            end_reason = finish_step(m.run, m.state, m.state.step + 1, record, event, m.sink, dt)
+            if end_reason is not None:
+                finished[m.member_id] = self._close(m, end_reason)
+        return finished
+
+    def _train_step(self, active: list[Member]
+                    ) -> list[tuple[dict[str, Any], NanEvent | None]]:
+        """Shared forward/backward over every member's micro-batches, then each one's step."""
+        steps = [m.state.step + 1 for m in active]
+        tallies = [StepTally(torch.zeros((), device=self.device)) for _ in active]
+        for m in active:
+            m.run.optimizer.zero_grad(set_to_none=True)
+        for j in range(self._ref.phase2.gradient_accumulation_steps):
+            batches = [m.run.train.batch(m.run.micro_batch(s - 1, j))
+                       for m, s in zip(active, steps, strict=True)]
+            dev = self.device
+            parts = [Rows(m.run.model.projector, m.adapter,
+                          *(b[k].to(dev, non_blocking=True) for k in
+                            ("features", "input_ids", "attention_mask")),
+                          b["labels"])  # on the CPU, as in a solo run: no sync in the loss
+                     for m, b in zip(active, batches, strict=True)]
+            with autocast_for(active[0].run):  # one precision per group
+                losses = rows_losses(self._peft, parts)
+            # Members' parameters are disjoint: the gradient of the sum w.r.t. a member's
+            # parameters is the gradient of its own loss (its own fp16 scale included).
+            total = sum(scale_for_backward(m.run, loss)
+                        for m, loss in zip(active, losses, strict=True))
+            total.backward()
+            for m, tally, b, loss in zip(active, tallies, batches, losses, strict=True):
+                tally.add(m.run, b, loss)
+        return [tally.optimizer_step(m.run, m.state, s)
+                for m, tally, s in zip(active, tallies, steps, strict=True)]
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_view(self, cfg: TrainConfig, adapter: str, align_dim: int) -> MemberView:
+        """A new adapter + projector with the solo run's initial weights, bit for bit."""
+        from peft import get_peft_model
+
+        m = cfg.model
+        # The RNG order of trainer.model.build_model: seed, LoRA init, projector init.
+        seed_everything(cfg.phase2.seed)
+        lcfg = lora_config(m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+        with warnings.catch_warnings():  # peft warns about several adapters in one model
+            warnings.simplefilter("ignore")
+            if self._peft is None:
+                self._peft = get_peft_model(self._lm, lcfg, adapter_name=adapter)
+            else:
+                self._peft.add_adapter(adapter, lcfg)
+        hidden = self._lm.config.hidden_size
+        projector = Projector(align_dim, hidden, m.projector.hidden_dim or 4 * hidden,
+                              m.projector.dropout).to(self.device)
+        self._live_adapters = {*self._adapters(), adapter}
+        self._mark_trainable()
+        view = MemberView(projector, self._peft, adapter)
+        view.train()
+        return view
+
+    def _adapters(self) -> set[str]:
+        return {m.adapter for m in self.members.values()}
+
+    def _mark_trainable(self) -> None:
+        # peft keeps only its *active* adapter trainable (add/delete re-apply that): every
+        # member's LoRA weights must train, and the shared base weights never.
+        for name, p in self._peft.named_parameters():
+            p.requires_grad_(adapter_of(name) in self._live_adapters)
+
+    def _delete_adapter(self, adapter: str) -> None:
+        with warnings.catch_warnings():  # "adapter was active, setting another active"
+            warnings.simplefilter("ignore")
+            self._peft.delete_adapter(adapter)
+        self._live_adapters = self._adapters() - {adapter}
+        self._mark_trainable()
+
+    def _close(self, m: Member, end_reason: str) -> RunSummary:
+        summary = close_run(m.run, m.state, m.sink, end_reason, time.perf_counter() - m.t0)
+        del self.members[m.member_id]
+        # Drop the member's gradients, optimizer moments and adapter now, not at the end
+        # of the group: a finished trial's memory goes back to the members still training.
+        m.run.optimizer.zero_grad(set_to_none=True)
+        m.run.optimizer.state.clear()
+        self._delete_adapter(m.adapter)
+        return summary
+
+
+def train_group(cfgs: list[TrainConfig], sinks: list[MetricsSink | None] | None = None, *,
+                inputs: Inputs | None = None, device: str | None = None,
+                log: Callable = print) -> list[RunSummary]:
+    """Train `cfgs` as one trial group until every member ends; summaries in `cfgs` order."""
+    sinks = sinks if sinks is not None else [None] * len(cfgs)
+    inputs = inputs or prepare_inputs(cfgs[0], log)
+    group = TrialGroup(inputs, device, log)
+    ids = [f"{i}:{cfg.output.run_name}" for i, cfg in enumerate(cfgs)]
+    for member_id, cfg, sink in zip(ids, cfgs, sinks, strict=True):
+        group.add_member(member_id, cfg, sink)
+    summaries: dict[str, RunSummary] = {}
+    while group.members:
+        summaries.update(group.step())
+    return [summaries[i] for i in ids]

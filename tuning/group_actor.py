@@ -1,0 +1,271 @@
+"""Shared-weight trial groups under Ray Tune: many trials, one copy of the frozen model.
+
+With ``resources.shared_group: true`` the sweep starts one Ray actor (``GroupActor``) that holds
+a ``trainer.group.TrialGroup``: the frozen LLM once, and per trial its own projector, LoRA
+adapter, optimizer, schedule, clipping and NaN handling, all stepped together (their batches
+pass through the frozen layers as one). Each Tune trial stays a trial of its own -- sampled by
+the searcher, stopped by ASHA, logged to MLflow as its own child run -- but its process is
+only a thin client: ``run_group_member`` joins the actor, pulls the member's events (params,
+per-step records, checkpoints, the summary) and replays them into the same ``RayReportSink`` a
+solo trial uses, so reports, checkpoints and NaN handling look exactly like a solo trial's.
+
+Why the actor paces members: a solo trial blocks in ``tune.report`` until the driver has taken
+the result (and ASHA may stop it there). A member therefore pauses at exactly the record
+whose report would block it, until its client polls again (which it does only after that
+report returned), so it never trains past the point a stop is decided at; a member whose
+client went away (stopped by Tune, or its worker died) is dropped after
+``orphan_timeout_s``.
+
+Ownership: the driver creates the actor before ``Tuner.fit`` (a Ray actor dies with its
+owner, so a trial process must not own it); trials look it up by name. Trials must run on the
+actor's node (run dirs are local paths); on one machine this always holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from trainer.inputs import Inputs
+from trainer.metrics import RunSummary
+
+GROUP_ACTOR_PREFIX = "phase2-group-"
+POLL_WAIT_S = 5.0  # a client's poll returns after this long even with nothing new
+
+
+def group_actor_name(sweep_key: str) -> str:
+    return f"{GROUP_ACTOR_PREFIX}{sweep_key}"
+
+
+@dataclass
+class _Member:
+    events: deque[tuple[str, Any]] = field(default_factory=deque)
+    blocked_at: int | None = None  # the step whose record makes the client tune.report
+    delivered_through: int = 0  # highest step handed out by the last poll
+    last_poll: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+
+class _QueueSink:
+    """The member's MetricsSink inside the actor: queues events for its client to pull.
+
+    It shadows the client's ``RayReportSink`` decisions (a report every ``report_every``
+    records, a checkpoint reported with the record after it) to know at which record a
+    solo trial would block in ``tune.report``; the member pauses there until its client
+    has reported (polled again).
+    """
+
+    def __init__(self, member: _Member, wake: threading.Condition, report_every: int) -> None:
+        self.member, self.wake, self.report_every = member, wake, report_every
+        self.pending = 0
+        self.stashed = False
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._put("params", dict(params))
+
+    def log_metrics(self, metrics: dict[str, Any], step: int,
+                    checkpoint: Path | None = None) -> None:
+        reports = self.stashed  # RayReportSink.log_metrics, step for step
+        if reports:
+            self.stashed, self.pending = False, 0
+        self.pending += 1
+        if checkpoint is not None:
+            self.stashed = True
+        elif self.pending >= self.report_every:
+            reports, self.pending = True, 0
+        if reports:
+            self.member.blocked_at = step
+        self._put("metrics", (dict(metrics), step, str(checkpoint) if checkpoint else None))
+
+    def close(self, summary: RunSummary) -> None:
+        self.member.done = True
+        self._put("close", summary)
+
+    def _put(self, kind: str, payload: Any) -> None:
+        with self.wake:
+            self.member.events.append((kind, payload))
+            self.wake.notify_all()
+
+
+class GroupActor:
+    """Owns one ``TrialGroup`` and steps it on a thread while members are active."""
+
+    def __init__(self, inputs: Inputs, device: str | None, report_every: int,
+                 orphan_timeout_s: float) -> None:
+        from trainer.group import TrialGroup
+
+        self._inputs, self._device = inputs, device
+        self._group = TrialGroup(inputs, device=device, log=lambda *_: None)
+        self._report_every = max(1, report_every)
+        self._orphan_s = orphan_timeout_s
+        self._members: dict[str, _Member] = {}
+        self._lock = threading.Condition()  # members + group structure vs. the step thread
+        self._steps = 0
+        self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
+        self._thread.start()
+
+    def join(self, member_id: str, cfg_data: dict[str, Any], resume: bool) -> None:
+        """Add (or, for a retried trial, replace) a member; errors raise in the caller."""
+        from trainer.config import config_from_data
+
+        cfg = config_from_data(cfg_data, f"trial {member_id}")
+        with self._lock:
+            if member_id in self._members:
+                self._drop(member_id)
+            member = _Member()
+            self._group.add_member(member_id, cfg,
+                                   _QueueSink(member, self._lock, self._report_every),
+                                   resume=resume)
+            self._members[member_id] = member
+            self._lock.notify_all()
+
+    def poll(self, member_id: str) -> tuple[list[tuple[str, Any]], bool]:
+        """Events since the last poll (waits up to POLL_WAIT_S for one); and whether the
+        member is finished (its last event was delivered)."""
+        deadline = time.monotonic() + POLL_WAIT_S
+        with self._lock:
+            member = self._members.get(member_id)
+            if member is None:
+                # Dropped as an orphan, or the actor restarted and lost it: the trial errors
+                # and Tune retries it from its last checkpoint (it rejoins with resume).
+                raise RuntimeError(f"trial {member_id} is not a member of the shared group")
+            # This poll means the client has processed what the last one handed out (its
+            # tune.report returned): only now may the member train past that report.
+            if member.blocked_at is not None and member.blocked_at <= member.delivered_through:
+                member.blocked_at = None
+                self._lock.notify_all()
+            while not member.events and not member.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            member.last_poll = time.monotonic()
+            events = list(member.events)
+            member.events.clear()
+            steps = [payload[1] for kind, payload in events if kind == "metrics"]
+            member.delivered_through = max(steps, default=member.delivered_through)
+            finished = member.done
+            if finished:
+                self._members.pop(member_id, None)
+            self._lock.notify_all()
+            return events, finished
+
+    def leave(self, member_id: str) -> None:
+        """The client is going away (stopped by Tune): end the member."""
+        with self._lock:
+            if member_id in self._members:
+                self._drop(member_id)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"members": sorted(self._members), "steps": self._steps}
+
+    # ------------------------------------------------------------------ the step thread
+
+    def _drop(self, member_id: str) -> None:
+        member = self._members.pop(member_id)
+        if not member.done:
+            self._group.remove_member(member_id)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                for member_id, member in list(self._members.items()):
+                    if not member.done and now - member.last_poll > self._orphan_s:
+                        self._drop(member_id)  # its client is gone
+                # Members waiting for their client's report sit this step out (paused).
+                ready = [m for m, s in self._members.items()
+                         if not s.done and s.blocked_at is None]
+                if not ready:
+                    self._lock.wait(1.0)
+                    continue
+                try:
+                    self._group.step(only=ready)
+                except Exception:  # an OOM, a fault hook: the whole group step is lost
+                    self._fail_all(traceback.format_exc())
+                self._steps += 1
+
+    def _fail_all(self, error: str) -> None:
+        """Every member's client raises (Tune retries each trial from its checkpoint, and it
+        rejoins); the group restarts empty, as a crashed solo process would."""
+        from trainer.group import TrialGroup
+
+        for member in self._members.values():
+            member.done = True
+            member.events.append(("error", error))
+        self._members.clear()
+        self._group = TrialGroup(self._inputs, device=self._device, log=lambda *_: None)
+        self._lock.notify_all()
+
+
+def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
+                      num_gpus: float, orphan_timeout_s: float) -> Any:
+    """Create the sweep's group actor (owned by the driver); returns its handle."""
+    device = "cuda" if num_gpus > 0 else "cpu"
+    cls = ray.remote(GroupActor)
+    # max_concurrency: polls block (up to POLL_WAIT_S) in threads; one per member plus joins.
+    # max_restarts: a crashed group comes back empty, its trials error and are retried
+    # from their checkpoints (FailureConfig), rejoining the new actor.
+    return cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
+                       max_concurrency=64, max_restarts=3).remote(
+        inputs, device, report_every, orphan_timeout_s)
+
+
+def run_group_member(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
+                     opts: Any, actor_name: str) -> None:
+    """Ray Tune function trainable: one trial as a member of the sweep's shared group."""
+    from ray import tune
+
+    from trainer.config import config_from_data
+    from tuning.trainable import (
+        STALL_FILE,
+        RayReportSink,
+        StallWatchdog,
+        _record_placement,
+        _replay_finished,
+        _restore_checkpoint,
+        trial_config,
+    )
+
+    trial_id = tune.get_context().get_trial_id()
+    data = trial_config(base, config, trial_id, opts)
+    cfg = config_from_data(data, f"trial {trial_id}")
+    run_dir = opts.trials_dir / trial_id
+    watchdog = StallWatchdog(opts.stall_timeout_s, run_dir)
+    if _replay_finished(cfg, run_dir, opts, watchdog):
+        return
+    resume = _restore_checkpoint(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STALL_FILE).unlink(missing_ok=True)
+    _record_placement(run_dir)
+    actor = ray.get_actor(actor_name)
+    ray.get(actor.join.remote(trial_id, data, resume))
+    watchdog.start()
+    sink = RayReportSink(opts, run_dir, watchdog)
+    finished = False
+    try:
+        while not finished:
+            events, finished = ray.get(actor.poll.remote(trial_id))
+            for kind, payload in events:
+                if kind == "params":
+                    sink.log_params(payload)
+                elif kind == "metrics":
+                    metrics, step, checkpoint = payload
+                    sink.log_metrics(metrics, step, Path(checkpoint) if checkpoint else None)
+                elif kind == "close":
+                    sink.close(payload)
+                    finished = True
+                elif kind == "error":
+                    finished = True  # the group dropped us: nothing to leave
+                    raise RuntimeError(f"the shared group's step failed:\n{payload}")
+    finally:
+        if not finished:  # stopped by Tune between polls, or an error here
+            actor.leave.remote(trial_id)
