@@ -11,7 +11,8 @@ inputs), so tokens per step = B x (P + text_len).
 
 Arms, timed in the same process one after the other:
   naive    fp32, no TF32, the frozen encoders run on every step from raw image/audio/
-           text tensors, unfused (for-loop) AdamW, `loss.item()` every step.
+           text tensors, logits over the whole vocabulary at every position (HF's loss),
+           unfused (for-loop) AdamW, `loss.item()` every step.
   trainer  the project's hot path (`trainer.loop._train_one_step` + NaN policy): bf16
            autocast over fp32 weights, fused AdamW, TF32, SDPA, cached features.
   trainer-nocache  the same with `data.feature_cache: false` (the frozen encoders and
@@ -113,6 +114,20 @@ def trainer_nocache_arm(cfg, inputs, tokens: Tokens, batch: int, args):
     return _timed(step, args.warmup, args.steps), _peak_gib()
 
 
+def naive_loss(model, features, input_ids, attention_mask, labels) -> torch.Tensor:
+    """The textbook forward: logits over the whole vocabulary at every position, HF's loss."""
+    from trainer.data import IGNORE_INDEX
+
+    prefix = model.projector(features)
+    tokens = model.llm.get_input_embeddings()(input_ids)
+    b, t = features.shape[:2]
+    out = model.llm(inputs_embeds=torch.cat([prefix.to(tokens.dtype), tokens], 1),
+                    attention_mask=torch.cat([attention_mask.new_ones((b, t)), attention_mask], 1),
+                    labels=torch.cat([labels.new_full((b, t), IGNORE_INDEX), labels], 1),
+                    use_cache=False)
+    return out.loss
+
+
 def naive_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> list[float]:
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -136,8 +151,8 @@ def naive_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> list[float]:
         with torch.no_grad():
             feats = bundle(media.images[idx].to(dev), media.audio[idx].to(dev),
                            media.text[idx].to(dev))
-        loss = model(feats, tokens.input_ids[idx].to(dev), tokens.attention_mask[idx].to(dev),
-                     tokens.labels[idx].to(dev))
+        loss = naive_loss(model, feats, tokens.input_ids[idx].to(dev),
+                          tokens.attention_mask[idx].to(dev), tokens.labels[idx].to(dev))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -178,3 +178,13 @@ def test_override_into_a_null_section_creates_it(tmp_path):
     path.write_text("base:\n  overrides:\n    phase2: null\n    phase2.epochs: 2\n"
                     "space:\n  learning_rate: 0.001\n")
     assert load_search(path).base.phase2.epochs == 2
+
+
+def test_yaml_off_and_on_are_compile_modes(tmp_path):
+    """`compile: off` parses as a YAML 1.1 boolean in most tools: it means the mode."""
+    from trainer.config import config_from_data
+
+    assert config_from_data({"model": {"compile": False}}, "x.yaml").model.compile == "off"
+    assert config_from_data({"model": {"compile": True}}, "x.yaml").model.compile == "default"
+    with pytest.raises(ConfigError):
+        config_from_data({"model": {"compile": "fast"}}, "x.yaml")

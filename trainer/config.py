@@ -13,7 +13,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trainer.errors import ConfigError, Problem
 from trainer.yaml_io import load_yaml_file, parse_scalar
@@ -101,6 +108,15 @@ class Model(_Strict):
     # the model's forward (CUDA only); the first steps pay the compile time
     lora: LoRA = Field(default_factory=LoRA)
     projector: Projector = Field(default_factory=Projector)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 (and so `compile: off` in most editors' YAML, or --set model.compile=off)
+        # reads off/on as booleans; they mean "off" / "default" here, not a type error.
+        if isinstance(value, bool):
+            return "default" if value else "off"
+        return value
 
 
 class Data(_Strict):

@@ -164,10 +164,13 @@ def _loss_step(run: Run, batch: dict[str, Any]) -> torch.Tensor:
         m = batch["media"]
         with torch.no_grad():  # frozen: never part of the graph
             features = run.bundle(m.images.to(dev), m.audio.to(dev), m.text.to(dev))
+    # labels stay on the CPU for target_loss (it finds the target positions there, without
+    # a sync); the compiled forward's masked_loss wants them on the device.
+    labels = batch["labels"].to(dev, non_blocking=True) if run.model.static_loss \
+        else batch["labels"]
     with autocast_for(run):
-        # labels stay on the CPU: the loss finds the target positions there, without a sync
         return run.model(features, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                         batch["labels"])
+                         labels)
 
 
 def _group_norms(run: Run) -> list[torch.Tensor]:
@@ -415,6 +418,7 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
         # Compile the bound forward, not the module: parameter names (and so the optimizer
         # groups and checkpoints) stay as they are.
         model.forward = torch.compile(model.forward, mode=m.compile, dynamic=False)
+        model.static_loss = True  # one graph: no data-dependent target count
     state = restore_state(run, log) if resume else State()
     return run, state, resolved_params(cfg, plan)
 

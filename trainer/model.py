@@ -123,20 +123,43 @@ def target_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
     return total / y.shape[0]
 
 
+def masked_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """The same mean target-token loss with static shapes, for a compiled forward.
+
+    Every position goes through the LM head and non-targets are masked out of the
+    cross-entropy (HF's loss): more FLOPs than `target_loss`, but no data-dependent shape,
+    so `torch.compile` keeps the whole step in one graph (and CUDA graphs can capture it).
+    `labels` must be on the hidden states' device.
+    """
+    logits = lm_head(hidden[:, :-1]).float()
+    target = labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (target != IGNORE_INDEX).sum()
+
+
 class Phase2Model(nn.Module):
-    """Projector + LoRA-wrapped LLM; the loss covers target tokens only."""
+    """Projector + LoRA-wrapped LLM; the loss covers target tokens only.
+
+    `static_loss` (set by the trainer when it compiles the forward) picks `masked_loss`
+    over `target_loss`: equal values, shapes a compiled graph can keep.
+    """
 
     def __init__(self, projector: Projector, llm: nn.Module) -> None:
         super().__init__()
         self.projector = projector
         self.llm = llm
+        self.static_loss = False
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         lm = causal_lm(self.llm)
         embeds, mask, labels = prefix_inputs(self.projector, lm.get_input_embeddings(),
                                              features, input_ids, attention_mask, labels)
-        return target_loss(final_hidden(lm, embeds, mask), labels, lm.get_output_embeddings())
+        hidden = final_hidden(lm, embeds, mask)
+        if self.static_loss:
+            return masked_loss(hidden, labels, lm.get_output_embeddings())
+        return target_loss(hidden, labels, lm.get_output_embeddings())
 
 
 def build_model(llm_path: Path, align_dim: int, *, lora_r: int, lora_alpha: float,

@@ -1,0 +1,147 @@
+"""Shared-weight trial groups on one GPU: K trials stepped together over one frozen LLM.
+
+    python bench/gpu_group.py configs/reference.yaml --k 1,8,16 --batch 2 --text-len 128
+
+For each K, one `trainer.group.TrialGroup` gets K members (the config with K different
+base learning rates and seeds; every member's own batch is B examples of P prefix
+tokens + `--text-len` synthetic text tokens, all of them targets, as in
+bench/gpu_trainer.py) and runs `--warmup` + `--steps` group steps; the timed steps are
+synchronised with the GPU. K=1 is one trial alone on the same code path, the baseline
+measured in the same run. Reported per K: group step time (median), aggregate tokens/s
+and trial-steps/s, MFU (same formula as bench/gpu_trainer.py: tokens/s x (4 x frozen
+LLM params + 6 x one member's trainable params) / peak), peak GPU memory, and the
+aggregate ratio to K=1. The group runs eager (a group's forward is not compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpu_trainer import synthetic_tokens  # noqa: E402
+
+from trainer.bundle import load_bundle  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.data import Split, Tokens  # noqa: E402
+from trainer.group import TrialGroup  # noqa: E402
+from trainer.inputs import prepare_inputs  # noqa: E402
+from trainer.loop import Plan  # noqa: E402
+from trainer.optim import param_groups  # noqa: E402
+
+
+def _sync() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
+    group = TrialGroup(inputs, device=args.device, log=lambda *_: None)
+    for i in range(k):
+        member = cfg.model_copy(deep=True)
+        member.phase2.learning_rate = 1e-4 * (1.3 ** i)
+        member.phase2.seed = i
+        member.output.root = work / f"k{k}"
+        member.output.run_name = f"m{i}"
+        group.add_member(f"m{i}", member)
+    for m in group.members.values():  # synthetic text of a fixed length, cached features
+        feats = m.run.train.features
+        n = min(len(feats), len(tokens.input_ids))
+        m.run.train = Split([str(j) for j in range(n)],
+                            Tokens(tokens.input_ids[:n], tokens.labels[:n],
+                                   tokens.attention_mask[:n]), features=feats[:n])
+        m.run.plan = Plan(args.batch, 1, n // args.batch, 10**9, 0)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = _sync()
+        group.step()
+        if i >= args.warmup:
+            times.append(_sync() - t0)
+    if args.profile and k == args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                         else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                group.step()
+            _sync()
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by=sort, row_limit=8))
+    first = next(iter(group.members.values()))
+    _, counts = param_groups(first.run.model)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return {"times": times, "trainable": counts.trainable, "frozen": counts.frozen,
+            "peak_mem_gib": round(peak, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--k", default="1,8,16", help="group sizes to measure, the first the baseline")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--text-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", type=int, default=0,
+                    help="also profile 3 steps of the group of this size (torch.profiler)")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, [*args.overrides, "output.run_name=null",
+                                    "output.save_weights=false", "output.checkpoint_every=0",
+                                    "output.eval_every=0", "model.compile='off'",
+                                    "model.lora.dropout=0.0"])
+    inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True), device=args.device)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(str(inputs.llm_dir)).vocab_size
+    n = max(args.batch * (args.warmup + args.steps), args.batch)
+    tokens = synthetic_tokens(n, args.text_len, min(vocab, 99))
+    prefix = load_bundle(inputs.bundle_dir, "cpu").num_tokens
+    per_member = args.batch * (prefix + args.text_len)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device: {device}; per member: batch {args.batch} x ({prefix} prefix + "
+          f"{args.text_len} text) = {per_member} tokens/step", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in [int(x) for x in args.k.split(",")]:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            r = run_group(cfg, inputs, k, tokens, args, Path(tmp))
+            step = statistics.median(r["times"])
+            tps = k * per_member / step
+            flops = 4 * r["frozen"] + 6 * r["trainable"]
+            row = {"k": k, "group_step_ms": round(step * 1e3, 2),
+                   "aggregate_tokens_per_s": round(tps),
+                   "trial_steps_per_s": round(k / step, 2),
+                   "mfu_pct": round(100 * tps * flops / (args.peak_tflops * 1e12), 2),
+                   "peak_mem_gib": r["peak_mem_gib"]}
+            rows.append(row)
+            row["ratio_vs_first"] = round(row["trial_steps_per_s"] / rows[0]["trial_steps_per_s"],
+                                          2)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "batch": args.batch,
+                                         "text_len": args.text_len, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
