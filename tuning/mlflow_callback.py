@@ -218,7 +218,11 @@ class MlflowSweepCallback(Callback):
 
     @_never_raise
     def setup(self, **info: Any) -> None:
+        # Before any trial runs, so waiting here costs no trial anything: the parent run
+        # (and with SQLite the store) exists from the start, and a store that cannot be
+        # written shows up now rather than after the first results.
         self._ensure_parent()
+        self.flush(timeout=self.drain_timeout_s)
 
     @_never_raise
     def on_trial_start(

@@ -267,6 +267,8 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
     """Run (or restore) one Tuner whose state lives in <stage_dir>/ray."""
     from ray import tune
 
+    from tuning.checkpoint_pruner import CheckpointPruner
+
     ray_dir = stage_dir / "ray"
     if resume and tune.Tuner.can_restore(str(ray_dir)):
         print(f"[sweep] resuming {stage_dir.name} from {ray_dir}")
@@ -276,8 +278,10 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
                            run_config=tune.RunConfig(
                                name="ray", storage_path=str(stage_dir), verbose=0,
                                failure_config=tune.FailureConfig(max_failures=max_failures),
-                               checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
-                               callbacks=callbacks))
+                               # Ray keeps every checkpoint; CheckpointPruner deletes the
+                               # old ones only once no snapshot on disk names them.
+                               checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                               callbacks=[*callbacks, CheckpointPruner(keep)]))
     INTERRUPT.install()  # after ray.init(), which installs its own SIGTERM handler
     results = tuner.fit()
     if INTERRUPT.signal is not None:
