@@ -106,6 +106,7 @@ class GroupActor:
         self._report_every = max(1, report_every)
         self._orphan_s = orphan_timeout_s
         self._members: dict[str, _Member] = {}
+        self._failed: dict[str, str] = {}  # member -> traceback of the group step that failed
         self._lock = threading.Condition()  # members + group structure vs. the step thread
         self._steps = 0
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
@@ -119,6 +120,7 @@ class GroupActor:
         with self._lock:
             if member_id in self._members:
                 self._drop(member_id)
+            self._failed.pop(member_id, None)  # a retry of a trial the failed step dropped
             member = _Member()
             self._group.add_member(member_id, cfg,
                                    _QueueSink(member, self._lock, self._report_every),
@@ -132,6 +134,9 @@ class GroupActor:
         deadline = time.monotonic() + POLL_WAIT_S
         with self._lock:
             member = self._members.get(member_id)
+            if member is None and member_id in self._failed:
+                raise RuntimeError("the shared group's step failed; Tune retries this trial "
+                                   f"from its checkpoint:\n{self._failed.pop(member_id)}")
             if member is None:
                 # Dropped as an orphan, or the actor restarted and lost it: the trial errors
                 # and Tune retries it from its last checkpoint (it rejoins with resume).
@@ -198,9 +203,9 @@ class GroupActor:
         rejoins); the group restarts empty, as a crashed solo process would."""
         from trainer.group import TrialGroup
 
-        for member in self._members.values():
+        for member_id, member in self._members.items():
             member.done = True
-            member.events.append(("error", error))
+            self._failed[member_id] = error
         self._members.clear()
         self._group = TrialGroup(self._inputs, device=self._device, log=lambda *_: None)
         self._lock.notify_all()
@@ -219,35 +224,17 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
         inputs, device, report_every, orphan_timeout_s)
 
 
-def run_group_member(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
-                     opts: Any, actor_name: str) -> None:
+def run_group_member(config: dict[str, Any], *, base: dict[str, Any], opts: Any,
+                     actor_name: str) -> None:
     """Ray Tune function trainable: one trial as a member of the sweep's shared group."""
-    from ray import tune
+    from tuning.trainable import RayReportSink, start_trial
 
-    from trainer.config import config_from_data
-    from tuning.trainable import (
-        STALL_FILE,
-        RayReportSink,
-        StallWatchdog,
-        _record_placement,
-        _replay_finished,
-        _restore_checkpoint,
-        trial_config,
-    )
-
-    trial_id = tune.get_context().get_trial_id()
-    data = trial_config(base, config, trial_id, opts)
-    cfg = config_from_data(data, f"trial {trial_id}")
-    run_dir = opts.trials_dir / trial_id
-    watchdog = StallWatchdog(opts.stall_timeout_s, run_dir)
-    if _replay_finished(cfg, run_dir, opts, watchdog):
+    start = start_trial(config, base, opts)
+    if start is None:
         return
-    resume = _restore_checkpoint(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STALL_FILE).unlink(missing_ok=True)
-    _record_placement(run_dir)
+    trial_id, run_dir, watchdog = start.trial_id, start.run_dir, start.watchdog
     actor = ray.get_actor(actor_name)
-    ray.get(actor.join.remote(trial_id, data, resume))
+    ray.get(actor.join.remote(trial_id, start.data, start.resume))
     watchdog.start()
     sink = RayReportSink(opts, run_dir, watchdog)
     finished = False
@@ -263,9 +250,6 @@ def run_group_member(config: dict[str, Any], *, base: dict[str, Any], inputs: In
                 elif kind == "close":
                     sink.close(payload)
                     finished = True
-                elif kind == "error":
-                    finished = True  # the group dropped us: nothing to leave
-                    raise RuntimeError(f"the shared group's step failed:\n{payload}")
     finally:
         if not finished:  # stopped by Tune between polls, or an error here
             actor.leave.remote(trial_id)

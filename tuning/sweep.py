@@ -323,8 +323,8 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts):
           f"{cfg.resources.gpus_per_trial} GPU)")
     # A member's own process only relays reports: a token CPU share, no GPU.
     member = tune.with_resources(
-        tune.with_parameters(run_group_member, base=base, inputs=inputs, opts=opts,
-                             actor_name=name), {"cpu": 0.01})
+        tune.with_parameters(run_group_member, base=base, opts=opts, actor_name=name),
+        {"cpu": 0.01})
     return member, actor
 
 

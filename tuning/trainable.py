@@ -271,26 +271,53 @@ def run_listed_trial(config: dict[str, Any], *, configs: list[dict[str, Any]],
     run_trial(configs[config["i"]], **kwargs)
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
-              opts: TrialOptions) -> None:
-    """Ray Tune function trainable: one Phase 2 run with the sampled config."""
-    import torch
+@dataclass
+class TrialStart:
+    """A trial ready to train: its config (data and typed), run dir and watchdog."""
+
+    trial_id: str
+    data: dict[str, Any]
+    cfg: Any  # trainer.config.TrainConfig
+    run_dir: Path
+    watchdog: StallWatchdog
+    resume: bool
+
+
+def start_trial(config: dict[str, Any], base: dict[str, Any],
+                opts: TrialOptions) -> TrialStart | None:
+    """What every trial does before training, solo or in a shared group: build its config,
+    replay a run that finished on disk (None: nothing left to train), make the run dir
+    agree with Ray's checkpoint, note where it runs."""
     from ray import tune
 
     from trainer.config import config_from_data
-    from trainer.loop import train
 
-    torch.set_num_threads(max(1, int(opts.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id()
-    cfg = config_from_data(trial_config(base, config, trial_id, opts), f"trial {trial_id}")
+    data = trial_config(base, config, trial_id, opts)
+    cfg = config_from_data(data, f"trial {trial_id}")
     run_dir = opts.trials_dir / trial_id
     watchdog = StallWatchdog(opts.stall_timeout_s, run_dir)
     if _replay_finished(cfg, run_dir, opts, watchdog):
-        return
+        return None
     resume = _restore_checkpoint(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STALL_FILE).unlink(missing_ok=True)
     _record_placement(run_dir)
+    return TrialStart(trial_id, data, cfg, run_dir, watchdog, resume)
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
+              opts: TrialOptions) -> None:
+    """Ray Tune function trainable: one Phase 2 run with the sampled config."""
+    import torch
+
+    from trainer.loop import train
+
+    torch.set_num_threads(max(1, int(opts.cpus_per_trial)))
+    start = start_trial(config, base, opts)
+    if start is None:
+        return
+    cfg, run_dir, watchdog = start.cfg, start.run_dir, start.watchdog
     watchdog.start()
     log_file = run_dir / "train.log"
 
@@ -299,4 +326,4 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], inputs: Inputs,
             f.write(msg + "\n")
 
     sink = RayReportSink(opts, run_dir, watchdog)
-    train(cfg, sink, inputs=inputs, resume=resume, console=False, log=log)
+    train(cfg, sink, inputs=inputs, resume=start.resume, console=False, log=log)

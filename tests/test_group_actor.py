@@ -1,0 +1,64 @@
+"""The shared group's actor class, in process (no Ray): report pacing and a failed step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from trainer.inputs import prepare_inputs
+from tuning.group_actor import GroupActor
+
+
+def _wait(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def actor(tiny):
+    cfg = tiny(run_name="m0")
+    group = GroupActor(prepare_inputs(cfg, log=lambda *_: None), "cpu", report_every=2,
+                       orphan_timeout_s=600)
+    return group, cfg
+
+
+def _join(group: GroupActor, cfg, member_id: str) -> None:
+    data = cfg.to_plain()
+    data["output"]["run_name"] = member_id
+    group.join(member_id, data, resume=False)
+
+
+def test_a_member_pauses_where_a_solo_trial_would_block_in_tune_report(actor):
+    group, cfg = actor
+    _join(group, cfg, "m0")
+    member = group._members["m0"]
+    _wait(lambda: member.blocked_at is not None)
+    time.sleep(0.5)  # a running member would step on in this time
+    with group._lock:
+        steps = [p[1] for k, p in member.events if k == "metrics"]
+    assert steps == [1, 2] and member.blocked_at == 2  # report_every=2: blocked at step 2
+    events, finished = group.poll("m0")  # the client takes steps 1-2 and reports them ...
+    assert [p[1] for k, p in events if k == "metrics"] == [1, 2] and not finished
+    assert member.blocked_at == 2  # ... but until it polls again, the member stays paused
+    group.poll("m0")  # tune.report returned: the member may train on
+    _wait(lambda: member.blocked_at == 4)
+
+
+def test_a_failed_group_step_errors_its_members_and_they_can_rejoin(actor, monkeypatch):
+    group, cfg = actor
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(group._group, "step", boom)
+    _join(group, cfg, "m0")
+    _wait(lambda: "m0" in group._failed)
+    with pytest.raises(RuntimeError, match="simulated"):  # the traceback reaches the trial
+        group.poll("m0")
+    data = cfg.to_plain()
+    data["output"]["run_name"] = "m0-retry"
+    group.join("m0", data, resume=False)  # Tune's retry rejoins the fresh group
+    _wait(lambda: group._members["m0"].blocked_at is not None)
