@@ -29,9 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpu_trainer import synthetic_tokens  # noqa: E402
+from gpu_trainer import bench_batch  # noqa: E402
 
-from trainer.bundle import load_bundle  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import Split, Tokens  # noqa: E402
 from trainer.group import TrialGroup  # noqa: E402
@@ -108,16 +107,8 @@ def main() -> None:
                                     "output.eval_every=0", "model.compile='off'",
                                     "model.lora.dropout=0.0"])
     inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True), device=args.device)
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(str(inputs.llm_dir)).vocab_size
     n = max(args.batch * (args.warmup + args.steps), args.batch)
-    tokens = synthetic_tokens(n, args.text_len, min(vocab, 99))
-    prefix = load_bundle(inputs.bundle_dir, "cpu").num_tokens
-    per_member = args.batch * (prefix + args.text_len)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device: {device}; per member: batch {args.batch} x ({prefix} prefix + "
-          f"{args.text_len} text) = {per_member} tokens/step", flush=True)
+    tokens, per_member, device = bench_batch(inputs, n, args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in [int(x) for x in args.k.split(",")]:

@@ -54,6 +54,21 @@ def synthetic_tokens(n: int, length: int, vocab: int, seed: int = 0) -> Tokens:
     return Tokens(ids, ids.clone(), torch.ones_like(ids))
 
 
+def bench_batch(inputs, n: int, args) -> tuple[Tokens, int, str]:
+    """`n` rows of synthetic text, the tokens per step of one trial (prefix + text, times
+    the batch) and the device's name; prints what one step holds."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(str(inputs.llm_dir)).vocab_size
+    tokens = synthetic_tokens(n, args.text_len, min(vocab, 99))
+    prefix = load_bundle(inputs.bundle_dir, "cpu").num_tokens
+    per_step = args.batch * (prefix + args.text_len)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device: {device_name}; per trial: batch {args.batch} x ({prefix} prefix + "
+          f"{args.text_len} text) = {per_step} tokens/step", flush=True)
+    return tokens, per_step, device_name
+
+
 def _sync_time() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -195,15 +210,7 @@ def main() -> None:
     inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True), device=args.device)
     n = max(args.batch * (args.warmup + args.steps), args.batch)
     n = min(n, cfg.demo.num_examples if cfg.data.manifest is None else n)
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(str(inputs.llm_dir)).vocab_size
-    tokens = synthetic_tokens(n, args.text_len, min(vocab, 99))
-    prefix = load_bundle(inputs.bundle_dir, "cpu").num_tokens
-    per_step = args.batch * (prefix + args.text_len)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device: {device_name}; batch {args.batch} x ({prefix} prefix + {args.text_len} "
-          f"text) = {per_step} tokens/step", flush=True)
+    tokens, per_step, device_name = bench_batch(inputs, n, args)
     results, counts = {}, None
     for arm in args.arms.split(","):
         gc.collect()  # the previous arm's model must not count against this one

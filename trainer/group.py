@@ -189,10 +189,12 @@ def adapter_blocks(llm: nn.Module, blocks: list[tuple[str, int]]) -> Iterator[No
     """Route each block of rows (adapter, row count), in order, through its own adapter in
     every LoRA layer of `llm` (vanilla LoRA); other layer types take peft's per-row path."""
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
-    vanilla = [m for m in llm.modules() if isinstance(m, LoraLinear)
+    layers = [m for m in llm.modules() if isinstance(m, LoraLayer)]  # one walk per forward
+    vanilla = [m for m in layers if isinstance(m, LoraLinear)
                and not any(a in m.lora_variant for a, _ in blocks)]
-    if len(vanilla) != sum(1 for m in llm.modules() if _is_lora_layer(m)):
+    if len(vanilla) != len(layers):
         names = [a for a, n in blocks for _ in range(n)]
         with adapter_rows(llm, names):
             yield
@@ -204,12 +206,6 @@ def adapter_blocks(llm: nn.Module, blocks: list[tuple[str, int]]) -> Iterator[No
     finally:
         for m in vanilla:
             del m.forward
-
-
-def _is_lora_layer(m: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return isinstance(m, LoraLayer)
 
 
 @dataclass

@@ -108,7 +108,6 @@ class GroupActor:
         self._members: dict[str, _Member] = {}
         self._failed: dict[str, str] = {}  # member -> traceback of the group step that failed
         self._lock = threading.Condition()  # members + group structure vs. the step thread
-        self._steps = 0
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -168,10 +167,6 @@ class GroupActor:
             if member_id in self._members:
                 self._drop(member_id)
 
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return {"members": sorted(self._members), "steps": self._steps}
-
     # ------------------------------------------------------------------ the step thread
 
     def _drop(self, member_id: str) -> None:
@@ -196,7 +191,6 @@ class GroupActor:
                     self._group.step(only=ready)
                 except Exception:  # an OOM, a fault hook: the whole group step is lost
                     self._fail_all(traceback.format_exc())
-                self._steps += 1
 
     def _fail_all(self, error: str) -> None:
         """Every member's client raises (Tune retries each trial from its checkpoint, and it

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -108,10 +107,6 @@ class MlflowSweepCallback(Callback):
         self._params_done: set[str] = set()
         self._run_dirs: dict[str, str] = {}
         self._end_reasons: dict[str, str] = {}
-        # trial_id -> {step: record}; a dict so a re-reported step inside one buffer is kept once
-        self._pending: dict[str, dict[int, Mapping[str, Any]]] = {}
-        self._pending_events: dict[str, list[Mapping[str, Any]]] = {}
-        self.hook_seconds = 0.0  # time spent inside on_trial_result (what a trial waits on)
 
     def __getstate__(self) -> dict[str, Any]:
         config_keys = (
@@ -192,24 +187,8 @@ class MlflowSweepCallback(Callback):
         self._started.add(trial_id)
         return trial_id
 
-    # ------------------------------------------------------------------ handing over
-
-    def _submit_pending(self) -> None:
-        """Hand every buffered record to the writer (returns at once)."""
-        pending, events = self._pending, self._pending_events
-        self._pending, self._pending_events = {}, {}
-        for trial_id in sorted(set(pending) | set(events)):
-            records = pending.get(trial_id, {})
-            self._submit(
-                "log_records",
-                trial_id,
-                [records[step] for step in sorted(records)],
-                events.get(trial_id, []),
-            )
-
     def flush(self, timeout: float | None = None) -> bool:
-        """Hand over what is buffered and wait until the writer applied it (False on timeout)."""
-        self._submit_pending()
+        """Wait until the writer applied everything submitted so far (False on timeout)."""
         if self._writer is None:
             return True
         return self._writer.drain(timeout)
@@ -243,7 +222,6 @@ class MlflowSweepCallback(Callback):
         result: dict[str, Any],
         **info: Any,
     ) -> None:
-        t0 = time.perf_counter()
         trial_id = self._ensure_trial(trial)
         params = result.get("resolved_params")
         if trial_id not in self._params_done and isinstance(params, Mapping):
@@ -255,21 +233,10 @@ class MlflowSweepCallback(Callback):
             self._submit("set_trial_tags", trial_id, {TAG_RUN_DIR: str(run_dir)})
         if result.get("end_reason"):
             self._end_reasons[trial_id] = str(result["end_reason"])
-        buffer = self._pending.setdefault(trial_id, {})
-        for record in result.get("records") or ():
-            try:
-                step = int(record["step"])
-            except (KeyError, TypeError, ValueError):
-                log.warning("trial %s: record without an integer step dropped", trial_id)
-                continue
-            buffer.setdefault(step, dict(record))
-        if not buffer:
-            del self._pending[trial_id]
-        new_events = result.get("new_nan_events") or ()
-        if new_events:
-            self._pending_events.setdefault(trial_id, []).extend(dict(e) for e in new_events)
-        self._submit_pending()
-        self.hook_seconds += time.perf_counter() - t0
+        records = [dict(r) for r in result.get("records") or ()]
+        events = [dict(e) for e in result.get("new_nan_events") or ()]
+        if records or events:  # the tracker checks steps and drops re-reported ones
+            self._submit("log_records", trial_id, records, events)
 
     @_never_raise
     def on_checkpoint(
@@ -278,7 +245,6 @@ class MlflowSweepCallback(Callback):
         # Once Ray commits a trial checkpoint, a restore will not re-report the steps before it,
         # so those steps must be durable before the next experiment snapshot: they are in the
         # inbox already; fsync it (one fsync per checkpoint, not per result).
-        self._submit_pending()
         self.writer.sync_to_disk()
 
     @_never_raise
@@ -286,7 +252,6 @@ class MlflowSweepCallback(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         trial_id = self._ensure_trial(trial)
-        self._submit_pending()
         failures = getattr(trial, "num_failures", None)
         if failures is not None:
             self._submit("set_trial_tags", trial_id, {TAG_RECOVERIES: failures})
@@ -296,12 +261,11 @@ class MlflowSweepCallback(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         trial_id = str(trial.trial_id)
-        if trial_id not in self._started and trial_id not in self._pending:
+        if trial_id not in self._started:
             # Ray also "completes" trials that never started (pending ones removed by the
             # search algorithm); they have no child run.
             return
         self._ensure_trial(trial)
-        self._submit_pending()
         self._log_run_dir_artifacts(trial)
         # end_reason None at completion: a scheduler/stopper ended it before the trainer did.
         end_reason = self._end_reasons.get(trial_id) or "stopped_by_tune"
@@ -312,7 +276,6 @@ class MlflowSweepCallback(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         trial_id = self._ensure_trial(trial)
-        self._submit_pending()
         self._log_run_dir_artifacts(trial)
         tags: dict[str, Any] = {TAG_END_REASON: self._end_reasons.get(trial_id) or "error"}
         error = _error_text(trial)
@@ -322,7 +285,6 @@ class MlflowSweepCallback(Callback):
 
     @_never_raise
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        self._submit_pending()
         # On Ctrl+C Ray cleans up and calls this with trials still RUNNING/PENDING/PAUSED:
         # those (and so the sweep) are KILLED, and a later Tuner.restore reopens them.
         unfinished = [

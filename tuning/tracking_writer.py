@@ -299,8 +299,10 @@ def _merge_records(batch: list[tuple[int, str, list[Any]]]) -> list[tuple[str, l
         events = rest[0] if rest else []
         held_records, held_events = run.setdefault(str(trial_id), ({}, []))
         for record in records:
-            with contextlib.suppress(KeyError, TypeError, ValueError):
+            try:
                 held_records.setdefault(int(record["step"]), record)
+            except (KeyError, TypeError, ValueError):
+                log.warning("trial %s: record without an integer step dropped", trial_id)
         held_events.extend(events)
     close_run()
     return out
