@@ -5,10 +5,10 @@
 For each K, one `trainer.group.TrialGroup` gets K members (the config with K different
 base learning rates and seeds; every member's own batch is B examples of P prefix
 tokens + `--text-len` synthetic text tokens, all of them targets, as in
-bench/gpu_trainer.py) and runs `--warmup` + `--steps` group steps; the timed steps are
-synchronised with the GPU. K=1 is one trial alone on the same code path, the baseline
-measured in the same run. Reported per K: group step time (median), aggregate tokens/s
-and trial-steps/s, MFU (same formula as bench/gpu_trainer.py: tokens/s x (4 x frozen
+bench/gpu_trainer.py) and runs `--warmup` + `--steps` group steps, synchronised with the
+GPU before and after the timed steps only. K=1 is one trial alone on the same code path,
+the baseline measured in the same run. Reported per K: group step time (mean), aggregate
+tokens/s and trial-steps/s, MFU (same formula as bench/gpu_trainer.py: tokens/s x (4 x frozen
 LLM params + 6 x one member's trainable params) / peak), peak GPU memory, and the
 aggregate ratio to K=1. The group runs eager (a group's forward is not compiled).
 """
@@ -61,12 +61,12 @@ def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
                             Tokens(tokens.input_ids[:n], tokens.labels[:n],
                                    tokens.attention_mask[:n]), features=feats[:n])
         m.run.plan = Plan(args.batch, 1, n // args.batch, 10**9, 0)
-    times = []
-    for i in range(args.warmup + args.steps):
-        t0 = _sync()
+    for _ in range(args.warmup):
         group.step()
-        if i >= args.warmup:
-            times.append(_sync() - t0)
+    t0 = _sync()  # mean over the timed steps, synchronised at both ends only
+    for _ in range(args.steps):
+        group.step()
+    times = [(_sync() - t0) / args.steps]
     if args.profile and k == args.profile:
         from torch.profiler import ProfilerActivity, profile
 

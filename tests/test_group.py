@@ -103,7 +103,7 @@ def test_target_loss_equals_the_hf_causal_lm_loss(tiny):
         hf = model.llm(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels,
                        use_cache=False).loss
         ours = model(features, ids, mask, labels)
-        hidden = final_hidden(lm, embeds, full_mask)
+        hidden = final_hidden(lm, embeds)
         chunked = target_loss(hidden, full_labels, lm.get_output_embeddings(), chunk_rows=5)
         static = masked_loss(hidden, full_labels, lm.get_output_embeddings())
         model.static_loss = True  # what a compiled forward uses
@@ -114,13 +114,24 @@ def test_target_loss_equals_the_hf_causal_lm_loss(tiny):
     assert ours_static.item() == pytest.approx(hf.item(), rel=1e-5)
 
 
-def test_members_train_exactly_as_they_train_alone(tiny):
+# Members with the host guard, and with the device guard (trainer.step_guard: their steps
+# are read back together, one sync per group step); the solo runs use the same guard (the
+# device guard needs the fused AdamW, whose rounding differs from the for-each one's).
+GUARDS = pytest.mark.parametrize("sync", [1, 4], ids=["host-guard", "device-guard"])
+
+
+@GUARDS
+def test_members_train_exactly_as_they_train_alone(tiny, sync):
     solo_cfgs = {k: _cfg(tiny, f"solo-{k}", **p) for k, p in SPECS.items()}
     solo_cfgs["c"].output.eval_every = 4
+    for cfg in solo_cfgs.values():
+        cfg.output.sync_every = sync
     solo = {k: _solo(cfg) for k, cfg in solo_cfgs.items()}
 
     group_cfgs = {k: _cfg(tiny, f"group-{k}", **p) for k, p in SPECS.items()}
     group_cfgs["c"].output.eval_every = 4
+    for cfg in group_cfgs.values():
+        cfg.output.sync_every = sync
     group = TrialGroup(prepare_inputs(group_cfgs["a"], _quiet), log=_quiet)
     sinks = {k: MemorySink() for k in SPECS}
     for k, cfg in group_cfgs.items():
@@ -155,7 +166,8 @@ def test_members_train_exactly_as_they_train_alone(tiny):
         assert sinks[k].params == solo[k].params
 
 
-def test_a_nan_stays_in_its_member(tiny):
+@GUARDS
+def test_a_nan_stays_in_its_member(tiny, sync):
     def break_weights(step, model):  # the member's own forward turns non-finite at step 3
         if step == 2:
             with torch.no_grad():
@@ -170,6 +182,7 @@ def test_a_nan_stays_in_its_member(tiny):
 
     def cfg(prefix, k):
         c = _cfg(tiny, f"{prefix}-{k}", **specs[k])
+        c.output.sync_every = sync
         if k == "skip":
             c.debug.inject_nan_at_step = 3
             c.debug.inject_nan_group = "lora"

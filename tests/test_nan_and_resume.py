@@ -23,6 +23,11 @@ def _poison(step_at: int, group: str, until: int | None = None):
     return hook
 
 
+# Every guard test runs with the host guard (a read-back per step, the CPU default) and
+# with the device guard (trainer.step_guard: decisions on the device, read back every 4).
+GUARDS = pytest.mark.parametrize("sync", [1, 4], ids=["host-guard", "device-guard"])
+
+
 def _run(cfg, hook=None):
     sink = MemorySink()
     summary = train(cfg, sink, after_backward=hook, console=False, log=lambda *_: None)
@@ -30,8 +35,10 @@ def _run(cfg, hook=None):
 
 
 @pytest.mark.parametrize("group", ["projector", "lora"])
-def test_nan_in_one_group_is_one_event_naming_it_and_the_step_is_skipped(tiny, group):
+@GUARDS
+def test_nan_in_one_group_is_one_event_naming_it_and_the_step_is_skipped(tiny, group, sync):
     cfg = tiny(epochs=1, nan_policy="skip")
+    cfg.output.sync_every = sync
     summary, sink = _run(cfg, _poison(3, group))
     assert summary.status == "completed"
     assert len(summary.nan_events) == 1
@@ -51,28 +58,36 @@ def test_nan_in_one_group_is_one_event_naming_it_and_the_step_is_skipped(tiny, g
     assert json.loads(lines[2])[f"grad_norm/{group}"] is None
 
 
-def test_stop_policy_ends_the_run_unstable(tiny):
-    summary, sink = _run(tiny(epochs=1, nan_policy="stop"), _poison(4, "projector"))
+@GUARDS
+def test_stop_policy_ends_the_run_unstable(tiny, sync):
+    cfg = tiny(epochs=1, nan_policy="stop")
+    cfg.output.sync_every = sync
+    summary, sink = _run(cfg, _poison(4, "projector"))
     assert (summary.status, summary.end_reason, summary.steps_done) == ("unstable", "nan_stop", 4)
     assert summary.nan_events[0].action == "stopped"
     assert summary.to_json()["first_nan_group"] == "projector"
     assert len(sink.records) == 4
 
 
-def test_skip_policy_aborts_after_n_in_a_row(tiny):
+@GUARDS
+def test_skip_policy_aborts_after_n_in_a_row(tiny, sync):
     cfg = tiny(epochs=2, nan_policy="skip", max_consecutive_nan=3)
+    cfg.output.sync_every = sync
     summary, _ = _run(cfg, _poison(2, "lora", until=100))
     assert (summary.end_reason, summary.steps_done) == ("nan_abort", 4)
     assert [e.action for e in summary.nan_events] == ["skipped", "skipped", "aborted"]
 
 
-def test_non_finite_loss_is_a_loss_event(tiny):
+@GUARDS
+def test_non_finite_loss_is_a_loss_event(tiny, sync):
     def break_weights(step, model):
         if step == 2:
             with torch.no_grad():
                 model.projector.net[0].weight.fill_(float("inf"))
 
-    summary, sink = _run(tiny(epochs=1, nan_policy="stop"), break_weights)
+    cfg = tiny(epochs=1, nan_policy="stop")
+    cfg.output.sync_every = sync
+    summary, sink = _run(cfg, break_weights)
     assert summary.end_reason == "nan_stop"
     ev = summary.nan_events[0]
     assert (ev.step, ev.where) == (3, "loss")
@@ -91,13 +106,16 @@ def test_divergence_rule_on_a_synthetic_loss_history():
     assert _apply_policy(Phase2(), State(), None, 1e9) is None  # off by default
 
 
-def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny):
+@GUARDS
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny, sync):
     straight = tiny(run_name="straight", epochs=2)
     straight.output.checkpoint_every = 4
+    straight.output.sync_every = sync
     _, full = _run(straight)
 
     cfg = tiny(run_name="cut", epochs=2)
     cfg.output.checkpoint_every = 4
+    cfg.output.sync_every = sync
 
     class Crash(Exception):
         pass
@@ -133,3 +151,80 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tiny):
     from trainer.checkpoint import latest_readable
     found = latest_readable(ckpts[-1].parent, log=lambda *_: None)
     assert found is not None and found[0] == ckpts[-2]
+
+
+def _final_state(cfg):
+    """Trainable weights and the newest checkpoint's optimizer/schedule state of a run."""
+    from safetensors.torch import load_file
+
+    run_dir = cfg.output.root / cfg.output.run_name
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    st = torch.load(newest / "state.pt", weights_only=True)
+    return load_file(str(run_dir / "trainable.safetensors")), st, newest.name
+
+
+def _assert_same_run(host, device, rel=1e-5):
+    """Same records (loss, norms, LRs, flags) and the same final weights, up to rounding
+    (fused vs. for-each AdamW, and clip coefficients computed in fp32 on the device)."""
+    (hs, hsink), (ds, dsink) = host, device
+    assert (ds.end_reason, ds.steps_done) == (hs.end_reason, hs.steps_done)
+    assert [e.__dict__ for e in ds.nan_events] == [e.__dict__ for e in hs.nan_events]
+    assert [r["step"] for r in dsink.records] == [r["step"] for r in hsink.records]
+    for h, d in zip(hsink.records, dsink.records, strict=True):
+        for key in ("loss", "grad_norm", "grad_norm/projector", "grad_norm/lora",
+                    "lr/projector", "lr/lora", "clipped", "skipped", "nan_events"):
+            if isinstance(h[key], float) and not math.isfinite(h[key]):
+                assert not math.isfinite(d[key]), (h["step"], key)
+            else:
+                assert d[key] == pytest.approx(h[key], rel=rel, abs=1e-7), (h["step"], key)
+
+
+@pytest.mark.parametrize("policy,hook,end", [
+    ("stop", _poison(6, "lora"), "nan_stop"),  # inside a read-back window (5..8)
+    ("skip", _poison(5, "projector", until=7), "nan_abort"),  # 3 in a row, inside a window
+    ("skip", _poison(3, "lora"), "completed"),
+])
+def test_device_guard_ends_where_the_host_guard_ends(tiny, policy, hook, end):
+    """The device guard decides on the device and reads back every 4 steps; a stop in the
+    middle of a window ends the run at that step, in the host guard's state: same records,
+    same weights, the schedule and optimizer step count at the stop step."""
+    runs = {}
+    for sync in (1, 4):
+        cfg = tiny(run_name=f"g{sync}", epochs=1, nan_policy=policy, max_consecutive_nan=3)
+        cfg.output.sync_every = sync
+        runs[sync] = (cfg, _run(cfg, hook))
+    (hcfg, host), (dcfg, device) = runs[1], runs[4]
+    assert host[0].end_reason == end
+    _assert_same_run(host, device)
+    (hw, hst, hname), (dw, dst, dname) = _final_state(hcfg), _final_state(dcfg)
+    assert dname == hname  # the final checkpoint is at the stop step
+    assert dst["scheduler"]["last_epoch"] == hst["scheduler"]["last_epoch"] == host[0].steps_done
+    assert dst["scheduler"]["_last_lr"] == pytest.approx(hst["scheduler"]["_last_lr"], rel=1e-12)
+    steps = {int(s["step"]) for s in dst["optimizer"]["state"].values()}
+    skipped = sum(r["skipped"] for r in host[1].records)
+    assert steps == {host[0].steps_done - skipped}  # skipped steps never counted by AdamW
+    for k in hw:
+        torch.testing.assert_close(dw[k], hw[k], rtol=1e-4, atol=1e-6)
+
+
+def test_device_guard_stops_a_diverging_run_at_the_same_step(tiny):
+    runs = {}
+    for sync in (1, 4):
+        cfg = tiny(run_name=f"d{sync}", epochs=2, learning_rate=0.5, divergence_factor=1.05,
+                   gradient_clip_val=None)
+        cfg.output.sync_every = sync
+        runs[sync] = _run(cfg)
+    assert runs[1][0].end_reason == "diverged"
+    assert runs[1][0].steps_done < 22  # it stopped early, so the test can tell
+    _assert_same_run(runs[1], runs[4], rel=1e-4)
+
+
+def test_device_guard_clips_like_the_host_guard(tiny):
+    runs = {}
+    for sync in (1, 3):
+        cfg = tiny(run_name=f"c{sync}", epochs=2, gradient_clip_val=0.05)
+        cfg.output.sync_every = sync
+        runs[sync] = _run(cfg)
+    clipped = [r["clipped"] for r in runs[1][1].records]
+    assert 0 < sum(clipped) < len(clipped) or sum(clipped) == len(clipped) > 0
+    _assert_same_run(runs[1], runs[3], rel=1e-4)

@@ -85,6 +85,30 @@ def test_mixed_precision_runs_on_cpu(tiny, precision):
     assert finite and all(torch.isfinite(torch.tensor(r["loss"])) for r in finite)
 
 
+def test_frozen_linears_stored_in_bf16_train_bit_identically(tiny):
+    """Under bf16 autocast, storing the untargeted frozen linears in bf16 changes nothing
+    but their memory: autocast rounds those fp32 weights to bf16 at every linear anyway."""
+    from trainer.inputs import prepare_inputs
+    from trainer.loop import build_run
+
+    records, dtypes = {}, {}
+    for cast in (False, True):
+        cfg = tiny(run_name=f"cast-{cast}", epochs=1, precision="bf16")
+        cfg.model.cast_frozen_linears = cast
+        run, _, _ = build_run(cfg, prepare_inputs(cfg, lambda *_: None), log=lambda *_: None)
+        dtypes[cast] = {n: p.dtype for n, p in run.model.named_parameters()}
+        sink = MemorySink()
+        train(cfg, sink, console=False, log=lambda *_: None)
+        records[cast] = [(r["loss"], r["grad_norm"]) for r in sink.records]
+    cast_names = {n for n, d in dtypes[True].items() if d == torch.bfloat16}
+    assert cast_names and all("mlp." in n for n in cast_names)  # gate/up/down projections
+    assert all(d == torch.float32 for d in dtypes[False].values())
+    # LoRA-wrapped base layers, adapters, projector, embeddings and norms stay fp32
+    assert not any("lora_" in n or "projector" in n or "norm" in n or "embed" in n
+                   or "q_proj" in n for n in cast_names)
+    assert records[True] == records[False]  # bit for bit
+
+
 def test_warmup_longer_than_run_is_a_config_error(tiny):
     from trainer.errors import ConfigError
 

@@ -106,6 +106,8 @@ class Model(_Strict):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
     # the model's forward (CUDA only); the first steps pay the compile time
+    cast_frozen_linears: bool = True  # bf16/fp16 runs store the frozen LLM linears that no
+    # LoRA wraps (MLP, ~2/3 of a Qwen LLM) in that dtype: same outputs, half their memory
     lora: LoRA = Field(default_factory=LoRA)
     projector: Projector = Field(default_factory=Projector)
 
@@ -197,6 +199,9 @@ class Output(_Strict):
     checkpoint_every: int = Field(0, ge=0)  # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept (fallback if one is bad)
     save_weights: bool = True  # write trainable.safetensors (projector + LoRA) at the end
+    sync_every: int | None = Field(None, ge=1)  # read step metrics back every N optimizer
+    # steps: the NaN guard, clipping and stop policy act on the device at every step, the
+    # host waits for the GPU only every N; null = 10 on CUDA, 1 (host guard) on the CPU
 
     @model_validator(mode="after")
     def _name(self) -> Output:

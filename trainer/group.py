@@ -73,6 +73,7 @@ from trainer.loop import (
     close_run,
     debug_hook,
     finish_step,
+    frozen_dtype,
     load_tokenizer,
     open_sinks,
     prepare_run_dir,
@@ -86,6 +87,7 @@ from trainer.metrics import MetricsSink, MultiSink, NanEvent, RunSummary
 from trainer.model import (
     Phase2Model,
     Projector,
+    cast_untargeted_linears,
     causal_lm,
     final_hidden,
     load_llm,
@@ -93,6 +95,7 @@ from trainer.model import (
     prefix_inputs,
     target_loss,
 )
+from trainer.step_guard import DeviceGuard, read_back, resolve_steps
 
 SOLO_ADAPTER = "default"  # peft's adapter name in a solo run: checkpoints use it
 
@@ -102,7 +105,8 @@ _ADAPTER_RE = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(?=\.|$)")
 # Every key whose value the shared forward fixes for the whole group.
 SHARED_KEYS = (
     "model.llm_path", "model.attn_implementation", "model.lora.target_modules",
-    "phase2.precision", "phase2.gradient_accumulation_steps", "phase1.bundle_path",
+    "model.cast_frozen_linears", "phase2.precision", "phase2.gradient_accumulation_steps",
+    "phase1.bundle_path",
     "data", "demo",
 )
 
@@ -228,19 +232,18 @@ def rows_losses(llm: nn.Module, parts: list[Rows]) -> list[torch.Tensor]:
     """One forward of every part's rows through `llm`; each part's mean target loss."""
     lm = causal_lm(llm)
     length = max(p.input_ids.shape[1] for p in parts)
-    embeds, masks, labels, blocks = [], [], [], []
+    embeds, labels, blocks = [], [], []
     for p in parts:
-        e, m, lb = prefix_inputs(
+        e, _, lb = prefix_inputs(
             p.projector, lm.get_input_embeddings(), p.features,
-            _pad_right(p.input_ids, length, 0),  # masked out: any id in the vocab will do
+            _pad_right(p.input_ids, length, 0),  # never attended (final_hidden): any id will do
             _pad_right(p.attention_mask, length, 0),
             _pad_right(p.labels, length, IGNORE_INDEX))
         embeds.append(e)
-        masks.append(m)
         labels.append(lb)
         blocks.append((p.adapter, e.shape[0]))
     with adapter_blocks(llm, blocks):
-        hidden = final_hidden(lm, torch.cat(embeds), torch.cat(masks))
+        hidden = final_hidden(lm, torch.cat(embeds))
     head = lm.get_output_embeddings()
     losses, start = [], 0
     for lb in labels:  # each member's loss over its own rows and target tokens only
@@ -289,6 +292,7 @@ class Member:
     sink: MultiSink
     t0: float
     t_last: float
+    guard: DeviceGuard | None = None  # the device NaN guard of runs that use it
 
 
 def _leaves(node: Any, key: str) -> dict[str, Any]:
@@ -389,6 +393,7 @@ class TrialGroup:
         t0 = time.perf_counter()
         if self._lm is None:
             lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
+            cast_untargeted_linears(lm, cfg.model.lora.target_modules, frozen_dtype(cfg))
             problems = io_lora_problems(lm, cfg, source)
             if problems:
                 raise ConfigError(problems)
@@ -411,8 +416,9 @@ class TrialGroup:
             self._delete_adapter(adapter)
             raise
         out.log_params(resolved_params(cfg, plan))
+        guard = DeviceGuard.start(state, self.device) if run.device_guard else None
         self.members[member_id] = Member(member_id, adapter, run, state, out, t0,
-                                         time.perf_counter())
+                                         time.perf_counter(), guard)
 
     def remove_member(self, member_id: str, end_reason: str = "stopped") -> RunSummary:
         """End a member from outside (e.g. an ASHA stop): weights, summary, memory freed."""
@@ -431,17 +437,20 @@ class TrialGroup:
         if not active:
             return finished
         results = self._train_step(active)
-        for m, (record, event) in zip(active, results, strict=True):
+        for m, (record, event, device_stop) in zip(active, results, strict=True):
             now = time.perf_counter()
             dt, m.t_last = max(now - m.t_last, 1e-9), now
-            end_reason = finish_step(m.run, m.state, m.state.step + 1, record, event, m.sink, dt)
+            end_reason = finish_step(m.run, m.state, m.state.step + 1, record, event, m.sink, dt,
+                                     device_stop)
             if end_reason is not None:
                 finished[m.member_id] = self._close(m, end_reason)
         return finished
 
     def _train_step(self, active: list[Member]
-                    ) -> list[tuple[dict[str, Any], NanEvent | None]]:
-        """Shared forward/backward over every member's micro-batches, then each one's step."""
+                    ) -> list[tuple[dict[str, Any], NanEvent | None, str | None]]:
+        """Shared forward/backward over every member's micro-batches, then each one's step:
+        (record, NaN event, device stop reason) per member. Members with the device guard
+        launch their steps first and are read back together: one sync per group step."""
         steps = [m.state.step + 1 for m in active]
         tallies = [StepTally(torch.zeros((), device=self.device)) for _ in active]
         for m in active:
@@ -464,8 +473,18 @@ class TrialGroup:
             total.backward()
             for m, tally, b, loss in zip(active, tallies, batches, losses, strict=True):
                 tally.add(m.run, b, loss)
-        return [tally.optimizer_step(m.run, m.state, s)
-                for m, tally, s in zip(active, tallies, steps, strict=True)]
+        launched = {m.member_id: tally.launch(m.run, m.guard, s)
+                    for m, tally, s in zip(active, tallies, steps, strict=True)
+                    if m.guard is not None}
+        rows = dict(zip(launched, read_back(list(launched.values())), strict=True))
+        out = []
+        for m, tally, s in zip(active, tallies, steps, strict=True):
+            if m.guard is None:
+                out.append((*tally.optimizer_step(m.run, m.state, s), None))
+            else:
+                pending = launched[m.member_id]
+                out.append(resolve_steps(m.run, [pending], [rows[m.member_id]])[0])
+        return out
 
     # ------------------------------------------------------------------ internals
 

@@ -13,10 +13,8 @@ reuses everything here per member: `prepare_run_dir` / `assemble_run` /
 
 from __future__ import annotations
 
-import math
 import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,8 +32,20 @@ from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
 from trainer.inputs import Inputs, load_splits, prepare_inputs
 from trainer.metrics import ConsoleSink, JsonlSink, MetricsSink, MultiSink, NanEvent, RunSummary
-from trainer.model import Phase2Model, build_model
+from trainer.model import Phase2Model, build_model, low_precision_dtype
 from trainer.optim import GROUPS, build_optimizer, build_scheduler, param_groups
+from trainer.step_guard import (
+    DeviceGuard,
+    PendingStep,
+    advance_schedule,
+    group_norms,
+    launch_optimizer_step,
+    nan_event,
+    read_back,
+    resolve_steps,
+    rewind_schedule,
+    step_record,
+)
 from trainer.yaml_io import dump_yaml
 
 AfterBackward = Callable[[int, Phase2Model], None]  # fault-injection hook for tests
@@ -137,6 +147,8 @@ class Run:
     device: torch.device
     run_dir: Path
     prefix_tokens: int
+    sync_every: int = 1  # optimizer steps per read-back of the step metrics
+    device_guard: bool = False  # NaN guard on the device (trainer.step_guard), else host
     after_backward: AfterBackward | None = None
     _orders: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -151,7 +163,7 @@ class Run:
 
 
 def autocast_for(run: Run):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.cfg.phase2.precision)
+    dtype = low_precision_dtype(run.cfg.phase2.precision)
     return torch.autocast(run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -173,35 +185,23 @@ def _loss_step(run: Run, batch: dict[str, Any]) -> torch.Tensor:
                          labels)
 
 
-def _group_norms(run: Run) -> list[torch.Tensor]:
-    out = []
-    for g in GROUPS:
-        grads = [p.grad for p in run.groups[g] if p.grad is not None]
-        if not grads:
-            out.append(torch.zeros((), device=run.device))
-            continue
-        out.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0))
-    return out
-
-
 def _optimizer_step(run: Run, state: State, step: int, loss: torch.Tensor
                     ) -> tuple[dict[str, Any], NanEvent | None]:
-    """Norms, NaN guard, clipping, AdamW and the schedule for one optimizer step."""
+    """The host guard: norms, NaN check, clipping, AdamW and the schedule for one step.
+
+    Reads the loss and norms back before deciding (one device sync per step); runs with a
+    fused AdamW and no fp16 scaler use the device guard of `trainer.step_guard` instead.
+    """
     p2 = run.cfg.phase2
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    norms = _group_norms(run)
+    norms = group_norms(run)
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    # The one host sync per step: the NaN guard must decide before optimizer.step().
     loss_v, total_v, *group_v = torch.stack([loss.float(), total, *norms]).tolist()
     lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
-    bad_groups = [g for g, v in zip(GROUPS, group_v, strict=True) if not math.isfinite(v)]
-    event = None
+    event = nan_event(step, loss_v, group_v, fp16=run.scaler is not None)
     clipped = False
-    if not math.isfinite(loss_v) or bad_groups:
-        overflow = run.scaler is not None and math.isfinite(loss_v)
-        event = NanEvent(step, "grad" if math.isfinite(loss_v) else "loss", bad_groups,
-                         "skipped", fp16_overflow=overflow)
+    if event is not None:
         if run.scaler is not None:
             run.scaler.update()  # lowers the loss scale after an overflow
     else:
@@ -215,21 +215,17 @@ def _optimizer_step(run: Run, state: State, step: int, loss: torch.Tensor
             run.scaler.update()
         else:
             run.optimizer.step()
-    # Skipped steps still advance the schedule: the LR stays a pure function of the step.
-    with warnings.catch_warnings():  # torch warns when a skipped first step precedes this
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-        run.scheduler.step()
-    record = {
-        "step": step, "epoch": (step - 1) // run.plan.steps_per_epoch, "loss": loss_v,
-        "grad_norm": total_v, "grad_norm/projector": group_v[0], "grad_norm/lora": group_v[1],
-        "lr/projector": lrs["projector"], "lr/lora": lrs["lora"], "clipped": int(clipped),
-        "skipped": int(event is not None),
-    }
-    return record, event
+    advance_schedule(run)
+    return step_record(run, step, loss_v, total_v, group_v, lrs, clipped, event), event
 
 
-def _apply_policy(p2: Phase2, state: State, event: NanEvent | None, loss: float) -> str | None:
-    """Update NaN/divergence bookkeeping; return an end reason if the run must stop."""
+def _apply_policy(p2: Phase2, state: State, event: NanEvent | None, loss: float,
+                  diverged: bool | None = None) -> str | None:
+    """Update NaN/divergence bookkeeping; return an end reason if the run must stop.
+
+    `diverged`: the device guard's verdict (it smooths the loss in fp32; the host's
+    float64 EMA could fall on the other side of the threshold); None decides here.
+    """
     if event is not None:
         state.nan_events.append(event)
         state.consecutive_bad += 1
@@ -245,7 +241,10 @@ def _apply_policy(p2: Phase2, state: State, event: NanEvent | None, loss: float)
     if state.first_loss is None:
         state.first_loss = loss
     state.loss_ema = loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss
-    if p2.divergence_factor and state.loss_ema > p2.divergence_factor * state.first_loss:
+    if diverged is None:
+        diverged = bool(p2.divergence_factor) and (
+            state.loss_ema > p2.divergence_factor * state.first_loss)
+    if diverged:
         return "diverged"
     return None
 
@@ -295,8 +294,16 @@ class StepTally:
         record["_samples"], record["_tokens"] = self.samples, self.tokens
         return record, event
 
+    def launch(self, run: Run, guard: DeviceGuard, step: int) -> PendingStep:
+        """Hook, then the device-guarded step (`trainer.step_guard`): nothing is read back."""
+        if run.after_backward is not None:
+            run.after_backward(step, run.model)
+        return launch_optimizer_step(run, guard, step, self.loss_sum / run.plan.accum,
+                                     self.samples, self.tokens)
 
-def _train_one_step(run: Run, state: State, step: int) -> tuple[dict[str, Any], NanEvent | None]:
+
+def _backward_step(run: Run, step: int) -> StepTally:
+    """Forward and backward of every micro-batch of optimizer step `step`."""
     run.optimizer.zero_grad(set_to_none=True)
     tally = StepTally(torch.zeros((), device=run.device))
     for j in range(run.plan.accum):
@@ -304,7 +311,21 @@ def _train_one_step(run: Run, state: State, step: int) -> tuple[dict[str, Any], 
         loss = _loss_step(run, batch)
         scale_for_backward(run, loss).backward()
         tally.add(run, batch, loss)
-    return tally.optimizer_step(run, state, step)
+    return tally
+
+
+def _train_one_step(run: Run, state: State, step: int) -> tuple[dict[str, Any], NanEvent | None]:
+    """One optimizer step with the host guard (its record at once)."""
+    return _backward_step(run, step).optimizer_step(run, state, step)
+
+
+def needs_host(run: Run, step: int) -> bool:
+    """Whether the host must see step `step` before the next one starts: it evaluates,
+    checkpoints or ends the run there, each of which needs the weights of that step."""
+    out = run.cfg.output
+    return (step == run.plan.total_steps
+            or bool(out.eval_every and step % out.eval_every == 0)
+            or bool(out.checkpoint_every and step % out.checkpoint_every == 0))
 
 
 def _make_run_dir(cfg: TrainConfig, resume: bool, source: str) -> Path:
@@ -323,6 +344,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The dtype the frozen untargeted linears are stored in (None: fp32, as loaded)."""
+    return low_precision_dtype(cfg.phase2.precision) if cfg.model.cast_frozen_linears else None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -359,13 +385,17 @@ def assemble_run(cfg: TrainConfig, plan: Plan, model: Phase2Model, train_split: 
     p2 = cfg.phase2
     groups, counts = param_groups(model)
     log(counts.describe(p2.resolved_projector_lr, p2.resolved_lora_lr))
+    # On the CPU a sync costs nothing, so the host guard stays the default there; asking
+    # for sync_every > 1 selects the device guard (and so the CPU's fused AdamW) anywhere.
+    sync_every = cfg.output.sync_every or (10 if dev.type == "cuda" else 1)
+    scaler = torch.amp.GradScaler(dev.type) if p2.precision == "fp16" else None
+    device_guard = scaler is None and (dev.type == "cuda" or sync_every > 1)
     optimizer = build_optimizer(groups, p2.resolved_projector_lr, p2.resolved_lora_lr,
                                 p2.weight_decay, p2.adam_betas, p2.adam_eps,
-                                fused=dev.type == "cuda")
+                                fused=dev.type == "cuda" or device_guard)
     scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps)
-    scaler = torch.amp.GradScaler(dev.type) if p2.precision == "fp16" else None
     return Run(cfg, plan, model, groups, optimizer, scheduler, scaler, train_split, eval_split,
-               bundle, dev, run_dir, prefix)
+               bundle, dev, run_dir, prefix, sync_every if device_guard else 1, device_guard)
 
 
 def restore_state(run: Run, log=print, *, restore_rng: bool = True) -> State:
@@ -410,7 +440,7 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
                         projector_hidden=m.projector.hidden_dim,
                         projector_dropout=m.projector.dropout,
                         attn_implementation=m.attn_implementation, device=str(dev),
-                        seed=p2.seed)
+                        seed=p2.seed, frozen_dtype=frozen_dtype(cfg))
     model.train()
     run = assemble_run(cfg, plan, model, train_split, eval_split, bundle, dev, run_dir, prefix,
                        log)
@@ -434,14 +464,17 @@ def _save_weights(run: Run) -> None:
 
 
 def finish_step(run: Run, state: State, step: int, record: dict[str, Any],
-                event: NanEvent | None, sink: MetricsSink, dt: float) -> str | None:
+                event: NanEvent | None, sink: MetricsSink, dt: float,
+                device_stop: str | None = None) -> str | None:
     """Everything after an optimizer step: policy, throughput, eval, checkpoint, the record.
 
     Shared by solo runs and trial-group members. Returns the end reason when this step
-    ends the run ("completed" on the plan's last step), else None.
+    ends the run ("completed" on the plan's last step), else None. `device_stop`: the
+    device guard's stop reason for this step, for runs that have one.
     """
     out = run.cfg.output
-    stop = _apply_policy(run.cfg.phase2, state, event, record["loss"])
+    diverged = (device_stop == "diverged") if run.device_guard else None
+    stop = _apply_policy(run.cfg.phase2, state, event, record["loss"], diverged)
     state.step = step
     record["nan_events"] = len(state.nan_events)
     record["samples_per_s"] = record.pop("_samples") / dt
@@ -463,12 +496,51 @@ def finish_step(run: Run, state: State, step: int, record: dict[str, Any],
 
 def train_loop(run: Run, state: State, sink: MetricsSink) -> str:
     """Optimizer steps from state.step + 1 to the plan's end; returns the end reason."""
+    if run.device_guard:
+        return _device_guarded_loop(run, state, sink)
     t_last = time.perf_counter()
     for step in range(state.step + 1, run.plan.total_steps + 1):
         record, event = _train_one_step(run, state, step)
         now = time.perf_counter()
         dt, t_last = max(now - t_last, 1e-9), now
         end_reason = finish_step(run, state, step, record, event, sink, dt)
+        if end_reason is not None:
+            return end_reason
+    return "completed"
+
+
+def flush_window(run: Run, state: State, pending: list[PendingStep],
+                 rows: list[list[float]], sink: MetricsSink, dt: float) -> str | None:
+    """Finish a read-back window of device-guarded steps in order; the end reason if one
+    of them ends the run (the window's later steps never updated anything: rewound)."""
+    for p, (record, event, device_stop) in zip(pending, resolve_steps(run, pending, rows),
+                                                strict=True):
+        if device_stop is not None and p is not pending[-1]:
+            rewind_schedule(run, p.step)  # before finish_step checkpoints the stop step
+        end_reason = finish_step(run, state, p.step, record, event, sink, dt, device_stop)
+        if end_reason is not None:
+            return end_reason
+        if device_stop is not None:  # the device halted, the host's policy did not agree
+            raise AssertionError(f"device guard stopped at step {p.step} ({device_stop}), "
+                                 "the host policy did not")
+    return None
+
+
+def _device_guarded_loop(run: Run, state: State, sink: MetricsSink) -> str:
+    """`train_loop` with the device guard: the host reads the steps back every
+    `run.sync_every` steps, and at every step it must see (`needs_host`)."""
+    guard = DeviceGuard.start(state, run.device)
+    pending: list[PendingStep] = []
+    t_last = time.perf_counter()
+    for step in range(state.step + 1, run.plan.total_steps + 1):
+        pending.append(_backward_step(run, step).launch(run, guard, step))
+        if len(pending) < run.sync_every and not needs_host(run, step):
+            continue
+        rows = read_back(pending)  # the window's one sync
+        now = time.perf_counter()
+        dt, t_last = max(now - t_last, 1e-9) / len(pending), now  # per step, window mean
+        end_reason = flush_window(run, state, pending, rows, sink, dt)
+        pending = []
         if end_reason is not None:
             return end_reason
     return "completed"

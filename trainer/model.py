@@ -44,6 +44,38 @@ def load_llm(path: Path, attn_implementation: str = "sdpa", device: str = "cpu")
     ).to(device)
 
 
+def low_precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision setting (None for fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def cast_untargeted_linears(lm: nn.Module, target_modules: list[str],
+                            dtype: torch.dtype | None) -> int:
+    """Store the frozen LLM's Linear weights that no LoRA adapter wraps in `dtype`.
+
+    Exact under autocast to that dtype: autocast rounds an fp32 weight to `dtype` at every
+    linear anyway, so the stored copy gives bit-identical outputs and gradients, at half
+    the memory and without a cast kernel per weight per step. The LoRA-wrapped base
+    layers stay fp32 (peft casts a new adapter to its base layer's dtype, which would
+    round the adapters' fp32 init), as do the embedding, the (tied) LM head and the
+    norms, which run outside autocast's casting. Returns the number of parameters cast.
+    """
+    if dtype is None:
+        return 0
+    if any("lora_" in n for n, _ in lm.named_parameters()):
+        raise ValueError("cast_untargeted_linears runs before LoRA is added")
+    head = lm.get_output_embeddings()
+    cast = 0
+    for name, mod in lm.named_modules():
+        if (not isinstance(mod, nn.Linear) or mod is head
+                or any(name == t or name.endswith("." + t) for t in target_modules)):
+            continue
+        if mod.weight.dtype != dtype:
+            mod.to(dtype)
+            cast += sum(p.numel() for p in mod.parameters())
+    return cast
+
+
 def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]):
     """The one LoraConfig of a Phase 2 run (solo runs and trial-group members alike)."""
     from peft import LoraConfig
@@ -86,13 +118,20 @@ def prefix_inputs(projector: Projector, embed: nn.Module, features: torch.Tensor
     return embeds, torch.cat([ones, attention_mask], 1), torch.cat([ignore, labels], 1)
 
 
-def final_hidden(lm: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor
-                 ) -> torch.Tensor:
-    """Last hidden states of the decoder, without the LM head (`lm` is the CausalLM)."""
+def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+    """Last hidden states of the decoder, without the LM head (`lm` is the CausalLM).
+
+    Rows must be right-padded (trainer.data builds nothing else; a trial group pads its
+    rows on the right too). No attention mask is passed, on purpose: under causal
+    attention a real position only sees positions before it, which right padding never
+    are, so masking the padding changes no real position's output, and padded positions
+    carry no target. Without a mask HF takes SDPA's `is_causal` path (flash attention)
+    instead of materialising a [B, 1, L, L] mask and falling back to the slower masked
+    kernels, also inside a compiled forward, where HF cannot prove a mask is all ones.
+    """
     # The decoder body, not the CausalLM forward: that would run the LM head (a quarter of
     # a Qwen model) over every position, prefix and prompt included.
-    return lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                         use_cache=False).last_hidden_state
+    return lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
 
 # Eager even inside a torch.compile'd forward: the number of targets is data-dependent,
@@ -154,9 +193,9 @@ class Phase2Model(nn.Module):
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         lm = causal_lm(self.llm)
-        embeds, mask, labels = prefix_inputs(self.projector, lm.get_input_embeddings(),
+        embeds, _, labels = prefix_inputs(self.projector, lm.get_input_embeddings(),
                                              features, input_ids, attention_mask, labels)
-        hidden = final_hidden(lm, embeds, mask)
+        hidden = final_hidden(lm, embeds)
         if self.static_loss:
             return masked_loss(hidden, labels, lm.get_output_embeddings())
         return target_loss(hidden, labels, lm.get_output_embeddings())
@@ -165,9 +204,15 @@ class Phase2Model(nn.Module):
 def build_model(llm_path: Path, align_dim: int, *, lora_r: int, lora_alpha: float,
                 lora_dropout: float, target_modules: list[str], projector_hidden: int | None,
                 projector_dropout: float, attn_implementation: str = "sdpa",
-                device: str = "cpu", seed: int = 0) -> Phase2Model:
-    """LLM from disk + LoRA + a freshly initialised projector (seeded)."""
+                device: str = "cpu", seed: int = 0,
+                frozen_dtype: torch.dtype | None = None) -> Phase2Model:
+    """LLM from disk + LoRA + a freshly initialised projector (seeded).
+
+    `frozen_dtype`: the run's autocast dtype, to store the untargeted frozen linears in
+    (`cast_untargeted_linears`); None keeps every weight fp32.
+    """
     llm = load_llm(llm_path, attn_implementation, device)
+    cast_untargeted_linears(llm, target_modules, frozen_dtype)
     hidden = llm.config.hidden_size
     torch.manual_seed(seed)  # the projector and LoRA init are part of the trial's seed
     llm = add_lora(llm, lora_r, lora_alpha, lora_dropout, target_modules)

@@ -1,0 +1,198 @@
+"""The optimizer step's NaN guard without a host sync: decide on the device, read back later.
+
+A host-side guard reads the loss and the gradient norms before `optimizer.step()`: one
+device sync per step, during which the GPU idles while Python prepares the next step
+(with a CUDA-graph forward that idle time is a large part of the step). Here every
+decision of the guard is taken on the device:
+
+  * a non-finite loss or gradient norm makes the fused AdamW kernel skip the update
+    (`found_inf`, the flag torch's GradScaler hands a fused optimizer): weights, moments
+    and step counts stay as they were;
+  * clipping multiplies the gradients by `clip / (norm + 1e-6)` where the global norm is
+    over the limit and by exactly 1.0 elsewhere (so unclipped steps are untouched);
+  * the stop policy (`nan_policy: stop`, `max_consecutive_nan`, `divergence_factor`) sets
+    a sticky halt flag, after which every update is skipped;
+
+and each step's values (loss, norms, clip flag, stop reason) stay on the device until the
+loop reads a window of steps back in one transfer (`output.sync_every`). The loop then
+replays the window through the same bookkeeping as the host guard (`trainer.loop`): the
+run ends at the step whose record carries a stop reason, the window's later records are
+dropped (their updates were skipped on the device) and the LR schedule is rewound to that
+step, so a stopped run ends in the same state as with the host guard.
+
+Needs a fused AdamW (CUDA, or the CPU's fused kernel) and no fp16 loss scaler (GradScaler
+keeps its own host-side bookkeeping); `trainer.loop` falls back to the host guard then.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from trainer.metrics import NanEvent
+from trainer.optim import GROUPS
+
+if TYPE_CHECKING:
+    from trainer.config import Phase2
+    from trainer.loop import Run, State
+
+# Device stop codes -> the end reasons of the host guard (4: halted at an earlier step).
+STOP_REASONS = {1: "nan_stop", 2: "nan_abort", 3: "diverged"}
+
+
+def group_norms(run: Run) -> list[torch.Tensor]:
+    """L2 norm of each optimizer group's gradients, as device scalars (no sync)."""
+    out = []
+    for g in GROUPS:
+        grads = [p.grad for p in run.groups[g] if p.grad is not None]
+        if not grads:
+            out.append(torch.zeros((), device=run.device))
+            continue
+        out.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0))
+    return out
+
+
+def step_record(run: Run, step: int, loss_v: float, total_v: float, group_v: list[float],
+                lrs: dict[str, float], clipped: bool, event: NanEvent | None) -> dict[str, Any]:
+    """The metrics record of one optimizer step (both guards write the same keys)."""
+    return {
+        "step": step, "epoch": (step - 1) // run.plan.steps_per_epoch, "loss": loss_v,
+        "grad_norm": total_v, "grad_norm/projector": group_v[0], "grad_norm/lora": group_v[1],
+        "lr/projector": lrs["projector"], "lr/lora": lrs["lora"], "clipped": int(clipped),
+        "skipped": int(event is not None),
+    }
+
+
+def nan_event(step: int, loss_v: float, group_v: list[float], fp16: bool) -> NanEvent | None:
+    """The event of a step with a non-finite loss or group gradient norm (None if clean)."""
+    bad_groups = [g for g, v in zip(GROUPS, group_v, strict=True) if not math.isfinite(v)]
+    if math.isfinite(loss_v) and not bad_groups:
+        return None
+    overflow = fp16 and math.isfinite(loss_v)
+    return NanEvent(step, "grad" if math.isfinite(loss_v) else "loss", bad_groups, "skipped",
+                    fp16_overflow=overflow)
+
+
+def advance_schedule(run: Run) -> None:
+    # Skipped steps still advance the schedule: the LR stays a pure function of the step.
+    with warnings.catch_warnings():  # torch warns when a skipped first step precedes this
+        warnings.filterwarnings("ignore",
+                                message=re.escape("Detected call of `lr_scheduler.step()`"))
+        run.scheduler.step()
+
+
+def rewind_schedule(run: Run, step: int) -> None:
+    """Put the LambdaLR schedule back at `step` scheduler steps (after a device halt)."""
+    sched = run.scheduler
+    sched.last_epoch = step
+    lrs = [base * lam(step) for base, lam in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+    for group, lr in zip(run.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    sched._last_lr = lrs
+
+
+@dataclass
+class DeviceGuard:
+    """The host guard's stop bookkeeping (`trainer.loop._apply_policy`) as device scalars."""
+
+    halt: torch.Tensor  # bool: a stop reason was hit; every later update is skipped
+    consecutive: torch.Tensor  # non-finite steps in a row
+    first: torch.Tensor  # first finite loss (divergence reference)
+    has_first: torch.Tensor  # bool
+    ema: torch.Tensor  # smoothed finite loss
+
+    @classmethod
+    def start(cls, state: State, device: torch.device) -> DeviceGuard:
+        """From a (possibly resumed) host State."""
+        def t(v: Any) -> torch.Tensor:
+            return torch.tensor(v, device=device)
+
+        return cls(halt=t(False), consecutive=t(float(state.consecutive_bad)),
+                   first=t(float(state.first_loss or 0.0)),
+                   has_first=t(state.first_loss is not None),
+                   ema=t(float(state.loss_ema or 0.0)))
+
+    def update(self, p2: Phase2, finite: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Account one step; its stop code (0: go on, see STOP_REASONS, 4: halted before)."""
+        bad = ~finite
+        self.consecutive = torch.where(bad, self.consecutive + 1, 0.0)
+        code = torch.zeros((), device=loss.device)
+        if p2.nan_policy == "stop":
+            code = torch.where(bad, 1.0, code)
+        else:
+            code = torch.where(bad & (self.consecutive >= p2.max_consecutive_nan), 2.0, code)
+        self.first = torch.where(finite & ~self.has_first, loss, self.first)
+        # The unselected branch may hold NaN (a bad step's loss); where() never mixes it in.
+        ema = torch.where(self.has_first, 0.9 * self.ema + 0.1 * loss, loss)
+        self.ema = torch.where(finite, ema, self.ema)
+        self.has_first = self.has_first | finite
+        if p2.divergence_factor:
+            code = torch.where(finite & (self.ema > p2.divergence_factor * self.first), 3.0,
+                               code)
+        code = torch.where(self.halt, 4.0, code)
+        self.halt = self.halt | (code > 0)
+        return code
+
+
+@dataclass
+class PendingStep:
+    """One launched optimizer step whose values are still on the device."""
+
+    step: int
+    values: torch.Tensor  # [loss, global norm, projector norm, lora norm, clipped, stop code]
+    lrs: dict[str, float]
+    samples: int
+    tokens: int
+
+
+def launch_optimizer_step(run: Run, guard: DeviceGuard, step: int, loss: torch.Tensor,
+                          samples: int, tokens: int) -> PendingStep:
+    """Norms, guard, clipping, AdamW and the schedule of one step, with no host sync."""
+    p2 = run.cfg.phase2
+    norms = group_norms(run)
+    stacked = torch.stack(norms)
+    total = torch.linalg.vector_norm(stacked, 2.0)
+    loss = loss.detach().float()
+    finite = torch.isfinite(loss) & torch.isfinite(stacked).all()
+    clipped = torch.zeros((), dtype=torch.bool, device=loss.device)
+    if p2.clip is not None:
+        over = total > p2.clip
+        clipped = over & finite
+        grads = [p.grad for g in GROUPS for p in run.groups[g] if p.grad is not None]
+        torch._foreach_mul_(grads, torch.where(over, p2.clip / (total + 1e-6), 1.0))
+    # The attribute GradScaler sets for fused optimizers: 1.0 makes the kernel a no-op.
+    run.optimizer.found_inf = (~finite | guard.halt).float()
+    try:
+        run.optimizer.step()
+    finally:
+        del run.optimizer.found_inf
+    lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
+    advance_schedule(run)
+    code = guard.update(p2, finite, loss)
+    values = torch.stack([loss, total, *norms, clipped.float(), code])
+    return PendingStep(step, values, lrs, samples, tokens)
+
+
+def resolve_steps(run: Run, pending: list[PendingStep], rows: list[list[float]]
+                  ) -> list[tuple[dict[str, Any], NanEvent | None, str | None]]:
+    """Host records of read-back steps: (record, NaN event, device stop reason)."""
+    out = []
+    for p, (loss_v, total_v, g0, g1, clipped, code) in zip(pending, rows, strict=True):
+        event = nan_event(p.step, loss_v, [g0, g1], fp16=False)
+        record = step_record(run, p.step, loss_v, total_v, [g0, g1], p.lrs, bool(clipped),
+                             event)
+        record["_samples"], record["_tokens"] = p.samples, p.tokens
+        out.append((record, event, STOP_REASONS.get(int(code))))
+    return out
+
+
+def read_back(pending: list[PendingStep]) -> list[list[float]]:
+    """Every pending step's values in one device-to-host transfer (the window's sync)."""
+    if not pending:
+        return []
+    return torch.stack([p.values for p in pending]).tolist()
