@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]      # stages: trainer compiled big group sweep (default: all)
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big group groupc sweep (default: all)
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -17,24 +17,28 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 ref=(configs/reference.yaml --set demo.num_examples=64 --set phase2.warmup_steps=5)
-stages=("${@:-trainer compiled big group sweep}")
+stages=("${@:-trainer compiled big group groupc sweep}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
     trainer)   # naive loop vs the trainer, eager, seed batch
       timeout 300 python3 bench/gpu_trainer.py "${ref[@]}" --batch 2 --text-len 128 \
         --arms naive,trainer --json "$OUT/trainer.json" ;;
-    compiled)  # the trainer with CUDA graphs at the seed batch
+    compiled)  # naive loop vs the trainer with CUDA graphs, seed batch
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 2 --text-len 128 \
-        --arms trainer --steps 50 --set model.compile=reduce-overhead --json "$OUT/compiled.json" ;;
+        --arms naive,trainer --steps 50 --set model.compile=reduce-overhead ${PROFILE:+--profile} \
+        --json "$OUT/compiled.json" ;;
     big)       # 16 x 512 text tokens, compiled
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \
         --arms trainer --set model.compile=default --json "$OUT/big.json" ;;
     group)     # shared-weight groups, eager
       timeout 300 python3 bench/gpu_group.py "${ref[@]}" --k 1,8,32 --json "$OUT/group.json" ;;
+    groupc)    # shared-weight groups, the shared forward compiled with CUDA graphs
+      TORCH_LOGS=recompiles timeout 500 python3 bench/gpu_group.py "${ref[@]}" --k ${GROUP_K:-1,8,32} --steps 30 \
+        --set model.compile=reduce-overhead --json "$OUT/groupc.json" ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
         --k 1,g8 --json "$OUT/sweep.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
-  esac 2>&1 | grep -v "Loading weights" | tee -a "$OUT/log.txt"
+  esac 2>&1 | grep --line-buffered -v "Loading weights" | tee -a "$OUT/log.txt"
 done

@@ -126,9 +126,33 @@ def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[flo
                       features=feats[:n])
     run.plan = Plan(batch, 1, n // batch, 10**9, 0)
     state = State()
-    times = _timed(trainer_stepper(run, state, cfg), args.warmup, args.steps)
+    stepper = trainer_stepper(run, state, cfg)
+    times = _timed(stepper, args.warmup, args.steps)
+    if args.profile:
+        profile_steps(stepper, args.warmup + args.steps, 10)
     _, counts = param_groups(run.model)
     return times, {"trainable": counts.trainable, "frozen": counts.frozen}, _peak_gib()
+
+
+def profile_steps(step_fn, first: int, n: int) -> None:
+    """torch.profiler over `n` more steps: where the host's time goes, and the GPU's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                     else [])
+    t0 = _sync_time()
+    with profile(activities=acts) as prof:
+        for i in range(first, first + n):
+            step_fn(i)
+        _sync_time()
+    wall = (_sync_time() - t0) / n
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / n / 1e3
+    print(f"[profile] {n} steps: wall {wall * 1e3:.2f} ms/step (profiled), GPU kernels "
+          f"{gpu:.2f} ms/step", flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+    if torch.cuda.is_available():
+        print(events.table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
 
 
 def trainer_nocache_arm(cfg, inputs, tokens: Tokens, batch: int, args):
@@ -224,6 +248,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, profile 10 more of the trainer arm")
     args = ap.parse_args()
 
     cfg = load_config(args.config, [*args.overrides, "output.run_name=null",

@@ -93,7 +93,8 @@ def test_group_members_train_exactly_as_alone(group_sweep, tmp_path):
 
 
 @pytest.mark.parametrize(("edit", "space", "needle"), [
-    ({"base.overrides.model.compile": "default"}, {}, "base: model.compile"),
+    ({"base.overrides.data.feature_cache": False}, {}, "base: data.feature_cache"),
+    ({}, {"model.compile": {"grid": ["off", "default"]}}, "space.model.compile: varies"),
     ({}, {"phase2.precision": {"grid": ["fp32", "bf16"]}}, "space.phase2.precision: varies"),
 ])
 def test_group_sweep_refuses_what_a_group_cannot_share(tmp_path, capsys, edit, space, needle):

@@ -105,7 +105,7 @@ class Model(_Strict):
     llm_path: Path | None = None  # local HF model dir (from_pretrained); null = demo tiny LLM
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
-    # the model's forward (CUDA only); the first steps pay the compile time
+    # the model's forward (reduce-overhead: CUDA graphs); the first steps pay the compile time
     cast_frozen_linears: bool = True  # bf16/fp16 runs store the frozen LLM linears that no
     # LoRA wraps (MLP, ~2/3 of a Qwen LLM) in that dtype: same outputs, half their memory
     lora: LoRA = Field(default_factory=LoRA)

@@ -158,10 +158,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor | Media]:
-        """Rows `idx`, trimmed to the longest sequence in the batch."""
+    def batch(self, idx: torch.Tensor, trim: bool = True) -> dict[str, torch.Tensor | Media]:
+        """Rows `idx`, trimmed to the longest sequence in the batch (`trim=False`: every
+        batch as long as the split's longest row, a static shape for compiled steps)."""
         mask = self.tokens.attention_mask[idx]
-        length = int(mask.sum(1).max())  # host value from a CPU tensor: no device sync
+        # host value from a CPU tensor: no device sync
+        length = int(mask.sum(1).max()) if trim else mask.shape[1]
         out: dict[str, torch.Tensor | Media] = {
             "input_ids": self.tokens.input_ids[idx, :length],
             "labels": self.tokens.labels[idx, :length],

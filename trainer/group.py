@@ -38,8 +38,11 @@ does not restore the RNG state saved in its checkpoint.
 
 Requirements: the feature cache (encoders never run in a group), and one value per
 group of everything the shared forward fixes (LLM, attention implementation, LoRA
-target modules, precision, gradient accumulation, data); `model.compile` must be off,
-and LoRA may not target the token embedding or the LM head. Anything raised inside a
+target modules, compile mode, precision, gradient accumulation, data), and LoRA may not
+target the token embedding or the LM head. With `model.compile` the shared forward is
+compiled (`mode=reduce-overhead`: CUDA graphs over all members' rows at once; the
+members' optimizer steps stay eager, with the device guard, and read back together);
+it recompiles when the group's make-up changes. Anything raised inside a
 step (a fault hook, an out-of-memory) ends the whole group, as it would end the process
 of a solo run; every member then resumes from its own checkpoints.
 """
@@ -87,12 +90,13 @@ from trainer.metrics import MetricsSink, MultiSink, NanEvent, RunSummary
 from trainer.model import (
     Phase2Model,
     Projector,
+    batch_targets,
     cast_untargeted_linears,
     causal_lm,
     final_hidden,
     load_llm,
     lora_config,
-    prefix_inputs,
+    prefix_embeds,
     target_loss,
 )
 from trainer.step_guard import DeviceGuard, read_back, resolve_steps
@@ -104,7 +108,7 @@ _ADAPTER_RE = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(?=\.|$)")
 
 # Every key whose value the shared forward fixes for the whole group.
 SHARED_KEYS = (
-    "model.llm_path", "model.attn_implementation", "model.lora.target_modules",
+    "model.llm_path", "model.attn_implementation", "model.lora.target_modules", "model.compile",
     "model.cast_frozen_linears", "phase2.precision", "phase2.gradient_accumulation_steps",
     "phase1.bundle_path",
     "data", "demo",
@@ -188,67 +192,92 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]], x: torc
     return (result + delta).to(out_dtype)
 
 
-@contextmanager
-def adapter_blocks(llm: nn.Module, blocks: list[tuple[str, int]]) -> Iterator[None]:
-    """Route each block of rows (adapter, row count), in order, through its own adapter in
-    every LoRA layer of `llm` (vanilla LoRA); other layer types take peft's per-row path."""
+def _vanilla_lora_layers(llm: nn.Module, adapters: Collection[str]) -> list[nn.Module] | None:
+    """Every LoRA layer of `llm`, if all are plain peft LoRA Linears for `adapters` (None
+    when some layer needs peft's own per-row path: another layer type or a LoRA variant)."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in llm.modules() if isinstance(m, LoraLayer)]  # one walk per forward
     vanilla = [m for m in layers if isinstance(m, LoraLinear)
-               and not any(a in m.lora_variant for a, _ in blocks)]
-    if len(vanilla) != len(layers):
+               and not any(a in m.lora_variant for a in adapters)]
+    return vanilla if len(vanilla) == len(layers) else None
+
+
+def route_blocks(layers: list[nn.Module], blocks: tuple[tuple[str, int], ...]) -> None:
+    """Make each block of rows (adapter, row count), in order, take its own adapter in
+    every one of `layers` until routed otherwise: an instance attribute shadows the
+    class's forward. A compiled forward sees the same routing objects step after step
+    (so it recompiles only when the blocks change)."""
+    for m in layers:
+        m.forward = functools.partial(_block_lora_forward, m, blocks)
+
+
+@contextmanager
+def adapter_blocks(llm: nn.Module, blocks: list[tuple[str, int]]) -> Iterator[None]:
+    """Route each block of rows (adapter, row count), in order, through its own adapter in
+    every LoRA layer of `llm` (vanilla LoRA); other layer types take peft's per-row path.
+    A routing in place before (a compiled group's) is put back afterwards."""
+    vanilla = _vanilla_lora_layers(llm, [a for a, _ in blocks])
+    if vanilla is None:
         names = [a for a, n in blocks for _ in range(n)]
         with adapter_rows(llm, names):
             yield
         return
-    for m in vanilla:  # an instance attribute shadows the class's forward for this call
-        m.forward = functools.partial(_block_lora_forward, m, blocks)
+    saved = [m.__dict__.get("forward") for m in vanilla]
+    route_blocks(vanilla, tuple(blocks))
     try:
         yield
     finally:
-        for m in vanilla:
-            del m.forward
+        for m, forward in zip(vanilla, saved, strict=True):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 @dataclass
 class Rows:
-    """One member's share of a shared forward."""
+    """One member's share of a shared forward (right-padded rows)."""
 
     projector: Projector
     adapter: str
     features: torch.Tensor
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor  # [b, t]: on the CPU, on the device for a compiled forward
 
 
 def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return F.pad(t, (0, length - t.shape[1]), value=value)
 
 
-def rows_losses(llm: nn.Module, parts: list[Rows]) -> list[torch.Tensor]:
-    """One forward of every part's rows through `llm`; each part's mean target loss."""
+def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list[torch.Tensor]:
+    """One forward of every part's rows through `llm`; each part's mean target loss.
+
+    `routed`: a compiled group's forward: the parts' adapters are routed already
+    (`route_blocks`), labels are on the device and the targets static (`text_targets`).
+    """
     lm = causal_lm(llm)
     length = max(p.input_ids.shape[1] for p in parts)
-    embeds, labels, blocks = [], [], []
+    embeds, blocks = [], []
     for p in parts:
-        e, _, lb = prefix_inputs(
-            p.projector, lm.get_input_embeddings(), p.features,
-            _pad_right(p.input_ids, length, 0),  # never attended (final_hidden): any id will do
-            _pad_right(p.attention_mask, length, 0),
-            _pad_right(p.labels, length, IGNORE_INDEX))
-        embeds.append(e)
-        labels.append(lb)
-        blocks.append((p.adapter, e.shape[0]))
-    with adapter_blocks(llm, blocks):
+        # Padding ids are never attended by a real position (final_hidden): any id will do.
+        embeds.append(prefix_embeds(p.projector, lm.get_input_embeddings(), p.features,
+                                    _pad_right(p.input_ids, length, 0)))
+        blocks.append((p.adapter, p.features.shape[0]))
+    if routed:
         hidden = final_hidden(lm, torch.cat(embeds))
+    else:
+        with adapter_blocks(llm, blocks):
+            hidden = final_hidden(lm, torch.cat(embeds))
     head = lm.get_output_embeddings()
     losses, start = [], 0
-    for lb in labels:  # each member's loss over its own rows and target tokens only
-        losses.append(target_loss(hidden[start : start + lb.shape[0]], lb, head))
-        start += lb.shape[0]
+    for p in parts:  # each member's loss over its own rows and target tokens only
+        targets = batch_targets(_pad_right(p.labels, length, IGNORE_INDEX),
+                                p.features.shape[1], routed, hidden.device)
+        rows = p.features.shape[0]
+        losses.append(target_loss(hidden[start : start + rows], targets, head))
+        start += rows
     return losses
 
 
@@ -267,8 +296,8 @@ class MemberView(Phase2Model):
         self.adapter = adapter
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = Rows(self.projector, self.adapter, features, input_ids, attention_mask, labels)
+                labels: torch.Tensor) -> torch.Tensor:
+        rows = Rows(self.projector, self.adapter, features, input_ids, labels)
         return rows_losses(self.llm, [rows])[0]
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
@@ -318,11 +347,6 @@ def group_problems(ref: TrainConfig | None, cfg: TrainConfig, inputs: Inputs,
                    source: str = "config") -> list[Problem]:
     """Why `cfg` cannot join a group whose first member had `ref` (empty when it can)."""
     problems = []
-    if cfg.model.compile != "off":
-        problems.append(Problem(
-            source, "model.compile",
-            f"is {cfg.model.compile!r}, but a trial group runs one shared, uncompiled forward",
-            "set model.compile=off for grouped trials, or train this trial alone"))
     if not cfg.data.feature_cache or inputs.feature_cache is None:
         problems.append(Problem(
             source, "data.feature_cache", "is off, but a trial group trains on cached features "
@@ -373,6 +397,8 @@ class TrialGroup:
         self._tokenizer = None
         self._next_adapter = 0
         self._live_adapters: set[str] = set()  # adapters whose LoRA weights must train
+        self._compiled: Callable[..., list[torch.Tensor]] | None = None  # model.compile
+        self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
 
     @property
     def llm(self) -> nn.Module | None:
@@ -399,6 +425,12 @@ class TrialGroup:
                 raise ConfigError(problems)
             self._lm, self._tokenizer = lm, load_tokenizer(self.inputs)
             self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
+            if cfg.model.compile != "off":
+                # One compiled forward (and, with reduce-overhead, one CUDA graph) per group
+                # make-up: batches keep the split's full length and a fixed target capacity,
+                # so the shapes change only when a member joins or leaves.
+                self._compiled = torch.compile(functools.partial(rows_losses, routed=True),
+                                               mode=cfg.model.compile, dynamic=False)
         train_split, eval_split, plan, run_dir = prepare_run_dir(
             cfg, self.inputs, self._tokenizer, resume=resume, source=source)
         features = train_split.features
@@ -455,17 +487,30 @@ class TrialGroup:
         tallies = [StepTally(torch.zeros((), device=self.device)) for _ in active]
         for m in active:
             m.run.optimizer.zero_grad(set_to_none=True)
+        layers = None
+        if self._compiled is not None:
+            layers = _vanilla_lora_layers(self._peft, [m.adapter for m in active])
+        static = layers is not None  # else peft's per-row path, eager
         for j in range(self._ref.phase2.gradient_accumulation_steps):
-            batches = [m.run.train.batch(m.run.micro_batch(s - 1, j))
+            batches = [m.run.train.batch(m.run.micro_batch(s - 1, j), trim=not static)
                        for m, s in zip(active, steps, strict=True)]
             dev = self.device
             parts = [Rows(m.run.model.projector, m.adapter,
-                          *(b[k].to(dev, non_blocking=True) for k in
-                            ("features", "input_ids", "attention_mask")),
+                          *(b[k].to(dev, non_blocking=True) for k in ("features", "input_ids")),
                           b["labels"])  # on the CPU, as in a solo run: no sync in the loss
                      for m, b in zip(active, batches, strict=True)]
+            if static:  # static targets on the device; no CPU tensor inside the graph
+                for p in parts:
+                    p.labels = p.labels.to(dev, non_blocking=True)
             with autocast_for(active[0].run):  # one precision per group
-                losses = rows_losses(self._peft, parts)
+                if static:
+                    blocks = tuple((p.adapter, p.features.shape[0]) for p in parts)
+                    if blocks != self._routed:
+                        route_blocks(layers, blocks)
+                        self._routed = blocks
+                    losses = self._compiled(self._peft, parts)
+                else:
+                    losses = rows_losses(self._peft, parts)
             # Members' parameters are disjoint: the gradient of the sum w.r.t. a member's
             # parameters is the gradient of its own loss (its own fp16 scale included).
             total = sum(scale_for_backward(m.run, loss)

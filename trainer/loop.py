@@ -176,13 +176,14 @@ def _loss_step(run: Run, batch: dict[str, Any]) -> torch.Tensor:
         m = batch["media"]
         with torch.no_grad():  # frozen: never part of the graph
             features = run.bundle(m.images.to(dev), m.audio.to(dev), m.text.to(dev))
-    # labels stay on the CPU for target_loss (it finds the target positions there, without
-    # a sync); the compiled forward's masked_loss wants them on the device.
-    labels = batch["labels"].to(dev, non_blocking=True) if run.model.static_loss \
-        else batch["labels"]
+    # Labels stay on the CPU: the target positions are found there, without a device sync.
+    # A compiled forward takes them on the device (static shapes; and a CPU tensor among
+    # its inputs would keep CUDA graphs from capturing it).
+    labels = batch["labels"]
+    if run.model.static_loss:
+        labels = labels.to(dev, non_blocking=True)
     with autocast_for(run):
-        return run.model(features, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                         labels)
+        return run.model(features, batch["input_ids"].to(dev, non_blocking=True), labels)
 
 
 def _optimizer_step(run: Run, state: State, step: int, loss: torch.Tensor
@@ -259,7 +260,7 @@ def evaluate(run: Run) -> float | None:
     bs = run.plan.batch_size * 4
     for i in range(0, len(run.eval), bs):
         idx = torch.arange(i, min(i + bs, len(run.eval)))
-        loss = _loss_step(run, run.eval.batch(idx))
+        loss = _loss_step(run, run.eval.batch(idx, trim=not run.model.static_loss))
         total += float(loss) * len(idx)  # eval is off the hot path: a sync is fine
         count += len(idx)
     run.model.train()
@@ -307,7 +308,7 @@ def _backward_step(run: Run, step: int) -> StepTally:
     run.optimizer.zero_grad(set_to_none=True)
     tally = StepTally(torch.zeros((), device=run.device))
     for j in range(run.plan.accum):
-        batch = run.train.batch(run.micro_batch(step - 1, j))
+        batch = run.train.batch(run.micro_batch(step - 1, j), trim=not run.model.static_loss)
         loss = _loss_step(run, batch)
         scale_for_backward(run, loss).backward()
         tally.add(run, batch, loss)
@@ -444,11 +445,11 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
     model.train()
     run = assemble_run(cfg, plan, model, train_split, eval_split, bundle, dev, run_dir, prefix,
                        log)
-    if m.compile != "off" and dev.type == "cuda":
+    if m.compile != "off":
         # Compile the bound forward, not the module: parameter names (and so the optimizer
         # groups and checkpoints) stay as they are.
         model.forward = torch.compile(model.forward, mode=m.compile, dynamic=False)
-        model.static_loss = True  # one graph: no data-dependent target count
+        model.static_loss = True  # one graph: full-length rows, a fixed target capacity
     state = restore_state(run, log) if resume else State()
     return run, state, resolved_params(cfg, plan)
 

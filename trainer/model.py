@@ -7,6 +7,7 @@ once into the feature cache, or run beside it (`Phase1Bundle`) under no_grad.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,20 +103,15 @@ def causal_lm(llm: nn.Module) -> nn.Module:
     return llm.base_model.model if isinstance(llm, PeftModel) else llm
 
 
-def prefix_inputs(projector: Projector, embed: nn.Module, features: torch.Tensor,
-                  input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected feature tokens before the text: (embeds, attention mask, labels).
+def prefix_embeds(projector: Projector, embed: nn.Module, features: torch.Tensor,
+                  input_ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings: the projected feature tokens, then the text tokens.
 
-    The prefix is always attended and never a target.
+    The prefix is always attended and never a target (`find_targets` skips it).
     """
     prefix = projector(features.to(projector.net[0].weight.dtype))
     tokens = embed(input_ids)
-    embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
-    b, t = features.shape[:2]
-    ones = attention_mask.new_ones((b, t))
-    ignore = labels.new_full((b, t), IGNORE_INDEX)
-    return embeds, torch.cat([ones, attention_mask], 1), torch.cat([ignore, labels], 1)
+    return torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
 
 
 def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
@@ -134,54 +130,75 @@ def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
     return lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
 
-# Eager even inside a torch.compile'd forward: the number of targets is data-dependent,
-# and a compiled graph would break (and recompile) on it every batch.
-@torch.compiler.disable
-def target_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+class Targets(NamedTuple):
+    """The target tokens of a batch, found on the host: which positions go through the LM
+    head (flat indices into [batch x length]), the label each predicts, and how many."""
+
+    rows: torch.Tensor  # [n] int64
+    labels: torch.Tensor  # [n] int64
+    count: torch.Tensor  # [] float32
+
+    def to(self, device: torch.device | str) -> Targets:
+        return Targets(*(t.to(device, non_blocking=True) for t in self))
+
+
+def find_targets(labels: torch.Tensor, prefix: int) -> Targets:
+    """Targets of text `labels` [b, t] behind `prefix` feature tokens (labels on the CPU:
+    no device sync). Position i predicts label i + 1 (the usual shift), so the rows are
+    the positions whose *next* label is a target."""
+    b, t = labels.shape
+    length = prefix + t
+    full = torch.cat([labels.new_full((b, prefix), IGNORE_INDEX), labels], 1)
+    bi, ti = (full[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return Targets(bi * length + ti, full[bi, ti + 1], torch.tensor(float(bi.shape[0])))
+
+
+def text_targets(labels: torch.Tensor, prefix: int) -> Targets:
+    """The same targets with static shapes, for a compiled or CUDA-graph forward (labels
+    on the hidden states' device): every text position's predecessor goes through the LM
+    head, non-targets carry IGNORE_INDEX (prompt and padding: a few wasted rows, never
+    the prefix) and the count is taken on the device. No data-dependent shape, no sync."""
+    b, t = labels.shape
+    start = torch.arange(b, device=labels.device).unsqueeze(1) * (prefix + t) + prefix - 1
+    rows = (start + torch.arange(t, device=labels.device)).reshape(-1)
+    y = labels.reshape(-1)
+    return Targets(rows, y, (y != IGNORE_INDEX).sum().float())
+
+
+def target_loss(hidden: torch.Tensor, targets: Targets, lm_head: nn.Module,
                 chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
-    """Mean next-token cross-entropy over the target tokens (labels != IGNORE_INDEX).
+    """Mean next-token cross-entropy over the target tokens (HF's loss, and NaN like HF's
+    when a batch has none).
 
-    Position i predicts label i + 1 (the usual shift), so only the positions whose *next*
-    label is a target go through the LM head, `chunk_rows` at a time with fp32 logits:
-    the [tokens, vocab] logits of a whole batch never exist at once. Sum / number of
-    targets is HF's mean loss (and NaN, like HF, when a batch has no target).
-
-    `labels` may stay on the CPU (the trainer keeps them there): the target positions
-    are then found without a device sync.
+    Only the target rows go through the LM head (a Qwen head is a quarter of the model;
+    prefix and prompt positions never need it), `chunk_rows` at a time with fp32 logits:
+    the [tokens, vocab] logits of a whole batch never exist at once. Padding rows (static
+    rows, static shapes) carry IGNORE_INDEX and add nothing to the sum.
     """
-    b, length, width = hidden.shape
-    keep = labels[:, 1:] != IGNORE_INDEX  # [b, length - 1], on the labels' device
-    bi, ti = keep.nonzero(as_tuple=True)
-    y = labels[bi, ti + 1].to(hidden.device, non_blocking=True)
-    rows = (bi * length + ti).to(hidden.device, non_blocking=True)
-    h = hidden.reshape(b * length, width).index_select(0, rows)  # [targets, hidden]
+    width = hidden.shape[-1]
+    h = hidden.reshape(-1, width).index_select(0, targets.rows)  # [rows, hidden]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, y.shape[0], chunk_rows):
+    for i in range(0, h.shape[0], chunk_rows):
         logits = lm_head(h[i : i + chunk_rows]).float()
-        total = total + F.cross_entropy(logits, y[i : i + chunk_rows], reduction="sum")
-    return total / y.shape[0]
+        total = total + F.cross_entropy(logits, targets.labels[i : i + chunk_rows],
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / targets.count
 
 
-def masked_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """The same mean target-token loss with static shapes, for a compiled forward.
-
-    Every position goes through the LM head and non-targets are masked out of the
-    cross-entropy (HF's loss): more FLOPs than `target_loss`, but no data-dependent shape,
-    so `torch.compile` keeps the whole step in one graph (and CUDA graphs can capture it).
-    `labels` must be on the hidden states' device.
-    """
-    logits = lm_head(hidden[:, :-1]).float()
-    target = labels[:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (target != IGNORE_INDEX).sum()
+def batch_targets(labels: torch.Tensor, prefix: int, static: bool,
+                  device: torch.device) -> Targets:
+    """`text_targets` for static (compiled) forwards, else `find_targets` (CPU labels)."""
+    if static:
+        return text_targets(labels, prefix)
+    return find_targets(labels, prefix).to(device)
 
 
 class Phase2Model(nn.Module):
     """Projector + LoRA-wrapped LLM; the loss covers target tokens only.
 
-    `static_loss` (set by the trainer when it compiles the forward) picks `masked_loss`
-    over `target_loss`: equal values, shapes a compiled graph can keep.
+    `static_loss` (set by the trainer when it compiles the forward): labels come on the
+    device and the loss takes `text_targets` (static shapes, so CUDA graphs can capture
+    the forward); otherwise they stay on the CPU and `find_targets` picks the rows.
     """
 
     def __init__(self, projector: Projector, llm: nn.Module) -> None:
@@ -191,14 +208,13 @@ class Phase2Model(nn.Module):
         self.static_loss = False
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                labels: torch.Tensor) -> torch.Tensor:
+        """Mean target-token loss of right-padded rows; `labels` [b, t] (text positions)."""
         lm = causal_lm(self.llm)
-        embeds, _, labels = prefix_inputs(self.projector, lm.get_input_embeddings(),
-                                             features, input_ids, attention_mask, labels)
+        embeds = prefix_embeds(self.projector, lm.get_input_embeddings(), features, input_ids)
         hidden = final_hidden(lm, embeds)
-        if self.static_loss:
-            return masked_loss(hidden, labels, lm.get_output_embeddings())
-        return target_loss(hidden, labels, lm.get_output_embeddings())
+        targets = batch_targets(labels, features.shape[1], self.static_loss, hidden.device)
+        return target_loss(hidden, targets, lm.get_output_embeddings())
 
 
 def build_model(llm_path: Path, align_dim: int, *, lora_r: int, lora_alpha: float,

@@ -80,16 +80,12 @@ def check_runs(loaded: Loaded) -> None:
 
 
 def _group_problems(loaded: Loaded) -> list[Problem]:
-    """A shared group needs cached features, no compile, and trials that agree on what the
-    shared forward fixes (trainer.group.SHARED_KEYS): checked here, before Ray starts."""
+    """A shared group needs cached features and trials that agree on what the shared
+    forward fixes (trainer.group.SHARED_KEYS): checked here, before Ray starts."""
     from trainer.group import SHARED_KEYS
 
     src, base = str(loaded.path), loaded.base
     problems = []
-    if base.model.compile != "off":
-        problems.append(Problem(src, "base: model.compile", f"is {base.model.compile!r}; a "
-                                "shared group runs one uncompiled forward",
-                                "set model.compile: off, or resources.shared_group: false"))
     if not base.data.feature_cache:
         problems.append(Problem(src, "base: data.feature_cache", "is off; a shared group "
                                 "trains on cached features only",
