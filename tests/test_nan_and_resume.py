@@ -228,3 +228,48 @@ def test_device_guard_clips_like_the_host_guard(tiny):
     clipped = [r["clipped"] for r in runs[1][1].records]
     assert 0 < sum(clipped) < len(clipped) or sum(clipped) == len(clipped) > 0
     _assert_same_run(runs[1], runs[3], rel=1e-4)
+
+
+class _LaunchWatch(MemorySink):
+    """Records, for every step record, how many steps had been launched when it arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launched = 0
+        self.seen: list[tuple[int, int]] = []
+
+    def hook(self, step, model) -> None:
+        self.launched = step
+
+    def log_metrics(self, metrics, step, checkpoint=None) -> None:
+        super().log_metrics(metrics, step, checkpoint)
+        self.seen.append((step, self.launched))
+
+
+def test_device_guard_reads_back_in_windows(tiny, monkeypatch):
+    """Records arrive a window at a time (sync_every steps, cut short at checkpoint and
+    eval steps, which need that step's weights), not after every step; a window also
+    closes after WINDOW_MAX_S of host time, so slow steps are still seen one by one."""
+    import trainer.loop as loop_mod
+
+    cfg = tiny(run_name="win", epochs=2)
+    cfg.output.sync_every = 4
+    cfg.output.checkpoint_every = 6
+    watch = _LaunchWatch()
+    summary = train(cfg, watch, after_backward=watch.hook, console=False, log=lambda *_: None)
+    total = summary.total_steps
+    ends = sorted({launched for _, launched in watch.seen})
+    expected, start = [], 0
+    for s in range(1, total + 1):  # window ends: every 4 steps, at checkpoints, at the end
+        if s - start == 4 or s % 6 == 0 or s == total:
+            expected.append(s)
+            start = s
+    assert ends == expected, (ends, expected)
+    assert [s for s, _ in watch.seen] == list(range(1, total + 1))
+
+    monkeypatch.setattr(loop_mod, "WINDOW_MAX_S", 0.0)
+    cfg = tiny(run_name="win0", epochs=1)
+    cfg.output.sync_every = 4
+    watch = _LaunchWatch()
+    train(cfg, watch, after_backward=watch.hook, console=False, log=lambda *_: None)
+    assert all(step == launched for step, launched in watch.seen)  # one step per window

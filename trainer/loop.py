@@ -527,15 +527,22 @@ def flush_window(run: Run, state: State, pending: list[PendingStep],
     return None
 
 
+# A read-back window never spans much more than this much host time, so progress lines,
+# trial reports and the stall watchdog (it beats on every record) still see slow steps.
+WINDOW_MAX_S = 2.0
+
+
 def _device_guarded_loop(run: Run, state: State, sink: MetricsSink) -> str:
     """`train_loop` with the device guard: the host reads the steps back every
-    `run.sync_every` steps, and at every step it must see (`needs_host`)."""
+    `run.sync_every` steps (or WINDOW_MAX_S), and at every step it must see
+    (`needs_host`)."""
     guard = DeviceGuard.start(state, run.device)
     pending: list[PendingStep] = []
     t_last = time.perf_counter()
     for step in range(state.step + 1, run.plan.total_steps + 1):
         pending.append(_backward_step(run, step).launch(run, guard, step))
-        if len(pending) < run.sync_every and not needs_host(run, step):
+        if (len(pending) < run.sync_every and not needs_host(run, step)
+                and time.perf_counter() - t_last < WINDOW_MAX_S):
             continue
         rows = read_back(pending)  # the window's one sync
         now = time.perf_counter()
