@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big group groupc sweep (default: all)
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big group groupc sweep sweepc
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -17,7 +17,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 ref=(configs/reference.yaml --set demo.num_examples=64 --set phase2.warmup_steps=5)
-stages=("${@:-trainer compiled big group groupc sweep}")
+stages=("${@:-trainer compiled big group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
@@ -39,6 +39,9 @@ for stage in ${stages[@]}; do
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
         --k 1,g8 --json "$OUT/sweep.json" ;;
+    sweepc)    # the same 8 trials as one shared group whose forward is compiled
+      timeout 550 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 200 \
+        --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "Loading weights" | tee -a "$OUT/log.txt"
 done

@@ -2,6 +2,8 @@
 a time on one GPU (fractional GPU resources), and as one shared-weight group.
 
     python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 --k 1,4,g8
+    python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 200 --k g8 \
+        --set model.compile=reduce-overhead      # the group's shared forward compiled
 
 Each arm runs `python -m tuning.sweep` end to end on a generated search.yaml (grid of
 `--trials` base learning rates, FIFO). An arm `K` runs K trial processes side by side
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.inputs import prepare_inputs  # noqa: E402
-from trainer.yaml_io import dump_yaml  # noqa: E402
+from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
@@ -78,10 +80,18 @@ def main() -> None:
     ap.add_argument("--k", default="1,4,g8",
                     help="arms: K = K processes with 1/K GPU each; gK = one shared group of K")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="KEY=VALUE base-config override for every arm, e.g. "
+                         "model.compile=reduce-overhead")
     args = ap.parse_args()
     # Reuse the assets of bench/gpu_trainer.py (the 2 GB reference LLM is built once).
     overrides = {"demo.num_examples": 128, "output.root": None,
                  "output.assets_dir": str(ROOT / "runs" / "_assets")}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = parse_scalar(value)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         overrides["output.root"] = str(work / "runs")

@@ -62,3 +62,39 @@ def test_a_failed_group_step_errors_its_members_and_they_can_rejoin(actor, monke
     data["output"]["run_name"] = "m0-retry"
     group.join("m0", data, resume=False)  # Tune's retry rejoins the fresh group
     _wait(lambda: group._members["m0"].blocked_at is not None)
+
+
+def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
+        actor, monkeypatch):
+    """Each set of members stepped together is one more graph for a compiled group, so
+    its actor steps ready members alone only after BARRIER_S; an eager group does not
+    wait (the first test)."""
+    import tuning.group_actor as actor_mod
+    from trainer.group import TrialGroup
+
+    group, cfg = actor
+    monkeypatch.setattr(TrialGroup, "compiled", property(lambda self: True))
+    monkeypatch.setattr(actor_mod, "BARRIER_S", 600.0)
+    calls = []
+    real_step = group._group.step
+
+    def step(only=None):
+        calls.append(tuple(sorted(only)))
+        return real_step(only)
+
+    monkeypatch.setattr(group._group, "step", step)
+    with group._lock:  # both join before the step thread runs: they start together
+        _join(group, cfg, "m0")
+        _join(group, cfg, "m1")
+    m0, m1 = group._members["m0"], group._members["m1"]
+    _wait(lambda: m0.blocked_at == 2 and m1.blocked_at == 2)
+    for _ in range(2):  # m0's client reports; m1's does not (yet)
+        group.poll("m0")
+    time.sleep(1.0)  # an eager group would step m0 alone in this time
+    assert m0.blocked_at is None and m0.delivered_through == 2
+    with group._lock:
+        assert not [p for k, p in m0.events if k == "metrics"]  # m0 waited for m1
+    for _ in range(2):
+        group.poll("m1")
+    _wait(lambda: m0.blocked_at == 4 and m1.blocked_at == 4)
+    assert set(calls) == {("m0", "m1")}, calls  # never a subset

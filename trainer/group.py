@@ -401,6 +401,11 @@ class TrialGroup:
         self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
 
     @property
+    def compiled(self) -> bool:
+        """Whether the shared forward is compiled (each new make-up is a new graph)."""
+        return self._compiled is not None
+
+    @property
     def llm(self) -> nn.Module | None:
         """The shared peft-wrapped LLM holding every member's adapter (None before the first)."""
         return self._peft

@@ -38,6 +38,9 @@ from trainer.metrics import RunSummary
 
 GROUP_ACTOR_PREFIX = "phase2-group-"
 POLL_WAIT_S = 5.0  # a client's poll returns after this long even with nothing new
+# A compiled group waits this long for paused members before stepping the others alone:
+# every different set of members stepped together is another graph to compile.
+BARRIER_S = 10.0
 
 
 def group_actor_name(sweep_key: str) -> str:
@@ -108,6 +111,7 @@ class GroupActor:
         self._members: dict[str, _Member] = {}
         self._failed: dict[str, str] = {}  # member -> traceback of the group step that failed
         self._lock = threading.Condition()  # members + group structure vs. the step thread
+        self._barrier_since: float | None = None  # a compiled group waiting for members
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -182,11 +186,20 @@ class GroupActor:
                     if not member.done and now - member.last_poll > self._orphan_s:
                         self._drop(member_id)  # its client is gone
                 # Members waiting for their client's report sit this step out (paused).
-                ready = [m for m, s in self._members.items()
-                         if not s.done and s.blocked_at is None]
+                live = [m for m, s in self._members.items() if not s.done]
+                ready = [m for m in live if self._members[m].blocked_at is None]
                 if not ready:
                     self._lock.wait(1.0)
                     continue
+                if len(ready) < len(live) and self._group.compiled:
+                    # Members of one sweep reach their reports at the same steps: wait for
+                    # the paused ones' clients rather than compile a graph for a subset.
+                    waited = now - (self._barrier_since or now)
+                    self._barrier_since = self._barrier_since or now
+                    if waited < BARRIER_S:
+                        self._lock.wait(0.05)
+                        continue
+                self._barrier_since = None
                 try:
                     self._group.step(only=ready)
                 except Exception:  # an OOM, a fault hook: the whole group step is lost
