@@ -1,14 +1,17 @@
 """One Phase 2 training run: build, train, close.
 
 `train()` reads top to bottom; the pieces it calls are named for what they do:
-`_loss_step` (forward on one micro-batch), `_optimizer_step` (norms, NaN guard,
-clipping, AdamW, schedule) and the sinks (metrics). The frozen encoders never
-run here when the feature cache is on.
+`_loss_step` (forward on one micro-batch), the optimizer step (norms, NaN guard,
+clipping, AdamW, schedule) and the sinks (metrics). The optimizer step has two
+guards: `_optimizer_step` reads the step's values back and decides on the host
+(the CPU default, and fp16), `trainer.step_guard` decides on the device and the
+loop reads a window of steps back at once (`_device_guarded_loop`, the CUDA
+default). The frozen encoders never run here when the feature cache is on.
 
 A trial group (`trainer.group`) trains several runs over one shared forward and
 reuses everything here per member: `prepare_run_dir` / `assemble_run` /
-`restore_state` to build one, `StepTally` + `_optimizer_step` for its step,
-`finish_step` (policy, eval, checkpoint, record) and `open_sinks` / `close_run`.
+`restore_state` to build one, `StepTally` (`optimizer_step` or `launch`) for its
+step, `finish_step` (policy, eval, checkpoint, record) and `open_sinks` / `close_run`.
 """
 
 from __future__ import annotations
