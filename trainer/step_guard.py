@@ -118,20 +118,24 @@ class DeviceGuard:
                    ema=t(float(state.loss_ema or 0.0)))
 
     def update(self, p2: Phase2, finite: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Account one step; its stop code (0: go on, see STOP_REASONS, 4: halted before)."""
+        """Account one step; its stop code (0: go on, see STOP_REASONS, 4: halted before).
+
+        Written in as few operators as it takes: on a GPU each is a launch from the host,
+        once per step and trial-group member (bench/guard_ops.py counts them).
+        """
         bad = ~finite
-        self.consecutive = torch.where(bad, self.consecutive + 1, 0.0)
-        code = torch.zeros((), device=loss.device)
+        self.consecutive = (self.consecutive + 1) * bad  # 0 after a finite step
         if p2.nan_policy == "stop":
-            code = torch.where(bad, 1.0, code)
-        else:
-            code = torch.where(bad & (self.consecutive >= p2.max_consecutive_nan), 2.0, code)
-        self.first = torch.where(finite & ~self.has_first, loss, self.first)
-        # The unselected branch may hold NaN (a bad step's loss); where() never mixes it in.
-        ema = torch.where(self.has_first, 0.9 * self.ema + 0.1 * loss, loss)
-        self.ema = torch.where(finite, ema, self.ema)
-        self.has_first = self.has_first | finite
-        if p2.divergence_factor:
+            code = bad.float()  # 1: nan_stop
+        else:  # only a bad step can reach the limit (a finite one resets the count)
+            code = (self.consecutive >= p2.max_consecutive_nan) * 2.0  # 2: nan_abort
+        if p2.divergence_factor:  # the first finite loss and an EMA of the finite ones
+            self.first = torch.where(self.has_first | bad, self.first, loss)
+            # The unselected branch may hold NaN (a bad step's loss); where() never mixes
+            # it in.
+            ema = torch.where(self.has_first, torch.lerp(self.ema, loss, 0.1), loss)
+            self.ema = torch.where(finite, ema, self.ema)
+            self.has_first = self.has_first | finite
             code = torch.where(finite & (self.ema > p2.divergence_factor * self.first), 3.0,
                                code)
         code = torch.where(self.halt, 4.0, code)
@@ -154,27 +158,26 @@ def launch_optimizer_step(run: Run, guard: DeviceGuard, step: int, loss: torch.T
                           samples: int, tokens: int) -> PendingStep:
     """Norms, guard, clipping, AdamW and the schedule of one step, with no host sync."""
     p2 = run.cfg.phase2
-    norms = group_norms(run)
-    stacked = torch.stack(norms)
-    total = torch.linalg.vector_norm(stacked, 2.0)
-    loss = loss.detach().float()
-    finite = torch.isfinite(loss) & torch.isfinite(stacked).all()
-    clipped = torch.zeros((), dtype=torch.bool, device=loss.device)
+    vals = torch.stack([loss.detach().float(), *group_norms(run)])  # loss, group norms
+    finite = torch.isfinite(vals).all()
+    total = torch.linalg.vector_norm(vals[1:], 2.0)
     if p2.clip is not None:
         over = total > p2.clip
         clipped = over & finite
         grads = [p.grad for g in GROUPS for p in run.groups[g] if p.grad is not None]
         torch._foreach_mul_(grads, torch.where(over, p2.clip / (total + 1e-6), 1.0))
+    else:
+        clipped = torch.zeros_like(finite)
     # The attribute GradScaler sets for fused optimizers: 1.0 makes the kernel a no-op.
-    run.optimizer.found_inf = (~finite | guard.halt).float()
+    run.optimizer.found_inf = (finite <= guard.halt).float()  # not finite, or halted
     try:
         run.optimizer.step()
     finally:
         del run.optimizer.found_inf
     lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
     advance_schedule(run)
-    code = guard.update(p2, finite, loss)
-    values = torch.stack([loss, total, *norms, clipped.float(), code])
+    code = guard.update(p2, finite, vals[0])
+    values = torch.cat([vals[:1], total.view(1), vals[1:], clipped.view(1), code.view(1)])
     return PendingStep(step, values, lrs, samples, tokens)
 
 
