@@ -399,6 +399,7 @@ class TrialGroup:
         self._live_adapters: set[str] = set()  # adapters whose LoRA weights must train
         self._compiled: Callable[..., list[torch.Tensor]] | None = None  # model.compile
         self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
+        self._routed_layers: list[nn.Module] | None = None  # their layers (None: per-row)
 
     @property
     def compiled(self) -> bool:
@@ -492,27 +493,19 @@ class TrialGroup:
         tallies = [StepTally(torch.zeros((), device=self.device)) for _ in active]
         for m in active:
             m.run.optimizer.zero_grad(set_to_none=True)
-        layers = None
-        if self._compiled is not None:
-            layers = _vanilla_lora_layers(self._peft, [m.adapter for m in active])
-        static = layers is not None  # else peft's per-row path, eager
+        static = self._route(active)  # compiled: the LoRA routing of this make-up is set
+        dev = self.device
         for j in range(self._ref.phase2.gradient_accumulation_steps):
             batches = [m.run.train.batch(m.run.micro_batch(s - 1, j), trim=not static)
                        for m, s in zip(active, steps, strict=True)]
-            dev = self.device
+            # Labels stay on the CPU, as in a solo run (no sync in the loss); a compiled
+            # forward takes them on the device (static targets, no CPU tensor in the graph).
             parts = [Rows(m.run.model.projector, m.adapter,
                           *(b[k].to(dev, non_blocking=True) for k in ("features", "input_ids")),
-                          b["labels"])  # on the CPU, as in a solo run: no sync in the loss
+                          b["labels"].to(dev, non_blocking=True) if static else b["labels"])
                      for m, b in zip(active, batches, strict=True)]
-            if static:  # static targets on the device; no CPU tensor inside the graph
-                for p in parts:
-                    p.labels = p.labels.to(dev, non_blocking=True)
             with autocast_for(active[0].run):  # one precision per group
                 if static:
-                    blocks = tuple((p.adapter, p.features.shape[0]) for p in parts)
-                    if blocks != self._routed:
-                        route_blocks(layers, blocks)
-                        self._routed = blocks
                     losses = self._compiled(self._peft, parts)
                 else:
                     losses = rows_losses(self._peft, parts)
@@ -537,6 +530,22 @@ class TrialGroup:
         return out
 
     # ------------------------------------------------------------------ internals
+
+    def _route(self, active: list[Member]) -> bool:
+        """For a compiled group, route every LoRA layer to the active members' row blocks,
+        once per make-up (not per step); whether the compiled forward applies (False: not
+        compiled, or a layer needs peft's per-row path, which runs eager)."""
+        if self._compiled is None:
+            return False
+        # Every micro-batch of a member holds exactly batch_size rows (plan_steps drops
+        # incomplete ones), so the make-up fixes the blocks.
+        blocks = tuple((m.adapter, m.run.plan.batch_size) for m in active)
+        if blocks != self._routed:
+            self._routed_layers = _vanilla_lora_layers(self._peft, [a for a, _ in blocks])
+            if self._routed_layers is not None:
+                route_blocks(self._routed_layers, blocks)
+            self._routed = blocks
+        return self._routed_layers is not None
 
     def _new_view(self, cfg: TrainConfig, adapter: str, align_dim: int) -> MemberView:
         """A new adapter + projector with the solo run's initial weights, bit for bit."""

@@ -51,7 +51,7 @@ def low_precision_dtype(precision: str) -> torch.dtype | None:
 
 
 def cast_untargeted_linears(lm: nn.Module, target_modules: list[str],
-                            dtype: torch.dtype | None) -> int:
+                            dtype: torch.dtype | None) -> None:
     """Store the frozen LLM's Linear weights that no LoRA adapter wraps in `dtype`.
 
     Exact under autocast to that dtype: autocast rounds an fp32 weight to `dtype` at every
@@ -59,22 +59,17 @@ def cast_untargeted_linears(lm: nn.Module, target_modules: list[str],
     the memory and without a cast kernel per weight per step. The LoRA-wrapped base
     layers stay fp32 (peft casts a new adapter to its base layer's dtype, which would
     round the adapters' fp32 init), as do the embedding, the (tied) LM head and the
-    norms, which run outside autocast's casting. Returns the number of parameters cast.
+    norms, which run outside autocast's casting.
     """
     if dtype is None:
-        return 0
+        return
     if any("lora_" in n for n, _ in lm.named_parameters()):
         raise ValueError("cast_untargeted_linears runs before LoRA is added")
     head = lm.get_output_embeddings()
-    cast = 0
     for name, mod in lm.named_modules():
-        if (not isinstance(mod, nn.Linear) or mod is head
-                or any(name == t or name.endswith("." + t) for t in target_modules)):
-            continue
-        if mod.weight.dtype != dtype:
+        if (isinstance(mod, nn.Linear) and mod is not head
+                and not any(name == t or name.endswith("." + t) for t in target_modules)):
             mod.to(dtype)
-            cast += sum(p.numel() for p in mod.parameters())
-    return cast
 
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]):
@@ -131,15 +126,16 @@ def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
 
 
 class Targets(NamedTuple):
-    """The target tokens of a batch, found on the host: which positions go through the LM
-    head (flat indices into [batch x length]), the label each predicts, and how many."""
+    """The target tokens of a batch: which positions go through the LM head (flat indices
+    into [batch x length]), the label each predicts, and how many are real."""
 
     rows: torch.Tensor  # [n] int64
     labels: torch.Tensor  # [n] int64
-    count: torch.Tensor  # [] float32
+    count: torch.Tensor | int  # a host int when found on the host (no copy to the device)
 
     def to(self, device: torch.device | str) -> Targets:
-        return Targets(*(t.to(device, non_blocking=True) for t in self))
+        return Targets(self.rows.to(device, non_blocking=True),
+                       self.labels.to(device, non_blocking=True), self.count)
 
 
 def find_targets(labels: torch.Tensor, prefix: int) -> Targets:
@@ -150,7 +146,7 @@ def find_targets(labels: torch.Tensor, prefix: int) -> Targets:
     length = prefix + t
     full = torch.cat([labels.new_full((b, prefix), IGNORE_INDEX), labels], 1)
     bi, ti = (full[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return Targets(bi * length + ti, full[bi, ti + 1], torch.tensor(float(bi.shape[0])))
+    return Targets(bi * length + ti, full[bi, ti + 1], int(bi.shape[0]))
 
 
 def text_targets(labels: torch.Tensor, prefix: int) -> Targets:

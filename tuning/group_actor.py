@@ -194,9 +194,9 @@ class GroupActor:
                 if len(ready) < len(live) and self._group.compiled:
                     # Members of one sweep reach their reports at the same steps: wait for
                     # the paused ones' clients rather than compile a graph for a subset.
-                    waited = now - (self._barrier_since or now)
-                    self._barrier_since = self._barrier_since or now
-                    if waited < BARRIER_S:
+                    if self._barrier_since is None:
+                        self._barrier_since = now
+                    if now - self._barrier_since < BARRIER_S:
                         self._lock.wait(0.05)
                         continue
                 self._barrier_since = None
