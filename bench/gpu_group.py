@@ -10,8 +10,10 @@ GPU before and after the timed steps only. K=1 is one trial alone on the same co
 the baseline measured in the same run. Reported per K: group step time (mean), aggregate
 tokens/s and trial-steps/s, MFU (same formula as bench/gpu_trainer.py: tokens/s x (4 x frozen
 LLM params + 6 x one member's trainable params) / peak), peak GPU memory, and the
-aggregate ratio to K=1. The group runs eager unless `--set model.compile=MODE` (then its
-shared forward is compiled once per group size, outside the timed steps).
+aggregate ratio to the first row. `--sync 1,10` times the same group reading its members
+back after every group step and once per 10 (output.sync_every). The group runs eager
+unless `--set model.compile=MODE` (then its shared forward is compiled once per group
+size, outside the timed steps).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -68,22 +69,35 @@ def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
     print(f"[k={k}] first group step {first_s:.1f} s", flush=True)
     for _ in range(args.warmup - 1):
         group.step()
-    t0 = _sync()  # mean over the timed steps, synchronised at both ends only
-    for _ in range(args.steps):
-        group.step()
-    times = [(_sync() - t0) / args.steps]
+    times = {}
+    for sync in args.sync:  # the same group (and graph) under each read-back window
+        for m in group.members.values():
+            m.run.sync_every = sync if m.guard is not None else 1
+        while any(m.pending for m in group.members.values()):
+            group.step()  # end the window open under the previous setting
+        steps = max(1, args.steps // sync) * sync  # whole windows, read-back included
+        t0 = _sync()  # mean over the timed steps, synchronised at both ends only
+        for _ in range(steps):
+            group.step()
+        times[sync] = (_sync() - t0) / steps
     if args.profile and k == args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
                                          else [])
+        n = max(3, args.sync[-1])  # a whole window of the last setting
+        t0 = _sync()
         with profile(activities=acts) as prof:
-            for _ in range(3):
+            for _ in range(n):
                 group.step()
             _sync()
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / n / 1e3
+        print(f"[profile k={k}] {n} steps: wall {(_sync() - t0) / n * 1e3:.2f} ms/step "
+              f"(profiled), GPU kernels {gpu:.2f} ms/step", flush=True)
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-        print(prof.key_averages().table(sort_by=sort, row_limit=8))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+        print(events.table(sort_by=sort, row_limit=15))
     first = next(iter(group.members.values()))
     _, counts = param_groups(first.run.model)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -103,6 +117,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--sync", default="10", type=lambda v: [int(x) for x in v.split(",")],
+                    help="read-back windows (output.sync_every) to time the same group under")
     ap.add_argument("--profile", type=int, default=0,
                     help="also profile 3 steps of the group of this size (torch.profiler)")
     args = ap.parse_args()
@@ -121,18 +137,18 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             r = run_group(cfg, inputs, k, tokens, args, Path(tmp))
-            step = statistics.median(r["times"])
-            tps = k * per_member / step
             flops = 4 * r["frozen"] + 6 * r["trainable"]
-            row = {"k": k, "group_step_ms": round(step * 1e3, 2),
-                   "aggregate_tokens_per_s": round(tps),
-                   "trial_steps_per_s": round(k / step, 2),
-                   "mfu_pct": round(100 * tps * flops / (args.peak_tflops * 1e12), 2),
-                   "peak_mem_gib": r["peak_mem_gib"], "first_step_s": r["first_step_s"]}
-            rows.append(row)
-            row["ratio_vs_first"] = round(row["trial_steps_per_s"] / rows[0]["trial_steps_per_s"],
-                                          2)
-            print(json.dumps(row), flush=True)
+            for sync, step in r["times"].items():
+                tps = k * per_member / step
+                row = {"k": k, "sync_every": sync, "group_step_ms": round(step * 1e3, 2),
+                       "aggregate_tokens_per_s": round(tps),
+                       "trial_steps_per_s": round(k / step, 2),
+                       "mfu_pct": round(100 * tps * flops / (args.peak_tflops * 1e12), 2),
+                       "peak_mem_gib": r["peak_mem_gib"], "first_step_s": r["first_step_s"]}
+                rows.append(row)
+                row["ratio_vs_first"] = round(
+                    row["trial_steps_per_s"] / rows[0]["trial_steps_per_s"], 2)
+                print(json.dumps(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": device, "batch": args.batch,
                                          "text_len": args.text_len, "rows": rows}, indent=2))

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big group groupc sweep sweepc
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigtune group groupc sweep sweepc
+# Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
+# the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows.
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -17,7 +19,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 ref=(configs/reference.yaml --set demo.num_examples=64 --set phase2.warmup_steps=5)
-stages=("${@:-trainer compiled big group groupc sweep sweepc}")
+stages=("${@:-trainer compiled big bigtune group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
@@ -30,11 +32,16 @@ for stage in ${stages[@]}; do
         --json "$OUT/compiled.json" ;;
     big)       # 16 x 512 text tokens, compiled
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \
-        --arms trainer --set model.compile=default --json "$OUT/big.json" ;;
+        --arms trainer --set model.compile=default ${PROFILE:+--profile} --json "$OUT/big.json" ;;
+    bigtune)   # the same with Inductor's matmul autotuning (and CUDA graphs)
+      timeout 500 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \
+        --arms trainer --set model.compile=max-autotune ${PROFILE:+--profile} \
+        --json "$OUT/bigtune.json" ;;
     group)     # shared-weight groups, eager
       timeout 300 python3 bench/gpu_group.py "${ref[@]}" --k 1,8,32 --json "$OUT/group.json" ;;
     groupc)    # shared-weight groups, the shared forward compiled with CUDA graphs
       TORCH_LOGS=recompiles timeout 500 python3 bench/gpu_group.py "${ref[@]}" --k ${GROUP_K:-1,8,32} --steps 30 \
+        --sync ${GROUP_SYNC:-10} ${GROUP_PROFILE:+--profile $GROUP_PROFILE} \
         --set model.compile=reduce-overhead --json "$OUT/groupc.json" ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \

@@ -126,7 +126,7 @@ def test_target_loss_equals_the_hf_causal_lm_loss(tiny):
 
 
 # Members with the host guard, and with the device guard (trainer.step_guard: their steps
-# are read back together, one sync per group step); the solo runs use the same guard (the
+# are read back together, one sync per window of group steps); the solo runs use the same guard (the
 # device guard needs the fused AdamW, whose rounding differs from the for-each one's).
 GUARDS = pytest.mark.parametrize("sync", [1, 4], ids=["host-guard", "device-guard"])
 
@@ -249,6 +249,37 @@ def test_removed_member_ends_cleanly_and_frees_its_adapter(tiny):
     while group.members:
         group.step()
     _assert_same_steps(solo.records, sinks["keep"].records, "keep")
+
+
+def test_device_guarded_members_are_read_back_a_window_at_a_time(tiny):
+    """All members' steps are read back together every sync_every group steps (one sync per
+    window, as in a solo run), cut short where a member must be seen (its checkpoint); a
+    member removed mid-window first finishes the steps its weights already hold."""
+    cfgs = {"a": _cfg(tiny, "win-a", **SPECS["a"]), "c": _cfg(tiny, "win-c", **SPECS["c"])}
+    for cfg in cfgs.values():
+        cfg.output.sync_every = 4
+    cfgs["c"].output.checkpoint_every = 6
+    group = TrialGroup(prepare_inputs(cfgs["a"], _quiet), log=_quiet)
+    sinks = {k: MemorySink() for k in cfgs}
+    for k, cfg in cfgs.items():
+        group.add_member(k, cfg, sinks[k])
+    seen = []
+    for _ in range(7):
+        group.step()
+        seen.append((len(sinks["a"].records), len(sinks["c"].records)))
+    # Windows end at group steps 4 and 6 (c's checkpoint): a is read back with c.
+    assert seen == [(0, 0), (0, 0), (0, 0), (4, 4), (4, 4), (6, 6), (6, 6)]
+    summary = group.remove_member("a")
+    assert (summary.end_reason, summary.steps_done) == ("stopped", 7)
+    assert [r["step"] for r in sinks["a"].records] == list(range(1, 8))
+    assert len(sinks["c"].records) == 6  # c's pending step stays in its window
+
+    solo_c = _cfg(tiny, "win-solo-c", **SPECS["c"])
+    solo_c.output.sync_every, solo_c.output.checkpoint_every = 4, 6
+    solo = _solo(solo_c)
+    while group.members:
+        group.step()
+    _assert_same_steps(solo.records, sinks["c"].records, "c")
 
 
 @pytest.mark.parametrize(("key", "change"), [

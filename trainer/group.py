@@ -41,7 +41,8 @@ group of everything the shared forward fixes (LLM, attention implementation, LoR
 target modules, compile mode, precision, gradient accumulation, data), and LoRA may not
 target the token embedding or the LM head. With `model.compile` the shared forward is
 compiled (`mode=reduce-overhead`: CUDA graphs over all members' rows at once; the
-members' optimizer steps stay eager, with the device guard, and read back together);
+members' optimizer steps stay eager, with the device guard, and are read back together
+once per window of `output.sync_every` group steps);
 it recompiles when the group's make-up changes. Anything raised inside a
 step (a fault hook, an out-of-memory) ends the whole group, as it would end the process
 of a solo run; every member then resumes from its own checkpoints.
@@ -55,7 +56,7 @@ import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,6 +68,7 @@ from trainer.data import IGNORE_INDEX
 from trainer.errors import ConfigError, Problem
 from trainer.inputs import Inputs, prepare_inputs
 from trainer.loop import (
+    WINDOW_MAX_S,
     AfterBackward,
     Run,
     State,
@@ -76,8 +78,10 @@ from trainer.loop import (
     close_run,
     debug_hook,
     finish_step,
+    flush_window,
     frozen_dtype,
     load_tokenizer,
+    needs_host,
     open_sinks,
     prepare_run_dir,
     resolve_device,
@@ -99,7 +103,7 @@ from trainer.model import (
     prefix_embeds,
     target_loss,
 )
-from trainer.step_guard import DeviceGuard, read_back, resolve_steps
+from trainer.step_guard import DeviceGuard, PendingStep, read_back
 
 SOLO_ADAPTER = "default"  # peft's adapter name in a solo run: checkpoints use it
 
@@ -322,6 +326,7 @@ class Member:
     t0: float
     t_last: float
     guard: DeviceGuard | None = None  # the device NaN guard of runs that use it
+    pending: list[PendingStep] = field(default_factory=list)  # launched, not read back yet
 
 
 def _leaves(node: Any, key: str) -> dict[str, Any]:
@@ -459,37 +464,76 @@ class TrialGroup:
                                          time.perf_counter(), guard)
 
     def remove_member(self, member_id: str, end_reason: str = "stopped") -> RunSummary:
-        """End a member from outside (e.g. an ASHA stop): weights, summary, memory freed."""
-        return self._close(self.members[member_id], end_reason)
+        """End a member from outside (e.g. an ASHA stop): weights, summary, memory freed.
+        Its steps not read back yet are finished first (the weights already hold them);
+        should one of them end the run, that is the summary's end reason."""
+        m = self.members[member_id]
+        if m.pending:
+            ended = self._flush([m])
+            if member_id in ended:
+                return ended[member_id]
+        return self._close(m, end_reason)
 
     # ------------------------------------------------------------------ training
 
     def step(self, only: Collection[str] | None = None) -> dict[str, RunSummary]:
         """One optimizer step of every active member (or of the members in `only`; the
         others wait, e.g. while their reports are unread); the summaries of those that
-        ended."""
+        ended.
+
+        Members with the device guard are read back a window at a time, as a solo run is
+        (`output.sync_every`, WINDOW_MAX_S, and at once at steps the host must see): all
+        of them together, so a window costs the whole group one sync. Their records, and
+        so their reports, arrive at the window's end."""
         finished = {}
         for m in [m for m in self.members.values() if m.state.step >= m.run.plan.total_steps]:
             finished[m.member_id] = self._close(m, "completed")  # resumed at its last step
         active = [m for m in self.members.values() if only is None or m.member_id in only]
         if not active:
             return finished
-        results = self._train_step(active)
-        for m, (record, event, device_stop) in zip(active, results, strict=True):
+        for m, result in zip(active, self._train_step(active), strict=True):
+            if isinstance(result, PendingStep):
+                m.pending.append(result)
+                continue
             now = time.perf_counter()
             dt, m.t_last = max(now - m.t_last, 1e-9), now
-            end_reason = finish_step(m.run, m.state, m.state.step + 1, record, event, m.sink, dt,
-                                     device_stop)
+            end_reason = finish_step(m.run, m.state, m.state.step + 1, *result, m.sink, dt)
+            # (a host-guard member has no pending steps: its State is up to date)
+            if end_reason is not None:
+                finished[m.member_id] = self._close(m, end_reason)
+        if any(self._window_due(m) for m in self.members.values() if m.pending):
+            finished.update(self._flush([m for m in self.members.values() if m.pending]))
+        return finished
+
+    def _window_due(self, m: Member) -> bool:
+        last = m.pending[-1].step
+        return (len(m.pending) >= m.run.sync_every or needs_host(m.run, last)
+                or time.perf_counter() - m.t_last >= WINDOW_MAX_S)
+
+    def _flush(self, members: list[Member]) -> dict[str, RunSummary]:
+        """Read back every launched step of `members` in one transfer, then finish each
+        member's window in step order (`trainer.loop.flush_window`); who ended."""
+        rows = read_back([p for m in members for p in m.pending])  # the one sync
+        now = time.perf_counter()
+        finished, start = {}, 0
+        for m in members:
+            n = len(m.pending)
+            dt, m.t_last = max(now - m.t_last, 1e-9) / n, now  # per step, window mean
+            pending, m.pending = m.pending, []
+            end_reason = flush_window(m.run, m.state, pending, rows[start : start + n],
+                                      m.sink, dt)
+            start += n
             if end_reason is not None:
                 finished[m.member_id] = self._close(m, end_reason)
         return finished
 
     def _train_step(self, active: list[Member]
-                    ) -> list[tuple[dict[str, Any], NanEvent | None, str | None]]:
+                    ) -> list[PendingStep | tuple[dict[str, Any], NanEvent | None]]:
         """Shared forward/backward over every member's micro-batches, then each one's step:
-        (record, NaN event, device stop reason) per member. Members with the device guard
-        launch their steps first and are read back together: one sync per group step."""
-        steps = [m.state.step + 1 for m in active]
+        a launched `PendingStep` for members with the device guard (nothing read back),
+        (record, NaN event) for those with the host guard."""
+        # A member's steps not read back yet are not in its State.
+        steps = [(m.pending[-1].step if m.pending else m.state.step) + 1 for m in active]
         tallies = [StepTally(torch.zeros((), device=self.device)) for _ in active]
         for m in active:
             m.run.optimizer.zero_grad(set_to_none=True)
@@ -516,18 +560,9 @@ class TrialGroup:
             total.backward()
             for m, tally, b, loss in zip(active, tallies, batches, losses, strict=True):
                 tally.add(m.run, b, loss)
-        launched = {m.member_id: tally.launch(m.run, m.guard, s)
-                    for m, tally, s in zip(active, tallies, steps, strict=True)
-                    if m.guard is not None}
-        rows = dict(zip(launched, read_back(list(launched.values())), strict=True))
-        out = []
-        for m, tally, s in zip(active, tallies, steps, strict=True):
-            if m.guard is None:
-                out.append((*tally.optimizer_step(m.run, m.state, s), None))
-            else:
-                pending = launched[m.member_id]
-                out.append(resolve_steps(m.run, [pending], [rows[m.member_id]])[0])
-        return out
+        return [tally.launch(m.run, m.guard, s) if m.guard is not None
+                else tally.optimizer_step(m.run, m.state, s)
+                for m, tally, s in zip(active, tallies, steps, strict=True)]
 
     # ------------------------------------------------------------------ internals
 

@@ -10,9 +10,11 @@ per-step records, checkpoints, the summary) and replays them into the same ``Ray
 solo trial uses, so reports, checkpoints and NaN handling look exactly like a solo trial's.
 
 Why the actor paces members: a solo trial blocks in ``tune.report`` until the driver has taken
-the result (and ASHA may stop it there). A member therefore pauses at exactly the record
-whose report would block it, until its client polls again (which it does only after that
-report returned), so it never trains past the point a stop is decided at; a member whose
+the result (and ASHA may stop it there). A member therefore pauses at the record whose report
+would block it, until its client polls again (which it does only after that report
+returned), so it never trains past the point a stop is decided at by more than a solo trial
+does: on a GPU both read their steps back a window of ``output.sync_every`` steps at a time
+(trainer.step_guard), and a report is seen at the end of its window; a member whose
 client went away (stopped by Tune, or its worker died) is dropped after
 ``orphan_timeout_s``.
 
