@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigtune group groupc sweep sweepc
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
-# the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows.
+# the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
+# BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend.
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -19,7 +20,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 ref=(configs/reference.yaml --set demo.num_examples=64 --set phase2.warmup_steps=5)
-stages=("${@:-trainer compiled big bigtune group groupc sweep sweepc}")
+stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
@@ -33,6 +34,12 @@ for stage in ${stages[@]}; do
     big)       # 16 x 512 text tokens, compiled
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \
         --arms trainer --set model.compile=default ${PROFILE:+--profile} --json "$OUT/big.json" ;;
+    bigro)     # the same with CUDA graphs (reduce-overhead), then with flash attention only
+      for sdpa in auto ${BIG_SDPA:-}; do
+        timeout 300 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \
+          --arms trainer --set model.compile=reduce-overhead --sdpa $sdpa ${PROFILE:+--profile} \
+          --json "$OUT/bigro-$sdpa.json"
+      done ;;
     bigtune)   # the same with Inductor's matmul autotuning (and CUDA graphs)
       timeout 500 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \
         --arms trainer --set model.compile=max-autotune ${PROFILE:+--profile} \

@@ -250,7 +250,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile 10 more of the trainer arm")
+    ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
+                    help="the only SDPA backend torch may pick (auto: torch's own order)")
     args = ap.parse_args()
+    if args.sdpa != "auto":  # process-wide, before anything is compiled
+        for name, enable in (("flash", torch.backends.cuda.enable_flash_sdp),
+                             ("cudnn", torch.backends.cuda.enable_cudnn_sdp),
+                             ("efficient", torch.backends.cuda.enable_mem_efficient_sdp)):
+            enable(name == args.sdpa)
 
     cfg = load_config(args.config, [*args.overrides, "output.run_name=null",
                                     "output.save_weights=false"])

@@ -398,6 +398,13 @@ def test_members_of_equal_batch_size_take_the_batched_lora_path_and_match_solo(t
     sinks = {k: MemorySink() for k in specs}
     for k, cfg in cfgs.items():
         group.add_member(k, cfg, sinks[k])
+    group.step()
+    # The members' LoRA gradients of one layer are slices of the bmm's one gradient,
+    # taken as each .grad without a copy (their layout is already the parameters').
+    grads = {n: p.grad for n, p in group.llm.named_parameters()
+             if "layers.0.self_attn.q_proj.lora_A" in n}
+    assert len(grads) == 3 and all(g is not None and g.is_contiguous() for g in grads.values())
+    assert len({g.untyped_storage().data_ptr() for g in grads.values()}) == 1, grads.keys()
     while group.members:
         group.step()
     assert calls["bmm"] > 0  # the batched path ran

@@ -186,9 +186,14 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]], x: torc
               else torch.stack(inputs).flatten(1, -2))  # [K, rows x tokens, in]
         scale = torch.tensor([layer.scaling[a] for a in names], dtype=xs.dtype,
                              device=xs.device).view(-1, 1, 1)
-        h = torch.bmm(xs, torch.stack(lora_a).transpose(1, 2))  # [K, rows x tokens, r]
-        delta = torch.bmm(h, torch.stack(lora_b).transpose(1, 2)) * scale
-        delta = delta.reshape(result.shape)
+        # Weights on the left: the backward's weight gradients come out as contiguous
+        # [K, r, in] / [K, out, r] (x on the left would give transposed ones), so each
+        # member's slice already has its parameter's layout and autograd takes it as the
+        # .grad without a copy: K x 2 copy kernels per LoRA layer and step saved.
+        h_t = torch.bmm(torch.stack(lora_a), xs.transpose(1, 2))  # [K, r, rows x tokens]
+        delta_t = torch.bmm(torch.stack(lora_b), h_t) * scale  # [K, out, rows x tokens]
+        out = result.view(len(blocks), -1, result.shape[-1]) + delta_t.transpose(1, 2)
+        return out.view(result.shape).to(out_dtype)
     else:
         inputs = inputs if inputs is not None else [x]  # one block
         delta = torch.cat([F.linear(F.linear(xb, a), b) * layer.scaling[n]
