@@ -177,6 +177,20 @@ class Split:
         return out
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, without a hidden sync on CUDA.
+
+    A copy from pageable host memory first waits for everything already queued on the
+    stream (CUDA stages it through its own pinned buffer), so a per-step batch copied
+    that way would let the host run no further ahead of the GPU than one step, whatever
+    the read-back window. From pinned memory the copy is a plain asynchronous DMA; the
+    caching host allocator keeps the pinned block alive until the copy has run.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The example order of an epoch: a pure function of (seed, epoch), so resume is exact."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import TrainConfig
-from trainer.data import IGNORE_INDEX
+from trainer.data import IGNORE_INDEX, to_device
 from trainer.errors import ConfigError, Problem
 from trainer.inputs import Inputs, prepare_inputs
 from trainer.loop import (
@@ -550,8 +550,8 @@ class TrialGroup:
             # Labels stay on the CPU, as in a solo run (no sync in the loss); a compiled
             # forward takes them on the device (static targets, no CPU tensor in the graph).
             parts = [Rows(m.run.model.projector, m.adapter,
-                          *(b[k].to(dev, non_blocking=True) for k in ("features", "input_ids")),
-                          b["labels"].to(dev, non_blocking=True) if static else b["labels"])
+                          *(to_device(b[k], dev) for k in ("features", "input_ids")),
+                          to_device(b["labels"], dev) if static else b["labels"])
                      for m, b in zip(active, batches, strict=True)]
             with autocast_for(active[0].run):  # one precision per group
                 if static:

@@ -30,7 +30,7 @@ import torch
 from trainer.bundle import Phase1Bundle, load_bundle
 from trainer.checkpoint import latest_readable, load_trainable, save_checkpoint, set_rng_state
 from trainer.config import Phase2, TrainConfig
-from trainer.data import Split, epoch_order
+from trainer.data import Split, epoch_order, to_device
 from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
 from trainer.inputs import Inputs, load_splits, prepare_inputs
@@ -174,19 +174,20 @@ def _loss_step(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     """Forward one micro-batch to its mean target-token loss."""
     dev = run.device
     if "features" in batch:
-        features = batch["features"].to(dev, non_blocking=True)
+        features = to_device(batch["features"], dev)
     else:
         m = batch["media"]
         with torch.no_grad():  # frozen: never part of the graph
-            features = run.bundle(m.images.to(dev), m.audio.to(dev), m.text.to(dev))
+            features = run.bundle(to_device(m.images, dev), to_device(m.audio, dev),
+                                  to_device(m.text, dev))
     # Labels stay on the CPU: the target positions are found there, without a device sync.
     # A compiled forward takes them on the device (static shapes; and a CPU tensor among
     # its inputs would keep CUDA graphs from capturing it).
     labels = batch["labels"]
     if run.model.static_loss:
-        labels = labels.to(dev, non_blocking=True)
+        labels = to_device(labels, dev)
     with autocast_for(run):
-        return run.model(features, batch["input_ids"].to(dev, non_blocking=True), labels)
+        return run.model(features, to_device(batch["input_ids"], dev), labels)
 
 
 def _optimizer_step(run: Run, state: State, step: int, loss: torch.Tensor

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data import IGNORE_INDEX
+from trainer.data import IGNORE_INDEX, to_device
 
 LOSS_CHUNK_ROWS = 4096  # LM-head rows per chunk of the loss: bounds the fp32 logits' memory
 
@@ -133,9 +133,8 @@ class Targets(NamedTuple):
     labels: torch.Tensor  # [n] int64
     count: torch.Tensor | int  # a host int when found on the host (no copy to the device)
 
-    def to(self, device: torch.device | str) -> Targets:
-        return Targets(self.rows.to(device, non_blocking=True),
-                       self.labels.to(device, non_blocking=True), self.count)
+    def to(self, device: torch.device) -> Targets:
+        return Targets(to_device(self.rows, device), to_device(self.labels, device), self.count)
 
 
 def find_targets(labels: torch.Tensor, prefix: int) -> Targets:
