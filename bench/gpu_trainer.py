@@ -128,8 +128,22 @@ def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[flo
     state = State()
     stepper = trainer_stepper(run, state, cfg)
     times = _timed(stepper, args.warmup, args.steps)
+    if args.torch_adamw:
+        # The same run and graph, its device-guarded AdamW going through torch's own
+        # optimizer.step() instead of trainer.optim.fused_adamw_step: the host time saved.
+        import trainer.step_guard as step_guard
+        from trainer.optim import _torch_step
+
+        fast = step_guard.fused_adamw_step
+        step_guard.fused_adamw_step = _torch_step
+        try:
+            first = args.warmup + args.steps
+            args.torch_adamw_times = _timed(lambda i: stepper(first + i), args.warmup,
+                                            args.steps)
+        finally:
+            step_guard.fused_adamw_step = fast
     if args.profile:
-        profile_steps(stepper, args.warmup + args.steps, 10)
+        profile_steps(stepper, 2 * (args.warmup + args.steps), 10)
     _, counts = param_groups(run.model)
     return times, {"trainable": counts.trainable, "frozen": counts.frozen}, _peak_gib()
 
@@ -250,6 +264,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile 10 more of the trainer arm")
+    ap.add_argument("--torch-adamw", action="store_true",
+                    help="also time the trainer arm with torch's AdamW.step() in the device "
+                         "guard (same run, same graph) instead of trainer.optim's fused call")
     ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
                     help="the only SDPA backend torch may pick (auto: torch's own order)")
     args = ap.parse_args()
@@ -280,6 +297,8 @@ def main() -> None:
         else:
             ap.error(f"unknown arm {arm!r} (naive, trainer, trainer-nocache)")
         results[arm] = (times, mem)
+        if arm == "trainer" and args.torch_adamw:
+            results["trainer-torch-adamw"] = (args.torch_adamw_times, mem)
     if counts is None:
         from trainer.param_count import count_parameters
 

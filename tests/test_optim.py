@@ -76,3 +76,55 @@ def test_scheduler_matches_formula_at_every_step(warmup, total):
         opt.step()
         sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0, 0.0], abs=1e-15)
+
+
+def test_fused_adamw_step_equals_torchs_fused_step_bit_for_bit():
+    """The device guard's AdamW step (torch's fused kernel, without torch's per-step Python)
+    leaves weights, moments and step counts exactly as `optimizer.step()` does: through
+    skipped steps (found_inf), a parameter without a gradient, two groups with their own
+    LR, weight decay, and a state loaded from a checkpoint."""
+    from trainer.optim import fused_adamw_step
+
+    def make():
+        torch.manual_seed(0)
+        model = _Toy()
+        groups, _ = param_groups(model)
+        opt = build_optimizer(groups, 3e-3, 1e-3, 0.01, (0.9, 0.98), 1e-8, fused=True)
+        return model, opt
+
+    def grads(model, step):
+        g = torch.Generator().manual_seed(step)
+        for name, p in model.named_parameters():
+            if p.requires_grad and not (step == 3 and "lora_B" in name):
+                p.grad = torch.randn(p.shape, generator=g)
+            else:
+                p.grad = None
+
+    ref, ref_opt = make()
+    fast, fast_opt = make()
+    skips = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    for step, skip in enumerate(skips, 1):
+        for model in (ref, fast):
+            grads(model, step)
+        fast_opt.param_groups[1]["lr"] = ref_opt.param_groups[1]["lr"] = 1e-3 / step
+        ref_opt.found_inf = torch.tensor(skip)
+        ref_opt.step()
+        del ref_opt.found_inf
+        fused_adamw_step(fast_opt, torch.tensor(skip))
+        for (name, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
+            assert torch.equal(a, b), (step, name)
+        for a, b in zip(ref_opt.state.values(), fast_opt.state.values(), strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert ref_opt.state_dict()["state"][0]["step"].item() == 5  # 7 steps, 2 skipped
+
+    # Resumed from a state dict: the fast path runs on the loaded state.
+    _, resumed = make()
+    resumed.load_state_dict(fast_opt.state_dict())
+    assert all(st for st in resumed.state.values())
+    before = [p.clone() for g in resumed.param_groups for p in g["params"]]
+    for g in resumed.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+    fused_adamw_step(resumed, torch.tensor(0.0))
+    after = [p for g in resumed.param_groups for p in g["params"]]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainer.metrics import NanEvent
-from trainer.optim import GROUPS
+from trainer.optim import GROUPS, fused_adamw_step
 
 if TYPE_CHECKING:
     from trainer.config import Phase2
@@ -168,12 +168,7 @@ def launch_optimizer_step(run: Run, guard: DeviceGuard, step: int, loss: torch.T
         torch._foreach_mul_(grads, torch.where(over, p2.clip / (total + 1e-6), 1.0))
     else:
         clipped = torch.zeros_like(finite)
-    # The attribute GradScaler sets for fused optimizers: 1.0 makes the kernel a no-op.
-    run.optimizer.found_inf = (finite <= guard.halt).float()  # not finite, or halted
-    try:
-        run.optimizer.step()
-    finally:
-        del run.optimizer.found_inf
+    fused_adamw_step(run.optimizer, (finite <= guard.halt).float())  # not finite, or halted
     lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
     advance_schedule(run)
     code = guard.update(p2, finite, vals[0])
