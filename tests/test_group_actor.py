@@ -98,3 +98,23 @@ def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
         group.poll("m1")
     _wait(lambda: m0.blocked_at == 4 and m1.blocked_at == 4)
     assert set(calls) == {("m0", "m1")}, calls  # never a subset
+
+
+def test_members_read_back_in_windows_pause_at_the_window_holding_their_report(actor):
+    """With the device guard (sync_every 3 here, 10 on a GPU) a member's records arrive a
+    window at a time, so it pauses at the end of the window holding its report, one step
+    past it here, as far as a solo trial with the same window trains past it."""
+    group, cfg = actor
+    cfg.output.sync_every = 3
+    _join(group, cfg, "m0")
+    member = group._members["m0"]
+    _wait(lambda: member.blocked_at is not None)
+    time.sleep(0.5)  # a running member would step on in this time
+    with group._lock:
+        steps = [p[1] for k, p in member.events if k == "metrics"]
+    assert steps == [1, 2, 3] and member.blocked_at == 2
+    events, _ = group.poll("m0")  # the client takes steps 1-3 and reports step 2 ...
+    assert [p[1] for k, p in events if k == "metrics"] == [1, 2, 3]
+    events, _ = group.poll("m0")  # ... then polls: the member trains its next window
+    assert [p[1] for k, p in events if k == "metrics"] == [4, 5, 6]
+    assert member.blocked_at == 6  # that window holds reports 4 and 6
