@@ -500,10 +500,10 @@ class TrialGroup:
             if isinstance(result, PendingStep):
                 m.pending.append(result)
                 continue
+            # The host guard's record, at once (such a member never has steps pending).
             now = time.perf_counter()
             dt, m.t_last = max(now - m.t_last, 1e-9), now
             end_reason = finish_step(m.run, m.state, m.state.step + 1, *result, m.sink, dt)
-            # (a host-guard member has no pending steps: its State is up to date)
             if end_reason is not None:
                 finished[m.member_id] = self._close(m, end_reason)
         if any(self._window_due(m) for m in self.members.values() if m.pending):

@@ -90,9 +90,10 @@ def fused_adamw_step(optimizer: torch.optim.AdamW, found_inf: torch.Tensor) -> N
     through torch's `step()` (tests/test_optim.py pins the two bit for bit).
     """
     groups = optimizer.param_groups
-    if not isinstance(optimizer, torch.optim.AdamW) or not all(
-            g["fused"] and not g["amsgrad"] and not g["maximize"]
-               and not g["differentiable"] and not g.get("capturable") for g in groups):
+    covered = isinstance(optimizer, torch.optim.AdamW) and all(
+        g["fused"] and not (g["amsgrad"] or g["maximize"] or g["differentiable"]
+                            or g.get("capturable")) for g in groups)
+    if not covered:
         _torch_step(optimizer, found_inf)
         return
     work = []
