@@ -31,14 +31,19 @@ def _join(group: GroupActor, cfg, member_id: str) -> None:
     group.join(member_id, data, resume=False)
 
 
-def test_a_member_pauses_where_a_solo_trial_would_block_in_tune_report(actor):
-    group, cfg = actor
-    _join(group, cfg, "m0")
-    member = group._members["m0"]
+def _join_until_paused(group: GroupActor, cfg, member_id: str):
+    """Join a member and wait until it pauses at a report; it and the steps it queued."""
+    _join(group, cfg, member_id)
+    member = group._members[member_id]
     _wait(lambda: member.blocked_at is not None)
     time.sleep(0.5)  # a running member would step on in this time
     with group._lock:
-        steps = [p[1] for k, p in member.events if k == "metrics"]
+        return member, [p[1] for k, p in member.events if k == "metrics"]
+
+
+def test_a_member_pauses_where_a_solo_trial_would_block_in_tune_report(actor):
+    group, cfg = actor
+    member, steps = _join_until_paused(group, cfg, "m0")
     assert steps == [1, 2] and member.blocked_at == 2  # report_every=2: blocked at step 2
     events, finished = group.poll("m0")  # the client takes steps 1-2 and reports them ...
     assert [p[1] for k, p in events if k == "metrics"] == [1, 2] and not finished
@@ -106,12 +111,7 @@ def test_members_read_back_in_windows_pause_at_the_window_holding_their_report(a
     past it here, as far as a solo trial with the same window trains past it."""
     group, cfg = actor
     cfg.output.sync_every = 3
-    _join(group, cfg, "m0")
-    member = group._members["m0"]
-    _wait(lambda: member.blocked_at is not None)
-    time.sleep(0.5)  # a running member would step on in this time
-    with group._lock:
-        steps = [p[1] for k, p in member.events if k == "metrics"]
+    member, steps = _join_until_paused(group, cfg, "m0")
     assert steps == [1, 2, 3] and member.blocked_at == 2
     events, _ = group.poll("m0")  # the client takes steps 1-3 and reports step 2 ...
     assert [p[1] for k, p in events if k == "metrics"] == [1, 2, 3]
