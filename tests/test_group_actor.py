@@ -105,16 +105,27 @@ def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
     assert set(calls) == {("m0", "m1")}, calls  # never a subset
 
 
-def test_members_read_back_in_windows_pause_at_the_window_holding_their_report(actor):
-    """With the device guard (sync_every 3 here, 10 on a GPU) a member's records arrive a
-    window at a time, so it pauses at the end of the window holding its report, one step
-    past it here, as far as a solo trial with the same window trains past it."""
+def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(actor):
+    """With the device guard (sync_every 3 here, 10 on a GPU) a member's steps are read back
+    a window at a time, and every window ends at a report: the member never trains past a
+    report its client has not taken, as with a read-back per step."""
     group, cfg = actor
     cfg.output.sync_every = 3
-    member, steps = _join_until_paused(group, cfg, "m0")
-    assert steps == [1, 2, 3] and member.blocked_at == 2
-    events, _ = group.poll("m0")  # the client takes steps 1-3 and reports step 2 ...
-    assert [p[1] for k, p in events if k == "metrics"] == [1, 2, 3]
-    events, _ = group.poll("m0")  # ... then polls: the member trains its next window
-    assert [p[1] for k, p in events if k == "metrics"] == [4, 5, 6]
-    assert member.blocked_at == 6  # that window holds reports 4 and 6
+    cfg.output.checkpoint_every = 3  # a checkpoint is reported with the record after it
+    _join(group, cfg, "m0")
+    member = group._members["m0"]
+    seen, pauses, finished = [], [], False
+    while not finished and len(pauses) < 4:  # the client's loop, with a pause between polls
+        time.sleep(0.3)  # a member that did not pause would run ahead meanwhile
+        with group._lock:
+            queued = [p[1] for k, p in member.events if k == "metrics"]
+            blocked = member.blocked_at
+        if blocked is not None:
+            assert max(seen + queued) == blocked, (seen, queued, blocked)
+            if not pauses or pauses[-1] != blocked:
+                pauses.append(blocked)
+        events, finished = group.poll("m0")
+        seen += [p[1] for k, p in events if k == "metrics"]
+    # report_every 2 from step 0, and the record after each checkpoint (3, 6): 2, 4, 5, 7.
+    assert pauses == [2, 4, 5, 7]
+    assert seen == list(range(1, len(seen) + 1))

@@ -32,6 +32,10 @@ def group_sweep(tmp_path_factory):
               "debug.inject_nan_at_step": {"grid": [None, 3]}})
     data = load_yaml_file(path)
     data["base"]["overrides"]["model.lora.dropout"] = 0.0  # bit-comparable with solo runs
+    # The device guard's read-back windows, as on a GPU (10 there): records and reports
+    # arrive 3 steps at a time, the NaN stop at step 3 ends a window, ASHA stops trials
+    # at reports inside them.
+    data["base"]["overrides"]["output.sync_every"] = 3
     path.write_text(dump_yaml(data))
     res = _sweep(path, cwd=tmp)
     return tmp, res

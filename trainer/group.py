@@ -331,6 +331,7 @@ class Member:
     t0: float
     t_last: float
     guard: DeviceGuard | None = None  # the device NaN guard of runs that use it
+    report_due: Callable[[int], bool] | None = None  # see TrialGroup.add_member
     pending: list[PendingStep] = field(default_factory=list)  # launched, not read back yet
 
 
@@ -425,8 +426,14 @@ class TrialGroup:
 
     def add_member(self, member_id: str, cfg: TrainConfig, sink: MetricsSink | None = None, *,
                    resume: bool = False, after_backward: AfterBackward | None = None,
-                   console: bool = False, source: str = "config") -> None:
-        """Start (or with `resume`, continue) one trial in the group, as `train()` would."""
+                   console: bool = False, source: str = "config",
+                   report_due: Callable[[int], bool] | None = None) -> None:
+        """Start (or with `resume`, continue) one trial in the group, as `train()` would.
+
+        `report_due(n)`: whether the member's n-th record from now is one its consumer must
+        see before the member trains on (a Tune trial's report, where ASHA may stop it);
+        the member's read-back window then ends at that step, so it never trains past it.
+        """
         if member_id in self.members:
             raise ValueError(f"trial group already has a member {member_id!r}")
         problems = group_problems(self._ref, cfg, self.inputs, source)
@@ -466,7 +473,7 @@ class TrialGroup:
         out.log_params(resolved_params(cfg, plan))
         guard = DeviceGuard.start(state, self.device) if run.device_guard else None
         self.members[member_id] = Member(member_id, adapter, run, state, out, t0,
-                                         time.perf_counter(), guard)
+                                         time.perf_counter(), guard, report_due)
 
     def remove_member(self, member_id: str, end_reason: str = "stopped") -> RunSummary:
         """End a member from outside (e.g. an ASHA stop): weights, summary, memory freed.
@@ -487,9 +494,9 @@ class TrialGroup:
         ended.
 
         Members with the device guard are read back a window at a time, as a solo run is
-        (`output.sync_every`, WINDOW_MAX_S, and at once at steps the host must see): all
-        of them together, so a window costs the whole group one sync. Their records, and
-        so their reports, arrive at the window's end."""
+        (`output.sync_every`, WINDOW_MAX_S, and at once at steps the host must see or
+        that `report_due` names): all of them together, so a window costs the whole group
+        one sync. Their records arrive at the window's end."""
         finished = {}
         for m in [m for m in self.members.values() if m.state.step >= m.run.plan.total_steps]:
             finished[m.member_id] = self._close(m, "completed")  # resumed at its last step
@@ -511,8 +518,9 @@ class TrialGroup:
         return finished
 
     def _window_due(self, m: Member) -> bool:
-        last = m.pending[-1].step
-        return (len(m.pending) >= m.run.sync_every or needs_host(m.run, last)
+        n = len(m.pending)
+        return (n >= m.run.sync_every or needs_host(m.run, m.pending[-1].step)
+                or (m.report_due is not None and m.report_due(n))
                 or time.perf_counter() - m.t_last >= WINDOW_MAX_S)
 
     def _flush(self, members: list[Member]) -> dict[str, RunSummary]:

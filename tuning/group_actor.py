@@ -12,11 +12,10 @@ solo trial uses, so reports, checkpoints and NaN handling look exactly like a so
 Why the actor paces members: a solo trial blocks in ``tune.report`` until the driver has taken
 the result (and ASHA may stop it there). A member therefore pauses at the record whose report
 would block it, until its client polls again (which it does only after that report
-returned), so it never trains past the point a stop is decided at by more than a solo trial
-does: on a GPU both read their steps back a window of ``output.sync_every`` steps at a time
-(trainer.step_guard), and a report is seen at the end of its window; a member whose
-client went away (stopped by Tune, or its worker died) is dropped after
-``orphan_timeout_s``.
+returned), so it never trains past the point a stop is decided at: on a GPU its steps are
+read back a window of ``output.sync_every`` steps at a time (trainer.step_guard), and a
+window ends at every report (``_QueueSink.report_due``). A member whose client went away
+(stopped by Tune, or its worker died) is dropped after ``orphan_timeout_s``.
 
 Ownership: the driver creates the actor before ``Tuner.fit`` (a Ray actor dies with its
 owner, so a trial process must not own it); trials look it up by name. Trials must run on the
@@ -89,6 +88,20 @@ class _QueueSink:
             self.member.blocked_at = step
         self._put("metrics", (dict(metrics), step, str(checkpoint) if checkpoint else None))
 
+    def report_due(self, n: int) -> bool:
+        """Whether the n-th record from now makes the client report (log_metrics' rule,
+        run ahead over n records; a checkpoint only ever comes last in a read-back
+        window, so none is among the n - 1 before)."""
+        stashed, pending, reports = self.stashed, self.pending, False
+        for _ in range(n):
+            reports = stashed
+            if reports:
+                stashed, pending = False, 0
+            pending += 1
+            if pending >= self.report_every:
+                reports, pending = True, 0
+        return reports
+
     def close(self, summary: RunSummary) -> None:
         self.member.done = True
         self._put("close", summary)
@@ -127,9 +140,10 @@ class GroupActor:
                 self._drop(member_id)
             self._failed.pop(member_id, None)  # a retry of a trial the failed step dropped
             member = _Member()
-            self._group.add_member(member_id, cfg,
-                                   _QueueSink(member, self._lock, self._report_every),
-                                   resume=resume)
+            sink = _QueueSink(member, self._lock, self._report_every)
+            # The member's read-back windows end at its reports: it pauses exactly there.
+            self._group.add_member(member_id, cfg, sink, resume=resume,
+                                   report_due=sink.report_due)
             self._members[member_id] = member
             self._lock.notify_all()
 
