@@ -466,3 +466,65 @@ def test_compiled_group_forward_matches_the_eager_group(tiny, monkeypatch, preci
             assert [r["step"] for r in compiled] == [r["step"] for r in eager]
             for a, b in zip(eager, compiled, strict=True):
                 assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), (k, a["step"])
+
+
+def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, monkeypatch):
+    """Members of equal batch size in a compiled group keep their LoRA weights as slices of
+    one stacked tensor per layer (trainer.group.LoraStacks): the graph reads the stacks,
+    autograd accumulates one gradient per stack, and each member's parameters and
+    gradients are views of its slices. Members still train as in the eager group, through
+    checkpoints, weight files and members leaving (the stacks are rebuilt, then dropped
+    when one member is left)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    import trainer.group as group_mod
+
+    real_compile = torch.compile
+
+    def fake_compile(fn, mode, dynamic):
+        backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                               bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+        return real_compile(fn, backend=backend, dynamic=dynamic)
+
+    monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
+    specs = {"a": dict(SPECS["a"], batch_size=4, total_training_steps=9),
+             "b": dict(SPECS["b"], batch_size=4),  # leaves after 5 steps
+             "c": dict(SPECS["c"], batch_size=4, epochs=1)}
+    sinks, roots = {}, {}
+    for mode in ("off", "reduce-overhead"):
+        cfgs = {k: _cfg(tiny, f"stack-{mode}-{k}", **p) for k, p in specs.items()}
+        for c in cfgs.values():
+            c.model.compile = mode
+            c.output.sync_every = 4  # device guard, as on a GPU
+            c.output.checkpoint_every = 3
+        group = TrialGroup(prepare_inputs(cfgs["a"], _quiet), log=_quiet)
+        sinks[mode] = {k: MemorySink() for k in specs}
+        for k, c in cfgs.items():
+            group.add_member(k, c, sinks[mode][k])
+        group.step()
+        if mode == "off":
+            assert group._stacks is None  # eager groups stack per call, as before
+        else:
+            stacks = group._stacks
+            assert stacks is not None and len(stacks.pairs) == len(group._routed_layers)
+            stack_a, _ = stacks.pairs[0]
+            layer = group._routed_layers[0]
+            for i, m in enumerate(group.members.values()):
+                weight = layer.lora_A[m.adapter].weight
+                for mine, stacked in ((weight, stack_a), (weight.grad, stack_a.grad)):
+                    assert mine.untyped_storage().data_ptr() == \
+                        stacked.untyped_storage().data_ptr()
+                    assert torch.equal(mine, stacked[i])
+        while group.members:
+            group.step()
+        if mode != "off":
+            assert group._stacks is None  # one member left at the end: nothing to stack
+        roots[mode] = cfgs["a"].output.root
+    for k in specs:
+        _assert_same_steps(sinks["off"][k].records, sinks["reduce-overhead"][k].records, k)
+        eager = _weights(roots["off"] / f"stack-off-{k}")
+        stacked = _weights(roots["reduce-overhead"] / f"stack-reduce-overhead-{k}")
+        assert set(eager) == set(stacked)
+        for name in eager:
+            torch.testing.assert_close(stacked[name], eager[name], rtol=RTOL, atol=ATOL)
