@@ -481,10 +481,16 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
     import trainer.group as group_mod
 
     real_compile = torch.compile
+    inputs = []  # the names of each traced graph's inputs
 
     def fake_compile(fn, mode, dynamic):
-        backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                               bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+        aot = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+
+        def backend(gm, example_inputs):
+            inputs.append([n.name for n in gm.graph.nodes if n.op == "placeholder"])
+            return aot(gm, example_inputs)
+
         return real_compile(fn, backend=backend, dynamic=dynamic)
 
     monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
@@ -521,6 +527,12 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
         if mode != "off":
             assert group._stacks is None  # one member left at the end: nothing to stack
         roots[mode] = cfgs["a"].output.root
+    # One graph per make-up (a, b, c; then a, c), each reading the stacks (the routed
+    # forwards' bound arguments) and no member's own LoRA parameter, so guarding none.
+    assert len(inputs) == 2
+    for names in inputs:
+        assert not [n for n in names if "lora_A" in n or "lora_B" in n], names
+        assert len([n for n in names if "_forward_args_2_" in n]) == 2 * len(stacks.pairs)
     for k in specs:
         _assert_same_steps(sinks["off"][k].records, sinks["reduce-overhead"][k].records, k)
         eager = _weights(roots["off"] / f"stack-off-{k}")

@@ -156,6 +156,20 @@ def adapter_rows(llm: nn.Module, names: list[str]) -> Iterator[None]:
             h.remove()
 
 
+def _bmm_lora(result: torch.Tensor, xs: torch.Tensor, stack_a: torch.Tensor,
+              stack_b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`result` plus every block's LoRA product: xs [K, rows x tokens, in], stack_a
+    [K, r, in], stack_b [K, out, r], scale [K, 1, 1]."""
+    # Weights on the left: the backward's weight gradients come out as contiguous
+    # [K, r, in] / [K, out, r] (x on the left would give transposed ones), so each
+    # member's slice already has its parameter's layout and autograd takes it as the
+    # .grad without a copy: K x 2 copy kernels per LoRA layer and step saved.
+    h_t = torch.bmm(stack_a, xs.transpose(1, 2))  # [K, r, rows x tokens]
+    delta_t = torch.bmm(stack_b, h_t) * scale  # [K, out, rows x tokens]
+    out = result.view(xs.shape[0], -1, result.shape[-1]) + delta_t.transpose(1, 2)
+    return out.view(result.shape)
+
+
 def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
                         stacks: tuple[torch.Tensor, torch.Tensor] | None, x: torch.Tensor,
                         *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -166,12 +180,16 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     scatter; when every block has as many rows and the adapters the same shapes (the
     usual sweep), all members' LoRA products are two batched matmuls whatever the group
     size: the launch count no longer grows with the number of members. `stacks`: the
-    blocks' A and B weights held as one [K, ...] tensor each (`LoraStacks`), used as they
-    are instead of stacked from the members' parameters at every step.
+    blocks' A and B weights held as one [K, ...] tensor each (`LoraStacks`, for blocks
+    that `LoraStacks.stackable` accepted), read instead of the members' parameters.
     """
     result = layer.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype
     names = [a for a, _ in blocks]
+    if stacks is not None:  # equal blocks, equal shapes, no dropout: the batched path
+        x = x.to(stacks[0].dtype)  # peft's _cast_input_dtype
+        xs = x.reshape(len(blocks), -1, x.shape[-1])  # a view, no copy
+        return _bmm_lora(result, xs, *stacks, _scales(layer, names, xs)).to(out_dtype)
     lora_a = [layer.lora_A[a].weight for a in names]
     lora_b = [layer.lora_B[a].weight for a in names]
     x = x.to(lora_a[0].dtype)  # peft's _cast_input_dtype
@@ -189,23 +207,18 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     if same and len(blocks) > 1:
         xs = (x.reshape(len(blocks), -1, x.shape[-1]) if inputs is None
               else torch.stack(inputs).flatten(1, -2))  # [K, rows x tokens, in]
-        scale = torch.tensor([layer.scaling[a] for a in names], dtype=xs.dtype,
-                             device=xs.device).view(-1, 1, 1)
-        # Weights on the left: the backward's weight gradients come out as contiguous
-        # [K, r, in] / [K, out, r] (x on the left would give transposed ones), so each
-        # member's slice already has its parameter's layout and autograd takes it as the
-        # .grad without a copy: K x 2 copy kernels per LoRA layer and step saved.
-        stack_a, stack_b = stacks if stacks is not None else (torch.stack(lora_a),
-                                                              torch.stack(lora_b))
-        h_t = torch.bmm(stack_a, xs.transpose(1, 2))  # [K, r, rows x tokens]
-        delta_t = torch.bmm(stack_b, h_t) * scale  # [K, out, rows x tokens]
-        out = result.view(len(blocks), -1, result.shape[-1]) + delta_t.transpose(1, 2)
-        return out.view(result.shape).to(out_dtype)
-    else:
-        inputs = inputs if inputs is not None else [x]  # one block
-        delta = torch.cat([F.linear(F.linear(xb, a), b) * layer.scaling[n]
-                           for n, xb, a, b in zip(names, inputs, lora_a, lora_b, strict=True)])
+        return _bmm_lora(result, xs, torch.stack(lora_a), torch.stack(lora_b),
+                         _scales(layer, names, xs)).to(out_dtype)
+    inputs = inputs if inputs is not None else [x]  # one block
+    delta = torch.cat([F.linear(F.linear(xb, a), b) * layer.scaling[n]
+                       for n, xb, a, b in zip(names, inputs, lora_a, lora_b, strict=True)])
     return (result + delta).to(out_dtype)
+
+
+def _scales(layer: nn.Module, names: list[str], like: torch.Tensor) -> torch.Tensor:
+    """The blocks' LoRA scalings as [K, 1, 1] (constants in a compiled graph)."""
+    return torch.tensor([layer.scaling[a] for a in names], dtype=like.dtype,
+                        device=like.device).view(-1, 1, 1)
 
 
 def _vanilla_lora_layers(llm: nn.Module, adapters: Collection[str]) -> list[nn.Module] | None:
