@@ -254,7 +254,7 @@ class LoraStacks:
     in place before each step, never set to None): their optimizers, clipping,
     checkpoints and weight files work on them unchanged, while the shared forward reads
     the stacks and autograd accumulates one gradient per stack instead of one per member
-    and parameter (at K=8 on the reference model, 192 instead of 1,536 gradient nodes per
+    and parameter (at K=8 on the reference model, 192 instead of 1,536 LoRA gradient nodes per
     step, and as many fewer inputs for a compiled graph to guard).
     """
 
