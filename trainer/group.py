@@ -157,9 +157,9 @@ def adapter_rows(llm: nn.Module, names: list[str]) -> Iterator[None]:
 
 
 def _bmm_lora(result: torch.Tensor, xs: torch.Tensor, stack_a: torch.Tensor,
-              stack_b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+              stack_b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """`result` plus every block's LoRA product: xs [K, rows x tokens, in], stack_a
-    [K, r, in], stack_b [K, out, r], scale [K, 1, 1]."""
+    [K, r, in], stack_b [K, out, r], scale a float or [K, 1, 1]."""
     # Weights on the left: the backward's weight gradients come out as contiguous
     # [K, r, in] / [K, out, r] (x on the left would give transposed ones), so each
     # member's slice already has its parameter's layout and autograd takes it as the
@@ -194,10 +194,8 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     lora_b = [layer.lora_B[a].weight for a in names]
     x = x.to(lora_a[0].dtype)  # peft's _cast_input_dtype
     sizes = [n for _, n in blocks]
-    same = (len(set(sizes)) == 1 and len({w.shape for w in lora_a}) == 1
-            and len({w.shape for w in lora_b}) == 1)
-    plain = all(isinstance(layer.lora_dropout[a], nn.Identity) for a in names)
-    if same and plain:
+    same = _equal_blocks(layer, names, sizes)
+    if same and _no_dropout(layer, names):
         inputs = None  # a view, no copy: [K, rows x tokens, in] below
     else:
         # split, not x[s:e]: a slice's backward fills a zero tensor of x's full size per
@@ -215,10 +213,24 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     return (result + delta).to(out_dtype)
 
 
-def _scales(layer: nn.Module, names: list[str], like: torch.Tensor) -> torch.Tensor:
-    """The blocks' LoRA scalings as [K, 1, 1] (constants in a compiled graph)."""
-    return torch.tensor([layer.scaling[a] for a in names], dtype=like.dtype,
-                        device=like.device).view(-1, 1, 1)
+def _equal_blocks(layer: nn.Module, names: list[str], sizes: list[int]) -> bool:
+    """Every block as many rows, every adapter's A (and B) the same shape: one bmm."""
+    return (len(set(sizes)) == 1
+            and len({layer.lora_A[a].weight.shape for a in names}) == 1
+            and len({layer.lora_B[a].weight.shape for a in names}) == 1)
+
+
+def _no_dropout(layer: nn.Module, names: list[str]) -> bool:
+    return all(isinstance(layer.lora_dropout[a], nn.Identity) for a in names)
+
+
+def _scales(layer: nn.Module, names: list[str], like: torch.Tensor) -> float | torch.Tensor:
+    """The blocks' LoRA scalings: one float when they agree (the usual sweep: no tensor to
+    copy to the device), else [K, 1, 1] through pinned memory (a constant once compiled)."""
+    scales = [layer.scaling[a] for a in names]
+    if len(set(scales)) == 1:
+        return scales[0]
+    return to_device(torch.tensor(scales, dtype=like.dtype).view(-1, 1, 1), like.device)
 
 
 def _vanilla_lora_layers(llm: nn.Module, adapters: Collection[str]) -> list[nn.Module] | None:
@@ -254,8 +266,8 @@ class LoraStacks:
     in place before each step, never set to None): their optimizers, clipping,
     checkpoints and weight files work on them unchanged, while the shared forward reads
     the stacks and autograd accumulates one gradient per stack instead of one per member
-    and parameter (at K=8 on the reference model, 192 instead of 1,536 LoRA gradient nodes per
-    step, and as many fewer inputs for a compiled graph to guard).
+    and parameter (at K=8 on the reference model, 192 instead of 1,536 LoRA gradient
+    nodes per step, and as many fewer inputs for a compiled graph to guard).
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str]) -> None:
@@ -279,16 +291,9 @@ class LoraStacks:
     def stackable(layers: list[nn.Module], adapters: list[str], sizes: list[int]) -> bool:
         """Whether `layers` take the batched path for these blocks in every call: more than
         one block, equal row counts, equal adapter shapes and no LoRA dropout."""
-        if len(adapters) < 2 or len(set(sizes)) != 1:
-            return False
-        for layer in layers:
-            for attr in ("lora_A", "lora_B"):
-                ws = [getattr(layer, attr)[a].weight for a in adapters]
-                if len({(w.shape, w.dtype) for w in ws}) != 1:
-                    return False
-            if not all(isinstance(layer.lora_dropout[a], nn.Identity) for a in adapters):
-                return False
-        return True
+        return len(adapters) > 1 and all(
+            _equal_blocks(layer, adapters, sizes) and _no_dropout(layer, adapters)
+            for layer in layers)
 
     def zero_grads(self) -> None:
         """Every member's LoRA gradients, zeroed in place: one call for all stacks."""
@@ -632,13 +637,13 @@ class TrialGroup:
         steps = [(m.pending[-1].step if m.pending else m.state.step) + 1 for m in active]
         tallies = [StepTally(torch.zeros((), device=self.device)) for _ in active]
         static = self._route(active)  # compiled: the LoRA routing of this make-up is set
-        for m in active:
-            if self._stacks is None:
+        if self._stacks is None:
+            for m in active:
                 m.run.optimizer.zero_grad(set_to_none=True)
-            else:  # the LoRA gradients are views of the stacks' gradients: zeroed below
+        else:  # the LoRA gradients are views of the stacks' gradients, zeroed in place
+            for m in active:
                 for p in m.run.groups["projector"]:
                     p.grad = None
-        if self._stacks is not None:
             self._stacks.zero_grads()
         dev = self.device
         for j in range(self._ref.phase2.gradient_accumulation_steps):

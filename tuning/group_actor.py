@@ -74,32 +74,34 @@ class _QueueSink:
     def log_params(self, params: dict[str, Any]) -> None:
         self._put("params", dict(params))
 
+    def _rule(self, stashed: bool, pending: int, checkpoint: bool) -> tuple[bool, bool, int]:
+        """RayReportSink.log_metrics' decision for one record: whether it reports, and the
+        (stashed, pending) state after it."""
+        reports = stashed
+        if reports:
+            stashed, pending = False, 0
+        pending += 1
+        if checkpoint:
+            stashed = True
+        elif pending >= self.report_every:
+            reports, pending = True, 0
+        return reports, stashed, pending
+
     def log_metrics(self, metrics: dict[str, Any], step: int,
                     checkpoint: Path | None = None) -> None:
-        reports = self.stashed  # RayReportSink.log_metrics, step for step
-        if reports:
-            self.stashed, self.pending = False, 0
-        self.pending += 1
-        if checkpoint is not None:
-            self.stashed = True
-        elif self.pending >= self.report_every:
-            reports, self.pending = True, 0
+        reports, self.stashed, self.pending = self._rule(self.stashed, self.pending,
+                                                         checkpoint is not None)
         if reports:
             self.member.blocked_at = step
         self._put("metrics", (dict(metrics), step, str(checkpoint) if checkpoint else None))
 
     def report_due(self, n: int) -> bool:
-        """Whether the n-th record from now makes the client report (log_metrics' rule,
-        run ahead over n records; a checkpoint only ever comes last in a read-back
-        window, so none is among the n - 1 before)."""
+        """Whether the n-th record from now makes the client report: the same rule, run
+        ahead over n records (a checkpoint only ever comes last in a read-back window,
+        where the window ends anyway, so none is among the n - 1 before)."""
         stashed, pending, reports = self.stashed, self.pending, False
         for _ in range(n):
-            reports = stashed
-            if reports:
-                stashed, pending = False, 0
-            pending += 1
-            if pending >= self.report_every:
-                reports, pending = True, 0
+            reports, stashed, pending = self._rule(stashed, pending, checkpoint=False)
         return reports
 
     def close(self, summary: RunSummary) -> None:
