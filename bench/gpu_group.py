@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpu_trainer import bench_batch  # noqa: E402
+from gpu_trainer import bench_batch, profile_steps  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import Split, Tokens  # noqa: E402
@@ -81,23 +81,7 @@ def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
             group.step()
         times[sync] = (_sync() - t0) / steps
     if args.profile and k == args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
-                                         else [])
-        n = max(3, args.sync[-1])  # a whole window of the last setting
-        t0 = _sync()
-        with profile(activities=acts) as prof:
-            for _ in range(n):
-                group.step()
-            _sync()
-        events = prof.key_averages()
-        gpu = sum(e.self_device_time_total for e in events) / n / 1e3
-        print(f"[profile k={k}] {n} steps: wall {(_sync() - t0) / n * 1e3:.2f} ms/step "
-              f"(profiled), GPU kernels {gpu:.2f} ms/step", flush=True)
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        print(events.table(sort_by="self_cpu_time_total", row_limit=25))
-        print(events.table(sort_by=sort, row_limit=15))
+        profile_steps(lambda _i: group.step(), 0, max(3, args.sync[-1]))  # a whole window
     first = next(iter(group.members.values()))
     _, counts = param_groups(first.run.model)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -120,7 +104,7 @@ def main() -> None:
     ap.add_argument("--sync", default="10", type=lambda v: [int(x) for x in v.split(",")],
                     help="read-back windows (output.sync_every) to time the same group under")
     ap.add_argument("--profile", type=int, default=0,
-                    help="also profile 3 steps of the group of this size (torch.profiler)")
+                    help="also profile a read-back window of the group of this size")
     args = ap.parse_args()
 
     cfg = load_config(args.config, ["output.run_name=null", "output.save_weights=false",

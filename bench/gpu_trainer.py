@@ -161,7 +161,10 @@ def profile_steps(step_fn, first: int, n: int) -> None:
         _sync_time()
     wall = (_sync_time() - t0) / n
     events = prof.key_averages()
-    gpu = sum(e.self_device_time_total for e in events) / n / 1e3
+    # Kernels only: CPU-side ranges (an optimizer step, a compiled region) carry the device
+    # time of the kernels under them too, which would count those twice.
+    gpu = sum(e.self_device_time_total for e in events
+              if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
     print(f"[profile] {n} steps: wall {wall * 1e3:.2f} ms/step (profiled), GPU kernels "
           f"{gpu:.2f} ms/step", flush=True)
     print(events.table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
