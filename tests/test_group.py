@@ -223,14 +223,19 @@ def test_a_nan_stays_in_its_member(tiny, sync):
     assert all(torch.isfinite(t).all() for t in clean.values())
 
 
-def test_removed_member_ends_cleanly_and_frees_its_adapter(tiny):
+def test_removed_member_ends_cleanly_and_frees_its_adapter(tiny, monkeypatch):
     keep = _cfg(tiny, "solo-keep", **SPECS["a"])
     solo = _solo(keep)
 
+    import trainer.group as group_mod
+
+    # Features held on the device (as on a GPU): the members share one copy.
+    monkeypatch.setattr(group_mod, "features_on_device", lambda *_: True)
     group = TrialGroup(prepare_inputs(keep, _quiet), log=_quiet)
     sinks = {"keep": MemorySink(), "gone": MemorySink()}
     group.add_member("keep", _cfg(tiny, "keep", **SPECS["a"]), sinks["keep"])
     group.add_member("gone", _cfg(tiny, "gone", **SPECS["c"]), sinks["gone"])
+    assert group.members["keep"].run.train.features is group.members["gone"].run.train.features
     gone_adapter = group.members["gone"].adapter
     before = sum(p.numel() for p in group.llm.parameters())
     for _ in range(3):
@@ -504,6 +509,9 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
             c.model.compile = mode
             c.output.sync_every = 4  # device guard, as on a GPU
             c.output.checkpoint_every = 3
+        # a NaN in one member's row of the shared gradient stays in that member
+        cfgs["a"].debug.inject_nan_at_step = 2
+        cfgs["a"].debug.inject_nan_group = "lora"
         group = TrialGroup(prepare_inputs(cfgs["a"], _quiet), log=_quiet)
         sinks[mode] = {k: MemorySink() for k in specs}
         for k, c in cfgs.items():
@@ -513,26 +521,34 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
             assert group._stacks is None  # eager groups stack per call, as before
         else:
             stacks = group._stacks
-            assert stacks is not None and len(stacks.pairs) == len(group._routed_layers)
-            stack_a, _ = stacks.pairs[0]
+            assert stacks is not None and len(stacks.spans) == 2 * len(group._routed_layers)
+            stack_a, _ = stacks.views(0)
             layer = group._routed_layers[0]
             for i, m in enumerate(group.members.values()):
                 weight = layer.lora_A[m.adapter].weight
-                for mine, stacked in ((weight, stack_a), (weight.grad, stack_a.grad)):
+                for mine, flat in ((weight, stacks.flat), (weight.grad, stacks.flat.grad)):
                     assert mine.untyped_storage().data_ptr() == \
-                        stacked.untyped_storage().data_ptr()
-                    assert torch.equal(mine, stacked[i])
+                        flat.untyped_storage().data_ptr()
+                assert torch.equal(weight, stack_a[i])
+                # a member's LoRA gradients are one row: its norm is the row's
+                grads = [p.grad for p in m.run.groups["lora"]]
+                assert sum(g.numel() for g in grads) == stacks.flat.shape[1]
+                torch.testing.assert_close(
+                    stacks.member_norms()[i],
+                    torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
         while group.members:
             group.step()
         if mode != "off":
             assert group._stacks is None  # one member left at the end: nothing to stack
+        assert [e.step for e in sinks[mode]["a"].summary.nan_events] == [2]
+        assert not sinks[mode]["b"].summary.nan_events + sinks[mode]["c"].summary.nan_events
         roots[mode] = cfgs["a"].output.root
-    # One graph per make-up (a, b, c; then a, c), each reading the stacks (the routed
-    # forwards' bound arguments) and no member's own LoRA parameter, so guarding none.
+    # One graph per make-up (a, b, c; then a, c), each reading the one stacked tensor (the
+    # routed forwards' bound argument) and no member's own LoRA parameter, so guarding none.
     assert len(inputs) == 2
     for names in inputs:
         assert not [n for n in names if "lora_A" in n or "lora_B" in n], names
-        assert len([n for n in names if "_forward_args_2_" in n]) == 2 * len(stacks.pairs)
+        assert len([n for n in names if "_forward_args_2_" in n]) == 1, names
     for k in specs:
         _assert_same_steps(sinks["off"][k].records, sinks["reduce-overhead"][k].records, k)
         eager = _weights(roots["off"] / f"stack-off-{k}")

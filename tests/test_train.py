@@ -166,3 +166,26 @@ def test_batches_reach_a_cuda_device_through_pinned_memory():
 
     cpu = torch.arange(3)
     assert to_device(cpu, torch.device("cpu")) is cpu  # no copy, no pinning on the CPU
+    on_gpu = mock.MagicMock()
+    on_gpu.device.type = "cuda"  # already there (features held on the GPU): no pinning
+    assert to_device(on_gpu, torch.device("cuda", 0)) is on_gpu.to.return_value
+    on_gpu.pin_memory.assert_not_called()
+
+
+def test_cached_features_go_to_the_gpu_only_when_asked_or_small(monkeypatch):
+    """data.features_on_device: true/false decide; null holds them on a GPU when they fit
+    FEATURES_ON_DEVICE_BYTES; never on the CPU, never for raw media."""
+    import trainer.data as data
+    from trainer.data import Split, Tokens, features_on_device
+
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    split = Split(["a", "b", "c", "d"], Tokens(ids, ids, ids), features=torch.zeros(4, 5, 8))
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert features_on_device(split, gpu, None)
+    assert features_on_device(split, gpu, True)
+    assert not features_on_device(split, gpu, False)
+    assert not features_on_device(split, cpu, True)
+    assert not features_on_device(Split(split.ids, split.tokens), gpu, True)  # media
+    monkeypatch.setattr(data, "FEATURES_ON_DEVICE_BYTES", 4 * 5 * 8 * 4 - 1)  # one byte short
+    assert not features_on_device(split, gpu, None)
+    assert features_on_device(split, gpu, True)

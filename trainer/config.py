@@ -128,6 +128,9 @@ class Data(_Strict):
     max_prompt_tokens: int = Field(32, ge=1)
     max_target_tokens: int = Field(32, ge=1)
     feature_cache: bool = True  # run frozen encoders once and train on cached features
+    # On a GPU, hold the train split's cached features in GPU memory (no host gather and
+    # copy per step); null = when they take at most 2 GiB. A trial group holds one copy.
+    features_on_device: bool | None = None
 
 
 class EncoderSpec(_Strict):

@@ -170,11 +170,24 @@ class Split:
             "attention_mask": mask[:, :length],
         }
         if self.features is not None:
-            out["features"] = self.features[idx]
+            # Features held on the GPU are gathered there (the indices go over pinned).
+            out["features"] = self.features[to_device(idx, self.features.device)]
         else:
             assert self.media is not None
             out["media"] = self.media.select(idx)
         return out
+
+
+FEATURES_ON_DEVICE_BYTES = 2 * 2**30  # data.features_on_device: null holds at most this
+
+
+def features_on_device(split: Split, device: torch.device, setting: bool | None) -> bool:
+    """Whether `split`'s cached features should live on `device` (`data.features_on_device`):
+    only on a GPU, and with null only when they fit in FEATURES_ON_DEVICE_BYTES."""
+    if split.features is None or device.type != "cuda" or setting is False:
+        return False
+    return setting or split.features.numel() * split.features.element_size() \
+        <= FEATURES_ON_DEVICE_BYTES
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -186,7 +199,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     the read-back window. From pinned memory the copy is a plain asynchronous DMA; the
     caching host allocator keeps the pinned block alive until the copy has run.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type == "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -58,7 +58,7 @@ import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import TrainConfig
-from trainer.data import IGNORE_INDEX, to_device
+from trainer.data import IGNORE_INDEX, features_on_device, to_device
 from trainer.errors import ConfigError, Problem
 from trainer.inputs import Inputs, prepare_inputs
 from trainer.loop import (
@@ -105,7 +105,14 @@ from trainer.model import (
     prefix_embeds,
     target_loss,
 )
-from trainer.step_guard import DeviceGuard, PendingStep, read_back
+from trainer.step_guard import (
+    DeviceGuard,
+    PendingStep,
+    group_norm,
+    guard_inputs,
+    launch_update,
+    read_back,
+)
 
 SOLO_ADAPTER = "default"  # peft's adapter name in a solo run: checkpoints use it
 
@@ -171,7 +178,7 @@ def _bmm_lora(result: torch.Tensor, xs: torch.Tensor, stack_a: torch.Tensor,
 
 
 def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
-                        stacks: tuple[torch.Tensor, torch.Tensor] | None, x: torch.Tensor,
+                        stacks: LoraStacks | None, index: int, x: torch.Tensor,
                         *args: Any, **kwargs: Any) -> torch.Tensor:
     """A peft LoRA Linear over a batch whose rows come in contiguous per-adapter blocks.
 
@@ -180,16 +187,18 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     scatter; when every block has as many rows and the adapters the same shapes (the
     usual sweep), all members' LoRA products are two batched matmuls whatever the group
     size: the launch count no longer grows with the number of members. `stacks`: the
-    blocks' A and B weights held as one [K, ...] tensor each (`LoraStacks`, for blocks
-    that `LoraStacks.stackable` accepted), read instead of the members' parameters.
+    blocks' weights held in one tensor (`LoraStacks`, for blocks that
+    `LoraStacks.stackable` accepted), this layer's being its `index`-th A and B views,
+    read instead of the members' parameters.
     """
     result = layer.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype
     names = [a for a, _ in blocks]
     if stacks is not None:  # equal blocks, equal shapes, no dropout: the batched path
-        x = x.to(stacks[0].dtype)  # peft's _cast_input_dtype
+        stack_a, stack_b = stacks.views(index)
+        x = x.to(stack_a.dtype)  # peft's _cast_input_dtype
         xs = x.reshape(len(blocks), -1, x.shape[-1])  # a view, no copy
-        return _bmm_lora(result, xs, *stacks, _scales(layer, names, xs)).to(out_dtype)
+        return _bmm_lora(result, xs, stack_a, stack_b, _scales(layer, names, xs)).to(out_dtype)
     lora_a = [layer.lora_A[a].weight for a in names]
     lora_b = [layer.lora_B[a].weight for a in names]
     x = x.to(lora_a[0].dtype)  # peft's _cast_input_dtype
@@ -253,60 +262,88 @@ def route_blocks(layers: list[nn.Module], blocks: tuple[tuple[str, int], ...],
     (so it recompiles only when the blocks change). With `stacks`, each layer computes
     from its stacked weights."""
     for i, m in enumerate(layers):
-        pair = stacks.pairs[i] if stacks is not None else None
-        m.forward = functools.partial(_block_lora_forward, m, blocks, pair)
+        m.forward = functools.partial(_block_lora_forward, m, blocks, stacks, i)
 
 
 class LoraStacks:
-    """Every member's LoRA weights of each layer held as one tensor: [K, r, in] for A and
-    [K, out, r] for B, the members in block order (HFTA's fused layout).
+    """Every member's LoRA weights held in one [K, N] parameter, the members in block order:
+    row k is member k's A and B weights of every layer, flattened one after the other.
+    Each layer reads [K, r, in] and [K, out, r] views of it (HFTA's fused layout), taken
+    inside the compiled graph.
 
-    The members' own parameters become views of their slices, and their gradients views
-    of the slices of each stack's gradient, kept for as long as the stacks live (zeroed
-    in place before each step, never set to None): their optimizers, clipping,
-    checkpoints and weight files work on them unchanged, while the shared forward reads
-    the stacks and autograd accumulates one gradient per stack instead of one per member
-    and parameter (at K=8 on the reference model, 192 instead of 1,536 LoRA gradient
-    nodes per step, and as many fewer inputs for a compiled graph to guard).
+    The members' own parameters become views of their spans of a row, and their
+    gradients views of the same spans of the one gradient, kept for as long as the stacks
+    live (zeroed in place before each step, never set to None): their optimizers,
+    checkpoints and weight files work on them unchanged. The shared forward reads the one
+    parameter: one graph input and one gradient node for all LoRA weights of the group
+    (at K=8 on the reference model, instead of 1,536 of each), and since a member's LoRA
+    gradients are one contiguous row, the group takes every member's LoRA gradient norm
+    in one reduction and clips them all in one multiply (`member_norms`, `scale_grads`).
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str]) -> None:
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._members: list[tuple[nn.Parameter, list[nn.Parameter]]] = []
-        for layer in layers:
-            pair = []
-            for attr in ("lora_A", "lora_B"):
-                params = [getattr(layer, attr)[a].weight for a in adapters]
-                # A Parameter, so a CUDA-graph forward takes it as a static input (no copy).
-                stack = nn.Parameter(torch.stack([p.detach() for p in params]))
-                stack.grad = torch.zeros_like(stack)  # backward adds into it in place
-                for i, p in enumerate(params):
-                    p.data = stack.data[i]  # the member's parameter: a view of its slice
-                    p.grad = stack.grad[i]
-                self._members.append((stack, params))
-                pair.append(stack)
-            self.pairs.append((pair[0], pair[1]))
+        first = [(getattr(layer, attr)[adapters[0]].weight.shape)
+                 for layer in layers for attr in ("lora_A", "lora_B")]
+        offsets = [0]
+        for shape in first:
+            offsets.append(offsets[-1] + shape.numel())
+        self.adapters = list(adapters)
+        self.spans = list(zip(offsets[:-1], first, strict=True))  # (offset, shape) per weight
+        like = layers[0].lora_A[adapters[0]].weight
+        # A Parameter, so a CUDA-graph forward takes it as a static input (no copy).
+        self.flat = nn.Parameter(torch.empty(len(adapters), offsets[-1], dtype=like.dtype,
+                                             device=like.device))
+        self.flat.grad = torch.zeros_like(self.flat)  # backward adds into it in place
+        self._params: list[nn.Parameter] = []
+        with torch.no_grad():
+            for k, adapter in enumerate(adapters):
+                weights = [getattr(layer, attr)[adapter].weight
+                           for layer in layers for attr in ("lora_A", "lora_B")]
+                for p, (off, shape) in zip(weights, self.spans, strict=True):
+                    span = slice(off, off + shape.numel())
+                    self.flat.data[k, span] = p.detach().reshape(-1)
+                    p.data = self.flat.data[k, span].view(shape)  # a view of its span
+                    p.grad = self.flat.grad[k, span].view(shape)
+                    self._params.append(p)
 
     @staticmethod
     def stackable(layers: list[nn.Module], adapters: list[str], sizes: list[int]) -> bool:
         """Whether `layers` take the batched path for these blocks in every call: more than
-        one block, equal row counts, equal adapter shapes and no LoRA dropout."""
-        return len(adapters) > 1 and all(
+        one block, equal row counts, equal adapter shapes, no LoRA dropout, and one dtype
+        and device for all LoRA weights (they share one tensor)."""
+        kinds = {(p.dtype, p.device) for layer in layers for attr in ("lora_A", "lora_B")
+                 for p in (getattr(layer, attr)[a].weight for a in adapters)}
+        return len(adapters) > 1 and len(kinds) == 1 and all(
             _equal_blocks(layer, adapters, sizes) and _no_dropout(layer, adapters)
             for layer in layers)
 
+    def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `index`-th layer's stacked A [K, r, in] and B [K, out, r] weights."""
+        k = self.flat.shape[0]
+        out = []
+        for off, shape in self.spans[2 * index : 2 * index + 2]:
+            out.append(self.flat[:, off : off + shape.numel()].view(k, *shape))
+        return out[0], out[1]
+
     def zero_grads(self) -> None:
-        """Every member's LoRA gradients, zeroed in place: one call for all stacks."""
-        torch._foreach_zero_([stack.grad for stack, _ in self._members])
+        """Every member's LoRA gradients, zeroed in place: one kernel."""
+        self.flat.grad.zero_()
+
+    def member_norms(self) -> torch.Tensor:
+        """[K]: the L2 norm of each member's LoRA gradients (device values, no sync)."""
+        return torch.linalg.vector_norm(self.flat.grad, 2.0, dim=1)
+
+    def scale_grads(self, factors: torch.Tensor) -> None:
+        """Multiply member k's LoRA gradients by factors[k] (its clip factor): one kernel."""
+        self.flat.grad.mul_(factors.to(self.flat.grad.dtype).view(-1, 1))
 
     def release(self) -> None:
         """Give every member's parameter back storage of its own (the group's make-up is
-        about to change; a removed member's slice simply goes with the stack)."""
+        about to change; a removed member's span simply goes with the stack)."""
         with torch.no_grad():
-            for _, params in self._members:
-                for p in params:
-                    p.data = p.data.clone()
-                    p.grad = None
+            for p in self._params:
+                p.data = p.data.clone()
+                p.grad = None
 
 
 @contextmanager
@@ -499,6 +536,7 @@ class TrialGroup:
         self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
         self._routed_layers: list[nn.Module] | None = None  # their layers (None: per-row)
         self._stacks: LoraStacks | None = None  # the routed make-up's stacked LoRA weights
+        self._device_features: dict[tuple[str, ...], torch.Tensor] = {}  # by split rows
 
     @property
     def compiled(self) -> bool:
@@ -544,6 +582,12 @@ class TrialGroup:
                                                mode=cfg.model.compile, dynamic=False)
         train_split, eval_split, plan, run_dir = prepare_run_dir(
             cfg, self.inputs, self._tokenizer, resume=resume, source=source)
+        if features_on_device(train_split, self.device, cfg.data.features_on_device):
+            # Every member trains on the same split (one data config per group): one copy.
+            key = tuple(train_split.ids)
+            if key not in self._device_features:
+                self._device_features[key] = train_split.features.to(self.device)
+            train_split = replace(train_split, features=self._device_features[key])
         features = train_split.features
         adapter = f"member{self._next_adapter}"  # peft names must be plain identifiers
         self._next_adapter += 1
@@ -667,9 +711,36 @@ class TrialGroup:
             total.backward()
             for m, tally, b, loss in zip(active, tallies, batches, losses, strict=True):
                 tally.add(m.run, b, loss)
+        if self._stacks is not None and all(m.guard is not None for m in active):
+            return self._launch_stacked(active, tallies, steps)
         return [tally.launch(m.run, m.guard, s) if m.guard is not None
                 else tally.optimizer_step(m.run, m.state, s)
                 for m, tally, s in zip(active, tallies, steps, strict=True)]
+
+    def _launch_stacked(self, active: list[Member], tallies: list[StepTally],
+                        steps: list[int]) -> list[PendingStep]:
+        """The device-guarded steps of members on stacked LoRA weights, as `StepTally.launch`
+        takes them one by one, but with every member's LoRA gradient norm taken in one
+        reduction and their clipping done in one multiply (per member, those are a
+        launch per LoRA tensor: host time that bounds a group step)."""
+        assert self._stacks.adapters == [m.adapter for m in active]  # rows in block order
+        for m, s in zip(active, steps, strict=True):
+            if m.run.after_backward is not None:  # may change gradients: before the norms
+                m.run.after_backward(s, m.run.model)
+        lora = self._stacks.member_norms()
+        gis = [guard_inputs(m.run, t.loss_sum / m.run.plan.accum,
+                            [group_norm(m.run, "projector"), lora[k]])
+               for k, (m, t) in enumerate(zip(active, tallies, strict=True))]
+        if any(gi.factor is not None for gi in gis):
+            one = torch.ones((), device=self.device)
+            self._stacks.scale_grads(torch.stack([one if gi.factor is None else gi.factor
+                                                  for gi in gis]))
+            for m, gi in zip(active, gis, strict=True):
+                grads = [p.grad for p in m.run.groups["projector"] if p.grad is not None]
+                if gi.factor is not None and grads:
+                    torch._foreach_mul_(grads, gi.factor)
+        return [launch_update(m.run, m.guard, s, gi, t.samples, t.tokens)
+                for m, t, s, gi in zip(active, tallies, steps, gis, strict=True)]
 
     # ------------------------------------------------------------------ internals
 

@@ -45,16 +45,17 @@ if TYPE_CHECKING:
 STOP_REASONS = {1: "nan_stop", 2: "nan_abort", 3: "diverged"}
 
 
+def group_norm(run: Run, group: str) -> torch.Tensor:
+    """L2 norm of one optimizer group's gradients, as a device scalar (no sync)."""
+    grads = [p.grad for p in run.groups[group] if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=run.device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+
+
 def group_norms(run: Run) -> list[torch.Tensor]:
     """L2 norm of each optimizer group's gradients, as device scalars (no sync)."""
-    out = []
-    for g in GROUPS:
-        grads = [p.grad for p in run.groups[g] if p.grad is not None]
-        if not grads:
-            out.append(torch.zeros((), device=run.device))
-            continue
-        out.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0))
-    return out
+    return [group_norm(run, g) for g in GROUPS]
 
 
 def step_record(run: Run, step: int, loss_v: float, total_v: float, group_v: list[float],
@@ -154,26 +155,53 @@ class PendingStep:
     tokens: int
 
 
+@dataclass
+class GuardInputs:
+    """What the device guard decides one step on: its values, and the clip they imply."""
+
+    vals: torch.Tensor  # [loss, projector norm, lora norm]
+    finite: torch.Tensor  # bool: loss and every norm finite
+    total: torch.Tensor  # global gradient norm
+    factor: torch.Tensor | None  # the gradients' clip factor (None: no clipping configured)
+    clipped: torch.Tensor  # bool: clipped, on a finite step
+
+
+def guard_inputs(run: Run, loss: torch.Tensor,
+                 norms: list[torch.Tensor] | None = None) -> GuardInputs:
+    """The loss and the group norms (`norms`, when the caller took them already, as a
+    trial group does for all its members at once), the global norm and the clip factor."""
+    p2 = run.cfg.phase2
+    vals = torch.stack([loss.detach().float(), *(norms or group_norms(run))])
+    finite = torch.isfinite(vals).all()
+    total = torch.linalg.vector_norm(vals[1:], 2.0)
+    if p2.clip is None:
+        return GuardInputs(vals, finite, total, None, torch.zeros_like(finite))
+    over = total > p2.clip
+    return GuardInputs(vals, finite, total, torch.where(over, p2.clip / (total + 1e-6), 1.0),
+                       over & finite)
+
+
+def launch_update(run: Run, guard: DeviceGuard, step: int, gi: GuardInputs, samples: int,
+                  tokens: int) -> PendingStep:
+    """AdamW (skipped on the device where the step is not finite, or the run halted), the
+    schedule and the guard's bookkeeping of one step whose gradients are clipped already."""
+    fused_adamw_step(run.optimizer, (gi.finite <= guard.halt).float())
+    lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
+    advance_schedule(run)
+    code = guard.update(run.cfg.phase2, gi.finite, gi.vals[0])
+    values = torch.cat([gi.vals[:1], gi.total.view(1), gi.vals[1:], gi.clipped.view(1),
+                        code.view(1)])
+    return PendingStep(step, values, lrs, samples, tokens)
+
+
 def launch_optimizer_step(run: Run, guard: DeviceGuard, step: int, loss: torch.Tensor,
                           samples: int, tokens: int) -> PendingStep:
     """Norms, guard, clipping, AdamW and the schedule of one step, with no host sync."""
-    p2 = run.cfg.phase2
-    vals = torch.stack([loss.detach().float(), *group_norms(run)])  # loss, group norms
-    finite = torch.isfinite(vals).all()
-    total = torch.linalg.vector_norm(vals[1:], 2.0)
-    if p2.clip is not None:
-        over = total > p2.clip
-        clipped = over & finite
+    gi = guard_inputs(run, loss)
+    if gi.factor is not None:
         grads = [p.grad for g in GROUPS for p in run.groups[g] if p.grad is not None]
-        torch._foreach_mul_(grads, torch.where(over, p2.clip / (total + 1e-6), 1.0))
-    else:
-        clipped = torch.zeros_like(finite)
-    fused_adamw_step(run.optimizer, (finite <= guard.halt).float())  # not finite, or halted
-    lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
-    advance_schedule(run)
-    code = guard.update(p2, finite, vals[0])
-    values = torch.cat([vals[:1], total.view(1), vals[1:], clipped.view(1), code.view(1)])
-    return PendingStep(step, values, lrs, samples, tokens)
+        torch._foreach_mul_(grads, gi.factor)  # exactly 1.0 where the norm is in bounds
+    return launch_update(run, guard, step, gi, samples, tokens)
 
 
 def resolve_steps(run: Run, pending: list[PendingStep], rows: list[list[float]]
