@@ -4,7 +4,6 @@
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend;
-# TORCH_ADAMW=1: compiled also times torch's AdamW.step() in the device guard (same run).
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -30,7 +29,7 @@ for stage in ${stages[@]}; do
         --arms naive,trainer --json "$OUT/trainer.json" ;;
     compiled)  # naive loop vs the trainer with CUDA graphs, seed batch
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 2 --text-len 128 \
-        --arms naive,trainer --steps ${COMPILED_STEPS:-50} --set model.compile=reduce-overhead ${PROFILE:+--profile} ${TORCH_ADAMW:+--torch-adamw} \
+        --arms naive,trainer --steps ${COMPILED_STEPS:-50} --set model.compile=reduce-overhead ${PROFILE:+--profile} \
         --json "$OUT/compiled.json" ;;
     big)       # 16 x 512 text tokens, compiled
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \

@@ -13,8 +13,10 @@ stepped together, the whole GPU).
 Shared inputs (demo assets at reference scale, the feature cache) are built before the
 first arm and reused. Reported per arm: wall time, aggregate trial-steps/s (all
 optimizer steps of all trials / wall), aggregate tokens/s and MFU from the trials' own
-metrics (tokens/s summed over concurrently running trials, averaged over their steps),
-and the ratio of aggregate trial-steps/s to the one-at-a-time arm.
+metrics (tokens/s summed over concurrently running trials, averaged over their steps
+after the first quarter: compilation and warm-up excluded), the steady aggregate MFU
+(bench/gpu_trainer.py's formula: tokens/s x (4 x frozen + 6 x trainable params of one
+trial) / `--peak-tflops`), and the ratio of aggregate trial-steps/s to the first arm.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--k", default="1,4,g8",
                     help="arms: K = K processes with 1/K GPU each; gK = one shared group of K")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the card's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="KEY=VALUE base-config override for every arm, e.g. "
                          "model.compile=reduce-overhead")
@@ -97,16 +101,29 @@ def main() -> None:
         overrides["output.root"] = str(work / "runs")
         cfg = load_config(args.config, [f"{k}={v}" for k, v in overrides.items()] +
                           ["data.eval_fraction=0.0"])
-        prepare_inputs(cfg, log=lambda m: print(m, flush=True),
-                       device="cuda" if _has_cuda() else "cpu")
+        inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True),
+                                device="cuda" if _has_cuda() else "cpu")
+        flops = flops_per_token(cfg, inputs)
         rows = [run_arm(args.config, work, arm.strip(), args.trials, args.steps, args.batch,
                         overrides) for arm in args.k.split(",")]
     base = rows[0]["trial_steps_per_s"]
     for r in rows:
         r["ratio_vs_first"] = round(r["trial_steps_per_s"] / base, 2)
+        r["mfu_pct_steady"] = round(100 * r["aggregate_tokens_per_s_steady"] * flops
+                                    / (args.peak_tflops * 1e12), 2)
         print(json.dumps(r), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def flops_per_token(cfg, inputs) -> int:
+    """4 x frozen + 6 x trainable parameters of one trial (the model built once, on CPU)."""
+    from trainer.loop import build_run
+    from trainer.optim import param_groups
+
+    run, _, _ = build_run(cfg, inputs, device="cpu", log=lambda *_: None)
+    _, counts = param_groups(run.model)
+    return 4 * counts.frozen + 6 * counts.trainable
 
 
 def _has_cuda() -> bool:

@@ -129,27 +129,6 @@ def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[flo
     stepper = trainer_stepper(run, state, cfg)
     times = _timed(stepper, args.warmup, args.steps)
     done = args.warmup + args.steps
-    if args.torch_adamw:
-        # The same run and graph, its device-guarded AdamW going through torch's own
-        # optimizer.step() instead of trainer.optim.fused_adamw_step: the host time saved.
-        # Interleaved (ours, torch, ours, torch), so that neither gains from running later.
-        import trainer.step_guard as step_guard
-        from trainer.optim import _torch_step
-
-        fast, torch_times = step_guard.fused_adamw_step, []
-        for rep in range(2):
-            step_guard.fused_adamw_step = _torch_step
-            try:
-                torch_times += _timed(lambda i, at=done: stepper(at + i), args.warmup,
-                                      args.steps)
-            finally:
-                step_guard.fused_adamw_step = fast
-            done += args.warmup + args.steps
-            if rep == 0:
-                times += _timed(lambda i, at=done: stepper(at + i), args.warmup, args.steps)
-                done += args.warmup + args.steps
-        times = [sum(times) / len(times)]
-        args.torch_adamw_times = [sum(torch_times) / len(torch_times)]
     if args.profile:
         profile_steps(stepper, done, 10)
     _, counts = param_groups(run.model)
@@ -275,9 +254,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile 10 more of the trainer arm")
-    ap.add_argument("--torch-adamw", action="store_true",
-                    help="also time the trainer arm with torch's AdamW.step() in the device "
-                         "guard (same run, same graph) instead of trainer.optim's fused call")
     ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
                     help="the only SDPA backend torch may pick (auto: torch's own order)")
     args = ap.parse_args()
@@ -308,8 +284,6 @@ def main() -> None:
         else:
             ap.error(f"unknown arm {arm!r} (naive, trainer, trainer-nocache)")
         results[arm] = (times, mem)
-        if arm == "trainer" and args.torch_adamw:
-            results["trainer-torch-adamw"] = (args.torch_adamw_times, mem)
     if counts is None:
         from trainer.param_count import count_parameters
 

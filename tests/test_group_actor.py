@@ -80,6 +80,7 @@ def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
     group, cfg = actor
     monkeypatch.setattr(TrialGroup, "compiled", property(lambda self: True))
     monkeypatch.setattr(actor_mod, "BARRIER_S", 600.0)
+    monkeypatch.setattr(actor_mod, "JOIN_WAIT_S", 0.2)
     calls = []
     real_step = group._group.step
 
@@ -103,6 +104,32 @@ def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
         group.poll("m1")
     _wait(lambda: m0.blocked_at == 4 and m1.blocked_at == 4)
     assert set(calls) == {("m0", "m1")}, calls  # never a subset
+
+
+def test_a_compiled_group_waits_for_members_still_joining(actor, monkeypatch):
+    """A sweep's trials join a compiled group one after another: its first step waits until
+    no member has joined for JOIN_WAIT_S, so the first graph is the whole make-up's (not
+    one for m0 alone, then another for both)."""
+    import tuning.group_actor as actor_mod
+    from trainer.group import TrialGroup
+
+    group, cfg = actor
+    monkeypatch.setattr(TrialGroup, "compiled", property(lambda self: True))
+    monkeypatch.setattr(actor_mod, "JOIN_WAIT_S", 3.0)
+    calls = []
+    real_step = group._group.step
+
+    def step(only=None):
+        calls.append(tuple(sorted(only)))
+        return real_step(only)
+
+    monkeypatch.setattr(group._group, "step", step)
+    _join(group, cfg, "m0")
+    time.sleep(1.0)  # an eager group steps m0 alone in this time (the first test)
+    assert not calls
+    _join(group, cfg, "m1")
+    _wait(lambda: calls)
+    assert calls[0] == ("m0", "m1"), calls
 
 
 def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(actor):

@@ -77,48 +77,9 @@ def build_optimizer(groups: dict[str, list[nn.Parameter]], projector_lr: float, 
     )
 
 
-def fused_adamw_step(optimizer: torch.optim.AdamW, found_inf: torch.Tensor) -> None:
-    """`optimizer.step()` of a fused AdamW, skipped on the device where `found_inf` is 1.0.
-
-    The same three calls torch's fused path makes (step counts + 1, `_fused_adamw_`, step
-    counts - found_inf), without its per-step Python: the per-parameter checks of
-    `_init_group`, the regrouping by device and dtype, the step hooks and profiler
-    ranges. On a GPU that is host time of every step (about 1 ms per trial-group member
-    and step, profiled), which bounds small-batch steps. The state stays torch's own
-    (`optimizer.state`), so checkpoints and `load_state_dict` are unchanged; the first
-    step, which creates that state, and any optimizer this path does not cover go
-    through torch's `step()` (tests/test_optim.py pins the two bit for bit).
-    """
-    groups = optimizer.param_groups
-    covered = isinstance(optimizer, torch.optim.AdamW) and all(
-        g["fused"] and not (g["amsgrad"] or g["maximize"] or g["differentiable"]
-                            or g.get("capturable")) for g in groups)
-    if not covered:
-        _torch_step(optimizer, found_inf)
-        return
-    work = []
-    for g in groups:
-        params = [p for p in g["params"] if p.grad is not None]  # torch skips these too
-        states = [optimizer.state.get(p) for p in params]
-        if not all(states):  # lazily created by torch's first step
-            _torch_step(optimizer, found_inf)
-            return
-        work.append((g, params, states))
-    for g, params, states in work:
-        if not params:
-            continue
-        steps = [st["step"] for st in states]
-        beta1, beta2 = g["betas"]
-        torch._foreach_add_(steps, 1)
-        torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                            [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False,
-                            lr=g["lr"], beta1=beta1, beta2=beta2,
-                            weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
-                            grad_scale=None, found_inf=found_inf)
-        torch._foreach_sub_(steps, [found_inf] * len(steps))  # a skipped step is not counted
-
-
-def _torch_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+def guarded_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """`optimizer.step()` of a fused AdamW, skipped on the device where `found_inf` is 1.0:
+    weights, moments and step counts stay as they were (no host sync)."""
     # The attribute GradScaler sets for fused optimizers: 1.0 makes the kernel a no-op.
     optimizer.found_inf = found_inf
     try:

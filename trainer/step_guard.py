@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainer.metrics import NanEvent
-from trainer.optim import GROUPS, fused_adamw_step
+from trainer.optim import GROUPS, guarded_step
 
 if TYPE_CHECKING:
     from trainer.config import Phase2
@@ -185,7 +185,7 @@ def launch_update(run: Run, guard: DeviceGuard, step: int, gi: GuardInputs, samp
                   tokens: int) -> PendingStep:
     """AdamW (skipped on the device where the step is not finite, or the run halted), the
     schedule and the guard's bookkeeping of one step whose gradients are clipped already."""
-    fused_adamw_step(run.optimizer, (gi.finite <= guard.halt).float())
+    guarded_step(run.optimizer, (gi.finite <= guard.halt).float())
     lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
     advance_schedule(run)
     code = guard.update(run.cfg.phase2, gi.finite, gi.vals[0])

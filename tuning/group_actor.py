@@ -42,6 +42,10 @@ POLL_WAIT_S = 5.0  # a client's poll returns after this long even with nothing n
 # A compiled group waits this long for paused members before stepping the others alone:
 # every different set of members stepped together is another graph to compile.
 BARRIER_S = 10.0
+# Trials of a sweep join over a few seconds (each trial process starts, then joins): a
+# compiled group takes its first step with a new member only once no member has joined
+# for this long, so it compiles the whole make-up once instead of each one on the way.
+JOIN_WAIT_S = 10.0
 
 
 def group_actor_name(sweep_key: str) -> str:
@@ -129,6 +133,7 @@ class GroupActor:
         self._failed: dict[str, str] = {}  # member -> traceback of the group step that failed
         self._lock = threading.Condition()  # members + group structure vs. the step thread
         self._barrier_since: float | None = None  # a compiled group waiting for members
+        self._joined_at = 0.0  # when the newest member joined (time.monotonic)
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -147,6 +152,7 @@ class GroupActor:
             self._group.add_member(member_id, cfg, sink, resume=resume,
                                    report_due=sink.report_due)
             self._members[member_id] = member
+            self._joined_at = time.monotonic()
             self._lock.notify_all()
 
     def poll(self, member_id: str) -> tuple[list[tuple[str, Any]], bool]:
@@ -208,6 +214,9 @@ class GroupActor:
                 ready = [m for m in live if self._members[m].blocked_at is None]
                 if not ready:
                     self._lock.wait(1.0)
+                    continue
+                if self._group.compiled and now - self._joined_at < JOIN_WAIT_S:
+                    self._lock.wait(0.05)  # more members may be on their way
                     continue
                 if len(ready) < len(live) and self._group.compiled:
                     # Members of one sweep reach their reports at the same steps: wait for
