@@ -132,6 +132,31 @@ def test_a_compiled_group_waits_for_members_still_joining(actor, monkeypatch):
     assert calls[0] == ("m0", "m1"), calls
 
 
+def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
+    """A compiled group's first step compiles for minutes, longer than orphan_timeout_s,
+    while every client's poll waits on the actor: after it, the members are still members
+    (on an H200 a whole 8-trial sweep was dropped this way, run 10)."""
+    import tuning.group_actor as actor_mod
+
+    group, cfg = actor
+    group._orphan_s = 1.5
+    monkeypatch.setattr(actor_mod, "POLL_WAIT_S", 1.0)
+    real_step, calls = group._group.step, []
+
+    def step(only=None):
+        calls.append(only)
+        if len(calls) == 1:
+            time.sleep(3.0)  # a compile, holding the lock as the real one does
+        return real_step(only)
+
+    monkeypatch.setattr(group._group, "step", step)
+    _join(group, cfg, "m0")
+    _wait(lambda: calls)
+    time.sleep(3.5)  # the slow step is over; an orphan check has run since
+    events, _ = group.poll("m0")  # raised "not a member" before the fix
+    assert [p[1] for k, p in events if k == "metrics"][:2] == [1, 2]
+
+
 def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(actor):
     """With the device guard (sync_every 3 here, 10 on a GPU) a member's steps are read back
     a window at a time, and every window ends at a report: the member never trains past a

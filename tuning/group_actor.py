@@ -15,7 +15,9 @@ would block it, until its client polls again (which it does only after that repo
 returned), so it never trains past the point a stop is decided at: on a GPU its steps are
 read back a window of ``output.sync_every`` steps at a time (trainer.step_guard), and a
 window ends at every report (``_QueueSink.report_due``). A member whose client went away
-(stopped by Tune, or its worker died) is dropped after ``orphan_timeout_s``.
+(stopped by Tune, or its worker died) is dropped after ``orphan_timeout_s`` without a poll;
+a step longer than POLL_WAIT_S (a compiled group's first step compiles for minutes) kept
+every client's poll waiting on the actor, so that silence does not count against them.
 
 Ownership: the driver creates the actor before ``Tuner.fit`` (a Ray actor dies with its
 owner, so a trial process must not own it); trials look it up by name. Trials must run on the
@@ -227,10 +229,16 @@ class GroupActor:
                         self._lock.wait(0.05)
                         continue
                 self._barrier_since = None
+                started = time.monotonic()
                 try:
                     self._group.step(only=ready)
                 except Exception:  # an OOM, a fault hook: the whole group step is lost
                     self._fail_all(traceback.format_exc())
+                ended = time.monotonic()
+                if ended - started > POLL_WAIT_S:
+                    # The clients' polls waited on the lock all along: not their silence.
+                    for member in self._members.values():
+                        member.last_poll = max(member.last_poll, ended)
 
     def _fail_all(self, error: str) -> None:
         """Every member's client raises (Tune retries each trial from its checkpoint, and it
