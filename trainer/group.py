@@ -43,9 +43,10 @@ target the token embedding or the LM head. With `model.compile` the shared forwa
 compiled (`mode=reduce-overhead`: CUDA graphs over all members' rows at once; the
 members' optimizer steps stay eager, with the device guard, and are read back together
 once per window of `output.sync_every` group steps); it recompiles when the group's
-make-up changes. Members of equal batch size then keep their LoRA weights as slices of one
-stacked tensor per layer (`LoraStacks`, HFTA's layout): one gradient per layer for the
-whole group instead of one per member and parameter. Anything raised inside a
+make-up changes. Members of equal batch size then keep their LoRA weights as rows of one
+[K, N] tensor (`LoraStacks`; each layer reads its [K, r, in] and [K, out, r] views,
+HFTA's layout): one gradient for the whole group instead of one per member and
+parameter, and all members' LoRA norms and clipping in one kernel each. Anything raised inside a
 step (a fault hook, an out-of-memory) ends the whole group, as it would end the process
 of a solo run; every member then resumes from its own checkpoints.
 """
