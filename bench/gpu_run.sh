@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
-# BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend;
+# SWEEP_ARMS: sweepall's arms (bench/gpu_sweep.py --k); BIG_SDPA=flash: bigro also runs
+# with flash attention as the only SDPA backend.
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -13,8 +14,10 @@ OUT=${OUT:-runs/gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
 if ! python3 -c "import pydantic, ray, mlflow" 2>/dev/null && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  tar xJf .whl/ray-slim.tar.xz -C /tmp/site
+  if ! PYTHONPATH=/tmp/site python3 -c "import pydantic, ray, mlflow" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    tar xJf .whl/ray-slim.tar.xz -C /tmp/site
+  fi  # else installed by an earlier call on this machine
   export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -56,6 +59,9 @@ for stage in ${stages[@]}; do
     sweepc)    # the same 8 trials as one shared group whose forward is compiled
       timeout 550 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 200 \
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
+    sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
+      timeout 580 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 100 \
+        --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "Loading weights" | tee -a "$OUT/log.txt"
 done

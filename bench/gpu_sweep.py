@@ -4,12 +4,15 @@ a time on one GPU (fractional GPU resources), and as one shared-weight group.
     python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 --k 1,4,g8
     python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 200 --k g8 \
         --set model.compile=reduce-overhead      # the group's shared forward compiled
+    python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 100 --k 1,8,g8c
 
 Each arm runs `python -m tuning.sweep` end to end on a generated search.yaml (grid of
 `--trials` base learning rates, FIFO). An arm `K` runs K trial processes side by side
 (`gpus_per_trial = 1/K`, `max_concurrent = K`); an arm `gK` runs one shared-weight group
 (`resources.shared_group: true`: one process, one copy of the frozen model, up to K trials
-stepped together, the whole GPU).
+stepped together, the whole GPU); a trailing `c` (`g8c`) compiles that arm's forward
+(`model.compile=reduce-overhead`: one graph for the group, or one per trial process),
+so that eager arms and a compiled one compare in one run.
 Shared inputs (demo assets at reference scale, the feature cache) are built before the
 first arm and reused. Reported per arm: wall time, aggregate trial-steps/s (all
 optimizer steps of all trials / wall), aggregate tokens/s and MFU from the trials' own
@@ -40,8 +43,10 @@ from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
             overrides: dict) -> dict:
-    group = arm.startswith("g")
-    k = int(arm.lstrip("g"))
+    group, compiled = arm.startswith("g"), arm.endswith("c")
+    k = int(arm.strip("gc"))
+    if compiled:
+        overrides = {**overrides, "model.compile": "reduce-overhead"}
     gpus = (1.0 if group else round(1.0 / k, 4)) if _has_cuda() else 0
     search = {
         "sweep": {"name": f"arm-{arm}", "storage_path": str(work / "sweeps")},
@@ -66,7 +71,8 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         done += len(recs)
         tail = recs[len(recs) // 4:]  # skip warm-up steps (allocator, kernels)
         tps.append(sum(r["tokens_per_s"] for r in tail) / max(1, len(tail)))
-    return {"arm": arm, "k": k, "shared_group": group, "wall_s": round(wall, 1),
+    return {"arm": arm, "k": k, "shared_group": group,
+            "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
             "trial_steps": done,
             "trial_steps_per_s": round(done / wall, 2),
             "tokens_per_s_per_trial": round(sum(tps) / max(1, len(tps))),
@@ -80,7 +86,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--k", default="1,4,g8",
-                    help="arms: K = K processes with 1/K GPU each; gK = one shared group of K")
+                    help="arms: K = K processes with 1/K GPU each; gK = one shared group of K; "
+                         "a trailing c compiles the arm (reduce-overhead)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak (H100/H200 SXM: 989)")

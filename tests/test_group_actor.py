@@ -31,6 +31,21 @@ def _join(group: GroupActor, cfg, member_id: str) -> None:
     group.join(member_id, data, resume=False)
 
 
+def _recorded_steps(group: GroupActor, monkeypatch, first_step_s: float = 0.0) -> list:
+    """The members of each group step, in order (the first step made `first_step_s` longer,
+    holding the actor's lock as a compile does)."""
+    real_step, calls = group._group.step, []
+
+    def step(only=None):
+        calls.append(tuple(sorted(only)))
+        if len(calls) == 1:
+            time.sleep(first_step_s)
+        return real_step(only)
+
+    monkeypatch.setattr(group._group, "step", step)
+    return calls
+
+
 def _join_until_paused(group: GroupActor, cfg, member_id: str):
     """Join a member and wait until it pauses at a report; it and the steps it queued."""
     _join(group, cfg, member_id)
@@ -81,14 +96,7 @@ def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
     monkeypatch.setattr(TrialGroup, "compiled", property(lambda self: True))
     monkeypatch.setattr(actor_mod, "BARRIER_S", 600.0)
     monkeypatch.setattr(actor_mod, "JOIN_WAIT_S", 0.2)
-    calls = []
-    real_step = group._group.step
-
-    def step(only=None):
-        calls.append(tuple(sorted(only)))
-        return real_step(only)
-
-    monkeypatch.setattr(group._group, "step", step)
+    calls = _recorded_steps(group, monkeypatch)
     with group._lock:  # both join before the step thread runs: they start together
         _join(group, cfg, "m0")
         _join(group, cfg, "m1")
@@ -116,14 +124,7 @@ def test_a_compiled_group_waits_for_members_still_joining(actor, monkeypatch):
     group, cfg = actor
     monkeypatch.setattr(TrialGroup, "compiled", property(lambda self: True))
     monkeypatch.setattr(actor_mod, "JOIN_WAIT_S", 3.0)
-    calls = []
-    real_step = group._group.step
-
-    def step(only=None):
-        calls.append(tuple(sorted(only)))
-        return real_step(only)
-
-    monkeypatch.setattr(group._group, "step", step)
+    calls = _recorded_steps(group, monkeypatch)
     _join(group, cfg, "m0")
     time.sleep(1.0)  # an eager group steps m0 alone in this time (the first test)
     assert not calls
@@ -141,15 +142,7 @@ def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     group, cfg = actor
     group._orphan_s = 1.5
     monkeypatch.setattr(actor_mod, "POLL_WAIT_S", 1.0)
-    real_step, calls = group._group.step, []
-
-    def step(only=None):
-        calls.append(only)
-        if len(calls) == 1:
-            time.sleep(3.0)  # a compile, holding the lock as the real one does
-        return real_step(only)
-
-    monkeypatch.setattr(group._group, "step", step)
+    calls = _recorded_steps(group, monkeypatch, first_step_s=3.0)  # a compile's length
     _join(group, cfg, "m0")
     _wait(lambda: calls)
     time.sleep(3.5)  # the slow step is over; an orphan check has run since
