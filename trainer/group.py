@@ -283,13 +283,14 @@ class LoraStacks:
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str]) -> None:
-        first = [(getattr(layer, attr)[adapters[0]].weight.shape)
-                 for layer in layers for attr in ("lora_A", "lora_B")]
+        # Every member's weights have these shapes (`stackable` checked it).
+        shapes = [getattr(layer, attr)[adapters[0]].weight.shape
+                  for layer in layers for attr in ("lora_A", "lora_B")]
         offsets = [0]
-        for shape in first:
+        for shape in shapes:
             offsets.append(offsets[-1] + shape.numel())
         self.adapters = list(adapters)
-        self.spans = list(zip(offsets[:-1], first, strict=True))  # (offset, shape) per weight
+        self.spans = list(zip(offsets[:-1], shapes, strict=True))  # (offset, shape) per weight
         like = layers[0].lora_A[adapters[0]].weight
         # A Parameter, so a CUDA-graph forward takes it as a static input (no copy).
         self.flat = nn.Parameter(torch.empty(len(adapters), offsets[-1], dtype=like.dtype,
