@@ -41,6 +41,7 @@ SEARCH_FILES = ("search.yaml", "smoke.yaml")
 FUZZ = settings(
     max_examples=150,
     deadline=None,
+    database=None,  # no example database shared between runs or parallel test workers
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                            HealthCheck.function_scoped_fixture],
 )
