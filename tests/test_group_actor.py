@@ -140,7 +140,7 @@ def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     import tuning.group_actor as actor_mod
 
     group, cfg = actor
-    group._orphan_s = 1.5
+    group._orphan_s = 2.5  # under the 3 s step: without the fix m0 is dropped after it
     monkeypatch.setattr(actor_mod, "POLL_WAIT_S", 1.0)
     calls = _recorded_steps(group, monkeypatch, first_step_s=3.0)  # a compile's length
     _join(group, cfg, "m0")
