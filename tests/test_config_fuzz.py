@@ -158,6 +158,13 @@ def _at(root: Any, path: tuple[Any, ...]) -> Any:
     return root
 
 
+def _scalar(draw: st.DrawFn) -> Any:
+    # A copy: _SCALARS samples shared objects ({}, [[]]) that a later mutation of the same
+    # example would otherwise change for every example after it (hypothesis then reports
+    # its data generation as flaky).
+    return copy.deepcopy(draw(_SCALARS))
+
+
 @st.composite
 def mutated_data(draw: st.DrawFn, original: dict[str, Any]) -> dict[str, Any]:
     """1-3 structural mutations of parsed config data."""
@@ -169,7 +176,7 @@ def mutated_data(draw: st.DrawFn, original: dict[str, Any]) -> dict[str, Any]:
         keys = list(node)
         op = draw(st.sampled_from(["delete", "rename", "replace", "insert", "insert_typo"]))
         if op == "insert" or not keys:
-            node[draw(st.one_of(_TEXT, st.integers(), st.none(), st.booleans()))] = draw(_SCALARS)
+            node[draw(st.one_of(_TEXT, st.integers(), st.none(), st.booleans()))] = _scalar(draw)
             continue
         key = draw(st.sampled_from(keys))
         if op == "delete":
@@ -178,7 +185,7 @@ def mutated_data(draw: st.DrawFn, original: dict[str, Any]) -> dict[str, Any]:
             new = draw(st.sampled_from(_typos(str(key)) or ["x"]))
             node[new] = node.pop(key)
         elif op == "replace":
-            node[key] = draw(_SCALARS)
+            node[key] = _scalar(draw)
         else:  # a typo of an existing key next to the original
             node[draw(st.sampled_from(_typos(str(key)) or ["x"]))] = copy.deepcopy(node[key])
     return data
