@@ -227,10 +227,10 @@ def test_removed_member_ends_cleanly_and_frees_its_adapter(tiny, monkeypatch):
     keep = _cfg(tiny, "solo-keep", **SPECS["a"])
     solo = _solo(keep)
 
-    import trainer.group as group_mod
+    import trainer.data as data_mod
 
     # Features held on the device (as on a GPU): the members share one copy.
-    monkeypatch.setattr(group_mod, "features_on_device", lambda *_: True)
+    monkeypatch.setattr(data_mod, "features_on_device", lambda *_: True)
     group = TrialGroup(prepare_inputs(keep, _quiet), log=_quiet)
     sinks = {"keep": MemorySink(), "gone": MemorySink()}
     group.add_member("keep", _cfg(tiny, "keep", **SPECS["a"]), sinks["keep"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import wave
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +188,19 @@ def features_on_device(split: Split, device: torch.device, setting: bool | None)
         return False
     return setting or split.features.numel() * split.features.element_size() \
         <= FEATURES_ON_DEVICE_BYTES
+
+
+def place_features(split: Split, device: torch.device, setting: bool | None,
+                   shared: dict[tuple[str, ...], torch.Tensor] | None = None) -> Split:
+    """`split` with its features on `device` where `features_on_device` says so; `shared`
+    (a trial group's) keeps one device copy per set of rows for every member."""
+    if not features_on_device(split, device, setting):
+        return split
+    shared = {} if shared is None else shared
+    key = tuple(split.ids)
+    if key not in shared:
+        shared[key] = split.features.to(device)
+    return replace(split, features=shared[key])
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

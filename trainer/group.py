@@ -59,7 +59,7 @@ import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import TrainConfig
-from trainer.data import IGNORE_INDEX, features_on_device, to_device
+from trainer.data import IGNORE_INDEX, place_features, to_device
 from trainer.errors import ConfigError, Problem
 from trainer.inputs import Inputs, prepare_inputs
 from trainer.loop import (
@@ -584,12 +584,9 @@ class TrialGroup:
                                                mode=cfg.model.compile, dynamic=False)
         train_split, eval_split, plan, run_dir = prepare_run_dir(
             cfg, self.inputs, self._tokenizer, resume=resume, source=source)
-        if features_on_device(train_split, self.device, cfg.data.features_on_device):
-            # Every member trains on the same split (one data config per group): one copy.
-            key = tuple(train_split.ids)
-            if key not in self._device_features:
-                self._device_features[key] = train_split.features.to(self.device)
-            train_split = replace(train_split, features=self._device_features[key])
+        # Every member trains on the same split (one data config per group): one copy.
+        train_split = place_features(train_split, self.device, cfg.data.features_on_device,
+                                     self._device_features)
         features = train_split.features
         adapter = f"member{self._next_adapter}"  # peft names must be plain identifiers
         self._next_adapter += 1

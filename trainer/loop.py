@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 from trainer.bundle import Phase1Bundle, load_bundle
 from trainer.checkpoint import latest_readable, load_trainable, save_checkpoint, set_rng_state
 from trainer.config import Phase2, TrainConfig
-from trainer.data import Split, epoch_order, features_on_device, to_device
+from trainer.data import Split, epoch_order, place_features, to_device
 from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
 from trainer.inputs import Inputs, load_splits, prepare_inputs
@@ -432,8 +432,7 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
     dev = resolve_device(device)
     train_split, eval_split, plan, run_dir = prepare_run_dir(
         cfg, inputs, load_tokenizer(inputs), resume=resume, source=source)
-    if features_on_device(train_split, dev, cfg.data.features_on_device):
-        train_split = replace(train_split, features=train_split.features.to(dev))
+    train_split = place_features(train_split, dev, cfg.data.features_on_device)
 
     seed_everything(cfg.phase2.seed)
     p2, m = cfg.phase2, cfg.model
