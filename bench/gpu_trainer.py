@@ -129,10 +129,32 @@ def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[flo
     stepper = trainer_stepper(run, state, cfg)
     times = _timed(stepper, args.warmup, args.steps)
     done = args.warmup + args.steps
+    if args.guard_compare and run.guard_skip is not None:
+        done = guard_compare(run, stepper, done)
     if args.profile:
         profile_steps(stepper, done, 10)
     _, counts = param_groups(run.model)
     return times, {"trainable": counts.trainable, "frozen": counts.frozen}, _peak_gib()
+
+
+def guard_compare(run, stepper, first: int, rounds: int = 3, block: int = 10) -> int:
+    """The compiled trainer's step with TorchDynamo's guard check skipped on warm calls
+    (`model.skip_compile_guards`, the default) against every call checked: the same run
+    and graph, alternating blocks of `block` steps (each after 2 untimed ones), so host
+    drift hits both alike. Prints both means; returns the next step index."""
+    skip, times = run.guard_skip, {True: [], False: []}
+    for r in range(2 * rounds):
+        on = bool(r % 2)
+        run.guard_skip = skip if on else None
+        base = first
+        times[on] += _timed(lambda i, base=base: stepper(base + i), 2, block)
+        first += 2 + block
+    run.guard_skip = skip
+    checked, skipped = (1e3 * statistics.mean(times[k]) for k in (False, True))
+    print(json.dumps({"guards_checked_step_ms": round(checked, 2),
+                      "guards_skipped_step_ms": round(skipped, 2),
+                      "ratio_skipped_vs_checked": round(skipped / checked, 3)}), flush=True)
+    return first
 
 
 def profile_steps(step_fn, first: int, n: int) -> None:
@@ -254,6 +276,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write results here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile 10 more of the trainer arm")
+    ap.add_argument("--guard-compare", action="store_true",
+                    help="compiled trainer arm: also time steps with every guard checked "
+                         "against guards skipped, interleaved (model.skip_compile_guards)")
     ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
                     help="the only SDPA backend torch may pick (auto: torch's own order)")
     args = ap.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -112,7 +113,11 @@ def test_frozen_linears_stored_in_bf16_train_bit_identically(tiny):
 def test_compiled_forward_trains_like_the_eager_one(tiny, monkeypatch):
     """`model.compile` compiles the forward over full-length rows and a fixed target
     capacity (static shapes). On the CPU it runs through aot_eager (the same tracing, no
-    Inductor): the records must equal the eager run's."""
+    Inductor): the records must equal the eager run's, with Dynamo's guard check skipped
+    on warm calls (`model.skip_compile_guards`, the default) and with every call checked.
+    Evaluation every 3 steps switches grad and train mode and the batch shape in between:
+    those calls get their own signature, and training calls go on skipping."""
+    import trainer.compile_guards as guards_mod
     import trainer.loop as loop_mod
 
     traced, real_compile = [], torch.compile
@@ -121,22 +126,42 @@ def test_compiled_forward_trains_like_the_eager_one(tiny, monkeypatch):
         traced.append(mode)
         return real_compile(fn, backend="aot_eager", dynamic=dynamic)
 
+    skipping: list[bool] = []  # per training-mode forward call: did it skip the guards?
+
+    class SpyGuardSkip(guards_mod.GuardSkip):
+        @contextlib.contextmanager
+        def around(self, module, *inputs):
+            before = self.skipped
+            with super().around(module, *inputs):
+                if module.training:
+                    skipping.append(self.skipped > before)
+                yield
+
     monkeypatch.setattr(loop_mod.torch, "compile", fake_compile)
-    records = {}
-    for mode in ("off", "reduce-overhead"):
-        cfg = tiny(run_name=f"compile-{mode}", epochs=1)
+    monkeypatch.setattr(loop_mod, "GuardSkip", SpyGuardSkip)
+    records, skipped = {}, {}
+    for mode, skip in (("off", True), ("reduce-overhead", True), ("reduce-overhead", False)):
+        cfg = tiny(run_name=f"compile-{mode}-{skip}", epochs=1)
         cfg.model.compile = mode
+        cfg.model.skip_compile_guards = skip
         cfg.model.lora.dropout = 0.0  # a compiled graph draws dropout masks differently
         cfg.output.eval_every = 3
         sink = MemorySink()
+        skipping.clear()
         train(cfg, sink, console=False, log=lambda *_: None)
-        records[mode] = sink.records
-    assert traced == ["reduce-overhead"]
-    assert [r["step"] for r in records["off"]] == [r["step"] for r in records["reduce-overhead"]]
-    for a, b in zip(records["off"], records["reduce-overhead"], strict=True):
-        for key in ("loss", "grad_norm", "eval_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+        records[mode, skip], skipped[mode, skip] = sink.records, list(skipping)
+    assert traced == ["reduce-overhead", "reduce-overhead"]
+    steps = len(records["off", True])
+    # The first WARM_CALLS training calls are checked in full, every later one skips.
+    assert skipped["reduce-overhead", True] == (
+        [False] * guards_mod.WARM_CALLS + [True] * (steps - guards_mod.WARM_CALLS))
+    assert skipped["off", True] == skipped["reduce-overhead", False] == []
+    for compiled in (records["reduce-overhead", True], records["reduce-overhead", False]):
+        assert [r["step"] for r in compiled] == [r["step"] for r in records["off", True]]
+        for a, b in zip(records["off", True], compiled, strict=True):
+            for key in ("loss", "grad_norm", "eval_loss"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
 
 
 def test_warmup_longer_than_run_is_a_config_error(tiny):

@@ -106,6 +106,9 @@ class Model(_Strict):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
     # the model's forward (reduce-overhead: CUDA graphs); the first steps pay the compile time
+    skip_compile_guards: bool = True  # a compiled forward skips TorchDynamo's guard check
+    # (~2 ms of host time a call) on calls that repeat a warmed-up signature
+    # (trainer.compile_guards); false checks every call
     cast_frozen_linears: bool = True  # bf16/fp16 runs store the frozen LLM linears that no
     # LoRA wraps (MLP, ~2/3 of a Qwen LLM) in that dtype: same outputs, half their memory
     lora: LoRA = Field(default_factory=LoRA)

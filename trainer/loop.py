@@ -16,6 +16,7 @@ step, `finish_step` (policy, eval, checkpoint, record) and `open_sinks` / `close
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch
 
 from trainer.bundle import Phase1Bundle, load_bundle
 from trainer.checkpoint import latest_readable, load_trainable, save_checkpoint, set_rng_state
+from trainer.compile_guards import GuardSkip
 from trainer.config import Phase2, TrainConfig
 from trainer.data import Split, epoch_order, place_features, to_device
 from trainer.errors import ConfigError, Problem
@@ -153,6 +155,7 @@ class Run:
     sync_every: int = 1  # optimizer steps per read-back of the step metrics
     device_guard: bool = False  # NaN guard on the device (trainer.step_guard), else host
     after_backward: AfterBackward | None = None
+    guard_skip: GuardSkip | None = None  # compiled forward: its guard check, once warm
     _orders: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def micro_batch(self, step_index: int, j: int) -> torch.Tensor:
@@ -186,8 +189,11 @@ def _loss_step(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     labels = batch["labels"]
     if run.model.static_loss:
         labels = to_device(labels, dev)
-    with autocast_for(run):
-        return run.model(features, to_device(batch["input_ids"], dev), labels)
+    args = (features, to_device(batch["input_ids"], dev), labels)
+    skip = (run.guard_skip.around(run.model, *args) if run.guard_skip is not None
+            else contextlib.nullcontext())
+    with autocast_for(run), skip:
+        return run.model(*args)
 
 
 def _optimizer_step(run: Run, state: State, step: int, loss: torch.Tensor
@@ -455,6 +461,8 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
         # groups and checkpoints) stay as they are.
         model.forward = torch.compile(model.forward, mode=m.compile, dynamic=False)
         model.static_loss = True  # one graph: full-length rows, a fixed target capacity
+        if m.skip_compile_guards:
+            run.guard_skip = GuardSkip()
     state = restore_state(run, log) if resume else State()
     return run, state, resolved_params(cfg, plan)
 
