@@ -60,8 +60,8 @@ for stage in ${stages[@]}; do
       timeout 550 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 200 \
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
-      timeout 580 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 100 \
-        --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" ;;
+      timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 100 \
+        --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" --keep-metrics "$OUT/sweepall-metrics" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "Loading weights" | tee -a "$OUT/log.txt"
 done

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
-            overrides: dict) -> dict:
+            overrides: dict, keep: Path | None = None) -> dict:
     group, compiled = arm.startswith("g"), arm.endswith("c")
     k = int(arm.strip("gc"))
     if compiled:
@@ -67,6 +68,9 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     wall = time.perf_counter() - t0
     tps, done = [], 0
     for metrics in (work / "sweeps" / f"arm-{arm}" / "trials").glob("*/metrics.jsonl"):
+        if keep is not None:  # each trial's records, for a closer look after the run
+            (keep / arm).mkdir(parents=True, exist_ok=True)
+            shutil.copy(metrics, keep / arm / f"{metrics.parent.name}.jsonl")
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         done += len(recs)
         tail = recs[len(recs) // 4:]  # skip warm-up steps (allocator, kernels)
@@ -89,6 +93,8 @@ def main() -> None:
                     help="arms: K = K processes with 1/K GPU each; gK = one shared group of K; "
                          "a trailing c compiles the arm (reduce-overhead)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep-metrics", type=Path, default=None,
+                    help="copy every trial's metrics.jsonl here (DIR/ARM/TRIAL.jsonl)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -111,14 +117,21 @@ def main() -> None:
         inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True),
                                 device="cuda" if _has_cuda() else "cpu")
         flops = flops_per_token(cfg, inputs)
-        rows = [run_arm(args.config, work, arm.strip(), args.trials, args.steps, args.batch,
-                        overrides) for arm in args.k.split(",")]
+        rows = []
+        for arm in args.k.split(","):
+            rows.append(run_arm(args.config, work, arm.strip(), args.trials, args.steps,
+                                args.batch, overrides, args.keep_metrics))
+            _finish(rows, flops, args)  # each arm as it ends: a later one may time out
+
+
+def _finish(rows: list[dict], flops: int, args) -> None:
+    """Ratios to the first arm and steady MFU; print the newest row, rewrite the JSON."""
     base = rows[0]["trial_steps_per_s"]
     for r in rows:
         r["ratio_vs_first"] = round(r["trial_steps_per_s"] / base, 2)
         r["mfu_pct_steady"] = round(100 * r["aggregate_tokens_per_s_steady"] * flops
                                     / (args.peak_tflops * 1e12), 2)
-        print(json.dumps(r), flush=True)
+    print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
