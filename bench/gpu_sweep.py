@@ -43,7 +43,7 @@ from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
-            overrides: dict, keep: Path | None = None) -> dict:
+            overrides: dict, keep: Path | None = None, report_every: int = 10) -> dict:
     group, compiled = arm.startswith("g"), arm.endswith("c")
     k = int(arm.strip("gc"))
     if compiled:
@@ -58,7 +58,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         "num_samples": 1, "max_concurrent_trials": k, "search": {"algorithm": "grid"},
         "scheduler": {"type": "fifo"},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus, "shared_group": group},
-        "trials": {"report_every": 10, "checkpoint_every": 0},
+        "trials": {"report_every": report_every, "checkpoint_every": 0},
     }
     path = work / f"search-{arm}.yaml"
     path.write_text(dump_yaml(search))
@@ -93,6 +93,8 @@ def main() -> None:
                     help="arms: K = K processes with 1/K GPU each; gK = one shared group of K; "
                          "a trailing c compiles the arm (reduce-overhead)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--report-every", type=int, default=10,
+                    help="trials.report_every: optimizer steps per tune.report")
     ap.add_argument("--keep-metrics", type=Path, default=None,
                     help="copy every trial's metrics.jsonl here (DIR/ARM/TRIAL.jsonl)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
@@ -120,7 +122,7 @@ def main() -> None:
         rows = []
         for arm in args.k.split(","):
             rows.append(run_arm(args.config, work, arm.strip(), args.trials, args.steps,
-                                args.batch, overrides, args.keep_metrics))
+                                args.batch, overrides, args.keep_metrics, args.report_every))
             _finish(rows, flops, args)  # each arm as it ends: a later one may time out
 
 

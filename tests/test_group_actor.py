@@ -50,21 +50,38 @@ def _join_until_paused(group: GroupActor, cfg, member_id: str):
     """Join a member and wait until it pauses at a report; it and the steps it queued."""
     _join(group, cfg, member_id)
     member = group._members[member_id]
-    _wait(lambda: member.blocked_at is not None)
+    _wait(lambda: member.paused)
     time.sleep(0.5)  # a running member would step on in this time
     with group._lock:
         return member, [p[1] for k, p in member.events if k == "metrics"]
 
 
-def test_a_member_pauses_where_a_solo_trial_would_block_in_tune_report(actor):
+def test_a_member_trains_one_report_ahead_of_its_client_and_pauses_at_the_next(actor):
+    """A solo trial blocks in tune.report; a member trains on while its client reports
+    (the driver's round trip), but pauses at its second report the client has not taken."""
     group, cfg = actor
     member, steps = _join_until_paused(group, cfg, "m0")
-    assert steps == [1, 2] and member.blocked_at == 2  # report_every=2: blocked at step 2
-    events, finished = group.poll("m0")  # the client takes steps 1-2 and reports them ...
-    assert [p[1] for k, p in events if k == "metrics"] == [1, 2] and not finished
-    assert member.blocked_at == 2  # ... but until it polls again, the member stays paused
-    group.poll("m0")  # tune.report returned: the member may train on
-    _wait(lambda: member.blocked_at == 4)
+    # report_every=2: reports at steps 2 and 4; it paused at the second.
+    assert steps == [1, 2, 3, 4] and list(member.reports) == [2, 4]
+    events, finished = group.poll("m0")  # the client takes steps 1-4 and reports them ...
+    assert [p[1] for k, p in events if k == "metrics"] == [1, 2, 3, 4] and not finished
+    time.sleep(0.5)
+    assert member.paused and member.delivered_through == 4  # ... still paused until it
+    group.poll("m0")  # polls again: both tune.report calls returned, the member trains on
+    _wait(lambda: list(member.reports) == [6, 8])
+
+
+def test_with_no_report_ahead_a_member_pauses_where_a_solo_trial_blocks(actor, monkeypatch):
+    import tuning.group_actor as actor_mod
+
+    monkeypatch.setattr(actor_mod, "REPORTS_AHEAD", 0)
+    group, cfg = actor
+    member, steps = _join_until_paused(group, cfg, "m0")
+    assert steps == [1, 2] and list(member.reports) == [2]
+    group.poll("m0")
+    assert member.paused  # handed out, not yet reported
+    group.poll("m0")
+    _wait(lambda: list(member.reports) == [4])
 
 
 def test_a_failed_group_step_errors_its_members_and_they_can_rejoin(actor, monkeypatch):
@@ -81,7 +98,7 @@ def test_a_failed_group_step_errors_its_members_and_they_can_rejoin(actor, monke
     data = cfg.to_plain()
     data["output"]["run_name"] = "m0-retry"
     group.join("m0", data, resume=False)  # Tune's retry rejoins the fresh group
-    _wait(lambda: group._members["m0"].blocked_at is not None)
+    _wait(lambda: group._members["m0"].paused)
 
 
 def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
@@ -101,16 +118,16 @@ def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
         _join(group, cfg, "m0")
         _join(group, cfg, "m1")
     m0, m1 = group._members["m0"], group._members["m1"]
-    _wait(lambda: m0.blocked_at == 2 and m1.blocked_at == 2)
+    _wait(lambda: m0.paused and m1.paused)  # both at their second report, step 4
     for _ in range(2):  # m0's client reports; m1's does not (yet)
         group.poll("m0")
     time.sleep(1.0)  # an eager group would step m0 alone in this time
-    assert m0.blocked_at is None and m0.delivered_through == 2
+    assert not m0.paused and m0.delivered_through == 4
     with group._lock:
         assert not [p for k, p in m0.events if k == "metrics"]  # m0 waited for m1
     for _ in range(2):
         group.poll("m1")
-    _wait(lambda: m0.blocked_at == 4 and m1.blocked_at == 4)
+    _wait(lambda: list(m0.reports) == [6, 8] and list(m1.reports) == [6, 8])
     assert set(calls) == {("m0", "m1")}, calls  # never a subset
 
 
@@ -150,10 +167,16 @@ def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     assert [p[1] for k, p in events if k == "metrics"][:2] == [1, 2]
 
 
-def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(actor):
+@pytest.mark.parametrize(("ahead", "expected"), [(0, [2, 4, 5, 7]), (1, [4, 5, 7, 8])])
+def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(
+        actor, monkeypatch, ahead, expected):
     """With the device guard (sync_every 3 here, 10 on a GPU) a member's steps are read back
-    a window at a time, and every window ends at a report: the member never trains past a
-    report its client has not taken, as with a read-back per step."""
+    a window at a time, and every window ends at a report: the member never trains past
+    the report after the REPORTS_AHEAD its client has not taken, as with a read-back per
+    step."""
+    import tuning.group_actor as actor_mod
+
+    monkeypatch.setattr(actor_mod, "REPORTS_AHEAD", ahead)
     group, cfg = actor
     cfg.output.sync_every = 3
     cfg.output.checkpoint_every = 3  # a checkpoint is reported with the record after it
@@ -164,13 +187,18 @@ def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(actor
         time.sleep(0.3)  # a member that did not pause would run ahead meanwhile
         with group._lock:
             queued = [p[1] for k, p in member.events if k == "metrics"]
-            blocked = member.blocked_at
-        if blocked is not None:
-            assert max(seen + queued) == blocked, (seen, queued, blocked)
-            if not pauses or pauses[-1] != blocked:
-                pauses.append(blocked)
+            paused, reports = member.paused, list(member.reports)
+        if paused:
+            assert len(reports) == ahead + 1, reports
+            assert max(seen + queued) == reports[-1], (seen, queued, reports)
+            if not pauses or pauses[-1] != reports[-1]:
+                pauses.append(reports[-1])
         events, finished = group.poll("m0")
         seen += [p[1] for k, p in events if k == "metrics"]
-    # report_every 2 from step 0, and the record after each checkpoint (3, 6): 2, 4, 5, 7.
-    assert pauses == [2, 4, 5, 7]
+    # Reports every 2 records, and with the record after each checkpoint (3, 6): 2, 4, 5,
+    # 7, 8 (9 steps). One ahead, it pauses at one of its reports after the first.
+    if ahead == 0:
+        assert pauses == expected
+    else:  # which reports it pauses at depends on when the client polls
+        assert pauses and pauses == sorted(set(pauses)) and set(pauses) <= set(expected)
     assert seen == list(range(1, len(seen) + 1))
