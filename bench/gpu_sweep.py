@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,15 +62,22 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     path = work / f"search-{arm}.yaml"
     path.write_text(dump_yaml(search))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tuning.sweep", str(path), "--restart"], cwd=ROOT,
-                   check=True, stdout=subprocess.DEVNULL, env={**os.environ})
+    log = open(keep / f"{arm}-sweep.log", "w") if keep is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:  # the sweep's output (and its trials' and the group actor's, through Ray)
+        subprocess.run([sys.executable, "-m", "tuning.sweep", str(path), "--restart"],
+                       cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ})
+    finally:
+        if keep is not None:
+            log.close()
     wall = time.perf_counter() - t0
     tps, done = [], 0
     for metrics in (work / "sweeps" / f"arm-{arm}" / "trials").glob("*/metrics.jsonl"):
-        if keep is not None:  # each trial's records, for a closer look after the run
-            (keep / arm).mkdir(parents=True, exist_ok=True)
-            shutil.copy(metrics, keep / arm / f"{metrics.parent.name}.jsonl")
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+        if keep is not None:  # every trial's records in one file, for a closer look
+            with (keep / f"{arm}-metrics.jsonl").open("a") as f:
+                f.writelines(json.dumps({"trial": metrics.parent.name, **r}) + "\n"
+                             for r in recs)
         done += len(recs)
         tail = recs[len(recs) // 4:]  # skip warm-up steps (allocator, kernels)
         tps.append(sum(r["tokens_per_s"] for r in tail) / max(1, len(tail)))
@@ -96,7 +102,8 @@ def main() -> None:
     ap.add_argument("--report-every", type=int, default=10,
                     help="trials.report_every: optimizer steps per tune.report")
     ap.add_argument("--keep-metrics", type=Path, default=None,
-                    help="copy every trial's metrics.jsonl here (DIR/ARM/TRIAL.jsonl)")
+                    help="keep every trial's records (DIR/ARM-metrics.jsonl) and the sweep's "
+                         "output (DIR/ARM-sweep.log) here")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -111,6 +118,8 @@ def main() -> None:
         if not sep:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = parse_scalar(value)
+    if args.keep_metrics is not None:
+        args.keep_metrics.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         overrides["output.root"] = str(work / "runs")

@@ -150,6 +150,7 @@ class GroupActor:
         self._lock = threading.Condition()  # members + group structure vs. the step thread
         self._barrier_since: float | None = None  # a compiled group waiting for members
         self._joined_at = 0.0  # when the newest member joined (time.monotonic)
+        self._makeup: tuple[str, ...] = ()  # the members of the last group step
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -246,6 +247,13 @@ class GroupActor:
                         self._lock.wait(0.05)
                         continue
                 self._barrier_since = None
+                makeup = tuple(sorted(ready))
+                if self._group.compiled and makeup != self._makeup:
+                    # Progress output (the sweep's console, through Ray): a new make-up is a
+                    # new graph, and its first step compiles for minutes at reference scale.
+                    print(f"[group] stepping {len(ready)} members together (a new set "
+                          "compiles first)", flush=True)
+                self._makeup = makeup
                 started = time.monotonic()
                 try:
                     self._group.step(only=ready)
@@ -253,6 +261,8 @@ class GroupActor:
                     self._fail_all(traceback.format_exc())
                 ended = time.monotonic()
                 if ended - started > POLL_WAIT_S:
+                    print(f"[group] a step of {len(ready)} members took "
+                          f"{ended - started:.0f}s", flush=True)
                     # The clients' polls waited on the lock all along: not their silence.
                     for member in self._members.values():
                         member.last_poll = max(member.last_poll, ended)
