@@ -249,7 +249,8 @@ class GroupActor:
                 self._barrier_since = None
                 makeup = tuple(sorted(ready))
                 if self._group.compiled and makeup != self._makeup:
-                    # Progress output (the sweep's console, through Ray): a new make-up is a
+                    # For the actor's Ray worker log (the sweep runs Ray with log_to_driver
+                    # off; its console says a compiled group compiles): a new make-up is a
                     # new graph, and its first step compiles for minutes at reference scale.
                     print(f"[group] stepping {len(ready)} members together (a new set "
                           "compiles first)", flush=True)

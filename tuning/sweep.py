@@ -314,9 +314,12 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts):
                               num_cpus=cfg.resources.cpus_per_trial,
                               num_gpus=cfg.resources.gpus_per_trial,
                               orphan_timeout_s=cfg.resources.group_orphan_timeout_s)
+    mode = base.get("model", {}).get("compile", "off")
+    compiled = ("; its forward is compiled: each new set of members compiles first (minutes "
+                "at reference scale)" if mode not in (None, False, "off") else "")
     print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
           f"over one copy of the frozen model ({cfg.resources.cpus_per_trial} CPU, "
-          f"{cfg.resources.gpus_per_trial} GPU)")
+          f"{cfg.resources.gpus_per_trial} GPU){compiled}")
     # A member's own process only relays reports: a token CPU share, no GPU.
     member = tune.with_resources(
         tune.with_parameters(run_group_member, base=base, opts=opts, actor_name=name),
