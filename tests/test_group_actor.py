@@ -202,3 +202,36 @@ def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(
     else:  # which reports it pauses at depends on when the client polls
         assert pauses and pauses == sorted(set(pauses)) and set(pauses) <= set(expected)
     assert seen == list(range(1, len(seen) + 1))
+
+
+def test_a_poll_is_served_while_the_group_steps(actor, monkeypatch):
+    """A client's poll takes only the members' lock, never waits for a group step: with one
+    lock held through every step, polls starved while members trained ahead of them."""
+    import threading
+
+    import tuning.group_actor as actor_mod
+
+    group, cfg = actor
+    monkeypatch.setattr(actor_mod, "POLL_WAIT_S", 0.5)
+    in_step, release = threading.Event(), threading.Event()
+    real_step = group._group.step
+
+    def step(only=None):
+        if not release.is_set():
+            in_step.set()
+            release.wait(60)  # the group step lasts until the test lets it end
+        return real_step(only)
+
+    monkeypatch.setattr(group._group, "step", step)
+    _join(group, cfg, "m0")
+    assert in_step.wait(60)
+    polled = []
+    poller = threading.Thread(target=lambda: polled.append(group.poll("m0")))
+    poller.start()
+    poller.join(10)
+    served = not poller.is_alive()
+    release.set()
+    poller.join(60)
+    assert served, "the poll waited for the group step"
+    events, finished = polled[0]
+    assert not finished and not [e for e in events if e[0] == "metrics"]  # no step yet

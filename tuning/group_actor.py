@@ -12,17 +12,17 @@ solo trial uses, so reports, checkpoints and NaN handling look exactly like a so
 Why the actor paces members: a solo trial blocks in ``tune.report`` until the driver has taken
 the result (and ASHA may stop it there). A member trains on while its client reports, but
 at most REPORTS_AHEAD reports ahead of it: it pauses at the record of the next report until
-its client polls again (which it does only after its reports returned). With 8 trials the
-driver's round trip took about as long as the 10 steps between two reports (an H200 sweep ran
-its group at 14% MFU against 27.5% stepped directly, run 11), so a member that waited out
-every report left the GPU idle half the time; one report ahead hides the round trip, and a
-trial stopped at a report has trained at most one report interval past it (the steps it
-never reports). On a GPU its steps are read back a window of ``output.sync_every`` steps at
-a time (trainer.step_guard), and a window ends at every report (``_QueueSink.report_due``).
+its client polls again (which it does only after its reports returned). Waiting out every
+report's round trip would leave a group's GPU idle meanwhile, for all its members at once;
+one report ahead hides a round trip shorter than a report interval, and a trial stopped at
+a report has trained at most one report interval past it (steps it never reports). A
+client's poll never waits for a group step (two locks, see ``__init__``). On a GPU a
+member's steps are read back a window of ``output.sync_every`` steps at a time
+(trainer.step_guard), and a window ends at every report (``_QueueSink.report_due``).
 A member whose client went away (stopped by Tune, or its worker died) is dropped after
 ``orphan_timeout_s`` without a poll; a step longer than POLL_WAIT_S (a compiled group's
-first step compiles for minutes) kept every client's poll waiting on the actor, so that
-silence does not count against them.
+first step compiles for minutes, holding the GIL for long stretches) does not count
+against the members' silence.
 
 Ownership: the driver creates the actor before ``Tuner.fit`` (a Ray actor dies with its
 owner, so a trial process must not own it); trials look it up by name. Trials must run on the
@@ -111,9 +111,10 @@ class _QueueSink:
                     checkpoint: Path | None = None) -> None:
         reports, self.stashed, self.pending = self._rule(self.stashed, self.pending,
                                                          checkpoint is not None)
-        if reports:
-            self.member.reports.append(step)
-        self._put("metrics", (dict(metrics), step, str(checkpoint) if checkpoint else None))
+        with self.wake:
+            if reports:
+                self.member.reports.append(step)
+            self._put("metrics", (dict(metrics), step, str(checkpoint) if checkpoint else None))
 
     def report_due(self, n: int) -> bool:
         """Whether the n-th record from now makes the client report: the same rule, run
@@ -147,7 +148,15 @@ class GroupActor:
         self._orphan_s = orphan_timeout_s
         self._members: dict[str, _Member] = {}
         self._failed: dict[str, str] = {}  # member -> traceback of the group step that failed
-        self._lock = threading.Condition()  # members + group structure vs. the step thread
+        # Two locks, always taken in this order. `_step_lock` serialises whatever touches
+        # the TrialGroup: a group step, a member joining or leaving. `_lock` guards the
+        # members' bookkeeping (events, reports, polls) and is held only briefly, so a
+        # client's poll never waits for a group step. With one lock held through every
+        # step, the step thread took it again at once after each (Python's locks are not
+        # fair): while members trained ahead, their clients' polls could not be served.
+        self._step_lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._wakes = 0  # bumped (under _lock) whenever the step thread should look again
         self._barrier_since: float | None = None  # a compiled group waiting for members
         self._joined_at = 0.0  # when the newest member joined (time.monotonic)
         self._makeup: tuple[str, ...] = ()  # the members of the last group step
@@ -159,18 +168,18 @@ class GroupActor:
         from trainer.config import config_from_data
 
         cfg = config_from_data(cfg_data, f"trial {member_id}")
-        with self._lock:
-            if member_id in self._members:
-                self._drop(member_id)
-            self._failed.pop(member_id, None)  # a retry of a trial the failed step dropped
+        with self._step_lock:
+            self._drop(member_id)  # a retried trial's old member, if still there
             member = _Member()
             sink = _QueueSink(member, self._lock, self._report_every)
             # The member's read-back windows end at its reports: it pauses exactly there.
             self._group.add_member(member_id, cfg, sink, resume=resume,
                                    report_due=sink.report_due)
-            self._members[member_id] = member
-            self._joined_at = time.monotonic()
-            self._lock.notify_all()
+            with self._lock:
+                self._failed.pop(member_id, None)  # a retry of a trial a failed step dropped
+                self._members[member_id] = member
+                self._joined_at = time.monotonic()
+                self._wake()
 
     def poll(self, member_id: str) -> tuple[list[tuple[str, Any]], bool]:
         """Events since the last poll (waits up to POLL_WAIT_S for one); and whether the
@@ -192,7 +201,7 @@ class GroupActor:
                 member.reports.popleft()
                 acked = True
             if acked:
-                self._lock.notify_all()
+                self._wake()
             while not member.events and not member.done:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -206,79 +215,107 @@ class GroupActor:
             finished = member.done
             if finished:
                 self._members.pop(member_id, None)
-            self._lock.notify_all()
+            self._wake()
             return events, finished
 
     def leave(self, member_id: str) -> None:
         """The client is going away (stopped by Tune): end the member."""
-        with self._lock:
-            if member_id in self._members:
-                self._drop(member_id)
+        with self._step_lock:
+            self._drop(member_id)
 
     # ------------------------------------------------------------------ the step thread
 
+    def _wake(self) -> None:
+        """Under `_lock`: wake the step thread (and waiting polls) to look again."""
+        self._wakes += 1
+        self._lock.notify_all()
+
     def _drop(self, member_id: str) -> None:
-        member = self._members.pop(member_id)
-        if not member.done:
+        """End a member, if it is one (the caller holds `_step_lock`, not `_lock`)."""
+        with self._lock:
+            member = self._members.pop(member_id, None)
+            self._wake()
+        if member is not None and not member.done:
             self._group.remove_member(member_id)
 
     def _loop(self) -> None:
         while True:
+            with self._step_lock:
+                ready, wait_s, seen = self._plan_step()
+                if ready:
+                    self._step(ready)
+            if not ready:
+                with self._lock:
+                    if self._wakes == seen:  # nothing changed since the plan was made
+                        self._lock.wait(wait_s)
+
+    def _plan_step(self) -> tuple[list[str], float, int]:
+        """The members to step now, else ([], how long to wait); and the wake count the
+        decision saw. The caller holds `_step_lock`."""
+        with self._lock:
+            now = time.monotonic()
+            orphans = [m for m, s in self._members.items()
+                       if not s.done and now - s.last_poll > self._orphan_s]
+        for member_id in orphans:
+            self._drop(member_id)  # its client is gone
+        with self._lock:
+            seen = self._wakes
+            # Members waiting for their client's report sit this step out (paused).
+            live = [m for m, s in self._members.items() if not s.done]
+            ready = [m for m in live if not self._members[m].paused]
+            if not ready:
+                return [], 1.0, seen
+            if self._group.compiled and now - self._joined_at < JOIN_WAIT_S:
+                return [], 0.05, seen  # more members may be on their way
+            if len(ready) < len(live) and self._group.compiled:
+                # Members of one sweep reach their reports at the same steps: wait for
+                # the paused ones' clients rather than compile a graph for a subset.
+                if self._barrier_since is None:
+                    self._barrier_since = now
+                if now - self._barrier_since < BARRIER_S:
+                    return [], 0.05, seen
+            self._barrier_since = None
+            return ready, 0.0, seen
+
+    def _step(self, ready: list[str]) -> None:
+        """One group step of `ready` (the caller holds `_step_lock`, not `_lock`)."""
+        makeup = tuple(sorted(ready))
+        if self._group.compiled and makeup != self._makeup:
+            # For the actor's Ray worker log (the sweep runs Ray with log_to_driver off;
+            # its console says a compiled group compiles): a new make-up is a new graph,
+            # and its first step compiles for minutes at reference scale.
+            print(f"[group] stepping {len(ready)} members together (a new set compiles "
+                  "first)", flush=True)
+        self._makeup = makeup
+        started = time.monotonic()
+        try:
+            self._group.step(only=ready)
+        except Exception:  # an OOM, a fault hook: the whole group step is lost
+            self._fail_all(traceback.format_exc())
+        ended = time.monotonic()
+        if ended - started > POLL_WAIT_S:
+            print(f"[group] a step of {len(ready)} members took {ended - started:.0f}s",
+                  flush=True)
+            # A compile holds the GIL for long stretches, and a client's polls may have
+            # been slow to be served: not their silence.
             with self._lock:
-                now = time.monotonic()
-                for member_id, member in list(self._members.items()):
-                    if not member.done and now - member.last_poll > self._orphan_s:
-                        self._drop(member_id)  # its client is gone
-                # Members waiting for their client's report sit this step out (paused).
-                live = [m for m, s in self._members.items() if not s.done]
-                ready = [m for m in live if not self._members[m].paused]
-                if not ready:
-                    self._lock.wait(1.0)
-                    continue
-                if self._group.compiled and now - self._joined_at < JOIN_WAIT_S:
-                    self._lock.wait(0.05)  # more members may be on their way
-                    continue
-                if len(ready) < len(live) and self._group.compiled:
-                    # Members of one sweep reach their reports at the same steps: wait for
-                    # the paused ones' clients rather than compile a graph for a subset.
-                    if self._barrier_since is None:
-                        self._barrier_since = now
-                    if now - self._barrier_since < BARRIER_S:
-                        self._lock.wait(0.05)
-                        continue
-                self._barrier_since = None
-                makeup = tuple(sorted(ready))
-                if self._group.compiled and makeup != self._makeup:
-                    # For the actor's Ray worker log (the sweep runs Ray with log_to_driver
-                    # off; its console says a compiled group compiles): a new make-up is a
-                    # new graph, and its first step compiles for minutes at reference scale.
-                    print(f"[group] stepping {len(ready)} members together (a new set "
-                          "compiles first)", flush=True)
-                self._makeup = makeup
-                started = time.monotonic()
-                try:
-                    self._group.step(only=ready)
-                except Exception:  # an OOM, a fault hook: the whole group step is lost
-                    self._fail_all(traceback.format_exc())
-                ended = time.monotonic()
-                if ended - started > POLL_WAIT_S:
-                    print(f"[group] a step of {len(ready)} members took "
-                          f"{ended - started:.0f}s", flush=True)
-                    # The clients' polls waited on the lock all along: not their silence.
-                    for member in self._members.values():
-                        member.last_poll = max(member.last_poll, ended)
+                for member in self._members.values():
+                    member.last_poll = max(member.last_poll, ended)
 
     def _fail_all(self, error: str) -> None:
         """Every member's client raises (Tune retries each trial from its checkpoint, and it
-        rejoins); the group restarts empty, as a crashed solo process would."""
+        rejoins); the group restarts empty, as a crashed solo process would. The caller
+        holds `_step_lock`."""
         from trainer.group import TrialGroup
 
-        for member_id, member in self._members.items():
-            member.done = True
-            self._failed[member_id] = error
-        self._members.clear()
-        self._group = TrialGroup(self._inputs, device=self._device, log=lambda *_: None)
-        self._lock.notify_all()
+        fresh = TrialGroup(self._inputs, device=self._device, log=lambda *_: None)
+        with self._lock:
+            for member_id, member in self._members.items():
+                member.done = True
+                self._failed[member_id] = error
+            self._members.clear()
+            self._group = fresh
+            self._wake()
 
 
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
