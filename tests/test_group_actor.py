@@ -235,3 +235,16 @@ def test_a_poll_is_served_while_the_group_steps(actor, monkeypatch):
     assert served, "the poll waited for the group step"
     events, finished = polled[0]
     assert not finished and not [e for e in events if e[0] == "metrics"]  # no step yet
+
+
+def test_close_ends_every_member_whose_client_never_left(actor):
+    """A stopped trial's `leave` may still be in flight when the sweep ends: the driver's
+    `close` ends every member still in the group, so each run has its summary."""
+    import json
+
+    group, cfg = actor
+    member, _ = _join_until_paused(group, cfg, "m0")
+    assert group.close() == ["m0"]
+    summary = json.loads((cfg.output.root / "m0" / "summary.json").read_text())
+    assert summary["end_reason"] == "stopped" and summary["steps_done"] >= 2
+    assert group.close() == [] and "m0" not in group._members

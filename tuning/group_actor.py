@@ -223,6 +223,19 @@ class GroupActor:
         with self._step_lock:
             self._drop(member_id)
 
+    def close(self) -> list[str]:
+        """End every member still here (the sweep is over); the ones it ended.
+
+        A trial Tune stopped sends ``leave`` as its client goes away, without waiting for
+        it; one still in flight when the sweep ends would die with the actor, and its run
+        would have no summary. The driver calls this before it kills the actor."""
+        with self._step_lock:
+            with self._lock:
+                left = [m for m, s in self._members.items() if not s.done]
+            for member_id in left:
+                self._drop(member_id)
+        return left
+
     # ------------------------------------------------------------------ the step thread
 
     def _wake(self) -> None:

@@ -38,6 +38,9 @@ from tuning.search_config import Loaded, load_search, space_key_path, trial_coun
 
 SNAPSHOT = "search.snapshot.yaml"
 LOCK = ".sweep.lock"
+# How long the shared group may take to close the runs of members whose clients left
+# (each writes its summary, weights and last checkpoint).
+GROUP_CLOSE_TIMEOUT_S = 300.0
 
 
 def _fail(lines: list[str]) -> int:
@@ -389,6 +392,11 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         if group is not None:
             import ray
 
+            try:  # stopped trials' runs end even if their client's leave is still in flight
+                ray.get(group.close.remote(), timeout=GROUP_CLOSE_TIMEOUT_S)
+            except Exception as e:  # a dead or stuck actor: its runs stay as they are on disk
+                print(f"[sweep] warning: the shared group did not close its members: {e}",
+                      file=sys.stderr)
             ray.kill(group)  # every member finished; free its GPU memory for the recheck
         report = build_report(sweep_dir, cfg.stability, cfg.sweep.name)
         top_k = cfg.recheck.top_k if recheck_k is None else recheck_k
