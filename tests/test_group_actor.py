@@ -243,7 +243,7 @@ def test_close_ends_every_member_whose_client_never_left(actor):
     import json
 
     group, cfg = actor
-    member, _ = _join_until_paused(group, cfg, "m0")
+    _join_until_paused(group, cfg, "m0")
     assert group.close() == ["m0"]
     summary = json.loads((cfg.output.root / "m0" / "summary.json").read_text())
     assert summary["end_reason"] == "stopped" and summary["steps_done"] >= 2
