@@ -300,7 +300,7 @@ def _with_resources(fn, cfg, **params):
                                 "gpu": cfg.resources.gpus_per_trial})
 
 
-def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts):
+def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile_mode: str):
     """The Tune trainable, and the shared group's actor when ``resources.shared_group``."""
     import hashlib
 
@@ -317,9 +317,8 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts):
                               num_cpus=cfg.resources.cpus_per_trial,
                               num_gpus=cfg.resources.gpus_per_trial,
                               orphan_timeout_s=cfg.resources.group_orphan_timeout_s)
-    mode = base.get("model", {}).get("compile", "off")
     compiled = ("; its forward is compiled: each new set of members compiles first (minutes "
-                "at reference scale)" if mode not in (None, False, "off") else "")
+                "at reference scale)" if compile_mode != "off" else "")
     print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
           f"over one copy of the frozen model ({cfg.resources.cpus_per_trial} CPU, "
           f"{cfg.resources.gpus_per_trial} GPU){compiled}")
@@ -373,7 +372,8 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             cpus_per_trial=cfg.resources.cpus_per_trial)
         _init_ray(loaded)
         t0 = time.time()
-        trainable, group = _trainable(cfg, sweep_dir, loaded.base_data, inputs, opts)
+        trainable, group = _trainable(cfg, sweep_dir, loaded.base_data, inputs, opts,
+                                      loaded.base.model.compile)
         index = _fit(
             sweep_dir, trainable,
             param_space=param_space(cfg.space),
