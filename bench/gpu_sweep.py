@@ -5,6 +5,7 @@ a time on one GPU (fractional GPU resources), and as one shared-weight group.
     python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 200 --k g8 \
         --set model.compile=reduce-overhead      # the group's shared forward compiled
     python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 100 --k 1,8,g8c
+    python bench/gpu_sweep.py configs/reference.yaml --trials 8 --k g8c:400,1:30
 
 Each arm runs `python -m tuning.sweep` end to end on a generated search.yaml (grid of
 `--trials` base learning rates, FIFO). An arm `K` runs K trial processes side by side
@@ -19,7 +20,9 @@ optimizer steps of all trials / wall), aggregate tokens/s and MFU from the trial
 metrics (tokens/s summed over concurrently running trials, averaged over their steps
 after the first quarter: compilation and warm-up excluded), the steady aggregate MFU
 (bench/gpu_trainer.py's formula: tokens/s x (4 x frozen + 6 x trainable params of one
-trial) / `--peak-tflops`), and the ratio of aggregate trial-steps/s to the first arm.
+trial) / `--peak-tflops`), the ratios of aggregate trial-steps/s and of steady tokens/s
+to the one-at-a-time arm (`1`, else the first), and for a shared group its actor's
+`group_stats.json` (time stepping against waiting, and why: tuning.group_actor.GroupStats).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
             overrides: dict, keep: Path | None = None, report_every: int = 10) -> dict:
+    arm, _, arm_steps = arm.partition(":")
+    steps = int(arm_steps or steps)
     group, compiled = arm.startswith("g"), arm.endswith("c")
     k = int(arm.strip("gc"))
     if compiled:
@@ -81,7 +86,11 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         done += len(recs)
         tail = recs[len(recs) // 4:]  # skip warm-up steps (allocator, kernels)
         tps.append(sum(r["tokens_per_s"] for r in tail) / max(1, len(tail)))
-    return {"arm": arm, "k": k, "shared_group": group,
+    row_stats = {}
+    stats_file = work / "sweeps" / f"arm-{arm}" / "group_stats.json"
+    if stats_file.exists():  # a shared group's step thread: its steps against its waits
+        row_stats = {"group_stats": json.loads(stats_file.read_text())}
+    return {"arm": arm, "k": k, "shared_group": group, "steps": steps, **row_stats,
             "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
             "trial_steps": done,
             "trial_steps_per_s": round(done / wall, 2),
@@ -97,7 +106,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--k", default="1,4,g8",
                     help="arms: K = K processes with 1/K GPU each; gK = one shared group of K; "
-                         "a trailing c compiles the arm (reduce-overhead)")
+                         "a trailing c compiles the arm (reduce-overhead); ARM:STEPS gives "
+                         "that arm its own steps per trial (a compiled group needs many "
+                         "steps for its steady state to outweigh its compile)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--report-every", type=int, default=10,
                     help="trials.report_every: optimizer steps per tune.report")
@@ -136,10 +147,15 @@ def main() -> None:
 
 
 def _finish(rows: list[dict], flops: int, args) -> None:
-    """Ratios to the first arm and steady MFU; print the newest row, rewrite the JSON."""
-    base = rows[0]["trial_steps_per_s"]
+    """Ratios to the one-at-a-time arm (else the first) and steady MFU; print the newest
+    row, rewrite the JSON. Arms of different steps per trial: `ratio` includes each arm's
+    start-up and compile over its own steps, `ratio_steady` compares steady tokens/s."""
+    base = next((r for r in rows if r["arm"] == "1"), rows[0])
     for r in rows:
-        r["ratio_vs_first"] = round(r["trial_steps_per_s"] / base, 2)
+        r["ratio_vs_" + base["arm"]] = round(r["trial_steps_per_s"]
+                                              / base["trial_steps_per_s"], 2)
+        r["ratio_steady_vs_" + base["arm"]] = round(
+            r["aggregate_tokens_per_s_steady"] / base["aggregate_tokens_per_s_steady"], 2)
         r["mfu_pct_steady"] = round(100 * r["aggregate_tokens_per_s_steady"] * flops
                                     / (args.peak_tflops * 1e12), 2)
     print(json.dumps(rows[-1]), flush=True)

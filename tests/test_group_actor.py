@@ -248,3 +248,27 @@ def test_close_ends_every_member_whose_client_never_left(actor):
     summary = json.loads((cfg.output.root / "m0" / "summary.json").read_text())
     assert summary["end_reason"] == "stopped" and summary["steps_done"] >= 2
     assert group.close() == [] and "m0" not in group._members
+
+
+def test_stats_say_where_the_step_thread_spent_its_time(actor):
+    """A member paused at its second unreported report: the step thread waits for its
+    client ("clients"), and the pause's length is counted once the client acks."""
+    from tuning.group_actor import describe_stats
+
+    group, cfg = actor
+    member, steps = _join_until_paused(group, cfg, "m0")
+    time.sleep(0.3)
+    stats = group.stats()
+    assert stats["group_steps"] == stats["member_steps"] == len(steps) == 4, stats
+    assert stats["members_per_step"] == 1 and stats["step_s"] > 0
+    assert stats["wait_s"]["clients"] >= 0.5, stats  # _join_until_paused slept 0.5 s
+    assert stats["pauses"] == 0  # still paused: its pause is not over yet
+    group.poll("m0")
+    group.poll("m0")  # both reports returned: the pause is over
+    _wait(lambda: list(member.reports) == [6, 8])
+    stats = group.stats()
+    assert stats["pauses"] == 1 and stats["pause_ms_mean"] >= 800, stats
+    assert stats["group_steps"] >= 8
+    line = describe_stats(stats)
+    assert line.startswith(f"{stats['group_steps']} group steps of 1.0 members"), line
+    assert "clients" in line and "paused 1 times" in line, line

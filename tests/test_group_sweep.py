@@ -78,6 +78,14 @@ def test_group_sweep_runs_every_trial_as_its_own_trial(group_sweep):
             assert summary["nan_events"] == []
             ended += summary["end_reason"] == "completed"
     assert ended >= 1
+    # Where the group's step thread spent its time: every step every member trained (all
+    # in metrics.jsonl, reported or not) went through it, and the console says so.
+    stats = json.loads((sweep_dir / "group_stats.json").read_text())
+    recorded = sum(len((d / "metrics.jsonl").read_text().splitlines())
+                   for d in (sweep_dir / "trials").iterdir())
+    assert stats["member_steps"] == recorded, stats
+    assert 1 <= stats["members_per_step"] <= 3 and stats["step_s"] > 0, stats
+    assert f"shared group: {stats['group_steps']} group steps of" in res.stdout
 
 
 def test_group_members_train_exactly_as_alone(group_sweep, tmp_path):

@@ -70,6 +70,7 @@ class _Member:
     delivered_through: int = 0  # highest step handed out by the last poll
     last_poll: float = field(default_factory=time.monotonic)
     done: bool = False
+    paused_since: float | None = None  # when it last paused for its client (stats)
 
     @property
     def paused(self) -> bool:
@@ -114,6 +115,8 @@ class _QueueSink:
         with self.wake:
             if reports:
                 self.member.reports.append(step)
+                if self.member.paused and self.member.paused_since is None:
+                    self.member.paused_since = time.monotonic()
             self._put("metrics", (dict(metrics), step, str(checkpoint) if checkpoint else None))
 
     def report_due(self, n: int) -> bool:
@@ -133,6 +136,58 @@ class _QueueSink:
         with self.wake:
             self.member.events.append((kind, payload))
             self.wake.notify_all()
+
+
+@dataclass
+class GroupStats:
+    """Where the actor's step thread spent its time: what a sweep prints at its end and
+    writes to ``group_stats.json``, so that a slow group says whether it was its steps or
+    its waits (and for whom) that were slow."""
+
+    group_steps: int = 0
+    member_steps: int = 0  # summed over group steps: members stepped
+    step_s: float = 0.0  # in TrialGroup.step (forward, backward, optimizers, read-backs)
+    long_steps: int = 0  # steps over POLL_WAIT_S: a compiled group's compiles
+    long_step_s: float = 0.0
+    # The step thread waiting, by why: every live member paused for its client's report
+    # ("clients"), a compiled group holding for paused members (BARRIER_S, "barrier") or
+    # for members still joining (JOIN_WAIT_S, "joining"), or no member at all ("empty").
+    wait_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("clients", "barrier", "joining", "empty"), 0.0))
+    pauses: int = 0  # a member paused until its client polled again ...
+    paused_s: float = 0.0  # ... for this long in all (the clients' round trips)
+    started: float | None = None  # the first member's join: the figures start there
+    waiting: tuple[str, float] | None = None  # the wait in progress: why, since when
+
+    def begin_wait(self, why: str) -> None:
+        if self.started is not None:
+            self.waiting = (why, time.monotonic())
+
+    def end_wait(self) -> None:
+        if self.waiting is not None:
+            why, since = self.waiting
+            self.wait_s[why] += time.monotonic() - since
+            self.waiting = None
+
+    def as_dict(self) -> dict[str, Any]:
+        now = time.monotonic()
+        wall = max(now - (self.started or now), 1e-9)
+        waits = dict(self.wait_s)
+        if self.waiting is not None:  # counted so far
+            waits[self.waiting[0]] += now - self.waiting[1]
+        warm = self.group_steps - self.long_steps
+        return {
+            "wall_s": round(wall, 3), "group_steps": self.group_steps,
+            "member_steps": self.member_steps,
+            "members_per_step": round(self.member_steps / max(1, self.group_steps), 2),
+            "step_s": round(self.step_s, 3),
+            "step_ms_mean": round(1e3 * (self.step_s - self.long_step_s) / max(1, warm), 2),
+            "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
+            "wait_s": {k: round(v, 3) for k, v in waits.items()},
+            "busy_fraction": round(self.step_s / wall, 3),
+            "pauses": self.pauses,
+            "pause_ms_mean": round(1e3 * self.paused_s / max(1, self.pauses), 1),
+        }
 
 
 class GroupActor:
@@ -160,6 +215,7 @@ class GroupActor:
         self._barrier_since: float | None = None  # a compiled group waiting for members
         self._joined_at = 0.0  # when the newest member joined (time.monotonic)
         self._makeup: tuple[str, ...] = ()  # the members of the last group step
+        self._stats = GroupStats()
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -179,6 +235,8 @@ class GroupActor:
                 self._failed.pop(member_id, None)  # a retry of a trial a failed step dropped
                 self._members[member_id] = member
                 self._joined_at = time.monotonic()
+                if self._stats.started is None:
+                    self._stats.started = self._joined_at
                 self._wake()
 
     def poll(self, member_id: str) -> tuple[list[tuple[str, Any]], bool]:
@@ -201,6 +259,10 @@ class GroupActor:
                 member.reports.popleft()
                 acked = True
             if acked:
+                if member.paused_since is not None and not member.paused:
+                    self._stats.pauses += 1
+                    self._stats.paused_s += time.monotonic() - member.paused_since
+                    member.paused_since = None
                 self._wake()
             while not member.events and not member.done:
                 left = deadline - time.monotonic()
@@ -222,6 +284,11 @@ class GroupActor:
         """The client is going away (stopped by Tune): end the member."""
         with self._step_lock:
             self._drop(member_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Where the step thread's time went so far (``GroupStats``), as plain data."""
+        with self._lock:
+            return self._stats.as_dict()
 
     def close(self) -> list[str]:
         """End every member still here (the sweep is over); the ones it ended.
@@ -254,17 +321,20 @@ class GroupActor:
     def _loop(self) -> None:
         while True:
             with self._step_lock:
-                ready, wait_s, seen = self._plan_step()
+                ready, wait_s, seen, why = self._plan_step()
                 if ready:
                     self._step(ready)
             if not ready:
                 with self._lock:
                     if self._wakes == seen:  # nothing changed since the plan was made
+                        self._stats.begin_wait(why)
                         self._lock.wait(wait_s)
+                        self._stats.end_wait()
 
-    def _plan_step(self) -> tuple[list[str], float, int]:
-        """The members to step now, else ([], how long to wait); and the wake count the
-        decision saw. The caller holds `_step_lock`."""
+    def _plan_step(self) -> tuple[list[str], float, int, str]:
+        """The members to step now, else ([], how long to wait); the wake count the
+        decision saw; and why it waits (a GroupStats.wait_s key). The caller holds
+        `_step_lock`."""
         with self._lock:
             now = time.monotonic()
             orphans = [m for m, s in self._members.items()
@@ -277,18 +347,18 @@ class GroupActor:
             live = [m for m, s in self._members.items() if not s.done]
             ready = [m for m in live if not self._members[m].paused]
             if not ready:
-                return [], 1.0, seen
+                return [], 1.0, seen, "clients" if live else "empty"
             if self._group.compiled and now - self._joined_at < JOIN_WAIT_S:
-                return [], 0.05, seen  # more members may be on their way
+                return [], 0.05, seen, "joining"  # more members may be on their way
             if len(ready) < len(live) and self._group.compiled:
                 # Members of one sweep reach their reports at the same steps: wait for
                 # the paused ones' clients rather than compile a graph for a subset.
                 if self._barrier_since is None:
                     self._barrier_since = now
                 if now - self._barrier_since < BARRIER_S:
-                    return [], 0.05, seen
+                    return [], 0.05, seen, "barrier"
             self._barrier_since = None
-            return ready, 0.0, seen
+            return ready, 0.0, seen, ""
 
     def _step(self, ready: list[str]) -> None:
         """One group step of `ready` (the caller holds `_step_lock`, not `_lock`)."""
@@ -306,6 +376,14 @@ class GroupActor:
         except Exception:  # an OOM, a fault hook: the whole group step is lost
             self._fail_all(traceback.format_exc())
         ended = time.monotonic()
+        with self._lock:
+            st = self._stats
+            st.group_steps += 1
+            st.member_steps += len(ready)
+            st.step_s += ended - started
+            if ended - started > POLL_WAIT_S:
+                st.long_steps += 1
+                st.long_step_s += ended - started
         if ended - started > POLL_WAIT_S:
             print(f"[group] a step of {len(ready)} members took {ended - started:.0f}s",
                   flush=True)
@@ -329,6 +407,19 @@ class GroupActor:
             self._members.clear()
             self._group = fresh
             self._wake()
+
+
+def describe_stats(stats: dict[str, Any]) -> str:
+    """One console line of ``GroupStats.as_dict()``: the group's steps, then its waits."""
+    waits = ", ".join(f"{why} {s:.0f}s" for why, s in stats["wait_s"].items() if s >= 0.5)
+    compiles = (f"; {stats['long_steps']} steps over {POLL_WAIT_S:.0f}s (compiles) took "
+                f"{stats['long_step_s']:.0f}s" if stats["long_steps"] else "")
+    pauses = (f"; members paused {stats['pauses']} times for their clients' reports, "
+              f"{stats['pause_ms_mean']:.0f} ms on average" if stats["pauses"] else "")
+    return (f"{stats['group_steps']} group steps of {stats['members_per_step']} members, "
+            f"{stats['step_ms_mean']:.1f} ms each{compiles}; stepping "
+            f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
+            f"{waits or 'nothing'}{pauses}")
 
 
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,

@@ -37,6 +37,7 @@ from trainer.yaml_io import dump_yaml
 from tuning.search_config import Loaded, load_search, space_key_path, trial_count
 
 SNAPSHOT = "search.snapshot.yaml"
+GROUP_STATS = "group_stats.json"  # where a shared group's step thread spent its time
 LOCK = ".sweep.lock"
 # How long the shared group may take to close the runs of members whose clients left
 # (each writes its summary, weights and last checkpoint).
@@ -392,7 +393,13 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         if group is not None:
             import ray
 
+            from tuning.group_actor import describe_stats
+
             try:  # stopped trials' runs end even if their client's leave is still in flight
+                stats = ray.get(group.stats.remote(), timeout=GROUP_CLOSE_TIMEOUT_S)
+                atomic_write_text(sweep_dir / GROUP_STATS, json.dumps(stats, indent=2) + "\n")
+                print(f"[sweep] shared group: {describe_stats(stats)} "
+                      f"(details: {sweep_dir / GROUP_STATS})")
                 ray.get(group.close.remote(), timeout=GROUP_CLOSE_TIMEOUT_S)
             except Exception as e:  # a dead or stuck actor: its runs stay as they are on disk
                 print(f"[sweep] warning: the shared group did not close its members: {e}",
