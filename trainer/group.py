@@ -195,32 +195,44 @@ def _block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     result = layer.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype
     names = [a for a, _ in blocks]
-    if stacks is not None:  # equal blocks, equal shapes, no dropout: the batched path
+    sizes = [n for _, n in blocks]
+    if stacks is not None:  # equal blocks, equal shapes: the batched path
         stack_a, stack_b = stacks.views(index)
-        x = x.to(stack_a.dtype)  # peft's _cast_input_dtype
+        x = _blocks_dropout(layer, names, sizes, x.to(stack_a.dtype))  # peft's cast, dropout
         xs = x.reshape(len(blocks), -1, x.shape[-1])  # a view, no copy
         return _bmm_lora(result, xs, stack_a, stack_b, _scales(layer, names, xs)).to(out_dtype)
     lora_a = [layer.lora_A[a].weight for a in names]
     lora_b = [layer.lora_B[a].weight for a in names]
-    x = x.to(lora_a[0].dtype)  # peft's _cast_input_dtype
-    sizes = [n for _, n in blocks]
-    same = _equal_blocks(layer, names, sizes)
-    if same and _no_dropout(layer, names):
-        inputs = None  # a view, no copy: [K, rows x tokens, in] below
-    else:
-        # split, not x[s:e]: a slice's backward fills a zero tensor of x's full size per
-        # block (K x the activations per layer); split's backward is one cat.
-        inputs = [layer.lora_dropout[a](xb) for a, xb in zip(names, x.split(sizes),
-                                                               strict=True)]
-    if same and len(blocks) > 1:
-        xs = (x.reshape(len(blocks), -1, x.shape[-1]) if inputs is None
-              else torch.stack(inputs).flatten(1, -2))  # [K, rows x tokens, in]
+    x = _blocks_dropout(layer, names, sizes, x.to(lora_a[0].dtype))  # peft's cast, dropout
+    if _equal_blocks(layer, names, sizes) and len(blocks) > 1:
+        xs = x.reshape(len(blocks), -1, x.shape[-1])  # [K, rows x tokens, in], a view
         return _bmm_lora(result, xs, torch.stack(lora_a), torch.stack(lora_b),
                          _scales(layer, names, xs)).to(out_dtype)
-    inputs = inputs if inputs is not None else [x]  # one block
+    # split, not x[s:e]: a slice's backward fills a zero tensor of x's full size per
+    # block (K x the activations per layer); split's backward is one cat.
     delta = torch.cat([F.linear(F.linear(xb, a), b) * layer.scaling[n]
-                       for n, xb, a, b in zip(names, inputs, lora_a, lora_b, strict=True)])
+                       for n, xb, a, b in zip(names, x.split(sizes), lora_a, lora_b,
+                                              strict=True)])
     return (result + delta).to(out_dtype)
+
+
+def _blocks_dropout(layer: nn.Module, names: list[str], sizes: list[int],
+                    x: torch.Tensor) -> torch.Tensor:
+    """Each block of rows of `x` through its own adapter's LoRA dropout (peft's
+    `lora_dropout[adapter]`), as one tensor again.
+
+    Dropout draws an independent mask per element, so when every block's dropout is the
+    same module type and rate (the usual sweep, where dropout is not swept) one call over
+    the whole batch is the per-block calls in distribution, in one kernel and with no
+    copy: the batched path stays open to the default LoRA dropout (0.05). Blocks with
+    different rates go one by one and are concatenated (one copy).
+    """
+    mods = [layer.lora_dropout[a] for a in names]
+    if all(isinstance(d, nn.Identity) for d in mods):
+        return x
+    if len({(type(d), getattr(d, "p", None), d.training) for d in mods}) == 1:
+        return mods[0](x)
+    return torch.cat([d(xb) for d, xb in zip(mods, x.split(sizes), strict=True)])
 
 
 def _equal_blocks(layer: nn.Module, names: list[str], sizes: list[int]) -> bool:
@@ -228,10 +240,6 @@ def _equal_blocks(layer: nn.Module, names: list[str], sizes: list[int]) -> bool:
     return (len(set(sizes)) == 1
             and len({layer.lora_A[a].weight.shape for a in names}) == 1
             and len({layer.lora_B[a].weight.shape for a in names}) == 1)
-
-
-def _no_dropout(layer: nn.Module, names: list[str]) -> bool:
-    return all(isinstance(layer.lora_dropout[a], nn.Identity) for a in names)
 
 
 def _scales(layer: nn.Module, names: list[str], like: torch.Tensor) -> float | torch.Tensor:
@@ -311,13 +319,13 @@ class LoraStacks:
     @staticmethod
     def stackable(layers: list[nn.Module], adapters: list[str], sizes: list[int]) -> bool:
         """Whether `layers` take the batched path for these blocks in every call: more than
-        one block, equal row counts, equal adapter shapes, no LoRA dropout, and one dtype
-        and device for all LoRA weights (they share one tensor)."""
+        one block, equal row counts, equal adapter shapes, and one dtype and device for
+        all LoRA weights (they share one tensor). LoRA dropout does not matter
+        (`_blocks_dropout`)."""
         kinds = {(p.dtype, p.device) for layer in layers for attr in ("lora_A", "lora_B")
                  for p in (getattr(layer, attr)[a].weight for a in adapters)}
         return len(adapters) > 1 and len(kinds) == 1 and all(
-            _equal_blocks(layer, adapters, sizes) and _no_dropout(layer, adapters)
-            for layer in layers)
+            _equal_blocks(layer, adapters, sizes) for layer in layers)
 
     def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The `index`-th layer's stacked A [K, r, in] and B [K, out, r] weights."""
