@@ -21,7 +21,7 @@ own graph when it needs one). `model.skip_compile_guards: false` checks every ca
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 
@@ -37,9 +37,11 @@ class GuardSkip:
         self.skipped = 0  # calls run with the guards skipped (for tests and benches)
 
     @contextlib.contextmanager
-    def around(self, module: torch.nn.Module, *inputs: torch.Tensor) -> Iterator[None]:
-        """Context for one call of `module`'s compiled forward on `inputs`."""
-        sig = (torch.is_grad_enabled(), module.training,
+    def around(self, module: torch.nn.Module, *inputs: torch.Tensor,
+               key: Hashable = None) -> Iterator[None]:
+        """Context for one call of `module`'s compiled forward on `inputs`; `key`: what else
+        tells this call's graph apart (a trial group's make-up: its routed member blocks)."""
+        sig = (key, torch.is_grad_enabled(), module.training,
                tuple((t.shape, t.dtype, t.device) for t in inputs))
         seen = self._calls.get(sig, 0)
         self._calls[sig] = seen + 1

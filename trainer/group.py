@@ -53,6 +53,7 @@ of a solo run; every member then resumes from its own checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -66,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.compile_guards import GuardSkip
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, place_features, to_device
 from trainer.errors import ConfigError, Problem
@@ -123,6 +125,7 @@ _ADAPTER_RE = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(?=\.|$)")
 # Every key whose value the shared forward fixes for the whole group.
 SHARED_KEYS = (
     "model.llm_path", "model.attn_implementation", "model.lora.target_modules", "model.compile",
+    "model.skip_compile_guards",
     "model.cast_frozen_linears", "phase2.precision", "phase2.gradient_accumulation_steps",
     "phase1.bundle_path",
     "data", "demo",
@@ -546,6 +549,8 @@ class TrialGroup:
         self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
         self._routed_layers: list[nn.Module] | None = None  # their layers (None: per-row)
         self._stacks: LoraStacks | None = None  # the routed make-up's stacked LoRA weights
+        self._guard_skip: GuardSkip | None = None  # compiled, model.skip_compile_guards
+        self._routings = 0  # how many times the LoRA layers were routed (make-up changes)
         self._device_features: dict[tuple[str, ...], torch.Tensor] = {}  # by split rows
 
     @property
@@ -590,6 +595,8 @@ class TrialGroup:
                 # so the shapes change only when a member joins or leaves.
                 self._compiled = torch.compile(functools.partial(rows_losses, routed=True),
                                                mode=cfg.model.compile, dynamic=False)
+                if cfg.model.skip_compile_guards:
+                    self._guard_skip = GuardSkip()
         train_split, eval_split, plan, run_dir = prepare_run_dir(
             cfg, self.inputs, self._tokenizer, resume=resume, source=source)
         # Every member trains on the same split (one data config per group): one copy.
@@ -708,7 +715,8 @@ class TrialGroup:
                      for m, b in zip(active, batches, strict=True)]
             with autocast_for(active[0].run):  # one precision per group
                 if static:
-                    losses = self._compiled(self._peft, parts)
+                    with self._skip_guards(parts):
+                        losses = self._compiled(self._peft, parts)
                 else:
                     losses = rows_losses(self._peft, parts)
             # Members' parameters are disjoint: the gradient of the sum w.r.t. a member's
@@ -761,6 +769,7 @@ class TrialGroup:
         # incomplete ones), so the make-up fixes the blocks.
         blocks = tuple((m.adapter, m.run.plan.batch_size) for m in active)
         if blocks != self._routed:
+            self._routings += 1
             self._unstack()
             adapters = [a for a, _ in blocks]
             self._routed_layers = _vanilla_lora_layers(self._peft, adapters)
@@ -770,6 +779,16 @@ class TrialGroup:
                 route_blocks(self._routed_layers, blocks, self._stacks)
             self._routed = blocks
         return self._routed_layers is not None
+
+    def _skip_guards(self, parts: list[Rows]) -> contextlib.AbstractContextManager:
+        """The compiled forward's guard check, skipped once this make-up's calls repeat
+        (`trainer.compile_guards`). Each routing is a signature of its own, so every
+        make-up change is checked in full first, even back to an earlier make-up (its
+        members' LoRA stacks are new tensors then)."""
+        if self._guard_skip is None:
+            return contextlib.nullcontext()
+        tensors = [t for p in parts for t in (p.features, p.input_ids, p.labels)]
+        return self._guard_skip.around(self._peft, *tensors, key=self._routings)
 
     def _unstack(self) -> None:
         if self._stacks is not None:
