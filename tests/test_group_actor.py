@@ -272,3 +272,30 @@ def test_stats_say_where_the_step_thread_spent_its_time(actor):
     line = describe_stats(stats)
     assert line.startswith(f"{stats['group_steps']} group steps of 1.0 members"), line
     assert "clients" in line and "paused 1 times" in line, line
+
+
+def test_a_waiting_poll_gets_a_whole_read_back_window_at_once(actor, monkeypatch):
+    """A window's records are queued one after the other; a poll waiting meanwhile is woken
+    once they all are (after the group step), not at the first: one round trip per
+    window for its client, and no wake-ups taking the step thread's GIL per record."""
+    group, cfg = actor
+    cfg.output.sync_every = 4
+    cfg.phase2.total_training_steps = 12
+    group._report_every = 4  # windows of 4 records, ending at the reports (4, 8, 12)
+    import tuning.group_actor as actor_mod
+
+    real_put = actor_mod._QueueSink._put
+
+    def slow_put(self, kind, payload):  # a poll woken at the first record would return it
+        real_put(self, kind, payload)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(actor_mod._QueueSink, "_put", slow_put)
+    _join(group, cfg, "m0")
+    batches, finished = [], False
+    while not finished:
+        events, finished = group.poll("m0")
+        steps = [p[1] for k, p in events if k == "metrics"]
+        if steps:
+            batches.append(steps)
+    assert batches == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]], batches

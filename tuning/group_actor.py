@@ -133,9 +133,12 @@ class _QueueSink:
         self._put("close", summary)
 
     def _put(self, kind: str, payload: Any) -> None:
+        # No notify here: a group step's read-back window puts every member's records at
+        # once, and waking the clients' polls at each one (all of them, at every record)
+        # handed each client one record per Ray round trip and took the GIL from the step
+        # thread each time. Whoever puts events wakes the polls once it is done (`_wake`).
         with self.wake:
             self.member.events.append((kind, payload))
-            self.wake.notify_all()
 
 
 @dataclass
@@ -317,6 +320,8 @@ class GroupActor:
             self._wake()
         if member is not None and not member.done:
             self._group.remove_member(member_id)
+            with self._lock:
+                self._wake()  # its summary is queued
 
     def _loop(self) -> None:
         while True:
@@ -377,6 +382,7 @@ class GroupActor:
             self._fail_all(traceback.format_exc())
         ended = time.monotonic()
         with self._lock:
+            self._wake()  # the step's records (and summaries) are all queued: hand them out
             st = self._stats
             st.group_steps += 1
             st.member_steps += len(ready)
