@@ -38,7 +38,10 @@ def group_sweep(tmp_path_factory):
     # at reports inside them.
     data["base"]["overrides"]["output.sync_every"] = 3
     path.write_text(dump_yaml(data))
-    res = _sweep(path, cwd=tmp)
+    # and a profile of 3 of the group's steps, after 2 (tuning.sweep.group_profile)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHASE2_GROUP_PROFILE", "3:2")
+        res = _sweep(path, cwd=tmp)
     return tmp, res
 
 
@@ -78,14 +81,20 @@ def test_group_sweep_runs_every_trial_as_its_own_trial(group_sweep):
             assert summary["nan_events"] == []
             ended += summary["end_reason"] == "completed"
     assert ended >= 1
-    # Where the group's step thread spent its time: every step every member trained (all
-    # in metrics.jsonl, reported or not) went through it, and the console says so.
+    # Where the group's step thread spent its time: every step a member trained (all in
+    # metrics.jsonl, reported or not) went through it, and the console says so. A member
+    # stopped by a NaN may have launched up to sync_every - 1 more steps in its read-back
+    # window, which the device guard made no-ops (trainer.loop.flush_window): no record.
     stats = json.loads((sweep_dir / "group_stats.json").read_text())
     recorded = sum(len((d / "metrics.jsonl").read_text().splitlines())
                    for d in (sweep_dir / "trials").iterdir())
-    assert stats["member_steps"] == recorded, stats
+    nan_stopped = sum(json.loads((d / "summary.json").read_text())["end_reason"] == "nan_stop"
+                      for d in (sweep_dir / "trials").iterdir())
+    assert recorded <= stats["member_steps"] <= recorded + nan_stopped * (3 - 1), stats
     assert 1 <= stats["members_per_step"] <= 3 and stats["step_s"] > 0, stats
     assert f"shared group: {stats['group_steps']} group steps of" in res.stdout
+    profile = (sweep_dir / "group_profile.txt").read_text()
+    assert profile.startswith("3 steps profiled: wall ") and "aten::" in profile, profile[:300]
 
 
 def test_group_members_train_exactly_as_alone(group_sweep, tmp_path):
@@ -111,6 +120,19 @@ def test_group_members_train_exactly_as_alone(group_sweep, tmp_path):
                 assert g[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (run_dir, key, g)
         compared += 1
     assert compared >= 1  # ASHA keeps at least the best clean trial to the end
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "10:x", "-1"])
+def test_a_bad_group_profile_variable_is_refused_before_anything_is_written(
+        tmp_path, capsys, monkeypatch, value):
+    from tuning.sweep import main as sweep_main
+
+    monkeypatch.setenv("PHASE2_GROUP_PROFILE", value)
+    path = _write(tmp_path, {"resources.shared_group": True})
+    assert sweep_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"PHASE2_GROUP_PROFILE={value!r}: expected N or N:WARM" in err, err
+    assert "Traceback" not in err and not (tmp_path / "sweeps").exists()
 
 
 @pytest.mark.parametrize(("edit", "space", "needle"), [

@@ -544,6 +544,7 @@ class TrialGroup:
         self._peft: nn.Module | None = None  # the peft wrapper holding every member's adapter
         self._tokenizer = None
         self._next_adapter = 0
+        self.member_steps = 0  # optimizer steps trained, summed over members (for stats)
         self._live_adapters: set[str] = set()  # adapters whose LoRA weights must train
         self._compiled: Callable[..., list[torch.Tensor]] | None = None  # model.compile
         self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
@@ -649,6 +650,7 @@ class TrialGroup:
         active = [m for m in self.members.values() if only is None or m.member_id in only]
         if not active:
             return finished
+        self.member_steps += len(active)
         for m, result in zip(active, self._train_step(active), strict=True):
             if isinstance(result, PendingStep):
                 m.pending.append(result)

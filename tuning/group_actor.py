@@ -31,6 +31,7 @@ actor's node (run dirs are local paths); on one machine this always holds.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
@@ -148,7 +149,9 @@ class GroupStats:
     its waits (and for whom) that were slow."""
 
     group_steps: int = 0
-    member_steps: int = 0  # summed over group steps: members stepped
+    # Optimizer steps launched, summed over members: with the steps a NaN stop found
+    # later in its read-back window (no-ops on the device, never recorded) among them.
+    member_steps: int = 0
     step_s: float = 0.0  # in TrialGroup.step (forward, backward, optimizers, read-backs)
     long_steps: int = 0  # steps over POLL_WAIT_S: a compiled group's compiles
     long_step_s: float = 0.0
@@ -197,8 +200,12 @@ class GroupActor:
     """Owns one ``TrialGroup`` and steps it on a thread while members are active."""
 
     def __init__(self, inputs: Inputs, device: str | None, report_every: int,
-                 orphan_timeout_s: float) -> None:
+                 orphan_timeout_s: float, profile: tuple[str, int, int] | None = None) -> None:
+        """`profile`: (path, steps, warm): write a torch.profiler report of `steps` group
+        steps, after `warm` without a compile, to path (trainer.step_profile; the sweep's
+        PHASE2_GROUP_PROFILE)."""
         from trainer.group import TrialGroup
+        from trainer.step_profile import StepProfiler
 
         self._inputs, self._device = inputs, device
         self._group = TrialGroup(inputs, device=device, log=lambda *_: None)
@@ -219,6 +226,8 @@ class GroupActor:
         self._joined_at = 0.0  # when the newest member joined (time.monotonic)
         self._makeup: tuple[str, ...] = ()  # the members of the last group step
         self._stats = GroupStats()
+        self._profiler = (StepProfiler(Path(profile[0]), profile[1], warm=profile[2],
+                                       long_s=POLL_WAIT_S) if profile else None)
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -375,9 +384,10 @@ class GroupActor:
             print(f"[group] stepping {len(ready)} members together (a new set compiles "
                   "first)", flush=True)
         self._makeup = makeup
-        started = time.monotonic()
+        started, trained = time.monotonic(), self._group.member_steps
         try:
-            self._group.step(only=ready)
+            with self._profiler.step() if self._profiler else contextlib.nullcontext():
+                self._group.step(only=ready)
         except Exception:  # an OOM, a fault hook: the whole group step is lost
             self._fail_all(traceback.format_exc())
         ended = time.monotonic()
@@ -385,7 +395,7 @@ class GroupActor:
             self._wake()  # the step's records (and summaries) are all queued: hand them out
             st = self._stats
             st.group_steps += 1
-            st.member_steps += len(ready)
+            st.member_steps += self._group.member_steps - trained  # not a finished one
             st.step_s += ended - started
             if ended - started > POLL_WAIT_S:
                 st.long_steps += 1
@@ -429,7 +439,8 @@ def describe_stats(stats: dict[str, Any]) -> str:
 
 
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
-                      num_gpus: float, orphan_timeout_s: float) -> Any:
+                      num_gpus: float, orphan_timeout_s: float,
+                      profile: tuple[str, int, int] | None = None) -> Any:
     """Create the sweep's group actor (owned by the driver); returns its handle."""
     device = "cuda" if num_gpus > 0 else "cpu"
     cls = ray.remote(GroupActor)
@@ -438,7 +449,7 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
     # from their checkpoints (FailureConfig), rejoining the new actor.
     return cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
                        max_concurrency=64, max_restarts=3).remote(
-        inputs, device, report_every, orphan_timeout_s)
+        inputs, device, report_every, orphan_timeout_s, profile)
 
 
 def run_group_member(config: dict[str, Any], *, base: dict[str, Any], opts: Any,

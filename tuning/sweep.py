@@ -38,6 +38,10 @@ from tuning.search_config import Loaded, load_search, space_key_path, trial_coun
 
 SNAPSHOT = "search.snapshot.yaml"
 GROUP_STATS = "group_stats.json"  # where a shared group's step thread spent its time
+# PHASE2_GROUP_PROFILE=N[:WARM]: the shared group's actor writes a torch.profiler report of N
+# group steps, after WARM (default 20) without a compile, to GROUP_PROFILE in the sweep
+# directory (trainer.step_profile).
+GROUP_PROFILE_ENV, GROUP_PROFILE = "PHASE2_GROUP_PROFILE", "group_profile.txt"
 LOCK = ".sweep.lock"
 # How long the shared group may take to close the runs of members whose clients left
 # (each writes its summary, weights and last checkpoint).
@@ -301,6 +305,19 @@ def _with_resources(fn, cfg, **params):
                                 "gpu": cfg.resources.gpus_per_trial})
 
 
+def group_profile(value: str | None, sweep_dir: Path) -> tuple[str, int, int] | None:
+    """PHASE2_GROUP_PROFILE's (report path, steps, warm steps), None when unset; ValueError
+    (naming the variable and the fix) when it is not N or N:WARM."""
+    if not value:
+        return None
+    steps, _, warm = value.partition(":")
+    if not steps.isdigit() or not (warm or "20").isdigit() or int(steps) == 0:
+        raise ValueError(f"environment: {GROUP_PROFILE_ENV}={value!r}: expected N or N:WARM, "
+                         "the group steps to profile after WARM (default 20) without a "
+                         "compile, e.g. 10 or 10:50; or unset it")
+    return str(sweep_dir / GROUP_PROFILE), int(steps), int(warm or 20)
+
+
 def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile_mode: str):
     """The Tune trainable, and the shared group's actor when ``resources.shared_group``."""
     import hashlib
@@ -317,7 +334,9 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile
     actor = start_group_actor(name, inputs, report_every=cfg.trials.report_every,
                               num_cpus=cfg.resources.cpus_per_trial,
                               num_gpus=cfg.resources.gpus_per_trial,
-                              orphan_timeout_s=cfg.resources.group_orphan_timeout_s)
+                              orphan_timeout_s=cfg.resources.group_orphan_timeout_s,
+                              profile=group_profile(os.environ.get(GROUP_PROFILE_ENV),
+                                                    sweep_dir))
     compiled = ("; its forward is compiled: each new set of members compiles first (minutes "
                 "at reference scale)" if compile_mode != "off" else "")
     print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
@@ -345,6 +364,10 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
     from tuning.trainable import TrialOptions
 
     cfg, src = loaded.cfg, str(loaded.path)
+    try:
+        group_profile(os.environ.get(GROUP_PROFILE_ENV), sweep_dir=Path("."))
+    except ValueError as e:
+        return _fail([str(e)])
     sweep_dir = _sweep_dir(loaded)
     mlflow_dir = sweep_dir / "mlflow"
     experiment = cfg.mlflow.experiment or cfg.sweep.name
