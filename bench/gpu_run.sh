@@ -4,7 +4,8 @@
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # SWEEP_ARMS, SWEEP_STEPS, SWEEP_TIMEOUT: sweepall's arms (bench/gpu_sweep.py --k), steps per
-# trial and time limit; BIG_SDPA=flash: bigro also runs
+# trial and time limit; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
+# BIG_SDPA=flash: bigro also runs
 # with flash attention as the only SDPA backend.
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
@@ -62,7 +63,8 @@ for stage in ${stages[@]}; do
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps ${SWEEP_STEPS:-100} \
-        --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" --keep-metrics "$OUT/sweepall-metrics" ;;
+        --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" --keep-metrics "$OUT/sweepall-metrics" \
+        ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "Loading weights" | tee -a "$OUT/log.txt"
 done

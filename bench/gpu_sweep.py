@@ -45,7 +45,8 @@ from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
-            overrides: dict, keep: Path | None = None, report_every: int = 10) -> dict:
+            overrides: dict, keep: Path | None = None, report_every: int = 10,
+            profile_group: str = "") -> dict:
     arm, _, arm_steps = arm.partition(":")
     steps = int(arm_steps or steps)
     group, compiled = arm.startswith("g"), arm.endswith("c")
@@ -71,7 +72,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     try:  # the sweep's output (and its trials' and the group actor's, through Ray)
         subprocess.run([sys.executable, "-m", "tuning.sweep", str(path), "--restart"],
                        cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ})
+                       env={**os.environ, "PHASE2_GROUP_PROFILE": profile_group})
     finally:
         if keep is not None:
             log.close()
@@ -90,6 +91,11 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     stats_file = work / "sweeps" / f"arm-{arm}" / "group_stats.json"
     if stats_file.exists():  # a shared group's step thread: its steps against its waits
         row_stats = {"group_stats": json.loads(stats_file.read_text())}
+    profile = work / "sweeps" / f"arm-{arm}" / "group_profile.txt"
+    if profile.exists():
+        print(profile.read_text(), flush=True)
+        if keep is not None:
+            (keep / f"{arm}-group_profile.txt").write_text(profile.read_text())
     return {"arm": arm, "k": k, "shared_group": group, "steps": steps, **row_stats,
             "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
             "trial_steps": done,
@@ -115,6 +121,9 @@ def main() -> None:
     ap.add_argument("--keep-metrics", type=Path, default=None,
                     help="keep every trial's records (DIR/ARM-metrics.jsonl) and the sweep's "
                          "output (DIR/ARM-sweep.log) here")
+    ap.add_argument("--profile-group", default="", metavar="N[:WARM]",
+                    help="a shared group's actor profiles N group steps after WARM (default "
+                         "20) without a compile (PHASE2_GROUP_PROFILE); printed, and kept")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -142,7 +151,8 @@ def main() -> None:
         rows = []
         for arm in args.k.split(","):
             rows.append(run_arm(args.config, work, arm.strip(), args.trials, args.steps,
-                                args.batch, overrides, args.keep_metrics, args.report_every))
+                                args.batch, overrides, args.keep_metrics, args.report_every,
+                                args.profile_group))
             _finish(rows, flops, args)  # each arm as it ends: a later one may time out
 
 
