@@ -162,6 +162,8 @@ def _finish(rows: list[dict], flops: int, args) -> None:
     start-up and compile over its own steps, `ratio_steady` compares steady tokens/s."""
     base = next((r for r in rows if r["arm"] == "1"), rows[0])
     for r in rows:
+        for key in [k for k in r if k.startswith("ratio_")]:  # to an earlier base
+            del r[key]
         r["ratio_vs_" + base["arm"]] = round(r["trial_steps_per_s"]
                                               / base["trial_steps_per_s"], 2)
         r["ratio_steady_vs_" + base["arm"]] = round(
