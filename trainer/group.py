@@ -33,8 +33,9 @@ tests/test_group.py pins this. With dropout > 0 the masks come from the one proc
 RNG stream that every member draws from in turn, so group losses match solo runs in
 distribution, not bit for bit (the order in which peft's layers draw the members'
 masks even follows Python's string-hash order of the adapter names, so set
-PYTHONHASHSEED for run-to-run repeatability); for the same reason a member's resume
-does not restore the RNG state saved in its checkpoint.
+PYTHONHASHSEED for run-to-run repeatability; a compiled group draws one mask for all
+members' rows when their rates agree, `_blocks_dropout`); for the same reason a
+member's resume does not restore the RNG state saved in its checkpoint.
 
 Requirements: the feature cache (encoders never run in a group), and one value per
 group of everything the shared forward fixes (LLM, attention implementation, LoRA
