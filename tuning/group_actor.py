@@ -384,10 +384,12 @@ class GroupActor:
             print(f"[group] stepping {len(ready)} members together (a new set compiles "
                   "first)", flush=True)
         self._makeup = makeup
-        started, trained = time.monotonic(), self._group.member_steps
+        # The group stepped (a failed step replaces self._group) and its count before.
+        group, started = self._group, time.monotonic()
+        trained = group.member_steps
         try:
             with self._profiler.step() if self._profiler else contextlib.nullcontext():
-                self._group.step(only=ready)
+                group.step(only=ready)
         except Exception:  # an OOM, a fault hook: the whole group step is lost
             self._fail_all(traceback.format_exc())
         ended = time.monotonic()
@@ -395,7 +397,8 @@ class GroupActor:
             self._wake()  # the step's records (and summaries) are all queued: hand them out
             st = self._stats
             st.group_steps += 1
-            st.member_steps += self._group.member_steps - trained  # not a finished one
+            # what it launched: a member in `ready` that ends before training is not counted
+            st.member_steps += group.member_steps - trained
             st.step_s += ended - started
             if ended - started > POLL_WAIT_S:
                 st.long_steps += 1
