@@ -619,3 +619,47 @@ def test_compiled_group_with_lora_dropout_stays_on_stacked_weights(tiny, monkeyp
             assert all(math.isfinite(x) for x in losses)
             assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     assert lora_grads[True] == 0.0 and lora_grads[False] > 0.0, lora_grads
+
+
+def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
+        tiny, monkeypatch):
+    """Each make-up is a new graph, and Dynamo keeps at most `recompile_limit` per
+    function before it runs that function eagerly for good: a sweep's ninth make-up would
+    have trained eagerly (and, with the guard check skipped, raised). The group drops the
+    old graphs at each make-up change. Here the limit is 2 and the group sees 3 make-ups;
+    each is compiled, and each still steps with the guards skipped once warm."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    import trainer.group as group_mod
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    real_compile, graphs = torch.compile, []
+
+    def fake_compile(fn, mode, dynamic):
+        def count(gm, _):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        return real_compile(fn, dynamic=dynamic, backend=aot_autograd(
+            fw_compiler=count, bw_compiler=lambda gm, _: make_boxed_func(gm.forward)))
+
+    monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
+    spec = dict(SPECS["a"], batch_size=4, epochs=3)
+    group = None
+    for name in ("m0", "m1", "m2", "m3"):
+        cfg = _cfg(tiny, name, **spec)
+        cfg.model.compile = "reduce-overhead"
+        if group is None:
+            group = TrialGroup(prepare_inputs(cfg, _quiet), log=_quiet)
+        group.add_member(name, cfg, MemorySink())
+        if name == "m0":
+            continue
+        if name == "m3":
+            group.remove_member("m0")
+        before = len(graphs)
+        for _ in range(3):  # compiles, then a full check, then skips the check
+            group.step()
+        assert len(graphs) == before + 1, (name, len(graphs))  # this make-up compiled
+    # make-ups (m0 m1), (m0 m1 m2), (m1 m2 m3): three, past the limit of 2
+    assert len(graphs) == 3 and group._guard_skip.skipped == 3

@@ -85,8 +85,18 @@ class MlflowServer:
                 raise RuntimeError(f"mlflow server exited early:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
+                    healthy = response.status == 200
+                # /health answers before the store is open: the first API call opens it
+                # (and may take seconds under load), so the tests' short probes only ever
+                # meet a server that is ready, as a sweep meets a long-running one.
+                if healthy:
+                    search = urllib.request.Request(
+                        f"{self.url}/api/2.0/mlflow/experiments/search",
+                        data=b'{"max_results": 1}', method="POST",
+                        headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(search, timeout=30) as response:
+                        if response.status == 200:
+                            return
             except OSError:
                 pass
             time.sleep(0.5)

@@ -772,6 +772,12 @@ class TrialGroup:
         # incomplete ones), so the make-up fixes the blocks.
         blocks = tuple((m.adapter, m.run.plan.batch_size) for m in active)
         if blocks != self._routed:
+            # A new make-up is a new graph (its routing objects and stacks are new, and
+            # the old ones never come back: adapter names are not reused). Drop the old
+            # graphs first: Dynamo keeps at most `recompile_limit` (8) per function and
+            # then runs it eagerly for good, which a sweep's ninth make-up would reach,
+            # and their CUDA graphs hold memory. Inductor's on-disk cache is kept.
+            torch.compiler.reset()
             self._routings += 1
             self._unstack()
             adapters = [a for a, _ in blocks]
