@@ -13,7 +13,8 @@ LLM params + 6 x one member's trainable params) / peak), peak GPU memory, and th
 aggregate ratio to the first row. `--sync 1,10` times the same group reading its members
 back after every group step and once per 10 (output.sync_every). The group runs eager
 unless `--set model.compile=MODE` (then its shared forward is compiled once per group
-size, outside the timed steps).
+size, outside the timed steps). LoRA dropout is 0 (members then train exactly as alone)
+unless `--set model.lora.dropout=P` (a sweep's trials have the config's, 0.05 by default).
 """
 
 from __future__ import annotations

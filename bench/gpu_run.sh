@@ -3,6 +3,7 @@
 #   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
+# GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
 # SWEEP_ARMS, SWEEP_STEPS, SWEEP_TIMEOUT: sweepall's arms (bench/gpu_sweep.py --k), steps per
 # trial and time limit; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
 # BIG_SDPA=flash: bigro also runs
@@ -54,7 +55,8 @@ for stage in ${stages[@]}; do
     groupc)    # shared-weight groups, the shared forward compiled with CUDA graphs
       TORCH_LOGS=recompiles timeout 500 python3 bench/gpu_group.py "${ref[@]}" --k ${GROUP_K:-1,8,32} --steps 30 \
         --sync ${GROUP_SYNC:-10} ${GROUP_PROFILE:+--profile $GROUP_PROFILE} \
-        --set model.compile=reduce-overhead --json "$OUT/groupc.json" ;;
+        --set model.compile=reduce-overhead ${GROUP_DROPOUT:+--set model.lora.dropout=$GROUP_DROPOUT} \
+        --json "$OUT/groupc.json" ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
         --k 1,g8 --json "$OUT/sweep.json" ;;
