@@ -546,6 +546,7 @@ class TrialGroup:
         self._tokenizer = None
         self._next_adapter = 0
         self.member_steps = 0  # optimizer steps trained, summed over members (for stats)
+        self.sync_s = 0.0  # time spent waiting in read-backs (for stats)
         self._live_adapters: set[str] = set()  # adapters whose LoRA weights must train
         self._compiled: Callable[..., list[torch.Tensor]] | None = None  # model.compile
         self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
@@ -675,7 +676,11 @@ class TrialGroup:
     def _flush(self, members: list[Member]) -> dict[str, RunSummary]:
         """Read back every launched step of `members` in one transfer, then finish each
         member's window in step order (`trainer.loop.flush_window`); who ended."""
+        t0 = time.perf_counter()
         rows = read_back([p for m in members for p in m.pending])  # the one sync
+        # How long the host waited for the device: near 0 when the host is the bottleneck
+        # (the device idles between launches), most of a step when the device is.
+        self.sync_s += time.perf_counter() - t0
         now = time.perf_counter()
         finished, start = {}, 0
         for m in members:

@@ -155,6 +155,9 @@ class GroupStats:
     step_s: float = 0.0  # in TrialGroup.step (forward, backward, optimizers, read-backs)
     long_steps: int = 0  # steps over POLL_WAIT_S: a compiled group's compiles
     long_step_s: float = 0.0
+    # Of step_s, waiting in read-backs for the device to finish the launched work: most of
+    # it when the device bounds the group, near none when the host does.
+    sync_s: float = 0.0
     # The step thread waiting, by why: every live member paused for its client's report
     # ("clients"), a compiled group holding for paused members (BARRIER_S, "barrier") or
     # for members still joining (JOIN_WAIT_S, "joining"), or no member at all ("empty").
@@ -189,6 +192,8 @@ class GroupStats:
             "step_s": round(self.step_s, 3),
             "step_ms_mean": round(1e3 * (self.step_s - self.long_step_s) / max(1, warm), 2),
             "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
+            "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
+            "sync_fraction": round(self.sync_s / max(self.step_s - self.long_step_s, 1e-9), 4),
             "wait_s": {k: round(v, 3) for k, v in waits.items()},
             "busy_fraction": round(self.step_s / wall, 3),
             "pauses": self.pauses,
@@ -386,7 +391,7 @@ class GroupActor:
         self._makeup = makeup
         # The group stepped (a failed step replaces self._group) and its count before.
         group, started = self._group, time.monotonic()
-        trained = group.member_steps
+        trained, synced = group.member_steps, group.sync_s
         try:
             with self._profiler.step() if self._profiler else contextlib.nullcontext():
                 group.step(only=ready)
@@ -399,6 +404,7 @@ class GroupActor:
             st.group_steps += 1
             # what it launched: a member in `ready` that ends before training is not counted
             st.member_steps += group.member_steps - trained
+            st.sync_s += group.sync_s - synced
             st.step_s += ended - started
             if ended - started > POLL_WAIT_S:
                 st.long_steps += 1
@@ -436,7 +442,8 @@ def describe_stats(stats: dict[str, Any]) -> str:
     pauses = (f"; members paused {stats['pauses']} times for their clients' reports, "
               f"{stats['pause_ms_mean']:.0f} ms on average" if stats["pauses"] else "")
     return (f"{stats['group_steps']} group steps of {stats['members_per_step']} members, "
-            f"{stats['step_ms_mean']:.1f} ms each{compiles}; stepping "
+            f"{stats['step_ms_mean']:.1f} ms each ({100 * stats['sync_fraction']:.0f}% of it "
+            f"waiting for the device){compiles}; stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
             f"{waits or 'nothing'}{pauses}")
 
