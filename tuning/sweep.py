@@ -318,8 +318,10 @@ def group_profile(value: str | None, sweep_dir: Path) -> tuple[str, int, int] | 
     return str(sweep_dir / GROUP_PROFILE), int(steps), int(warm or 20)
 
 
-def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile_mode: str):
-    """The Tune trainable, and the shared group's actor when ``resources.shared_group``."""
+def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile_mode: str,
+               profile: tuple[str, int, int] | None):
+    """The Tune trainable, and the shared group's actor when ``resources.shared_group``
+    (`profile`: its `group_profile`)."""
     import hashlib
 
     from ray import tune
@@ -335,8 +337,7 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile
                               num_cpus=cfg.resources.cpus_per_trial,
                               num_gpus=cfg.resources.gpus_per_trial,
                               orphan_timeout_s=cfg.resources.group_orphan_timeout_s,
-                              profile=group_profile(os.environ.get(GROUP_PROFILE_ENV),
-                                                    sweep_dir))
+                              profile=profile)
     compiled = ("; its forward is compiled: each new set of members compiles first (minutes "
                 "at reference scale)" if compile_mode != "off" else "")
     print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
@@ -364,11 +365,11 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
     from tuning.trainable import TrialOptions
 
     cfg, src = loaded.cfg, str(loaded.path)
-    try:
-        group_profile(os.environ.get(GROUP_PROFILE_ENV), sweep_dir=Path("."))
+    sweep_dir = _sweep_dir(loaded)
+    try:  # checked before anything is written
+        profile = group_profile(os.environ.get(GROUP_PROFILE_ENV), sweep_dir)
     except ValueError as e:
         return _fail([str(e)])
-    sweep_dir = _sweep_dir(loaded)
     mlflow_dir = sweep_dir / "mlflow"
     experiment = cfg.mlflow.experiment or cfg.sweep.name
     if cfg.mlflow.tracking_uri and cfg.mlflow.on_unreachable == "fail":
@@ -397,7 +398,7 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         _init_ray(loaded)
         t0 = time.time()
         trainable, group = _trainable(cfg, sweep_dir, loaded.base_data, inputs, opts,
-                                      loaded.base.model.compile)
+                                      loaded.base.model.compile, profile)
         index = _fit(
             sweep_dir, trainable,
             param_space=param_space(cfg.space),
@@ -418,11 +419,14 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
 
             from tuning.group_actor import describe_stats
 
-            try:  # stopped trials' runs end even if their client's leave is still in flight
-                stats = ray.get(group.stats.remote(), timeout=GROUP_CLOSE_TIMEOUT_S)
+            try:  # the figures only: a failure here must not keep the members open
+                stats = ray.get(group.stats.remote(), timeout=30)  # never waits for a step
                 atomic_write_text(sweep_dir / GROUP_STATS, json.dumps(stats, indent=2) + "\n")
                 print(f"[sweep] shared group: {describe_stats(stats)} "
                       f"(details: {sweep_dir / GROUP_STATS})")
+            except Exception as e:
+                print(f"[sweep] warning: no shared-group stats: {e}", file=sys.stderr)
+            try:  # stopped trials' runs end even if their client's leave is still in flight
                 ray.get(group.close.remote(), timeout=GROUP_CLOSE_TIMEOUT_S)
             except Exception as e:  # a dead or stuck actor: its runs stay as they are on disk
                 print(f"[sweep] warning: the shared group did not close its members: {e}",
