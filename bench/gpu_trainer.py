@@ -59,6 +59,7 @@ from trainer.metrics import MultiSink  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
 from trainer.step_guard import DeviceGuard, read_back  # noqa: E402
+from trainer.step_profile import profile_report  # noqa: E402
 
 
 def synthetic_tokens(n: int, length: int, vocab: int, seed: int = 0) -> Tokens:
@@ -169,16 +170,7 @@ def profile_steps(step_fn, first: int, n: int) -> None:
             step_fn(i)
         _sync_time()
     wall = (_sync_time() - t0) / n
-    events = prof.key_averages()
-    # Kernels only: CPU-side ranges (an optimizer step, a compiled region) carry the device
-    # time of the kernels under them too, which would count those twice.
-    gpu = sum(e.self_device_time_total for e in events
-              if e.device_type == torch.autograd.DeviceType.CUDA) / n / 1e3
-    print(f"[profile] {n} steps: wall {wall * 1e3:.2f} ms/step (profiled), GPU kernels "
-          f"{gpu:.2f} ms/step", flush=True)
-    print(events.table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
-    if torch.cuda.is_available():
-        print(events.table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+    print("[profile] " + profile_report(prof, n, wall, rows=20), flush=True)
 
 
 def trainer_nocache_arm(cfg, inputs, tokens: Tokens, batch: int, args):

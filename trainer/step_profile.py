@@ -68,14 +68,22 @@ class StepProfiler:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - self._t0) / self._done
         self._prof.__exit__(None, None, None)
-        events = self._prof.key_averages()
-        # Kernels only: CPU-side ranges carry the device time of the kernels under them.
-        gpu = sum(e.self_device_time_total for e in events
-                  if e.device_type == torch.autograd.DeviceType.CUDA) / self._done / 1e3
-        parts = [f"{self._done} steps profiled: wall {wall * 1e3:.2f} ms/step (profiled), "
-                 f"GPU kernels {gpu:.2f} ms/step\n",
-                 events.table(sort_by="self_cpu_time_total", row_limit=ROWS)]
-        if torch.cuda.is_available():
-            parts.append(events.table(sort_by="self_cuda_time_total", row_limit=ROWS))
-        atomic_write_text(self.path, "\n".join(parts) + "\n")
+        atomic_write_text(self.path, profile_report(self._prof, self._done, wall))
         self._prof, self.written = None, True
+
+
+def profile_report(prof: torch.profiler.profile, steps: int, wall_s: float,
+                   rows: int = ROWS) -> str:
+    """A finished profile of `steps` steps (`wall_s` each) as text: one line of per-step
+    wall and GPU kernel time, then the key averages by self CPU and self CUDA time."""
+    events = prof.key_averages()
+    # Kernels only: CPU-side ranges (an optimizer step, a compiled region) carry the device
+    # time of the kernels under them too, which would count those twice.
+    gpu = sum(e.self_device_time_total for e in events
+              if e.device_type == torch.autograd.DeviceType.CUDA) / steps / 1e3
+    parts = [f"{steps} steps profiled: wall {wall_s * 1e3:.2f} ms/step (profiled), "
+             f"GPU kernels {gpu:.2f} ms/step\n",
+             events.table(sort_by="self_cpu_time_total", row_limit=rows)]
+    if torch.cuda.is_available():
+        parts.append(events.table(sort_by="self_cuda_time_total", row_limit=rows))
+    return "\n".join(parts) + "\n"

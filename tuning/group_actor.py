@@ -331,11 +331,10 @@ class GroupActor:
         """End a member, if it is one (the caller holds `_step_lock`, not `_lock`)."""
         with self._lock:
             member = self._members.pop(member_id, None)
-            self._wake()
         if member is not None and not member.done:
-            self._group.remove_member(member_id)
-            with self._lock:
-                self._wake()  # its summary is queued
+            self._group.remove_member(member_id)  # queues its summary
+        with self._lock:
+            self._wake()
 
     def _loop(self) -> None:
         while True:
@@ -398,6 +397,7 @@ class GroupActor:
         except Exception:  # an OOM, a fault hook: the whole group step is lost
             self._fail_all(traceback.format_exc())
         ended = time.monotonic()
+        took = ended - started
         with self._lock:
             self._wake()  # the step's records (and summaries) are all queued: hand them out
             st = self._stats
@@ -405,18 +405,16 @@ class GroupActor:
             # what it launched: a member in `ready` that ends before training is not counted
             st.member_steps += group.member_steps - trained
             st.sync_s += group.sync_s - synced
-            st.step_s += ended - started
-            if ended - started > POLL_WAIT_S:
+            st.step_s += took
+            if took > POLL_WAIT_S:
                 st.long_steps += 1
-                st.long_step_s += ended - started
-        if ended - started > POLL_WAIT_S:
-            print(f"[group] a step of {len(ready)} members took {ended - started:.0f}s",
-                  flush=True)
-            # A compile holds the GIL for long stretches, and a client's polls may have
-            # been slow to be served: not their silence.
-            with self._lock:
+                st.long_step_s += took
+                # A compile holds the GIL for long stretches, and a client's polls may
+                # have been slow to be served: not their silence.
                 for member in self._members.values():
                     member.last_poll = max(member.last_poll, ended)
+        if took > POLL_WAIT_S:
+            print(f"[group] a step of {len(ready)} members took {took:.0f}s", flush=True)
 
     def _fail_all(self, error: str) -> None:
         """Every member's client raises (Tune retries each trial from its checkpoint, and it
