@@ -87,15 +87,14 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         done += len(recs)
         tail = recs[len(recs) // 4:]  # skip warm-up steps (allocator, kernels)
         tps.append(sum(r["tokens_per_s"] for r in tail) / max(1, len(tail)))
-    row_stats = {}
-    stats_file = work / "sweeps" / f"arm-{arm}" / "group_stats.json"
-    if stats_file.exists():  # a shared group's step thread: its steps against its waits
-        row_stats = {"group_stats": json.loads(stats_file.read_text())}
-    profile = work / "sweeps" / f"arm-{arm}" / "group_profile.txt"
-    if profile.exists():
-        print(profile.read_text(), flush=True)
+    row_stats, sweep_dir = {}, work / "sweeps" / f"arm-{arm}"
+    if (sweep_dir / "group_stats.json").exists():  # a shared group: steps against waits
+        row_stats = {"group_stats": json.loads((sweep_dir / "group_stats.json").read_text())}
+    if (sweep_dir / "group_profile.txt").exists():
+        profile = (sweep_dir / "group_profile.txt").read_text()
+        print(profile, flush=True)
         if keep is not None:
-            (keep / f"{arm}-group_profile.txt").write_text(profile.read_text())
+            (keep / f"{arm}-group_profile.txt").write_text(profile)
     return {"arm": arm, "k": k, "shared_group": group, "steps": steps, **row_stats,
             "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
             "trial_steps": done,
