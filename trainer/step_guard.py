@@ -39,6 +39,7 @@ from trainer.optim import GROUPS, guarded_step
 
 if TYPE_CHECKING:
     from trainer.config import Phase2
+    from trainer.fused_adamw import ListedAdamW
     from trainer.loop import Run, State
 
 # Device stop codes -> the end reasons of the host guard (4: halted at an earlier step).
@@ -182,10 +183,13 @@ def guard_inputs(run: Run, loss: torch.Tensor,
 
 
 def launch_update(run: Run, guard: DeviceGuard, step: int, gi: GuardInputs, samples: int,
-                  tokens: int) -> PendingStep:
+                  tokens: int, optimizer_step: ListedAdamW | None = None) -> PendingStep:
     """AdamW (skipped on the device where the step is not finite, or the run halted), the
-    schedule and the guard's bookkeeping of one step whose gradients are clipped already."""
-    guarded_step(run.optimizer, (gi.finite <= guard.halt).float())
+    schedule and the guard's bookkeeping of one step whose gradients are clipped already.
+    `optimizer_step`: the same AdamW step over lists gathered once (a trial group's)."""
+    found_inf = (gi.finite <= guard.halt).float()
+    if optimizer_step is None or not optimizer_step.step(found_inf):
+        guarded_step(run.optimizer, found_inf)
     lrs = {pg["name"]: pg["lr"] for pg in run.optimizer.param_groups}
     advance_schedule(run)
     code = guard.update(run.cfg.phase2, gi.finite, gi.vals[0])
