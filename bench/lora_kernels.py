@@ -14,18 +14,21 @@ heads of 64), under bf16 autocast over fp32 weights as the trainer runs them:
   member's A in one [K x r, in] matmul over all rows, masked to each member's own block,
   then one [K x r, out] matmul: K times the LoRA FLOPs, in two plain GEMMs), each eager
   and compiled (Inductor, default mode);
+- LoRA of q, k and v together: three separate products against one A product over the
+  three stacked along the batch and one B product for k and v;
 - SDPA with `is_causal`, per backend (cuDNN, flash, memory-efficient), GQA via
   `enable_gqa` and with the KV heads repeated as HF's fallback does.
 
-Times are CUDA-event medians of `--iters` calls after `--warmup`; each row also gives its
-ratio to the first row of its kind (the trainer's current form), measured in the same run.
+Times are GPU kernel time per call (torch.profiler, the mean over `--iters` calls after
+`--warmup`), including the casts and the loss's sum and its backward, which are the same
+for every form; each row also gives its ratio to the first row of its kind (the
+trainer's current form), measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,17 +57,22 @@ def blockdiag(xs, a, b, scale):
 
 
 def _time(fn: Callable[[], None], warmup: int, iters: int) -> float:
+    """GPU kernel time per call (us), from torch.profiler: the sum of the kernels' own
+    durations, not wall time, which at these sizes is the host's launch time (a first
+    version of this bench timed CUDA events around each call and measured ~1 ms for
+    every form alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) * 1e3  # us
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / iters
 
 
 def lora_rows(args) -> list[dict]:
@@ -96,6 +104,46 @@ def lora_rows(args) -> list[dict]:
                             "fwd_bwd_us": round(us, 1), "ratio_vs_first": round(us / base, 3),
                             "max_rel_err_vs_bmm_wleft": err})
                 print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def qkv_rows(args) -> list[dict]:
+    """q, k and v's LoRA products of one layer: three `bmm_wleft` calls (three dropout
+    inputs of the same activations) against one A product over the three stacked along the
+    batch (3K) and the k and v B products stacked (their outputs are equally wide)."""
+    dev = "cuda"
+    k, n, width, r = args.k, args.rows * args.tokens, 896, 16
+    outs = (896, 128, 128)
+
+    def separate(xs3, a3, bs):
+        return [bmm_wleft(xs3[i], a3[i], bs[i], 2.0) for i in range(3)]
+
+    def batched(xs3, a3, bs):
+        h_t = torch.bmm(a3.reshape(3 * k, r, width), xs3.reshape(3 * k, n, width).transpose(1, 2))
+        h_t = h_t.view(3, k, r, n)
+        q = (torch.bmm(bs[0], h_t[0]) * 2.0).transpose(1, 2)
+        kv = torch.bmm(torch.stack(bs[1:]).reshape(2 * k, 128, r), h_t[1:].reshape(2 * k, r, n))
+        kv = (kv * 2.0).view(2, k, 128, n).transpose(2, 3)
+        return [q, kv[0], kv[1]]
+
+    out, base = [], None
+    for name, form in (("separate", separate), ("batched", batched)):
+        for compiled in (False, True):
+            xs3 = torch.randn(3, k, n, width, device=dev, requires_grad=True)
+            a3 = (torch.randn(3, k, r, width, device=dev) * 0.02).requires_grad_()
+            bs = [(torch.randn(k, o, r, device=dev) * 0.02).requires_grad_() for o in outs]
+            f = torch.compile(form, dynamic=False) if compiled else form
+
+            def step(f=f, xs3=xs3, a3=a3, bs=bs):
+                with torch.autocast("cuda", torch.bfloat16):
+                    ys = f(xs3, a3, bs)
+                sum(y.float().sum() for y in ys).backward()
+
+            us = _time(step, args.warmup, args.iters)
+            base = base or us
+            out.append({"kind": "lora q+k+v", "form": name, "compiled": compiled,
+                        "fwd_bwd_us": round(us, 1), "ratio_vs_first": round(us / base, 3)})
+            print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -150,7 +198,8 @@ def main() -> None:
         raise SystemExit("bench/lora_kernels.py: needs a CUDA GPU (CUDA events, bf16 kernels)")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = {"device": torch.cuda.get_device_name(), "k": args.k, "rows": args.rows,
-            "tokens": args.tokens, "results": lora_rows(args) + sdpa_rows(args)}
+            "tokens": args.tokens,
+            "results": lora_rows(args) + qkv_rows(args) + sdpa_rows(args)}
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
