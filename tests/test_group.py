@@ -673,3 +673,26 @@ def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
         assert len(graphs) == before + 1, (name, len(graphs))  # this make-up compiled
     # make-ups (m0 m1), (m0 m1 m2), (m1 m2 m3): three, past the limit of 2
     assert len(graphs) == 3 and group._guard_skip.skipped == 3
+
+
+def test_both_bmm_lora_forms_are_each_members_own_lora_product():
+    """The stacked path's activations-left products and the weights-left ones give each
+    block of rows its own adapter's `B(A(x)) * scale` (peft's per-member F.linear), in
+    value and in gradient."""
+    from trainer.group import _bmm_lora
+
+    g = torch.Generator().manual_seed(0)
+    k, n, width, r, out = 3, 10, 12, 4, 6
+    xs = torch.randn(k, n, width, generator=g)
+    a, b = torch.randn(k, r, width, generator=g), torch.randn(k, out, r, generator=g)
+    result = torch.randn(k * n, out, generator=g)
+    ref = result + torch.cat([F.linear(F.linear(xs[i], a[i]), b[i]) * 0.5 for i in range(k)])
+    grads = []
+    for left in (True, False):
+        ws = [t.clone().requires_grad_() for t in (xs, a, b)]
+        got = _bmm_lora(result, *ws, 0.5, weights_left=left)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        got.pow(2).sum().backward()
+        grads.append([w.grad for w in ws])
+    for g_left, g_right in zip(*grads, strict=True):
+        torch.testing.assert_close(g_left, g_right, rtol=1e-5, atol=1e-5)
