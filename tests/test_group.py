@@ -125,6 +125,42 @@ def test_target_loss_equals_the_hf_causal_lm_loss(tiny):
     assert padded.item() == pytest.approx(hf.item(), rel=1e-5)  # more right padding: same
 
 
+def test_target_losses_of_several_blocks_are_each_blocks_own_loss():
+    """All blocks' target rows through the LM head at once give each block the loss (and
+    hidden-state gradient) it gets alone, in several chunks too; a NaN in one block's
+    hidden rows stays in that block."""
+    from trainer.model import find_targets, target_loss, target_losses, text_targets
+
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 17, bias=False)
+    hidden = torch.randn(5, 9, 8, generator=gen)
+    labels = torch.randint(0, 17, (5, 6), generator=gen)
+    labels[:, :2] = -100
+    labels[3, 4:] = -100
+    blocks = [(0, 2), (2, 1), (3, 2)]  # (first row, rows)
+    for static in (False, True):
+        find = text_targets if static else find_targets
+        targets = [find(labels[a : a + n], 3) for a, n in blocks]
+        for chunk in (4096, 7):
+            h1 = hidden.clone().requires_grad_()
+            firsts = [(a, t) for (a, _), t in zip(blocks, targets, strict=True)]
+            together = target_losses(h1, firsts, head, chunk_rows=chunk)
+            sum(together).backward()
+            h2 = hidden.clone().requires_grad_()
+            alone = [target_loss(h2[a : a + n], t, head)
+                     for (a, n), t in zip(blocks, targets, strict=True)]
+            sum(alone).backward()
+            for x, y in zip(together, alone, strict=True):
+                assert x.item() == pytest.approx(y.item(), rel=1e-6)
+            torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)
+    poisoned = hidden.clone()
+    poisoned[2, 5] = float("nan")  # a target row of the second block
+    targets = [find_targets(labels[a : a + n], 3) for a, n in blocks]
+    firsts = [(a, t) for (a, _), t in zip(blocks, targets, strict=True)]
+    losses = target_losses(poisoned, firsts, head)
+    assert [math.isnan(x.item()) for x in losses] == [False, True, False]
+
+
 # Members with the host guard, and with the device guard (trainer.step_guard: their steps
 # are read back together, one sync per window of group steps); the solo runs use the same guard (the
 # device guard needs the fused AdamW, whose rounding differs from the for-each one's).

@@ -14,8 +14,9 @@ How one group step works (`TrialGroup.step`):
     its own projector;
   * ONE forward through the shared LLM, where every LoRA layer adds each row's own
     adapter (peft's per-row `adapter_names` path, fed by forward pre-hooks);
-  * a loss per member over ITS target tokens only (`trainer.model.target_loss`, the
-    same function a solo run uses), and one backward of their sum. The members'
+  * a loss per member over ITS target tokens only (`trainer.model.target_losses`, the
+    function a solo run's `target_loss` calls, all members' target rows through the LM
+    head together), and one backward of their sum. The members'
     parameters are disjoint and their rows independent (row-wise ops, per-row
     attention, frozen shared weights get no gradient), so each member's gradient is its
     solo gradient, and a NaN in one member's rows or loss stays in that member;
@@ -109,7 +110,7 @@ from trainer.model import (
     lora_config,
     low_precision_dtype,
     prefix_embeds,
-    target_loss,
+    target_losses,
 )
 from trainer.step_guard import (
     DeviceGuard,
@@ -454,15 +455,12 @@ def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list
     else:
         with adapter_blocks(llm, blocks):
             hidden = final_hidden(lm, torch.cat(embeds))
-    head = lm.get_output_embeddings()
-    losses, start = [], 0
+    blocks, start = [], 0
     for p in parts:  # each member's loss over its own rows and target tokens only
-        targets = batch_targets(_pad_right(p.labels, length, IGNORE_INDEX),
-                                p.features.shape[1], routed, hidden.device)
-        rows = p.features.shape[0]
-        losses.append(target_loss(hidden[start : start + rows], targets, head))
-        start += rows
-    return losses
+        blocks.append((start, batch_targets(_pad_right(p.labels, length, IGNORE_INDEX),
+                                            p.features.shape[1], routed, hidden.device)))
+        start += p.features.shape[0]
+    return target_losses(hidden, blocks, lm.get_output_embeddings())
 
 
 def stacked_rows_losses(llm: nn.Module, parts: list[Rows],
