@@ -97,6 +97,7 @@ def test_group_sweep_runs_every_trial_as_its_own_trial(group_sweep):
     assert f"shared group: {stats['group_steps']} group steps of" in res.stdout
     profile = (sweep_dir / "group_profile.txt").read_text()
     assert profile.startswith("3 steps profiled: wall ") and "aten::" in profile, profile[:300]
+    assert stats["profile_report_s"] > 0, stats  # counted apart from the steps
 
 
 def test_group_members_train_exactly_as_alone(group_sweep, tmp_path):

@@ -19,6 +19,7 @@ def test_profiles_the_steps_after_enough_short_ones_in_a_row(tmp_path):
             time.sleep(pause)
             y = x @ x if i in (4, 5) else x + 1  # only the profiled steps multiply
         assert prof.written == (i >= 5), i
+        assert (prof.report_s > 0) == prof.written  # the report's time, for the caller
     text = path.read_text()
     assert text.startswith("2 steps profiled: wall "), text[:200]
     assert "aten::mm" in text and "aten::add" not in text, text  # steps 5 and 6 only

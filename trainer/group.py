@@ -727,8 +727,9 @@ class TrialGroup:
         member's window in step order (`trainer.loop.flush_window`); who ended."""
         t0 = time.perf_counter()
         rows = read_back([p for m in members for p in m.pending])  # the one sync
-        # How long the host waited for the device: near 0 when the host is the bottleneck
-        # (the device idles between launches), most of a step when the device is.
+        # How long the host waited for the device: most of a step when the device is the
+        # bottleneck, near 0 when the host is, or when the host blocks in its launches
+        # instead (a full GPU queue under CUDA graphs).
         self.sync_s += time.perf_counter() - t0
         now = time.perf_counter()
         finished, start = {}, 0

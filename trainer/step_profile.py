@@ -31,6 +31,9 @@ class StepProfiler:
         self._prof: torch.profiler.profile | None = None
         self._t0 = 0.0
         self.written = False
+        # Seconds spent building and writing the report (inside the last profiled step's
+        # exit: tens of seconds at reference scale), for loops that time their steps.
+        self.report_s = 0.0
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -66,10 +69,12 @@ class StepProfiler:
     def _finish(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        wall = (time.perf_counter() - self._t0) / self._done
+        ended = time.perf_counter()
+        wall = (ended - self._t0) / self._done
         self._prof.__exit__(None, None, None)
         atomic_write_text(self.path, profile_report(self._prof, self._done, wall))
         self._prof, self.written = None, True
+        self.report_s = time.perf_counter() - ended
 
 
 def profile_report(prof: torch.profiler.profile, steps: int, wall_s: float,

@@ -156,8 +156,11 @@ class GroupStats:
     long_steps: int = 0  # steps over POLL_WAIT_S: a compiled group's compiles
     long_step_s: float = 0.0
     # Of step_s, waiting in read-backs for the device to finish the launched work: most of
-    # it when the device bounds the group, near none when the host does.
+    # it says the device bounds the group. Little of it says less: with CUDA graphs a host
+    # that runs ahead blocks in its launches once the GPU's queue is full (run 18: 0.01 in
+    # a GPU-bound group; README, Performance).
     sync_s: float = 0.0
+    profile_report_s: float = 0.0  # writing PHASE2_GROUP_PROFILE's report (not in step_s)
     # The step thread waiting, by why: every live member paused for its client's report
     # ("clients"), a compiled group holding for paused members (BARRIER_S, "barrier") or
     # for members still joining (JOIN_WAIT_S, "joining"), or no member at all ("empty").
@@ -194,6 +197,7 @@ class GroupStats:
             "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
             "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
             "sync_fraction": round(self.sync_s / max(self.step_s - self.long_step_s, 1e-9), 4),
+            "profile_report_s": round(self.profile_report_s, 3),
             "wait_s": {k: round(v, 3) for k, v in waits.items()},
             "busy_fraction": round(self.step_s / wall, 3),
             "pauses": self.pauses,
@@ -233,6 +237,7 @@ class GroupActor:
         self._stats = GroupStats()
         self._profiler = (StepProfiler(Path(profile[0]), profile[1], warm=profile[2],
                                        long_s=POLL_WAIT_S) if profile else None)
+        self._report_s = 0.0  # the profiler's report_s already taken out of a step
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -397,7 +402,11 @@ class GroupActor:
         except Exception:  # an OOM, a fault hook: the whole group step is lost
             self._fail_all(traceback.format_exc())
         ended = time.monotonic()
-        took = ended - started
+        # Not the profile report's writing (tens of seconds once, counted apart): it is
+        # neither a compile nor a step.
+        report_s = self._profiler.report_s if self._profiler else 0.0
+        took = ended - started - (report_s - self._report_s)
+        self._report_s = report_s
         with self._lock:
             self._wake()  # the step's records (and summaries) are all queued: hand them out
             st = self._stats
@@ -405,6 +414,7 @@ class GroupActor:
             # what it launched: a member in `ready` that ends before training is not counted
             st.member_steps += group.member_steps - trained
             st.sync_s += group.sync_s - synced
+            st.profile_report_s = report_s
             st.step_s += took
             if took > POLL_WAIT_S:
                 st.long_steps += 1
