@@ -48,7 +48,7 @@ def test_listed_step_is_the_fused_step_bit_for_bit():
             assert torch.equal(a, b), step
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(opt_ref.state[a][key], opt_mine.state[b][key]), (step, key)
-    # 5 steps taken, 2 skipped: the skipped ones left the counts as they were
+    # the first step and 4 of the 6 listed ones: the 2 skipped left the counts as they were
     assert opt_mine.state[mine[0]]["step"].item() == 1 + 4
 
 
