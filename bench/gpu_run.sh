@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall kernels
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -67,6 +67,9 @@ for stage in ${stages[@]}; do
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps ${SWEEP_STEPS:-100} \
         --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" --keep-metrics "$OUT/sweepall-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
+    kernels)   # the group's LoRA/attention kernel forms and one member's AdamW host time
+      timeout 200 python3 bench/lora_kernels.py --json "$OUT/lora_kernels.json" &&
+        timeout 60 python3 bench/adamw_step.py --json "$OUT/adamw_step.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac 2>&1 | grep --line-buffered -v "Loading weights" | tee -a "$OUT/log.txt"
 done

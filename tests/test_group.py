@@ -144,7 +144,12 @@ def test_target_losses_of_several_blocks_are_each_blocks_own_loss():
         for chunk in (4096, 7):
             h1 = hidden.clone().requires_grad_()
             firsts = [(a, t) for (a, _), t in zip(blocks, targets, strict=True)]
+            calls = []
+            hook = head.register_forward_hook(lambda *_, calls=calls: calls.append(1))
             together = target_losses(h1, firsts, head, chunk_rows=chunk)
+            hook.remove()
+            # one head matmul per chunk of all blocks' rows, not one per block
+            assert len(calls) == -(-sum(t.labels.shape[0] for t in targets) // chunk)
             sum(together).backward()
             h2 = hidden.clone().requires_grad_()
             alone = [target_loss(h2[a : a + n], t, head)
