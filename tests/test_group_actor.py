@@ -275,6 +275,23 @@ def test_stats_say_where_the_step_thread_spent_its_time(actor):
     assert line.startswith(f"{stats['group_steps']} group steps of 1.0 members"), line
     assert "(0% of it waiting for the device)" in line, line
     assert "clients" in line and "paused 1 times" in line, line
+    assert stats["step_ms_median"] > 0 and f"median {stats['step_ms_median']:.1f} ms" in line
+
+
+def test_the_median_step_is_the_steady_one():
+    """The mean of the short steps carries the slow first steps after a compile; the
+    median of the latest short steps does not, and drops the oldest past RECENT_STEPS."""
+    from tuning.group_actor import RECENT_STEPS, GroupStats
+
+    st = GroupStats(started=time.monotonic())
+    durations = [3.0, 2.0, 1.5] + [0.04] * 20  # recording the CUDA graphs, then steady
+    st.group_steps, st.step_s = len(durations), sum(durations)
+    st.recent_s.extend(durations)
+    stats = st.as_dict()
+    assert stats["step_ms_median"] == 40.0 and stats["step_ms_mean"] > 280, stats
+    st.recent_s.extend([0.05] * RECENT_STEPS)
+    assert st.as_dict()["step_ms_median"] == 50.0
+    assert GroupStats().as_dict()["step_ms_median"] == 0.0  # no step yet
 
 
 def test_a_waiting_poll_gets_a_whole_read_back_window_at_once(actor, monkeypatch):

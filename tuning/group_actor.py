@@ -32,6 +32,7 @@ actor's node (run dirs are local paths); on one machine this always holds.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import threading
 import time
 import traceback
@@ -47,6 +48,7 @@ from trainer.metrics import RunSummary
 
 GROUP_ACTOR_PREFIX = "phase2-group-"
 POLL_WAIT_S = 5.0  # a client's poll returns after this long even with nothing new
+RECENT_STEPS = 1000  # the short group steps the stats' median is taken over
 # A compiled group waits this long for paused members before stepping the others alone:
 # every different set of members stepped together is another graph to compile.
 BARRIER_S = 10.0
@@ -155,6 +157,10 @@ class GroupStats:
     step_s: float = 0.0  # in TrialGroup.step (forward, backward, optimizers, read-backs)
     long_steps: int = 0  # steps over POLL_WAIT_S: a compiled group's compiles
     long_step_s: float = 0.0
+    # The latest short steps' durations, for the median: the mean of the short steps
+    # carries the first ones after a compile (CUDA graph recording, 1-5 s each), which in
+    # a 300-step sweep raise it from the steady ~37 ms to ~50 (runs 16-20, H200).
+    recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     # Of step_s, waiting in read-backs for the device to finish the launched work: most of
     # it says the device bounds the group. Little of it says less: with CUDA graphs a host
     # that runs ahead blocks in its launches once the GPU's queue is full (run 18: 0.01 in
@@ -194,6 +200,8 @@ class GroupStats:
             "members_per_step": round(self.member_steps / max(1, self.group_steps), 2),
             "step_s": round(self.step_s, 3),
             "step_ms_mean": round(1e3 * (self.step_s - self.long_step_s) / max(1, warm), 2),
+            "step_ms_median": round(1e3 * statistics.median(self.recent_s), 2)
+            if self.recent_s else 0.0,
             "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
             "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
             "sync_fraction": round(self.sync_s / max(self.step_s - self.long_step_s, 1e-9), 4),
@@ -419,6 +427,9 @@ class GroupActor:
             if took > POLL_WAIT_S:
                 st.long_steps += 1
                 st.long_step_s += took
+            else:
+                st.recent_s.append(took)
+            if took > POLL_WAIT_S:
                 # A compile holds the GIL for long stretches, and a client's polls may
                 # have been slow to be served: not their silence.
                 for member in self._members.values():
@@ -450,8 +461,9 @@ def describe_stats(stats: dict[str, Any]) -> str:
     pauses = (f"; members paused {stats['pauses']} times for their clients' reports, "
               f"{stats['pause_ms_mean']:.0f} ms on average" if stats["pauses"] else "")
     return (f"{stats['group_steps']} group steps of {stats['members_per_step']} members, "
-            f"{stats['step_ms_mean']:.1f} ms each ({100 * stats['sync_fraction']:.0f}% of it "
-            f"waiting for the device){compiles}; stepping "
+            f"{stats['step_ms_mean']:.1f} ms each, median {stats['step_ms_median']:.1f} ms "
+            f"({100 * stats['sync_fraction']:.0f}% of it waiting for the device){compiles}; "
+            "stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
             f"{waits or 'nothing'}{pauses}")
 
