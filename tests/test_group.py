@@ -164,6 +164,9 @@ def test_target_losses_of_several_blocks_are_each_blocks_own_loss():
     firsts = [(a, t) for (a, _), t in zip(blocks, targets, strict=True)]
     losses = target_losses(poisoned, firsts, head)
     assert [math.isnan(x.item()) for x in losses] == [False, True, False]
+    # a batch without a single target: NaN, as HF's loss (no LM-head row at all)
+    none = find_targets(torch.full((2, 6), -100), 3)
+    assert none.count == 0 and math.isnan(target_loss(hidden[:2], none, head).item())
 
 
 # Members with the host guard, and with the device guard (trainer.step_guard: their steps
