@@ -916,7 +916,6 @@ class TrialGroup:
         # of the group: a finished trial's memory goes back to the members still training.
         m.run.optimizer.zero_grad(set_to_none=True)
         m.run.optimizer.state.clear()
-        self._listed_steps.pop(m.member_id, None)
         if self._stacks is not None:  # the make-up changes: rebuilt at the next step
             self._unstack()
             self._routed = None

@@ -245,7 +245,6 @@ class GroupActor:
         self._stats = GroupStats()
         self._profiler = (StepProfiler(Path(profile[0]), profile[1], warm=profile[2],
                                        long_s=POLL_WAIT_S) if profile else None)
-        self._report_s = 0.0  # the profiler's report_s already taken out of a step
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
@@ -413,8 +412,8 @@ class GroupActor:
         # Not the profile report's writing (tens of seconds once, counted apart): it is
         # neither a compile nor a step.
         report_s = self._profiler.report_s if self._profiler else 0.0
-        took = ended - started - (report_s - self._report_s)
-        self._report_s = report_s
+        took = ended - started - (report_s - self._stats.profile_report_s)
+        long = took > POLL_WAIT_S
         with self._lock:
             self._wake()  # the step's records (and summaries) are all queued: hand them out
             st = self._stats
@@ -424,17 +423,16 @@ class GroupActor:
             st.sync_s += group.sync_s - synced
             st.profile_report_s = report_s
             st.step_s += took
-            if took > POLL_WAIT_S:
+            if long:
                 st.long_steps += 1
                 st.long_step_s += took
-            else:
-                st.recent_s.append(took)
-            if took > POLL_WAIT_S:
                 # A compile holds the GIL for long stretches, and a client's polls may
                 # have been slow to be served: not their silence.
                 for member in self._members.values():
                     member.last_poll = max(member.last_poll, ended)
-        if took > POLL_WAIT_S:
+            else:
+                st.recent_s.append(took)
+        if long:
             print(f"[group] a step of {len(ready)} members took {took:.0f}s", flush=True)
 
     def _fail_all(self, error: str) -> None:
