@@ -35,7 +35,7 @@ for stage in ${stages[@]}; do
         --arms naive,trainer --json "$OUT/trainer.json" ;;
     compiled)  # naive loop vs the trainer with CUDA graphs, seed batch
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 2 --text-len 128 \
-        --arms naive,trainer --steps ${COMPILED_STEPS:-50} --set model.compile=reduce-overhead --guard-compare ${PROFILE:+--profile} \
+        --arms naive,trainer --steps ${COMPILED_STEPS:-50} --set model.compile=reduce-overhead --guard-compare --adamw-compare ${PROFILE:+--profile} \
         --json "$OUT/compiled.json" ;;
     big)       # 16 x 512 text tokens, compiled
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \

@@ -132,29 +132,53 @@ def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[flo
     done = args.warmup + args.steps
     if args.guard_compare and run.guard_skip is not None:
         done = guard_compare(run, stepper, done)
+    if args.adamw_compare and run.device_guard:
+        done = adamw_compare(run, stepper, done)
     if args.profile:
         profile_steps(stepper, done, 10)
     _, counts = param_groups(run.model)
     return times, {"trainable": counts.trainable, "frozen": counts.frozen}, _peak_gib()
 
 
-def guard_compare(run, stepper, first: int, rounds: int = 3, block: int = 10) -> int:
+def guard_compare(run, stepper, first: int) -> int:
     """The compiled trainer's step with TorchDynamo's guard check skipped on warm calls
-    (`model.skip_compile_guards`, the default) against every call checked: the same run
-    and graph, alternating blocks of `block` steps (each after 2 untimed ones), so host
-    drift hits both alike. Prints both means; returns the next step index."""
-    skip, times = run.guard_skip, {True: [], False: []}
+    (`model.skip_compile_guards`, the default) against every call checked."""
+    skip = run.guard_skip
+
+    def use(on: bool) -> None:
+        run.guard_skip = skip if on else None
+    return interleaved(stepper, first, use, "guards_skipped", "guards_checked")
+
+
+def adamw_compare(run, stepper, first: int) -> int:
+    """The device guard's AdamW step over lists gathered once (`trainer.step_guard.
+    listed_step`, the default) against torch's `optimizer.step()`."""
+    from trainer import step_guard
+
+    listed = step_guard.listed_step
+
+    def use(on: bool) -> None:
+        step_guard.listed_step = listed if on else (lambda run: None)
+    return interleaved(stepper, first, use, "adamw_listed", "adamw_step")
+
+
+def interleaved(stepper, first: int, use, on_name: str, off_name: str, rounds: int = 3,
+                block: int = 10) -> int:
+    """One run and graph stepped with a choice off and on (`use(bool)`), alternating
+    blocks of `block` steps (each after 2 untimed ones), so host drift hits both alike;
+    ends with it on. Prints both means; returns the next step index."""
+    times = {True: [], False: []}
     for r in range(2 * rounds):
         on = bool(r % 2)
-        run.guard_skip = skip if on else None
+        use(on)
         base = first
         times[on] += _timed(lambda i, base=base: stepper(base + i), 2, block)
         first += 2 + block
-    run.guard_skip = skip
-    checked, skipped = (1e3 * statistics.mean(times[k]) for k in (False, True))
-    print(json.dumps({"guards_checked_step_ms": round(checked, 2),
-                      "guards_skipped_step_ms": round(skipped, 2),
-                      "ratio_skipped_vs_checked": round(skipped / checked, 3)}), flush=True)
+    use(True)
+    off, on = (1e3 * statistics.mean(times[k]) for k in (False, True))
+    print(json.dumps({f"{off_name}_step_ms": round(off, 2), f"{on_name}_step_ms": round(on, 2),
+                      f"ratio_{on_name}_vs_{off_name}": round(on / off, 3)}),
+          flush=True)
     return first
 
 
@@ -271,6 +295,9 @@ def main() -> None:
     ap.add_argument("--guard-compare", action="store_true",
                     help="compiled trainer arm: also time steps with every guard checked "
                          "against guards skipped, interleaved (model.skip_compile_guards)")
+    ap.add_argument("--adamw-compare", action="store_true",
+                    help="trainer arm: also time the listed AdamW step against torch's "
+                         "optimizer.step(), interleaved (trainer.step_guard.listed_step)")
     ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
                     help="the only SDPA backend torch may pick (auto: torch's own order)")
     args = ap.parse_args()

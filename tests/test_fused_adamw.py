@@ -83,3 +83,63 @@ def test_only_a_plain_fused_adamw_with_state_is_supported(kw, state):
         _set_grads(params, 0)
         opt.step()
         assert ListedAdamW.supports(opt)
+
+
+def test_a_resume_makes_the_lists_stale_and_the_step_declines():
+    """`load_state_dict` (a resume) replaces the optimizer's state tensors: the old lists
+    would update tensors it no longer holds, so `step` declines and a new one is exact."""
+    ref, mine = _model(3), _model(3)
+    opt_ref, opt_mine = _optimizer(ref), _optimizer(mine)
+    for params, opt in ((ref, opt_ref), (mine, opt_mine)):
+        _set_grads(params, 0)
+        opt.step()
+    stale = ListedAdamW(opt_mine)
+    assert stale.fresh()
+    opt_mine.load_state_dict(opt_mine.state_dict())
+    assert not stale.fresh()
+    before = [p.detach().clone() for p in mine]
+    _set_grads(mine, 1)
+    assert stale.step(torch.tensor(0.0)) is False
+    assert all(torch.equal(a, b) for a, b in zip(before, mine, strict=True))
+    _set_grads(ref, 1)
+    guarded_step(opt_ref, torch.tensor(0.0))
+    assert ListedAdamW(opt_mine).step(torch.tensor(0.0))
+    for a, b in zip(ref, mine, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(opt_ref.state[a]["exp_avg_sq"], opt_mine.state[b]["exp_avg_sq"])
+
+
+def test_a_device_guarded_run_steps_listed_and_trains_as_with_step(tiny, monkeypatch):
+    """A solo run with the device guard (as on a GPU) takes every step after the first
+    over the listed AdamW, with the same losses and weights as `optimizer.step()`."""
+    from safetensors.torch import load_file
+
+    from trainer import step_guard
+    from trainer.loop import train
+    from trainer.metrics import MemorySink
+
+    def run(name: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+        cfg = tiny(run_name=name, epochs=1)
+        cfg.output.sync_every = 4
+        sink = MemorySink()
+        train(cfg, sink, console=False, log=lambda *_: None)
+        weights = load_file(str(cfg.output.root / name / "trainable.safetensors"))
+        return [r["loss"] for r in sink.records], weights
+
+    listed_steps = []
+    real_step = ListedAdamW.step
+
+    def counted(self, found_inf=None):
+        done = real_step(self, found_inf)
+        listed_steps.append(done)
+        return done
+
+    monkeypatch.setattr(ListedAdamW, "step", counted)
+    losses, weights = run("listed")
+    assert len(losses) > 2 and listed_steps == [True] * (len(losses) - 1)
+    monkeypatch.setattr(step_guard, "listed_step", lambda run: None)
+    ref_losses, ref_weights = run("step")
+    assert len(listed_steps) == len(losses) - 1  # the second run never took the lists
+    assert losses == ref_losses
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)

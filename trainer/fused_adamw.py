@@ -11,7 +11,8 @@ increment, one `torch._fused_adamw_` per group with that group's current hyperpa
 and, with `found_inf`, the step counts' decrement, so the update is the same, bit for
 bit. It applies only where `step()` would take exactly that path (`supports`) and only
 while the lists stay valid: the caller builds it after a first `step()` has created the
-state, and drops it when the optimizer's state may be replaced.
+state; once `load_state_dict` has replaced the optimizer's state (a resume) it is stale
+(`fresh`) and its `step` declines, so the caller takes `step()` and builds a new one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ListedAdamW:
         if not self.supports(optimizer):
             raise ValueError("ListedAdamW needs a fused AdamW with its state created")
         self.optimizer = optimizer
-        state = optimizer.state
+        state = self._state = optimizer.state
         self._groups = [(g, list(g["params"]),
                          [state[p]["exp_avg"] for p in g["params"]],
                          [state[p]["exp_avg_sq"] for p in g["params"]],
@@ -49,10 +50,20 @@ class ListedAdamW:
             return False  # step() moves tensor hyperparameters: keep to its own path
         return all("exp_avg" in optimizer.state.get(p, {}) for g in groups for p in g["params"])
 
+    def fresh(self) -> bool:
+        """Whether the optimizer still holds the state and groups the lists came from
+        (`load_state_dict` replaces both, and stepping stale lists would update tensors
+        the optimizer no longer holds)."""
+        groups = self.optimizer.param_groups
+        return (self.optimizer.state is self._state and len(groups) == len(self._groups)
+                and all(a is g for a, (g, *_) in zip(groups, self._groups, strict=True)))
+
     def step(self, found_inf: torch.Tensor | None = None) -> bool:
         """One step (skipped on the device where `found_inf` is 1.0, as `guarded_step`);
         False, doing nothing, when some parameter has no gradient (then `step()` would
-        skip that parameter: the caller takes `step()`)."""
+        skip that parameter) or the lists are stale (`fresh`): the caller takes `step()`."""
+        if not self.fresh():
+            return False
         grads = [[p.grad for p in params] for _, params, *_ in self._groups]
         if any(g is None for gs in grads for g in gs):
             return False

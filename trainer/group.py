@@ -820,7 +820,7 @@ class TrialGroup:
         while the stacks live (their make-up fixes every list), made once its optimizer
         has state; None while it has none yet or takes another kind of step."""
         listed = self._listed_steps.get(m.member_id)
-        if listed is None and ListedAdamW.supports(m.run.optimizer):
+        if (listed is None or not listed.fresh()) and ListedAdamW.supports(m.run.optimizer):
             listed = self._listed_steps[m.member_id] = ListedAdamW(m.run.optimizer)
         return listed
 

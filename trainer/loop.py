@@ -35,6 +35,7 @@ from trainer.config import Phase2, TrainConfig
 from trainer.data import Split, epoch_order, place_features, to_device
 from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
+from trainer.fused_adamw import ListedAdamW
 from trainer.inputs import Inputs, load_splits, prepare_inputs
 from trainer.metrics import ConsoleSink, JsonlSink, MetricsSink, MultiSink, NanEvent, RunSummary
 from trainer.model import Phase2Model, build_model, low_precision_dtype
@@ -156,6 +157,7 @@ class Run:
     device_guard: bool = False  # NaN guard on the device (trainer.step_guard), else host
     after_backward: AfterBackward | None = None
     guard_skip: GuardSkip | None = None  # compiled forward: its guard check, once warm
+    listed_adamw: ListedAdamW | None = None  # device guard: trainer.step_guard.listed_step
     _orders: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def micro_batch(self, step_index: int, j: int) -> torch.Tensor:
