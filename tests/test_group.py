@@ -675,6 +675,9 @@ def test_compiled_group_with_lora_dropout_stays_on_stacked_weights(tiny, monkeyp
     assert lora_grads[True] == 0.0 and lora_grads[False] > 0.0, lora_grads
 
 
+# Dynamo's config patch, not monkeypatch: undoing a monkeypatch of this ContextVar-backed
+# entry left it unreadable, which failed the next compiled test in the same process.
+@torch._dynamo.config.patch(recompile_limit=2)
 def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
         tiny, monkeypatch):
     """Each make-up is a new graph, and Dynamo keeps at most `recompile_limit` per
@@ -687,7 +690,7 @@ def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
 
     import trainer.group as group_mod
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    assert torch._dynamo.config.recompile_limit == 2
     real_compile, graphs = torch.compile, []
 
     def fake_compile(fn, mode, dynamic):
