@@ -5,7 +5,7 @@
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
 # SWEEP_ARMS, SWEEP_STEPS, SWEEP_TIMEOUT, SWEEP_TRIALS: sweepall's arms (bench/gpu_sweep.py
-# --k), steps per trial, time limit and trials (default 8); SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
+# --k), steps per trial, time limit and trials (default 8); SWEEP_LR_GROWTH: its grid's LR ratio; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
 # BIG_SDPA=flash: bigro also runs
 # with flash attention as the only SDPA backend.
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
@@ -64,7 +64,7 @@ for stage in ${stages[@]}; do
       timeout 550 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 200 \
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
-      timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} \
+      timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} ${SWEEP_LR_GROWTH:+--lr-growth $SWEEP_LR_GROWTH} \
         --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" --keep-metrics "$OUT/sweepall-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
     kernels)   # the group's LoRA/attention kernel forms and one member's AdamW host time

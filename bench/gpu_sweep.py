@@ -46,7 +46,7 @@ from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
             overrides: dict, keep: Path | None = None, report_every: int = 10,
-            profile_group: str = "") -> dict:
+            profile_group: str = "", lr_growth: float = 1.3) -> dict:
     arm, _, arm_steps = arm.partition(":")
     steps = int(arm_steps or steps)
     group, compiled = arm.startswith("g"), arm.endswith("c")
@@ -59,7 +59,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         "base": {"config": str(config.resolve()), "overrides": {
             **overrides, "phase2.total_training_steps": steps, "phase2.warmup_steps": 5,
             "phase2.batch_size": batch, "output.eval_every": 0, "data.eval_fraction": 0.0}},
-        "space": {"learning_rate": {"grid": [1e-4 * (1.3 ** i) for i in range(trials)]}},
+        "space": {"learning_rate": {"grid": [1e-4 * lr_growth ** i for i in range(trials)]}},
         "num_samples": 1, "max_concurrent_trials": k, "search": {"algorithm": "grid"},
         "scheduler": {"type": "fifo"},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus, "shared_group": group},
@@ -123,6 +123,9 @@ def main() -> None:
     ap.add_argument("--profile-group", default="", metavar="N[:WARM]",
                     help="a shared group's actor profiles N group steps after WARM (default "
                          "20) without a compile (PHASE2_GROUP_PROFILE); printed, and kept")
+    ap.add_argument("--lr-growth", type=float, default=1.3,
+                    help="the grid's base LRs: 1e-4 x GROWTH^i for trial i (a smaller growth "
+                         "keeps many trials in the stable range)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -151,7 +154,7 @@ def main() -> None:
         for arm in args.k.split(","):
             rows.append(run_arm(args.config, work, arm.strip(), args.trials, args.steps,
                                 args.batch, overrides, args.keep_metrics, args.report_every,
-                                args.profile_group))
+                                args.profile_group, args.lr_growth))
             _finish(rows, flops, args)  # each arm as it ends: a later one may time out
 
 
