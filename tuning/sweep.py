@@ -339,7 +339,8 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile
                               orphan_timeout_s=cfg.resources.group_orphan_timeout_s,
                               profile=profile)
     compiled = ("; its forward is compiled: each new set of members compiles first (minutes "
-                "at reference scale)" if compile_mode != "off" else "")
+                "at reference scale; seconds for a set of a shape compiled before)"
+                if compile_mode != "off" else "")
     print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
           f"over one copy of the frozen model ({cfg.resources.cpus_per_trial} CPU, "
           f"{cfg.resources.gpus_per_trial} GPU){compiled}")
