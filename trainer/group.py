@@ -73,7 +73,6 @@ from trainer.compile_guards import GuardSkip
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, place_features, to_device
 from trainer.errors import ConfigError, Problem
-from trainer.fused_adamw import ListedAdamW
 from trainer.inputs import Inputs, prepare_inputs
 from trainer.loop import (
     WINDOW_MAX_S,
@@ -601,7 +600,6 @@ class TrialGroup:
         self._routed_layers: list[nn.Module] | None = None  # their layers (None: per-row)
         self._stacks: LoraStacks | None = None  # the routed make-up's stacked LoRA weights
         self._guard_skip: GuardSkip | None = None  # compiled, model.skip_compile_guards
-        self._listed_steps: dict[str, ListedAdamW] = {}  # by member, while stacked
         self._routings = 0  # how many times the LoRA layers were routed (make-up changes)
         self._device_features: dict[tuple[str, ...], torch.Tensor] = {}  # by split rows
 
@@ -812,17 +810,8 @@ class TrialGroup:
                 grads = [p.grad for p in m.run.groups["projector"] if p.grad is not None]
                 if gi.factor is not None and grads:
                     torch._foreach_mul_(grads, gi.factor)
-        return [launch_update(m.run, m.guard, s, gi, t.samples, t.tokens, self._listed(m))
+        return [launch_update(m.run, m.guard, s, gi, t.samples, t.tokens)
                 for m, t, s, gi in zip(active, tallies, steps, gis, strict=True)]
-
-    def _listed(self, m: Member) -> ListedAdamW | None:
-        """The member's AdamW step over lists gathered once (`trainer.fused_adamw`), kept
-        while the stacks live (their make-up fixes every list), made once its optimizer
-        has state; None while it has none yet or takes another kind of step."""
-        listed = self._listed_steps.get(m.member_id)
-        if (listed is None or not listed.fresh()) and ListedAdamW.supports(m.run.optimizer):
-            listed = self._listed_steps[m.member_id] = ListedAdamW(m.run.optimizer)
-        return listed
 
     # ------------------------------------------------------------------ internals
 
@@ -865,7 +854,6 @@ class TrialGroup:
         return self._guard_skip.around(self._peft, *tensors, key=self._routings)
 
     def _unstack(self) -> None:
-        self._listed_steps.clear()
         if self._stacks is not None:
             self._stacks.release()
             self._stacks = None
