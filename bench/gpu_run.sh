@@ -5,9 +5,9 @@
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
 # SWEEP_ARMS, SWEEP_STEPS, SWEEP_TIMEOUT, SWEEP_TRIALS: sweepall's arms (bench/gpu_sweep.py
-# --k), steps per trial, time limit and trials (default 8); SWEEP_LR_GROWTH: its grid's LR ratio; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
-# BIG_SDPA=flash: bigro also runs
-# with flash attention as the only SDPA backend.
+# --k), steps per trial, time limit and trials (default 8); SWEEP_LR_GROWTH: its grid's LR
+# ratio; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
+# BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend.
 # Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
