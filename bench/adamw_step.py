@@ -5,7 +5,7 @@
 A trial-group member on the reference model holds a projector (1024 -> 4352 -> 896) and
 LoRA r=16 on q, k, v, o of 24 layers: 4 + 192 tensors in two groups. Both arms step a
 fused AdamW over the same tensors with the device guard's `found_inf`, as
-`trainer.step_guard.launch_update` does; the figure is the mean wall time per step of
+`trainer.step.optimizer_step` does; the figure is the mean wall time per step of
 the host loop. On a GPU the kernels queue behind the host, so without `--sync` that is the
 host's time; `--shapes small` keeps the tensor count and shrinks each tensor, so on a CPU
 too the figure is mostly per-tensor overhead. Prints each arm and the ratio of the listed

@@ -38,8 +38,8 @@ from trainer.config import load_config  # noqa: E402
 from trainer.data import Split, Tokens  # noqa: E402
 from trainer.group import TrialGroup  # noqa: E402
 from trainer.inputs import prepare_inputs  # noqa: E402
-from trainer.loop import Plan  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
+from trainer.plan import Plan  # noqa: E402
 
 
 def _sync() -> float:

@@ -179,8 +179,8 @@ def _finish(rows: list[dict], flops: int, args) -> None:
 
 def flops_per_token(cfg, inputs) -> int:
     """4 x frozen + 6 x trainable parameters of one trial (the model built once, on CPU)."""
-    from trainer.loop import build_run
     from trainer.optim import param_groups
+    from trainer.run import build_run
 
     run, _, _ = build_run(cfg, inputs, device="cpu", log=lambda *_: None)
     _, counts = param_groups(run.model)

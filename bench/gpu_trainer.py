@@ -46,19 +46,13 @@ from trainer.bundle import load_bundle  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import Split, Tokens, load_media, read_manifest  # noqa: E402
 from trainer.inputs import prepare_inputs  # noqa: E402
-from trainer.loop import (  # noqa: E402
-    Plan,
-    State,
-    _apply_policy,
-    _backward_step,
-    _train_one_step,
-    build_run,
-    flush_window,
-)
+from trainer.loop import backward_step, flush_window  # noqa: E402
 from trainer.metrics import MultiSink  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
-from trainer.step_guard import DeviceGuard, read_back  # noqa: E402
+from trainer.plan import Plan  # noqa: E402
+from trainer.run import build_run  # noqa: E402
+from trainer.step import DeviceGuard, State, read_back  # noqa: E402
 from trainer.step_profile import profile_report  # noqa: E402
 
 
@@ -103,19 +97,15 @@ def _timed(step_fn, warmup: int, steps: int) -> list[float]:
 def trainer_stepper(run, state, cfg):
     """One optimizer step of the trainer as its loop runs it: the device guard with a
     read-back every `run.sync_every` steps where the run has one, else the host guard."""
-    if not run.device_guard:
-        def host_step(i: int) -> None:
-            record, event = _train_one_step(run, state, i + 1)
-            _apply_policy(cfg.phase2, state, event, record["loss"])
-        return host_step
-    guard, pending, sink = DeviceGuard.start(state, run.device), [], MultiSink()
+    guard = DeviceGuard.start(cfg.phase2, state, run.device) if run.device_guard else None
+    pending, sink = [], MultiSink()
 
-    def device_step(i: int) -> None:
-        pending.append(_backward_step(run, i + 1).launch(run, guard, i + 1))
-        if len(pending) >= run.sync_every:
+    def stepper(i: int) -> None:
+        pending.append(backward_step(run, i + 1).step(run, guard, i + 1))
+        if len(pending) >= run.sync_every:  # 1 with the host guard
             flush_window(run, state, pending, read_back(pending), sink, 1.0)
             pending.clear()
-    return device_step
+    return stepper
 
 
 def trainer_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> tuple[list[float], dict]:
@@ -151,14 +141,14 @@ def guard_compare(run, stepper, first: int) -> int:
 
 
 def adamw_compare(run, stepper, first: int) -> int:
-    """The device guard's AdamW step over lists gathered once (`trainer.step_guard.
+    """The device guard's AdamW step over lists gathered once (`trainer.step.
     listed_step`, the default) against torch's `optimizer.step()`."""
-    from trainer import step_guard
+    from trainer import step
 
-    listed = step_guard.listed_step
+    listed = step.listed_step
 
     def use(on: bool) -> None:
-        step_guard.listed_step = listed if on else (lambda run: None)
+        step.listed_step = listed if on else (lambda parts: None)
     return interleaved(stepper, first, use, "adamw_listed", "adamw_step")
 
 
@@ -297,7 +287,7 @@ def main() -> None:
                          "against guards skipped, interleaved (model.skip_compile_guards)")
     ap.add_argument("--adamw-compare", action="store_true",
                     help="trainer arm: also time the listed AdamW step against torch's "
-                         "optimizer.step(), interleaved (trainer.step_guard.listed_step)")
+                         "optimizer.step(), interleaved (trainer.step.listed_step)")
     ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient"), default="auto",
                     help="the only SDPA backend torch may pick (auto: torch's own order)")
     args = ap.parse_args()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.inputs import prepare_inputs  # noqa: E402
-from trainer.loop import build_run  # noqa: E402
+from trainer.run import build_run  # noqa: E402
 
 
 def main() -> None:

@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.inputs import prepare_inputs  # noqa: E402
-from trainer.loop import _backward_step, build_run  # noqa: E402
+from trainer.loop import backward_step  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
-from trainer.step_guard import DeviceGuard, read_back  # noqa: E402
+from trainer.run import build_run  # noqa: E402
+from trainer.step import DeviceGuard, read_back  # noqa: E402
 
 
 def ops_per_step(cfg, inputs, device_guard: bool, steps: int, window: int) -> float:
@@ -36,21 +37,24 @@ def ops_per_step(cfg, inputs, device_guard: bool, steps: int, window: int) -> fl
     cfg.output.sync_every = window if device_guard else 1
     run, state, _ = build_run(cfg, inputs, device="cpu", log=lambda *_: None)
     p2 = cfg.phase2
-    run.optimizer = build_optimizer(run.groups, p2.resolved_projector_lr, p2.resolved_lora_lr,
-                                    p2.weight_decay, p2.adam_betas, p2.adam_eps, fused=True)
-    run.scheduler = build_scheduler(run.optimizer, run.plan.warmup_steps, run.plan.total_steps)
-    guard = DeviceGuard.start(state, run.device)
+    parts = run.parts
+    parts.optimizer = build_optimizer(parts.groups, p2.resolved_projector_lr,
+                                      p2.resolved_lora_lr, p2.weight_decay, p2.adam_betas,
+                                      p2.adam_eps, fused=True)
+    parts.scheduler = build_scheduler(parts.optimizer, run.plan.warmup_steps,
+                                      run.plan.total_steps)
+    guard = DeviceGuard.start(p2, state, run.device)
     pending, total = [], 0
     for step in range(1, steps + 1):
-        tally = _backward_step(run, step)
+        tally = backward_step(run, step)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             if device_guard:
-                pending.append(tally.launch(run, guard, step))
+                pending.append(tally.step(run, guard, step))
                 if len(pending) == window:
                     read_back(pending)
                     pending.clear()
             else:
-                tally.optimizer_step(run, state, step)
+                tally.step(run, None, step)
         total += sum(1 for e in prof.events() if _top_level_aten(e))
     return total / steps
 

@@ -9,7 +9,7 @@ for the LoRA products and attention, one layer's worth at the sweep's shapes (K 
 2 rows x 291 tokens, hidden 896, LoRA r 16, q/o 896 wide and k/v 128, 14 query and 2 KV
 heads of 64), under bf16 autocast over fp32 weights as the trainer runs them:
 
-- LoRA, per projection width: `bmm_wleft` (trainer.group._bmm_lora: weights on the left of
+- LoRA, per projection width: `bmm_wleft` (trainer.multilora.bmm_lora: weights on the left of
   two batched matmuls), `bmm_xleft` (activations on the left) and `blockdiag` (every
   member's A in one [K x r, in] matmul over all rows, masked to each member's own block,
   then one [K x r, out] matmul: K times the LoRA FLOPs, in two plain GEMMs), each eager

@@ -20,6 +20,8 @@ from trainer.loop import train
 from trainer.metrics import MemorySink
 from trainer.yaml_io import dump_yaml
 
+pytestmark = pytest.mark.integration
+
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd,

@@ -32,6 +32,8 @@ from conftest import ROOT
 
 from trainer.yaml_io import dump_yaml, load_yaml_file
 
+pytestmark = pytest.mark.integration
+
 SMOKE = ROOT / "configs" / "smoke.yaml"
 PY = sys.executable
 

@@ -109,12 +109,13 @@ def test_a_resume_makes_the_lists_stale_and_the_step_declines():
         assert torch.equal(opt_ref.state[a]["exp_avg_sq"], opt_mine.state[b]["exp_avg_sq"])
 
 
+@pytest.mark.integration
 def test_a_device_guarded_run_steps_listed_and_trains_as_with_step(tiny, monkeypatch):
     """A solo run with the device guard (as on a GPU) takes every step after the first
     over the listed AdamW, with the same losses and weights as `optimizer.step()`."""
     from safetensors.torch import load_file
 
-    from trainer import step_guard
+    from trainer import step
     from trainer.loop import train
     from trainer.metrics import MemorySink
 
@@ -137,7 +138,7 @@ def test_a_device_guarded_run_steps_listed_and_trains_as_with_step(tiny, monkeyp
     monkeypatch.setattr(ListedAdamW, "step", counted)
     losses, weights = run("listed")
     assert len(losses) > 2 and listed_steps == [True] * (len(losses) - 1)
-    monkeypatch.setattr(step_guard, "listed_step", lambda run: None)
+    monkeypatch.setattr(step, "listed_step", lambda parts: None)
     ref_losses, ref_weights = run("step")
     assert len(listed_steps) == len(losses) - 1  # the second run never took the lists
     assert losses == ref_losses

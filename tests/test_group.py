@@ -17,6 +17,8 @@ from trainer.inputs import prepare_inputs
 from trainer.loop import train
 from trainer.metrics import MemorySink
 
+pytestmark = pytest.mark.integration
+
 RTOL, ATOL = 1e-5, 1e-6
 COMPARED = ("loss", "grad_norm", "grad_norm/projector", "grad_norm/lora", "lr/projector",
             "lr/lora", "clipped", "skipped", "nan_events", "eval_loss")
@@ -169,7 +171,7 @@ def test_target_losses_of_several_blocks_are_each_blocks_own_loss():
     assert none.count == 0 and math.isnan(target_loss(hidden[:2], none, head).item())
 
 
-# Members with the host guard, and with the device guard (trainer.step_guard: their steps
+# Members with the host guard, and with the device guard (trainer.step: their steps
 # are read back together, one sync per window of group steps); the solo runs use the same guard (the
 # device guard needs the fused AdamW, whose rounding differs from the for-each one's).
 GUARDS = pytest.mark.parametrize("sync", [1, 4], ids=["host-guard", "device-guard"])
@@ -530,7 +532,7 @@ def test_compiled_group_forward_matches_the_eager_group(tiny, monkeypatch, preci
 
 def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, monkeypatch):
     """Members of equal batch size in a compiled group keep their LoRA weights as slices of
-    one stacked tensor per layer (trainer.group.LoraStacks): the graph reads the stacks,
+    one stacked tensor per layer (trainer.multilora.LoraStacks): the graph reads the stacks,
     autograd accumulates one gradient per stack, and each member's parameters and
     gradients are views of its slices. Members still train as in the eager group, through
     checkpoints, weight files and members leaving (the stacks are rebuilt, then dropped
@@ -596,9 +598,9 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
                     torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
             # From the second step on, each member's AdamW runs over lists gathered once
             # (trainer.fused_adamw); the records below still match the eager group's.
-            assert all(m.run.listed_adamw is None for m in group.members.values())
+            assert all(m.run.parts.listed is None for m in group.members.values())
             group.step()
-            assert all(m.run.listed_adamw is not None for m in group.members.values())
+            assert all(m.run.parts.listed is not None for m in group.members.values())
         while group.members:
             group.step()
         if mode != "off":
@@ -720,26 +722,3 @@ def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
         assert len(graphs) == before + 1, (name, len(graphs))  # this make-up compiled
     # make-ups (m0 m1), (m0 m1 m2), (m1 m2 m3): three, past the limit of 2
     assert len(graphs) == 3 and group._guard_skip.skipped == 3
-
-
-def test_both_bmm_lora_forms_are_each_members_own_lora_product():
-    """The stacked path's activations-left products and the weights-left ones give each
-    block of rows its own adapter's `B(A(x)) * scale` (peft's per-member F.linear), in
-    value and in gradient."""
-    from trainer.group import _bmm_lora
-
-    g = torch.Generator().manual_seed(0)
-    k, n, width, r, out = 3, 10, 12, 4, 6
-    xs = torch.randn(k, n, width, generator=g)
-    a, b = torch.randn(k, r, width, generator=g), torch.randn(k, out, r, generator=g)
-    result = torch.randn(k * n, out, generator=g)
-    ref = result + torch.cat([F.linear(F.linear(xs[i], a[i]), b[i]) * 0.5 for i in range(k)])
-    grads = []
-    for left in (True, False):
-        ws = [t.clone().requires_grad_() for t in (xs, a, b)]
-        got = _bmm_lora(result, *ws, 0.5, weights_left=left)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        got.pow(2).sum().backward()
-        grads.append([w.grad for w in ws])
-    for g_left, g_right in zip(*grads, strict=True):
-        torch.testing.assert_close(g_left, g_right, rtol=1e-5, atol=1e-5)

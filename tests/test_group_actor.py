@@ -9,6 +9,8 @@ import pytest
 from trainer.inputs import prepare_inputs
 from tuning.group_actor import GroupActor
 
+pytestmark = pytest.mark.integration
+
 
 def _wait(predicate, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout

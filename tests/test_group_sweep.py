@@ -17,6 +17,8 @@ from test_sweep import SMOKE, _mlflow_rows, _sweep, _write
 
 from trainer.yaml_io import dump_yaml, load_yaml_file
 
+pytestmark = pytest.mark.integration
+
 STEPS = 12
 REPORT_EVERY = load_yaml_file(SMOKE)["trials"]["report_every"]
 

@@ -18,6 +18,8 @@ from trainer.yaml_io import dump_yaml, load_yaml_file
 from tuning.search_config import load_search, trial_count
 from tuning.sweep import main as sweep_main
 
+pytestmark = pytest.mark.integration
+
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 

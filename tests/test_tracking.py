@@ -40,6 +40,8 @@ from tuning.tracking import (
     stringify_param,
 )
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RECORD_KEYS = (

@@ -30,6 +30,8 @@ from tuning.tracking_writer import (
     replay_inbox,
 )
 
+pytestmark = pytest.mark.integration
+
 
 def make_callback(state_dir: Path, uri: str) -> MlflowSweepCallback:
     callback = MlflowSweepCallback(tracking_uri=uri, experiment_name="exp", state_dir=state_dir,

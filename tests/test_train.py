@@ -14,6 +14,8 @@ from trainer.metrics import STEP_KEYS, MemorySink
 from trainer.optim import lr_factor
 from trainer.yaml_io import load_yaml_file
 
+pytestmark = pytest.mark.integration
+
 
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -90,7 +92,7 @@ def test_frozen_linears_stored_in_bf16_train_bit_identically(tiny):
     """Under bf16 autocast, storing the untargeted frozen linears in bf16 changes nothing
     but their memory: autocast rounds those fp32 weights to bf16 at every linear anyway."""
     from trainer.inputs import prepare_inputs
-    from trainer.loop import build_run
+    from trainer.run import build_run
 
     records, dtypes = {}, {}
     for cast in (False, True):
@@ -118,7 +120,7 @@ def test_compiled_forward_trains_like_the_eager_one(tiny, monkeypatch):
     Evaluation every 3 steps switches grad and train mode and the batch shape in between:
     those calls get their own signature, and training calls go on skipping."""
     import trainer.compile_guards as guards_mod
-    import trainer.loop as loop_mod
+    import trainer.run as run_mod
 
     traced, real_compile = [], torch.compile
 
@@ -137,8 +139,8 @@ def test_compiled_forward_trains_like_the_eager_one(tiny, monkeypatch):
                     skipping.append(self.skipped > before)
                 yield
 
-    monkeypatch.setattr(loop_mod.torch, "compile", fake_compile)
-    monkeypatch.setattr(loop_mod, "GuardSkip", SpyGuardSkip)
+    monkeypatch.setattr(run_mod.torch, "compile", fake_compile)
+    monkeypatch.setattr(run_mod, "GuardSkip", SpyGuardSkip)
     records, skipped = {}, {}
     for mode, skip in (("off", True), ("reduce-overhead", True), ("reduce-overhead", False)):
         cfg = tiny(run_name=f"compile-{mode}-{skip}", epochs=1)

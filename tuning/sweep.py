@@ -58,7 +58,7 @@ def check_runs(loaded: Loaded) -> None:
     """Every space extreme must make a run that can happen (steps, warmup, batch)."""
     from trainer.config import config_from_data, set_dotted
     from trainer.inputs import train_size
-    from trainer.loop import plan_steps
+    from trainer.plan import plan_steps
     from tuning.search_config import _domain_problems
 
     src = str(loaded.path)
@@ -89,8 +89,8 @@ def check_runs(loaded: Loaded) -> None:
 
 def _group_problems(loaded: Loaded) -> list[Problem]:
     """A shared group needs cached features and trials that agree on what the shared
-    forward fixes (trainer.group.SHARED_KEYS): checked here, before Ray starts."""
-    from trainer.group import SHARED_KEYS
+    forward fixes (trainer.group_rules.SHARED_KEYS): checked here, before Ray starts."""
+    from trainer.group_rules import SHARED_KEYS
 
     src, base = str(loaded.path), loaded.base
     problems = []
@@ -166,7 +166,7 @@ def _check_resume(sweep_dir: Path, loaded: Loaded, restart: bool, src: str) -> b
 
 def dry_run(loaded: Loaded) -> None:
     from trainer.inputs import train_size
-    from trainer.loop import plan_steps
+    from trainer.plan import plan_steps
 
     cfg = loaded.cfg
     plan = plan_steps(loaded.base.phase2, train_size(loaded.base), str(loaded.path))
@@ -357,7 +357,7 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
     from ray import tune
 
     from trainer.inputs import prepare_inputs, train_size
-    from trainer.loop import plan_steps
+    from trainer.plan import plan_steps
     from tuning.mlflow_callback import MlflowSweepCallback
     from tuning.progress import ProgressCallback
     from tuning.report import build_report, print_report

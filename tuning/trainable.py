@@ -208,8 +208,9 @@ def _replay_finished(cfg, run_dir: Path, opts: TrialOptions, watchdog: StallWatc
     checkpoint and the summary instead. True if it did.
     """
     from trainer.inputs import train_size
-    from trainer.loop import plan_steps, resolved_params
     from trainer.metrics import NanEvent
+    from trainer.plan import plan_steps
+    from trainer.run import resolved_params
 
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file() or not (run_dir / "trainable.safetensors").is_file():

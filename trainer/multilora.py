@@ -1,0 +1,321 @@
+"""Batched multi-LoRA: many peft LoRA adapters over one frozen LLM in one forward.
+
+A trial group (`trainer.group`) runs the rows of several trials through one shared
+peft model, each row through its own trial's adapter. peft's own per-row path
+(`adapter_names`, `adapter_rows` here) gathers and scatters rows per adapter; when the
+rows come in contiguous per-adapter blocks (a group's concatenated micro-batches) each
+LoRA layer computes the blocks on slices instead (`route_blocks`,
+`block_lora_forward`), and when every block has as many rows and the adapters the same
+shapes, all blocks' products are two batched matmuls (`bmm_lora`) over weights that may
+live in one stacked tensor (`LoraStacks`, HFTA's fused layout). Each block's product is
+its own adapter's `B(A(dropout(x))) * scaling`, peft's vanilla LoRA
+(tests/test_multilora.py checks each against peft, forward and backward).
+
+Parameter names: a member's adapter is named `<adapter>` in the shared model and
+"default" in a solo run (`SOLO_ADAPTER`, `adapter_of`, `solo_name`), so its checkpoints
+load either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.data import to_device
+
+SOLO_ADAPTER = "default"  # peft's adapter name in a solo run: checkpoints use it
+
+# `...q_proj.lora_A.<adapter>.weight`, `...lora_embedding_A.<adapter>`: the adapter segment.
+_ADAPTER_RE = re.compile(r"\.(lora_[A-Za-z_]+)\.([^.]+)(?=\.|$)")
+
+
+def adapter_of(name: str) -> str | None:
+    """The LoRA adapter a parameter name belongs to (None for projector / base weights)."""
+    m = _ADAPTER_RE.search(name)
+    return m.group(2) if m else None
+
+
+def solo_name(name: str, adapter: str) -> str:
+    """A member's parameter name as the same parameter is named in a solo run."""
+    return _ADAPTER_RE.sub(
+        lambda m: f".{m.group(1)}.{SOLO_ADAPTER}" if m.group(2) == adapter else m.group(0), name)
+
+
+@contextmanager
+def adapter_rows(llm: nn.Module, names: list[str]) -> Iterator[None]:
+    """Route batch row i through LoRA adapter names[i] in every LoRA layer of `llm`.
+
+    peft's own `_enable_peft_forward_hooks` does this for inference only (it refuses in
+    training mode); the layer path it feeds (`_mixed_batch_forward`) is plain autograd,
+    so the same hooks are registered here for training too.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+               for m in llm.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def bmm_lora(result: torch.Tensor, xs: torch.Tensor, stack_a: torch.Tensor,
+              stack_b: torch.Tensor, scale: float | torch.Tensor,
+              weights_left: bool = True) -> torch.Tensor:
+    """`result` plus every block's LoRA product: xs [K, rows x tokens, in], stack_a
+    [K, r, in], stack_b [K, out, r], scale a float or [K, 1, 1].
+
+    `weights_left` (for members' own parameters, stacked per call): the backward's weight
+    gradients come out as contiguous [K, r, in] / [K, out, r], so each member's slice
+    already has its parameter's layout and autograd takes it as the .grad without a copy
+    (K x 2 copy kernels per LoRA layer and step saved). Activations on the left (for
+    `LoraStacks`, whose gradients are concatenated anyway): the products are tall and
+    thin ([rows x tokens, in] x [in, r]), which cuBLAS runs in about two thirds of the
+    GPU time of the weights-left form on an H200 at the reference group's shapes
+    (`bench/lora_kernels.py`, compiled forward + backward: 103 vs 153 us at out=896,
+    74 vs 115 us at out=128), and the sum with `result` reads both contiguously.
+    """
+    k, width = xs.shape[0], result.shape[-1]
+    if weights_left:
+        h_t = torch.bmm(stack_a, xs.transpose(1, 2))  # [K, r, rows x tokens]
+        delta_t = torch.bmm(stack_b, h_t) * scale  # [K, out, rows x tokens]
+        return (result.view(k, -1, width) + delta_t.transpose(1, 2)).view(result.shape)
+    h = torch.bmm(xs, stack_a.transpose(1, 2))  # [K, rows x tokens, r]
+    delta = torch.bmm(h, stack_b.transpose(1, 2)) * scale  # [K, rows x tokens, out]
+    return (result.view(k, -1, width) + delta).view(result.shape)
+
+
+def block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
+                        stacks: LoraStacks | None, index: int, x: torch.Tensor,
+                        *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A peft LoRA Linear over a batch whose rows come in contiguous per-adapter blocks.
+
+    The same sum as peft's vanilla path (`base(x) + B(A(dropout(x))) * scaling`, with x
+    cast to A's dtype), computed per block on slices instead of peft's per-row gather and
+    scatter; when every block has as many rows and the adapters the same shapes (the
+    usual sweep), all members' LoRA products are two batched matmuls whatever the group
+    size: the launch count no longer grows with the number of members. `stacks`: the
+    blocks' weights held in one tensor (`LoraStacks`, for blocks that
+    `LoraStacks.stackable` accepted), this layer's being its `index`-th A and B views,
+    read instead of the members' parameters.
+    """
+    result = layer.base_layer(x, *args, **kwargs)
+    out_dtype = result.dtype
+    names = [a for a, _ in blocks]
+    sizes = [n for _, n in blocks]
+    if stacks is not None:  # equal blocks, equal shapes: the batched path
+        stack_a, stack_b = stacks.views(index)
+        x = blocks_dropout(layer, names, sizes, x.to(stack_a.dtype))  # peft's cast, dropout
+        xs = x.reshape(len(blocks), -1, x.shape[-1])  # a view, no copy
+        return bmm_lora(result, xs, stack_a, stack_b, block_scales(layer, names, xs),
+                         weights_left=False).to(out_dtype)
+    lora_a = [layer.lora_A[a].weight for a in names]
+    lora_b = [layer.lora_B[a].weight for a in names]
+    x = blocks_dropout(layer, names, sizes, x.to(lora_a[0].dtype))  # peft's cast, dropout
+    if equal_blocks(layer, names, sizes) and len(blocks) > 1:
+        xs = x.reshape(len(blocks), -1, x.shape[-1])  # [K, rows x tokens, in], a view
+        return bmm_lora(result, xs, torch.stack(lora_a), torch.stack(lora_b),
+                         block_scales(layer, names, xs)).to(out_dtype)
+    # split, not x[s:e]: a slice's backward fills a zero tensor of x's full size per
+    # block (K x the activations per layer); split's backward is one cat.
+    delta = torch.cat([F.linear(F.linear(xb, a), b) * layer.scaling[n]
+                       for n, xb, a, b in zip(names, x.split(sizes), lora_a, lora_b,
+                                              strict=True)])
+    return (result + delta).to(out_dtype)
+
+
+def blocks_dropout(layer: nn.Module, names: list[str], sizes: list[int],
+                    x: torch.Tensor) -> torch.Tensor:
+    """Each block of rows of `x` through its own adapter's LoRA dropout (peft's
+    `lora_dropout[adapter]`), as one tensor again.
+
+    Dropout draws an independent mask per element, so when every block's dropout is the
+    same module type and rate (the usual sweep, where dropout is not swept) one call over
+    the whole batch is the per-block calls in distribution, in one kernel and with no
+    copy: the batched path stays open to the default LoRA dropout (0.05). Blocks with
+    different rates go one by one and are concatenated (one copy).
+    """
+    mods = [layer.lora_dropout[a] for a in names]
+    if all(isinstance(d, nn.Identity) for d in mods):
+        return x
+    if len({(type(d), getattr(d, "p", None), d.training) for d in mods}) == 1:
+        return mods[0](x)
+    return torch.cat([d(xb) for d, xb in zip(mods, x.split(sizes), strict=True)])
+
+
+def equal_blocks(layer: nn.Module, names: list[str], sizes: list[int]) -> bool:
+    """Every block as many rows, every adapter's A (and B) the same shape: one bmm."""
+    return (len(set(sizes)) == 1
+            and len({layer.lora_A[a].weight.shape for a in names}) == 1
+            and len({layer.lora_B[a].weight.shape for a in names}) == 1)
+
+
+def block_scales(layer: nn.Module, names: list[str], like: torch.Tensor) -> float | torch.Tensor:
+    """The blocks' LoRA scalings: one float when they agree (the usual sweep: no tensor to
+    copy to the device), else [K, 1, 1] through pinned memory (a constant once compiled)."""
+    scales = [layer.scaling[a] for a in names]
+    if len(set(scales)) == 1:
+        return scales[0]
+    return to_device(torch.tensor(scales, dtype=like.dtype).view(-1, 1, 1), like.device)
+
+
+def vanilla_lora_layers(llm: nn.Module, adapters: Collection[str]) -> list[nn.Module] | None:
+    """Every LoRA layer of `llm`, if all are plain peft LoRA Linears for `adapters` (None
+    when some layer needs peft's own per-row path: another layer type or a LoRA variant)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in llm.modules() if isinstance(m, LoraLayer)]  # one walk per forward
+    vanilla = [m for m in layers if isinstance(m, LoraLinear)
+               and not any(a in m.lora_variant for a in adapters)]
+    return vanilla if len(vanilla) == len(layers) else None
+
+
+def route_blocks(layers: list[nn.Module], blocks: tuple[tuple[str, int], ...],
+                 stacks: LoraStacks | None = None) -> None:
+    """Make each block of rows (adapter, row count), in order, take its own adapter in
+    every one of `layers` until routed otherwise: an instance attribute shadows the
+    class's forward. A compiled forward sees the same routing objects step after step
+    (so it recompiles only when the blocks change). With `stacks`, each layer computes
+    from its stacked weights."""
+    for i, m in enumerate(layers):
+        m.forward = functools.partial(block_lora_forward, m, blocks, stacks, i)
+
+
+class LoraStacks:
+    """Every member's LoRA weights held in one [K, N] parameter, the members in block order:
+    row k is member k's A and B weights of every layer, flattened one after the other.
+    Each layer reads [K, r, in] and [K, out, r] views of it (HFTA's fused layout), taken
+    inside the compiled graph.
+
+    The members' own parameters become views of their spans of a row, and their
+    gradients views of the same spans of the one gradient, kept for as long as the stacks
+    live (zeroed in place before each step, never set to None): their optimizers,
+    checkpoints and weight files work on them unchanged. The shared forward reads the one
+    parameter: one graph input and one gradient node for all LoRA weights of the group
+    (at K=8 on the reference model, instead of 1,536 of each), and since a member's LoRA
+    gradients are one contiguous row, the group takes every member's LoRA gradient norm
+    in one reduction and clips them all in one multiply (`member_norms`, `scale_grads`).
+
+    Inside the shared forward the layers read `pieces`, which `split` makes once per
+    forward: the stack cast once to the compute dtype (`compute_dtype`: autocast's, None
+    for fp32), then split. Slicing the fp32 stack per layer instead made autograd sum 192
+    zero-padded slice gradients, which Inductor fuses into one kernel testing every slice
+    at every element: 1.1 ms of a 40 ms group step at K=8 on an H200 (run 18), against
+    one concatenation and one cast here; the per-layer casts of the slices go too.
+    """
+
+    def __init__(self, layers: list[nn.Module], adapters: list[str],
+                 compute_dtype: torch.dtype | None = None) -> None:
+        # Every member's weights have these shapes (`stackable` checked it).
+        shapes = [getattr(layer, attr)[adapters[0]].weight.shape
+                  for layer in layers for attr in ("lora_A", "lora_B")]
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + shape.numel())
+        self.adapters = list(adapters)
+        self.spans = list(zip(offsets[:-1], shapes, strict=True))  # (offset, shape) per weight
+        like = layers[0].lora_A[adapters[0]].weight
+        # A Parameter, so a CUDA-graph forward takes it as a static input (no copy).
+        self.flat = nn.Parameter(torch.empty(len(adapters), offsets[-1], dtype=like.dtype,
+                                             device=like.device))
+        self.flat.grad = torch.zeros_like(self.flat)  # backward adds into it in place
+        self.compute_dtype = compute_dtype if compute_dtype != like.dtype else None
+        self.pieces: list[torch.Tensor] | None = None  # set during one forward (`split`)
+        self._params: list[nn.Parameter] = []
+        with torch.no_grad():
+            for k, adapter in enumerate(adapters):
+                weights = [getattr(layer, attr)[adapter].weight
+                           for layer in layers for attr in ("lora_A", "lora_B")]
+                for p, (off, shape) in zip(weights, self.spans, strict=True):
+                    span = slice(off, off + shape.numel())
+                    self.flat.data[k, span] = p.detach().reshape(-1)
+                    p.data = self.flat.data[k, span].view(shape)  # a view of its span
+                    p.grad = self.flat.grad[k, span].view(shape)
+                    self._params.append(p)
+
+    @staticmethod
+    def stackable(layers: list[nn.Module], adapters: list[str], sizes: list[int]) -> bool:
+        """Whether `layers` take the batched path for these blocks in every call: more than
+        one block, equal row counts, equal adapter shapes, and one dtype and device for
+        all LoRA weights (they share one tensor). LoRA dropout does not matter
+        (`blocks_dropout`)."""
+        kinds = {(p.dtype, p.device) for layer in layers for attr in ("lora_A", "lora_B")
+                 for p in (getattr(layer, attr)[a].weight for a in adapters)}
+        return len(adapters) > 1 and len(kinds) == 1 and all(
+            equal_blocks(layer, adapters, sizes) for layer in layers)
+
+    def split(self) -> list[torch.Tensor]:
+        """Every layer's A [K, r, in] and B [K, out, r] weights in the compute dtype, in
+        layer order: one cast of the stack and one split (whose backward is one cat)."""
+        k = self.flat.shape[0]
+        flat = self.flat if self.compute_dtype is None else self.flat.to(self.compute_dtype)
+        sizes = [shape.numel() for _, shape in self.spans]
+        return [t.view(k, *shape) for t, (_, shape)
+                in zip(flat.split(sizes, dim=1), self.spans, strict=True)]
+
+    def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `index`-th layer's stacked A [K, r, in] and B [K, out, r] weights: this
+        forward's `pieces` when set, else slices of the stack."""
+        if self.pieces is not None:
+            return self.pieces[2 * index], self.pieces[2 * index + 1]
+        k = self.flat.shape[0]
+        out = []
+        for off, shape in self.spans[2 * index : 2 * index + 2]:
+            out.append(self.flat[:, off : off + shape.numel()].view(k, *shape))
+        return out[0], out[1]
+
+    def zero_grads(self) -> None:
+        """Every member's LoRA gradients, zeroed in place: one kernel."""
+        self.flat.grad.zero_()
+
+    def member_norms(self) -> torch.Tensor:
+        """[K]: the L2 norm of each member's LoRA gradients (device values, no sync)."""
+        return torch.linalg.vector_norm(self.flat.grad, 2.0, dim=1)
+
+    def scale_grads(self, factors: torch.Tensor) -> None:
+        """Multiply member k's LoRA gradients by factors[k] (its clip factor): one kernel."""
+        self.flat.grad.mul_(factors.to(self.flat.grad.dtype).view(-1, 1))
+
+    def release(self) -> None:
+        """Give every member's parameter back storage of its own (the group's make-up is
+        about to change; a removed member's span simply goes with the stack)."""
+        with torch.no_grad():
+            for p in self._params:
+                p.data = p.data.clone()
+                p.grad = None
+
+
+@contextmanager
+def adapter_blocks(llm: nn.Module, blocks: list[tuple[str, int]]) -> Iterator[None]:
+    """Route each block of rows (adapter, row count), in order, through its own adapter in
+    every LoRA layer of `llm` (vanilla LoRA); other layer types take peft's per-row path.
+    A routing in place before (a compiled group's) is put back afterwards."""
+    vanilla = vanilla_lora_layers(llm, [a for a, _ in blocks])
+    if vanilla is None:
+        names = [a for a, n in blocks for _ in range(n)]
+        with adapter_rows(llm, names):
+            yield
+        return
+    saved = [m.__dict__.get("forward") for m in vanilla]
+    route_blocks(vanilla, tuple(blocks))
+    try:
+        yield
+    finally:
+        for m, forward in zip(vanilla, saved, strict=True):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
