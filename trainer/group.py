@@ -74,6 +74,7 @@ from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, place_features, to_device
 from trainer.errors import ConfigError, Problem
 from trainer.inputs import Inputs, prepare_inputs
+from trainer.llm import prepare_llm
 from trainer.loop import (
     WINDOW_MAX_S,
     AfterBackward,
@@ -87,7 +88,6 @@ from trainer.loop import (
     finish_step,
     flush_window,
     frozen_dtype,
-    load_tokenizer,
     needs_host,
     open_sinks,
     prepare_run_dir,
@@ -107,6 +107,7 @@ from trainer.model import (
     final_hidden,
     load_llm,
     lora_config,
+    lora_target_names,
     low_precision_dtype,
     prefix_embeds,
     target_losses,
@@ -568,9 +569,9 @@ def io_lora_problems(lm: nn.Module, cfg: TrainConfig, source: str = "config") ->
     routing (the head only on target positions), so those two must stay plain modules.
     """
     io = (lm.get_input_embeddings(), lm.get_output_embeddings())
-    targets = cfg.model.lora.target_modules
-    hit = sorted({t for name, mod in lm.named_modules() if any(mod is x for x in io)
-                  for t in targets if name == t or name.endswith("." + t)})
+    modules = dict(lm.named_modules())
+    hit = sorted(n for n in lora_target_names(lm, cfg.model.lora.target_modules)
+                 if any(modules[n] is x for x in io))
     if not hit:
         return []
     return [Problem(source, "model.lora.target_modules",
@@ -632,12 +633,13 @@ class TrialGroup:
             raise ConfigError(problems)
         t0 = time.perf_counter()
         if self._lm is None:
+            tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
             lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
             cast_untargeted_linears(lm, cfg.model.lora.target_modules, frozen_dtype(cfg))
             problems = io_lora_problems(lm, cfg, source)
             if problems:
                 raise ConfigError(problems)
-            self._lm, self._tokenizer = lm, load_tokenizer(self.inputs)
+            self._lm, self._tokenizer = lm, tokenizer
             self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
             if cfg.model.compile != "off":
                 # One compiled forward (and, with reduce-overhead, one CUDA graph) per group

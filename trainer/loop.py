@@ -37,6 +37,7 @@ from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
 from trainer.fused_adamw import ListedAdamW
 from trainer.inputs import Inputs, load_splits, prepare_inputs
+from trainer.llm import prepare_llm
 from trainer.metrics import ConsoleSink, JsonlSink, MetricsSink, MultiSink, NanEvent, RunSummary
 from trainer.model import Phase2Model, build_model, low_precision_dtype
 from trainer.optim import GROUPS, build_optimizer, build_scheduler, param_groups
@@ -374,12 +375,6 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def load_tokenizer(inputs: Inputs):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(inputs.llm_dir), local_files_only=True)
-
-
 def prepare_run_dir(cfg: TrainConfig, inputs: Inputs, tokenizer, *, resume: bool, source: str
                     ) -> tuple[Split, Split | None, Plan, Path]:
     """Splits, step plan and run directory (with config.resolved.yaml) of one run."""
@@ -439,7 +434,8 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
     """Everything needed to train, restored from the newest checkpoint if resuming."""
     dev = resolve_device(device)
     train_split, eval_split, plan, run_dir = prepare_run_dir(
-        cfg, inputs, load_tokenizer(inputs), resume=resume, source=source)
+        cfg, inputs, prepare_llm(inputs.llm_dir, cfg.model.lora, source, log),
+        resume=resume, source=source)
     train_split = place_features(train_split, dev, cfg.data.features_on_device)
 
     seed_everything(cfg.phase2.seed)
