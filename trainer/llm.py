@@ -24,7 +24,7 @@ from torch import nn
 
 from trainer.config import LoRA
 from trainer.errors import ConfigError, Problem
-from trainer.model import ALL_LINEAR, add_lora, linear_types, lora_target_names, wrapped_modules
+from trainer.model import add_lora, linear_types, lora_target_names, wrapped_modules
 
 KEY = "model.llm_path"
 TARGETS_KEY = "model.lora.target_modules"
