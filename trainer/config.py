@@ -91,9 +91,32 @@ class LoRA(_Strict):
     r: int = Field(8, ge=1)  # adapter rank
     alpha: float = Field(16.0, gt=0)  # scaling = alpha / r
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    # Which LLM modules get an adapter, as peft reads it: a list matches module names equal
+    # to an entry or ending in `.entry` ([c_proj] also hits GPT-2's mlp.c_proj); a string is
+    # a regex over the whole module name (".*attn\.c_proj"); "all-linear" = every Linear
+    # and Conv1D but the LM head. The run prints what it wrapped.
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        if not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise ValueError(f"{value!r} is neither a list of module names nor a string "
+                             "(a regex, or all-linear)")
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"{value!r} is not a regular expression ({e}); write a "
+                                 "list of module names, a regex, or all-linear") from None
+            return value
+        if not value or not all(name.strip() for name in value):
+            raise ValueError("needs at least one non-empty module name (or a regex string, "
+                             "or all-linear)")
+        return value
 
 
 class Projector(_Strict):

@@ -66,6 +66,7 @@ from trainer.data import IGNORE_INDEX, place_features, to_device
 from trainer.errors import ConfigError
 from trainer.group_rules import group_problems, io_lora_problems
 from trainer.inputs import Inputs, prepare_inputs
+from trainer.llm import prepare_llm
 from trainer.loop import WINDOW_MAX_S, StepTally, flush_window, scale_for_backward
 from trainer.metrics import MetricsSink, MultiSink, RunSummary
 from trainer.model import (
@@ -97,7 +98,6 @@ from trainer.run import (
     close_run,
     debug_hook,
     frozen_dtype,
-    load_tokenizer,
     open_sinks,
     prepare_run_dir,
     resolve_device,
@@ -270,12 +270,13 @@ class TrialGroup:
             raise ConfigError(problems)
         t0 = time.perf_counter()
         if self._lm is None:
+            tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
             lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
             cast_untargeted_linears(lm, cfg.model.lora.target_modules, frozen_dtype(cfg))
             problems = io_lora_problems(lm, cfg, source)
             if problems:
                 raise ConfigError(problems)
-            self._lm, self._tokenizer = lm, load_tokenizer(self.inputs)
+            self._lm, self._tokenizer = lm, tokenizer
             self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
             if cfg.model.compile != "off":
                 # One compiled forward (and, with reduce-overhead, one CUDA graph) per group

@@ -12,6 +12,7 @@ from torch import nn
 from trainer.config import TrainConfig
 from trainer.errors import Problem
 from trainer.inputs import Inputs
+from trainer.model import lora_target_names
 
 # Every key whose value the shared forward fixes for the whole group.
 SHARED_KEYS = (
@@ -71,9 +72,9 @@ def io_lora_problems(lm: nn.Module, cfg: TrainConfig, source: str = "config") ->
     routing (the head only on target positions), so those two must stay plain modules.
     """
     io = (lm.get_input_embeddings(), lm.get_output_embeddings())
-    targets = cfg.model.lora.target_modules
-    hit = sorted({t for name, mod in lm.named_modules() if any(mod is x for x in io)
-                  for t in targets if name == t or name.endswith("." + t)})
+    modules = dict(lm.named_modules())
+    hit = sorted(n for n in lora_target_names(lm, cfg.model.lora.target_modules)
+                 if any(modules[n] is x for x in io))
     if not hit:
         return []
     return [Problem(source, "model.lora.target_modules",

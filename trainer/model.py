@@ -36,7 +36,10 @@ class Projector(nn.Module):
 
 
 def load_llm(path: Path, attn_implementation: str = "sdpa", device: str = "cpu") -> nn.Module:
-    """A causal LM from a local directory (never the hub), fp32 master weights."""
+    """A causal LM from a local directory (never the hub), fp32 master weights.
+
+    `trainer.llm.check_llm` checks the directory first (files, architecture, LoRA targets).
+    """
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
@@ -50,42 +53,93 @@ def low_precision_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def cast_untargeted_linears(lm: nn.Module, target_modules: list[str],
+ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear / Conv1D except the LM head
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """The dense layers of a transformers LM: nn.Linear, and GPT-2's Conv1D (a transposed
+    Linear computed with addmm)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def lora_target_names(lm: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the modules of `lm` (the CausalLM, before peft) that LoRA wraps.
+
+    peft 0.21's rules: a list matches a module whose name equals an entry or ends in
+    `.entry`; a string is a regular expression that must match the whole name; `all-linear`
+    is every Linear / Conv1D except the output embedding. The list and regex cases call
+    peft's own matcher; `all-linear` restates peft's `_maybe_include_all_linear_layers`
+    (private), and tests/test_llm_families.py checks it against what peft really wraps.
+    """
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        head = lm.get_output_embeddings()
+        return [n for n, m in lm.named_modules()
+                if isinstance(m, linear_types()) and m is not head]
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = LoraConfig(target_modules=_peft_targets(target_modules))
+    return [n for n, _ in lm.named_modules() if n and check_target_module_exists(probe, n)]
+
+
+def cast_untargeted_linears(lm: nn.Module, target_modules: list[str] | str,
                             dtype: torch.dtype | None) -> None:
-    """Store the frozen LLM's Linear weights that no LoRA adapter wraps in `dtype`.
+    """Store the frozen LLM's dense weights that no LoRA adapter wraps in `dtype`.
 
     Exact under autocast to that dtype: autocast rounds an fp32 weight to `dtype` at every
-    linear anyway, so the stored copy gives bit-identical outputs and gradients, at half
-    the memory and without a cast kernel per weight per step. The LoRA-wrapped base
-    layers stay fp32 (peft casts a new adapter to its base layer's dtype, which would
-    round the adapters' fp32 init), as do the embedding, the (tied) LM head and the
-    norms, which run outside autocast's casting.
+    linear (and at GPT-2 Conv1D's addmm) anyway, so the stored copy gives bit-identical
+    outputs and gradients, at half the memory and without a cast kernel per weight per
+    step. The LoRA-wrapped base layers stay fp32 (peft casts a new adapter to its base
+    layer's dtype, which would round the adapters' fp32 init), as do the embedding, the
+    (tied) LM head and the norms, which run outside autocast's casting.
     """
     if dtype is None:
         return
     if any("lora_" in n for n, _ in lm.named_parameters()):
         raise ValueError("cast_untargeted_linears runs before LoRA is added")
     head = lm.get_output_embeddings()
+    targeted = set(lora_target_names(lm, target_modules))
     for name, mod in lm.named_modules():
-        if (isinstance(mod, nn.Linear) and mod is not head
-                and not any(name == t or name.endswith("." + t) for t in target_modules)):
+        if isinstance(mod, linear_types()) and mod is not head and name not in targeted:
             mod.to(dtype)
 
 
-def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]):
+def _peft_targets(target_modules: list[str] | str) -> list[str] | str:
+    # A string goes to peft as is (a regex, or all-linear); a list as a list.
+    return target_modules if isinstance(target_modules, str) else list(target_modules)
+
+
+def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str] | str):
     """The one LoraConfig of a Phase 2 run (solo runs and trial-group members alike)."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=_peft_targets(target_modules), bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def add_lora(llm: nn.Module, r: int, alpha: float, dropout: float,
-             target_modules: list[str]) -> nn.Module:
+             target_modules: list[str] | str) -> nn.Module:
     """Wrap the LLM with peft LoRA; peft freezes every base weight."""
+    import warnings
+
     from peft import get_peft_model
 
-    return get_peft_model(llm, lora_config(r, alpha, dropout, target_modules))
+    with warnings.catch_warnings():
+        # GPT-2's Conv1D stores its weight transposed; peft sets fan_in_fan_out for each
+        # such layer itself (and says so once per layer): the right thing, not news.
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+        return get_peft_model(llm, lora_config(r, alpha, dropout, target_modules))
+
+
+def wrapped_modules(llm: nn.Module) -> list[str]:
+    """Names (in the CausalLM) of the modules peft wrapped with a LoRA layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lm = causal_lm(llm)
+    return [n for n, m in lm.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
 def causal_lm(llm: nn.Module) -> nn.Module:
@@ -234,7 +288,8 @@ class Phase2Model(nn.Module):
 
 
 def build_model(llm_path: Path, align_dim: int, *, lora_r: int, lora_alpha: float,
-                lora_dropout: float, target_modules: list[str], projector_hidden: int | None,
+                lora_dropout: float, target_modules: list[str] | str,
+                projector_hidden: int | None,
                 projector_dropout: float, attn_implementation: str = "sdpa",
                 device: str = "cpu", seed: int = 0,
                 frozen_dtype: torch.dtype | None = None) -> Phase2Model:

@@ -30,6 +30,7 @@ from trainer.data import Split, epoch_order, place_features
 from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
 from trainer.inputs import Inputs, load_splits
+from trainer.llm import prepare_llm
 from trainer.metrics import ConsoleSink, JsonlSink, MetricsSink, MultiSink, RunSummary
 from trainer.model import Phase2Model, build_model, low_precision_dtype
 from trainer.optim import build_optimizer, build_scheduler, param_groups
@@ -139,12 +140,6 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def load_tokenizer(inputs: Inputs):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(inputs.llm_dir), local_files_only=True)
-
-
 def make_run_dir(cfg: TrainConfig, resume: bool, source: str) -> Path:
     """The run's directory under output.root; an existing run's only with `resume`."""
     name = cfg.output.run_name or datetime.now().strftime("run-%Y%m%d-%H%M%S-%f")
@@ -218,7 +213,8 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
     """Everything needed to train, restored from the newest checkpoint if resuming."""
     dev = resolve_device(device)
     train_split, eval_split, plan, run_dir = prepare_run_dir(
-        cfg, inputs, load_tokenizer(inputs), resume=resume, source=source)
+        cfg, inputs, prepare_llm(inputs.llm_dir, cfg.model.lora, source, log),
+        resume=resume, source=source)
     train_split = place_features(train_split, dev, cfg.data.features_on_device)
 
     seed_everything(cfg.phase2.seed)

@@ -337,6 +337,10 @@ def phase2_config(params: dict[str, Any]) -> dict[str, Any]:
     return {key: config[key] for key in PHASE2_KNOBS if key in config}
 
 
+RESOLVED_CONFIG = "config.resolved.yaml"  # the trainer's record of a run's whole config
+BEST_RUNS_DIR = "runs"  # best_stable.yaml trains into <its own directory>/runs
+
+
 def write_best_stable_yaml(
     record: TrialRecord | None,
     path: str | Path,
@@ -344,38 +348,85 @@ def write_best_stable_yaml(
     sweep_name: str = "sweep",
     rules: StabilityRules | None = None,
 ) -> Path | None:
-    """Write ``record``'s phase2 knobs as a ready-to-use trainer config.
+    """Write the config ``record``'s trial ran as a ready-to-use trainer config.
+
+    The whole config comes from the trial's own ``config.resolved.yaml`` (every default
+    explicit, every path absolute), so ``python -m trainer best_stable.yaml`` trains the
+    same LLM, Phase 1, data and knobs; the seed's ``phase2:`` block comes first, one
+    commented knob a line. Only ``output`` changes: runs go to ``<path's dir>/runs``
+    (absolute) under a fresh timestamped name, never into the trial's own directory.
+    A record without a run directory (built in memory) gives the ``phase2:`` block alone.
 
     Returns None and writes nothing when there is no stable trial (``record`` is None).
     Raises ValueError if ``record`` is not stable: the file's name promises a stable setting.
     """
+    from trainer.config import TrainConfig
+    from trainer.yaml_io import parse_yaml
+
     if record is None:
         return None
     rules = rules or StabilityRules()
     v = verdict(record, rules)
     if not v.stable:
         raise ValueError(f"trial {record.trial_id} is not stable ({v.kind}: {v.reasons})")
-    text = _best_yaml_text(record, v, rules, sweep_name)
+    path = Path(path)
+    text = _best_yaml_text(record, v, rules, sweep_name, path.parent.resolve() / BEST_RUNS_DIR)
     # Validate before replacing the previous file: a bad dump must never clobber a good one.
-    parsed = yaml.safe_load(text)
+    # The schema only: the paths are the trial's, which a copied sweep dir may not have.
+    parsed = parse_yaml(text, str(path))
     if not isinstance(parsed, dict) or "phase2" not in parsed:
         raise RuntimeError("generated best-stable YAML does not parse back to a phase2 mapping")
+    if len(parsed) > 1:  # a whole config (from the trial's resolved one): the trainer's schema
+        TrainConfig.model_validate(parsed)
     return atomic_write_text(path, text)
 
 
-def _best_yaml_text(record: TrialRecord, v: Verdict, rules: StabilityRules, sweep: str) -> str:
-    config = phase2_config(record.params)
+def trial_resolved_config(record: TrialRecord) -> dict[str, Any] | None:
+    """The whole config the trial ran (its run dir's config.resolved.yaml), if on disk."""
+    from trainer.yaml_io import load_yaml_file
+
+    if record.run_dir is None or not (record.run_dir / RESOLVED_CONFIG).is_file():
+        return None
+    data = load_yaml_file(record.run_dir / RESOLVED_CONFIG)
+    if not isinstance(data, dict):
+        raise ValueError(f"{record.run_dir / RESOLVED_CONFIG}: expected a mapping")
+    return data
+
+
+def _best_yaml_text(record: TrialRecord, v: Verdict, rules: StabilityRules, sweep: str,
+                    runs_dir: Path) -> str:
+    from trainer.yaml_io import dump_yaml
+
+    resolved = trial_resolved_config(record)
+    if resolved is None:
+        config = phase2_config(record.params)
+        rest: dict[str, Any] = {}
+        source = ["only its phase2 knobs are known (no config.resolved.yaml in a run "
+                  "directory): the other sections are the trainer's defaults"]
+    else:
+        ran = dict(resolved.get("phase2") or {})
+        # Seed order first; any knob the list does not know yet still comes along.
+        config = {**phase2_config(ran), **{k: x for k, x in ran.items()
+                                           if k not in PHASE2_KNOBS}}
+        rest = {k: x for k, x in resolved.items() if k != "phase2"}
+        rest["output"] = {**(rest.get("output") or {}), "root": str(runs_dir),
+                          "run_name": None}
+        source = [f"the whole config the trial ran: {record.run_dir / RESOLVED_CONFIG}",
+                  "every path is absolute (the trial's own LLM, Phase 1 and manifest); "
+                  f"runs go to {runs_dir}", "(python -m trainer THIS_FILE trains the tuned "
+                  "model; --set output.root=DIR puts the run elsewhere)"]
     loss = "n/a" if v.final_loss is None else f"{v.final_loss:.4g}"
     lines = [
         f"# best stable config from sweep {sweep}, trial {record.trial_id}: "
         f"smoothed final loss {loss} ({v.final_loss_source or 'no'} loss)",
         *(f"# {line}" for line in _explanation(record, v, rules)),
+        *(f"# {line}" for line in source),
         "phase2:",
     ]
     base = finite_or_none(config.get("learning_rate"))
     for key, value in config.items():
         lines.append(f"  {key}: {yaml_scalar(value)}{_knob_comment(key, value, base)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (dump_yaml(rest) if rest else "")
 
 
 def _explanation(record: TrialRecord, v: Verdict, rules: StabilityRules) -> list[str]:
@@ -448,6 +499,7 @@ __all__ = [
     "format_markdown",
     "format_table",
     "phase2_config",
+    "trial_resolved_config",
     "write_best_stable_yaml",
     "write_csv",
     "write_markdown",

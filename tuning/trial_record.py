@@ -56,6 +56,9 @@ class TrialRecord:
     # Planned optimizer steps, when known (summary.json total_steps); lets "incomplete" and the
     # "last 20% of training" windows refer to the plan rather than to what happened to be logged.
     total_steps: int | None = None
+    # The trainer run directory it was read from (None when built in memory): its
+    # config.resolved.yaml is the whole config the trial ran (best_stable.yaml copies it).
+    run_dir: Path | None = None
 
     @classmethod
     def from_run_dir(cls, path: str | Path, trial_id: str | None = None) -> TrialRecord:
@@ -77,6 +80,7 @@ class TrialRecord:
                 status=status,
                 end_reason=None,
                 nan_events=[],
+                run_dir=run_dir,
             )
         return cls(
             trial_id=trial_id or str(summary.get("trial_id") or run_dir.name),
@@ -86,6 +90,7 @@ class TrialRecord:
             end_reason=summary.get("end_reason"),
             nan_events=_event_list(summary.get("nan_events")),
             total_steps=_int_or_none(summary.get("total_steps")),
+            run_dir=run_dir,
         )
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
