@@ -11,8 +11,9 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, tiny_data
-from tests.test_llm_families import save_tiny_llm
+from conftest import ROOT, tiny_data
+from test_llm_families import save_tiny_llm
+
 from trainer.config import config_from_data
 from trainer.loop import train
 from trainer.yaml_io import load_yaml_file

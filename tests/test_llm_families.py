@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import ROOT, tiny_data
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -24,7 +25,6 @@ from transformers import (
     Qwen2Config,
 )
 
-from tests.conftest import ROOT, tiny_data
 from trainer.config import LoRA, config_from_data
 from trainer.demo_assets import build_char_tokenizer
 from trainer.errors import ConfigError
