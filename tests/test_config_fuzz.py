@@ -50,7 +50,7 @@ FUZZ = settings(
 def _search_text(name: str) -> str:
     """A shipped search config whose base.config no longer depends on the working directory."""
     text = (CONFIGS / name).read_text(encoding="utf-8")
-    return text.replace("config: configs/phase2.yaml", f"config: {json.dumps(str(BASE_CONFIG))}")
+    return text.replace("config: phase2.yaml", f"config: {json.dumps(str(BASE_CONFIG))}")
 
 
 TRAIN_TEXT = {name: (CONFIGS / name).read_text(encoding="utf-8") for name in TRAIN_FILES}
