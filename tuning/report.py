@@ -105,7 +105,8 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
     return report
 
 
-def print_report(report: Report, stream=sys.stdout) -> None:
+def print_report(report: Report, stream=None) -> None:
+    stream = stream or sys.stdout  # looked up per call: a redirected stdout is honoured
     print("\nLeaderboard (stable first, ranked by smoothed final loss):", file=stream)
     print(report.table, file=stream)
     if report.best_trial:

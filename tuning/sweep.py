@@ -344,7 +344,7 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
     from ray import tune
 
     from tuning import disk_full
-    from tuning.checkpoint_pruner import CheckpointPruner
+    from tuning.checkpoint_pruner import CheckpointPruner, prune_experiment
 
     ray_dir = stage_dir / "ray"
     if resume and tune.Tuner.can_restore(str(ray_dir)):
@@ -366,6 +366,12 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
     if disk_full.tripped():
         raise OSError(errno.ENOSPC, f"No space left on device ({disk_full.tripped()})",
                       str(stage_dir))
+    # The final snapshot is on disk now: Ray's copies come down to trials.keep_checkpoints.
+    try:
+        prune_experiment(ray_dir, keep)
+    except OSError as e:  # housekeeping: never end a sweep over it
+        print(f"[sweep] warning: pruning Ray's checkpoints in {ray_dir} failed: {e}",
+              file=sys.stderr)
     if INTERRUPT.signal is not None:
         raise KeyboardInterrupt  # no final statuses: the trials did not finish
     from tuning.report import TRIALS_INDEX

@@ -776,6 +776,8 @@ class SweepTracker:
         return self._store()["trials"].setdefault(trial_id, {})
 
     def _require_sweep(self) -> None:
+        if not self._state.get("sweep") and self._state.get(RECOVER_KEY):
+            self._adopt_newest_parent()
         if not self._state.get("sweep"):
             raise TrackingError("start_parent() must be called before anything else")
 
@@ -1019,6 +1021,23 @@ class SweepTracker:
                   f"{found[0].info.run_id} (uid {uid}) from its tags", file=sys.stderr,
                   flush=True)
         self._save_state()
+
+    def _adopt_newest_parent(self) -> None:
+        """A rebuilt state used before any start_parent (tuning.sync, an inbox replay): the
+        sweep is the newest parent run of the experiment. Left unset when the store cannot
+        say (the caller's TrackingError follows)."""
+        try:
+            found = self.client.search_runs(
+                [self._ensure_experiment()], f"tags.`{TAG_ROLE}` = 'parent'", max_results=1,
+                order_by=["attributes.start_time DESC"])
+        except Exception as exc:  # unreachable: nothing to adopt now
+            log.warning("cannot look up the sweep's parent run: %s", short_reason(exc))
+            return
+        if found and found[0].data.tags.get(TAG_SWEEP) and found[0].data.tags.get(TAG_SWEEP_UID):
+            tags = found[0].data.tags
+            self._state["sweep"] = {"name": tags[TAG_SWEEP], "uid": tags[TAG_SWEEP_UID]}
+            self._store()["parent_run_id"] = found[0].info.run_id
+            self._save_state()
 
     def _reopen_if_terminated(self, run_id: str) -> None:
         run = self.client.get_run(run_id)
