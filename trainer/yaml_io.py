@@ -144,8 +144,9 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     if len(text.encode()) > MAX_BYTES:
         raise ConfigError([Problem(source, "", f"file is larger than {MAX_BYTES} bytes",
                                    "a config is a few KiB; check the path")])
-    loader = StrictLoader(text)
+    loader = None
     try:
+        loader = StrictLoader(text)  # its reader already refuses control characters
         node = loader.get_single_node()
         if node is None:
             return None
@@ -163,20 +164,22 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        what = " ".join(str(p) for p in (e.context, e.problem) if p)
+        what = " ".join(" ".join(str(p).split()) for p in (e.context, e.problem) if p)
         fix = ("nest the document less deeply" if "nested more than" in what else
                f"write numbers with at most {MAX_INT_DIGITS} digits" if "digits" in what else
                "fix the YAML syntax at that position")
         raise ConfigError([Problem(where, "", f"invalid YAML: {clip(what, 200)}",
                                    fix)]) from None
     except yaml.YAMLError as e:
-        problem = Problem(source, "", f"invalid YAML: {clip(str(e), 200)}", "fix the YAML syntax")
+        what = clip(" ".join(str(e).split()), 200)  # one line: the reader's text has two
+        problem = Problem(source, "", f"invalid YAML: {what}", "fix the YAML syntax")
         raise ConfigError([problem]) from None
     except RecursionError:  # a guard above was missed: still one line, never a traceback
         raise ConfigError([Problem(source, "", "invalid YAML: nested too deep",
                                    f"nest at most {MAX_DEPTH} levels")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text_file(path: str | Path, what: str = "a config") -> str:
