@@ -751,10 +751,9 @@ class SweepTracker:
         return {**fresh, RECOVER_KEY: True}
 
     def _has_history(self) -> bool:
-        """Something in state_dir says this sweep wrote before (the state file is lost)."""
-        inbox = self.state_dir / "mlflow_inbox.jsonl"
-        return (self.journal_path.exists() or (self.state_dir / "mlflow.db").exists()
-                or (inbox.exists() and inbox.stat().st_size > 0))
+        """Something in state_dir says this sweep wrote to its store before (the state file
+        is lost). Not the inbox: a new sweep's driver fills it before its first tracker."""
+        return self.journal_path.exists() or (self.state_dir / "mlflow.db").exists()
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
