@@ -39,3 +39,23 @@ def test_unreadable_snapshot_prunes_nothing_and_unknown_trial_is_unprotected(tmp
     assert snapshot_checkpoints(tmp_path, "abc_00000") is None
     _snapshot(tmp_path, "other", ["checkpoint_000001"])
     assert snapshot_checkpoints(tmp_path, "abc_00000") == set()
+
+
+def test_a_snapshot_naming_every_checkpoint_protects_only_the_newest(tmp_path: Path) -> None:
+    """Ray's manager (num_to_keep=None) lists every checkpoint; only the one a restore would
+    load (the newest it names) is protected, so Ray's copies come down to `keep` (+1)."""
+    from tuning.checkpoint_pruner import prune_experiment
+
+    trial_dir = tmp_path / "run_trial_abc12_00000_0_lr=0.001_2026"
+    for i in range(8):
+        (trial_dir / f"checkpoint_{i:06d}").mkdir(parents=True)
+    names = [f"checkpoint_{i:06d}" for i in range(6)]  # the snapshot predates 6 and 7
+    _snapshot(tmp_path, "abc12_00000", names)
+    assert snapshot_checkpoints(tmp_path, "abc12_00000") == {"checkpoint_000005"}
+    prune_trial_checkpoints(trial_dir, 2, snapshot_checkpoints(tmp_path, "abc12_00000"))
+    assert sorted(p.name for p in trial_dir.iterdir()) == [
+        "checkpoint_000005", "checkpoint_000006", "checkpoint_000007"]
+    _snapshot(tmp_path, "abc12_00000", [*names, "checkpoint_000006", "checkpoint_000007"])
+    prune_experiment(tmp_path, 2)  # after fit: the final snapshot names the newest
+    assert sorted(p.name for p in trial_dir.iterdir()) == [
+        "checkpoint_000006", "checkpoint_000007"]

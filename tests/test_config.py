@@ -188,3 +188,117 @@ def test_yaml_off_and_on_are_compile_modes(tmp_path):
     assert config_from_data({"model": {"compile": True}}, "x.yaml").model.compile == "default"
     with pytest.raises(ConfigError):
         config_from_data({"model": {"compile": "fast"}}, "x.yaml")
+
+
+def test_empty_config_is_refused(tmp_path):
+    for text in ("", "# only a comment\n", "{}\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="the config is empty"):
+            load_config(path)
+
+
+def test_input_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg" / "data").mkdir(parents=True)
+    (tmp_path / "cfg" / "data" / "train.jsonl").write_text("")
+    (tmp_path / "cfg" / "run.yaml").write_text(
+        "phase2:\n  epochs: 1\ndata:\n  manifest: data/train.jsonl\noutput:\n  root: runs\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the manifest is still found beside the config
+    cfg = load_config(tmp_path / "cfg" / "run.yaml")
+    assert cfg.data.manifest == tmp_path / "cfg" / "data" / "train.jsonl"
+    assert cfg.output.root == tmp_path / "runs"  # outputs: relative to the working directory
+
+
+def test_search_base_config_is_relative_to_search_yaml(tmp_path, monkeypatch):
+    from tuning.search_config import load_search
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    loaded = load_search(root / "configs" / "search.yaml")  # base.config: phase2.yaml
+    assert loaded.base.phase2.epochs == 2
+
+
+def test_value_previews_are_bounded():
+    from trainer.yaml_io import preview
+
+    assert len(preview(list(range(100_000)))) <= 80
+    assert "an integer of about" in preview(10**4999)
+    with pytest.raises(ConfigError) as err:
+        config_from_data({"phase2": {"learning_rate": [[list(range(1000))] * 50] * 50}})
+    assert all(len(line) < 400 for line in err.value.lines())
+
+
+def _unwritable(tmp_path):
+    """A read-only directory: chmod for a normal user; root ignores modes, so a read-only
+    tmpfs (skipped where mounting is not allowed)."""
+    import os
+    import subprocess
+
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return path, lambda: path.chmod(0o755)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    return path, lambda: subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.parametrize("where", ["file", "read-only"])
+@pytest.mark.parametrize("cli", ["trainer", "sweep"])
+def test_storage_that_cannot_be_written_is_one_line(tmp_path, capsys, cli, where):
+    from trainer.__main__ import main as train_main
+    from tuning.sweep import main as sweep_main
+
+    undo = lambda: None  # noqa: E731
+    if where == "file":
+        target = tmp_path / "a-file"
+        target.write_text("x")
+    else:
+        target, undo = _unwritable(tmp_path)
+    try:
+        if cli == "trainer":
+            path = tmp_path / "run.yaml"
+            path.write_text(f"phase2:\n  epochs: 1\noutput:\n  root: {target}/runs\n")
+            rc = train_main([str(path)])
+        else:
+            path = tmp_path / "search.yaml"
+            path.write_text(f"sweep:\n  storage_path: {target}/sweeps\n"
+                            "space:\n  learning_rate: 0.001\n")
+            rc = sweep_main([str(path), "--dry-run"])
+    finally:
+        undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    key = "output.root" if cli == "trainer" else "sweep.storage_path"
+    assert err[0].startswith(f"error: {path}: {key}: {target}")
+    assert ("is a file" if where == "file" else "is not writable") in err[0]
+
+
+def test_disk_full_is_one_line_for_both_clis(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import trainer.loop
+    import tuning.sweep
+    from trainer.__main__ import main as train_main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.safetensors"))
+
+    monkeypatch.setattr(trainer.loop, "train", full)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"phase2:\n  epochs: 1\noutput:\n  root: {tmp_path}/runs\n")
+    assert train_main([str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "the disk is full (writing" in line and "--resume" in line
+
+    monkeypatch.setattr(tuning.sweep, "run_sweep", full)
+    monkeypatch.setattr(tuning.sweep, "check_runs", lambda loaded: None)
+    search = tmp_path / "search.yaml"
+    search.write_text(f"sweep:\n  storage_path: {tmp_path}/sweeps\n"
+                      "space:\n  learning_rate: 0.001\n")
+    assert tuning.sweep.main([str(search)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path}/sweeps/phase2-sweep: the disk is full")
+    assert "rerun the same command to resume" in line

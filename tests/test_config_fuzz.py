@@ -50,7 +50,7 @@ FUZZ = settings(
 def _search_text(name: str) -> str:
     """A shipped search config whose base.config no longer depends on the working directory."""
     text = (CONFIGS / name).read_text(encoding="utf-8")
-    return text.replace("config: configs/phase2.yaml", f"config: {json.dumps(str(BASE_CONFIG))}")
+    return text.replace("config: phase2.yaml", f"config: {json.dumps(str(BASE_CONFIG))}")
 
 
 TRAIN_TEXT = {name: (CONFIGS / name).read_text(encoding="utf-8") for name in TRAIN_FILES}
@@ -363,3 +363,185 @@ def test_known_bug(tmp_path: Path, bug: str) -> None:
         load_config(path) if kind == "train" else load_search_used(path)
     sources = (str(path), str(BASE_CONFIG), str(base_list))
     assert all(line.startswith(sources) for line in err.value.lines())
+
+
+# ------------------------------------------------------------------ hostile input (issue 25)
+# Inputs an attacker or an unlucky user gives: YAML bombs built by nesting (sizes around the
+# expansion limit), random bytes, other encodings, deep nesting; in files for both loaders,
+# through --set, and through both CLIs. Each must end in one bounded line per problem.
+
+MAX_LINE = 2000  # an error line is read by a person: a value in it is a bounded preview
+
+
+def check_bounded(load: Callable[[], Any], sources: tuple[str, ...]) -> Any:
+    result = check_load(load, sources)
+    if result is None:
+        with pytest.raises(ConfigError) as err:
+            load()
+        assert all(len(line) < MAX_LINE for line in err.value.lines()), err.value.lines()
+    return result
+
+
+def nesting_bomb(width: int, depth: int) -> str:
+    """A flow list holding every level of a bomb: level i is `width` aliases to level i-1,
+    so the last level alone expands to width**depth elements (9, 9: 387M)."""
+    levels = ["&l0 x"] + [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]"
+                          for i in range(1, depth + 1)]
+    return "[" + ", ".join(levels) + "]"
+
+
+def expanded(width: int, depth: int) -> int:
+    return sum(sum(width ** k for k in range(i + 1)) for i in range(depth + 1)) + 1
+
+
+# Keys the issue found hanging with a bomb as their value, and their file kind.
+BOMB_KEYS = {
+    "train": ["phase2.learning_rate", "model.lora.target_modules", "phase2", "output.root"],
+    "search": ["num_samples", "space.learning_rate.grid", "space.learning_rate.choice",
+               "base.overrides.phase2\\.epochs", "sweep.name", "stability"],
+}
+
+
+def _nest_under(dotted: str, value: str) -> str:
+    """YAML text holding `value` (flow YAML) at a dotted key ('\\.' keeps a dot in a key)."""
+    parts = [p.replace("\0", ".") for p in dotted.replace("\\.", "\0").split(".")]
+    text = value
+    for part in reversed(parts):
+        text = f"{{{json.dumps(part)}: {text}}}"
+    return text
+
+
+@FUZZ
+@given(width=st.integers(2, 12), depth=st.integers(1, 10), kind=st.sampled_from(["train",
+                                                                                  "search"]),
+       data=st.data())
+def test_nesting_bombs_around_the_limit(fuzz_dir: Path, width: int, depth: int, kind: str,
+                                        data: st.DataObject) -> None:
+    from trainer.yaml_io import MAX_NODES
+
+    key = data.draw(st.sampled_from(BOMB_KEYS[kind]), label="key")
+    text = _nest_under(key, nesting_bomb(width, depth))
+    if kind == "search" and not key.startswith("space"):
+        text = text[:-1] + ", space: {learning_rate: 0.001}}"
+    path = _write(fuzz_dir / f"bomb-{kind}.yaml", text)
+    load = (lambda: load_config(path)) if kind == "train" else (lambda: load_search_used(path))
+    result = check_bounded(load, (str(path), str(BASE_CONFIG)))
+    if expanded(width, depth) > MAX_NODES * 1.1:
+        assert result is None, "a bomb above the limit was expanded"
+
+
+@FUZZ
+@given(width=st.integers(2, 12), depth=st.integers(1, 10),
+       key=st.sampled_from(["phase2.learning_rate", "model.lora.target_modules", "phase2"]))
+def test_nesting_bombs_through_set(fuzz_dir: Path, width: int, depth: int, key: str) -> None:
+    path = _write(fuzz_dir / "set-bomb.yaml", TRAIN_TEXT["phase2.yaml"])
+    check_bounded(lambda: load_config(path, [f"{key}={nesting_bomb(width, depth)}"]),
+                  (str(path), "--set"))
+
+
+DEEP_OPENERS = {"list": ("[", "]"), "map": ("{b: ", "}"), "block": None}
+
+
+def deep(kind: str, levels: int) -> str:
+    if kind == "block":
+        return "".join("  " * i + "b:\n" for i in range(levels)) + "  " * levels + "x: 1\n"
+    opener, closer = DEEP_OPENERS[kind]
+    return opener * levels + "1" + closer * levels
+
+
+@FUZZ
+@given(kind=st.sampled_from(list(DEEP_OPENERS)),
+       levels=st.one_of(st.integers(50, 80), st.sampled_from([1000, 10_000])),
+       closed=st.booleans(), via_set=st.booleans())
+def test_deep_nesting_is_one_line(fuzz_dir: Path, kind: str, levels: int, closed: bool,
+                                  via_set: bool) -> None:
+    text = deep(kind, levels)
+    if not closed and kind != "block":
+        text = text[: len(text) // 2]
+    if via_set and kind != "block":
+        path = _write(fuzz_dir / "deep-base.yaml", TRAIN_TEXT["phase2.yaml"])
+        check_bounded(lambda: load_config(path, [f"phase2.epochs={text}"]), (str(path), "--set"))
+    else:
+        path = _write(fuzz_dir / "deep.yaml", text)
+        check_bounded(lambda: load_config(path), (str(path),))
+        check_bounded(lambda: load_search_used(path), (str(path),))
+
+
+@FUZZ
+@given(blob=st.binary(min_size=1, max_size=400), prefix=st.sampled_from([b"", b"phase2:\n  "]))
+def test_random_bytes_are_one_line(fuzz_dir: Path, blob: bytes, prefix: bytes) -> None:
+    path = fuzz_dir / "bytes.yaml"
+    path.write_bytes(prefix + blob)
+    check_bounded(lambda: load_config(path), (str(path),))
+    check_bounded(lambda: load_search_used(path), (str(path),))
+
+
+@FUZZ
+@given(name=st.sampled_from(TRAIN_FILES),
+       encoding=st.sampled_from(["utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1",
+                                 "cp1252", "shift_jis"]),
+       extra=st.text(alphabet="éßü日本€", min_size=1, max_size=5))
+def test_other_encodings_are_one_line(fuzz_dir: Path, name: str, encoding: str,
+                                      extra: str) -> None:
+    path = fuzz_dir / f"enc-{name}"
+    text = TRAIN_TEXT[name] + f"# {extra}\n"
+    path.write_bytes(text.encode(encoding, errors="replace"))
+    cfg = check_bounded(lambda: load_config(path), (str(path),))
+    if cfg is not None:  # only an encoding that left the file valid UTF-8 may load
+        text.encode(encoding, errors="replace").decode("utf-8")
+
+
+HOSTILE_FILES = {
+    "empty": b"",
+    "comments-only": b"# nothing here\n",
+    "nul": b"phase2:\n  epochs: 1\0\n",
+    "utf16": "phase2:\n  epochs: 1\n".encode("utf-16"),
+    "random": bytes(range(256)),
+    "long-int": b"phase2:\n  epochs: " + b"7" * 5000 + b"\n",
+    "deep-list": b"[" * 10_000,
+    "deep-map": b"{b: " * 10_000,
+    "bomb-9x9": nesting_bomb(9, 9).encode(),
+    "recursive-alias": b"&a [*a]",
+}
+
+
+@pytest.mark.parametrize("case", [*HOSTILE_FILES, "directory"])
+@pytest.mark.parametrize("cli", ["trainer", "sweep"])
+def test_hostile_files_through_both_clis(tmp_path: Path, capsys, cli: str, case: str) -> None:
+    from trainer.__main__ import main as train_main
+    from tuning.sweep import main as sweep_main
+
+    path = tmp_path / "dir" if case == "directory" else tmp_path / f"{case}.yaml"
+    if case == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(HOSTILE_FILES[case])
+    if cli == "trainer":
+        rc = train_main([str(path), "--print-config"])
+    else:
+        rc = sweep_main([str(path), "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert err and all(line.startswith(f"error: {path}") and len(line) < MAX_LINE
+                       for line in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing written
+
+
+@pytest.mark.parametrize("value", ["[" * 10_000, "{b: " * 10_000, "9" * 5000,
+                                   nesting_bomb(9, 9), nesting_bomb(9, 4)])
+@pytest.mark.parametrize("cli", ["trainer", "sweep"])
+def test_hostile_set_values_through_both_clis(tmp_path: Path, capsys, cli: str,
+                                              value: str) -> None:
+    from trainer.__main__ import main as train_main
+    from tuning.sweep import main as sweep_main
+
+    if cli == "trainer":
+        path = _write(tmp_path / "phase2.yaml", TRAIN_TEXT["phase2.yaml"])
+        rc = train_main([str(path), "--set", f"phase2.learning_rate={value}", "--print-config"])
+    else:
+        path = _write(tmp_path / "search.yaml", SEARCH_TEXT["smoke.yaml"])
+        rc = sweep_main([str(path), "--set", f"num_samples={value}", "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err, err
+    assert all(line.startswith(("error: --set", f"error: {path}")) and len(line) < MAX_LINE
+               for line in err), err

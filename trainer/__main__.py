@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, Problem
 
 
 def _quiet_libraries() -> None:
@@ -51,9 +51,24 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_counts(count_parameters(cfg)))
             return 0
+        from trainer.fsutil import dir_problem, storage_error_line
         from trainer.loop import train
 
-        summary = train(cfg, resume=args.resume, device=args.device, source=args.config)
+        for key, where in (("output.root", cfg.output.root),
+                           ("output.assets_dir", cfg.output.assets_dir)):
+            why = where is not None and dir_problem(where)
+            if why:
+                raise ConfigError([Problem(args.config, key, why,
+                                           "point it at a writable directory")])
+        try:
+            summary = train(cfg, resume=args.resume, device=args.device, source=args.config)
+        except OSError as e:
+            line = storage_error_line(e, cfg.output.root, "rerun with --resume and the same "
+                                      "output.run_name to continue from the newest checkpoint")
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            return 2
     except ConfigError as e:
         for line in e.lines():
             print(f"error: {line}", file=sys.stderr)

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from trainer.errors import ConfigError, Problem
-from trainer.yaml_io import load_yaml_file, parse_scalar
+from trainer.yaml_io import clip, load_yaml_file, parse_scalar, preview
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -299,13 +299,47 @@ def validation_problems(err: ValidationError, source: str, root: type[BaseModel]
                 f"valid keys here: {', '.join(names)}" if names else "remove it")
             out.append(Problem(source, key, "unknown key", fix))
         elif e["type"] == "value_error":
-            msg = str(e["msg"]).removeprefix("Value error, ")
+            msg = clip(str(e["msg"]).removeprefix("Value error, "), 300)
             out.append(Problem(source, key, msg, "change the value"))
         else:
-            got = e.get("input")
-            out.append(Problem(source, key, f"{e['msg']} (got {got!r})",
+            # A bounded preview: the value may be an alias-expanded structure of thousands
+            # of elements, or an int too long for str().
+            got = preview(e.get("input"))
+            out.append(Problem(source, key, f"{e['msg']} (got {got})",
                                f"fix the value, see {example} for an example"))
     return out
+
+
+# Keys naming inputs a config points at. Written in a config file, a relative one is
+# relative to that file's directory (so a config works from any working directory);
+# given through --set, to the working directory. Output locations (output.root,
+# output.assets_dir) stay relative to the working directory: runs land where you run.
+INPUT_PATH_KEYS = ("phase1.bundle_path", "model.llm_path", "data.manifest",
+                   "data.eval_manifest")
+
+
+def anchor_paths(data: dict[str, Any], base_dir: Path,
+                 keys: tuple[str, ...] = INPUT_PATH_KEYS) -> dict[str, Any]:
+    """Make the relative input paths (`keys`, dotted) in raw config data absolute under
+    `base_dir`, the directory of the file they were written in. Also takes flat dotted
+    keys (search.yaml's base.overrides). Values of the wrong type are left to validation."""
+    base_dir = Path(base_dir).resolve()
+    for dotted in keys:
+        if isinstance(data.get(dotted), str):
+            data[dotted] = _anchored(data[dotted], base_dir)
+        node: Any = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(parts[-1]), str):
+            node[parts[-1]] = _anchored(node[parts[-1]], base_dir)
+    return data
+
+
+def _anchored(value: str, base_dir: Path) -> str:
+    if not value or "\0" in value or Path(value).expanduser().is_absolute():
+        return value
+    return str(base_dir / value)
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any, source: str = "--set") -> None:
@@ -398,8 +432,13 @@ def config_from_data(data: Any, source: str = "<config>") -> TrainConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Load, override and validate a Phase 2 config file."""
     data = load_yaml_file(path)
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        # Every key has a default, so an empty file would start a full run silently.
+        raise ConfigError([Problem(str(path), "", "the config is empty",
+                                   "write at least a `phase2:` block; configs/phase2.yaml "
+                                   "is the demo's config")])
+    if isinstance(data, dict):
+        anchor_paths(data, Path(path).parent)
     if isinstance(data, dict) and overrides:
         data = apply_overrides(data, overrides)
     return config_from_data(data, str(path))

@@ -1,7 +1,9 @@
-"""Atomic file-system helpers: nothing is ever half-written under its final name."""
+"""File-system helpers: atomic writes (nothing is ever half-written under its final name)
+and the one-line explanations of a storage location that cannot be written."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -52,3 +54,38 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Text version of atomic_write_bytes (UTF-8)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# Errors that say where a run writes is unusable, not that the code is wrong: each gets one
+# line naming the place and the fix instead of a traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+STORAGE_ERRNOS = (*DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                  errno.EEXIST)
+
+
+def dir_problem(path: str | Path) -> str | None:
+    """Why directory `path` (existing or to be created) cannot be written into: it or a
+    parent is a file, or the nearest existing one is read-only; None when it can."""
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        if probe.is_symlink():
+            return f"{probe} is a broken symlink"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable (read-only file system or permissions)"
+    return None
+
+
+def storage_error_line(exc: OSError, where: str | Path, then: str) -> str | None:
+    """One line for an OSError that means the storage under `where` is unusable (disk
+    full, read-only, permissions, a file in the way); `then` is what to do after the fix.
+    None for any other OSError (a bug: let it raise)."""
+    if exc.errno not in STORAGE_ERRNOS:
+        return None
+    file = f" (writing {exc.filename})" if exc.filename else ""
+    if exc.errno in DISK_FULL:
+        return f"{where}: the disk is full{file}; free space there, then {then}"
+    return f"{where}: cannot write{file}: {exc.strerror or exc}; fix the location, then {then}"

@@ -8,9 +8,12 @@ deleted, and the restored trial fails with "Could not recover from checkpoint as
 not exist on storage anymore" (the SIGKILL fault test hit exactly this).
 
 So the sweep tells Ray to keep every checkpoint, and this callback prunes instead, in the
-driver, after each new checkpoint: it keeps the newest ``keep`` and every checkpoint the
-newest experiment snapshot on disk names. The callback runs on the driver's event loop,
-the same thread that writes the snapshots, so none is half-written while it looks.
+driver, after each new checkpoint: it keeps the newest ``keep`` and the checkpoint a restore
+from the newest experiment snapshot on disk would load (the newest one that snapshot names:
+its checkpoint manager, told to keep everything, names every older one too, which is why
+only the newest is protected). The callback runs on the driver's event loop, the same thread
+that writes the snapshots, so none is half-written while it looks. When ``fit`` returns
+the final snapshot is on disk and ``prune_experiment`` brings every trial down to ``keep``.
 """
 
 from __future__ import annotations
@@ -57,23 +60,26 @@ def _names_in(value: Any) -> set[str]:
 
 
 def snapshot_checkpoints(experiment_dir: Path, trial_id: str) -> set[str] | None:
-    """Checkpoint dir names the newest experiment snapshot holds for `trial_id`: an empty set
-    when it has no such trial (or no snapshot exists yet); None when it cannot be read (then
-    nothing may be pruned)."""
+    """The checkpoint dir a restore from the newest experiment snapshot would load for
+    `trial_id` (the newest it names), as a set: empty when it has no such trial (or no
+    snapshot exists yet); None when it cannot be read (then nothing may be pruned)."""
     states = sorted(experiment_dir.glob("experiment_state-*.json"))
     if not states:
         return set()
     try:
-        data = json.loads(states[-1].read_text())
+        data = json.loads(states[-1].read_bytes())
     except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("trial_data", []), list):
         return None
     for entry in data.get("trial_data", []):
         try:
             trial = json.loads(entry[0])
         except (ValueError, TypeError, IndexError):
             return None
-        if trial.get("trial_id") == trial_id:
-            return _names_in(entry)
+        if isinstance(trial, dict) and trial.get("trial_id") == trial_id:
+            names = _names_in(entry)  # checkpoint_NNNNNN: the newest sorts last
+            return {max(names)} if names else set()
     return set()
 
 
@@ -89,6 +95,24 @@ def prune_trial_checkpoints(trial_dir: Path, keep: int, protected: set[str]) -> 
         shutil.rmtree(path, ignore_errors=True)
         deleted.append(path)
     return deleted
+
+
+def prune_experiment(experiment_dir: Path, keep: int) -> list[Path]:
+    """Prune every trial dir of a finished (or stopped) fit to its newest `keep` plus the
+    one the final snapshot names; returns what was deleted."""
+    deleted: list[Path] = []
+    for trial_dir in sorted(p for p in Path(experiment_dir).iterdir() if p.is_dir()):
+        trial_id = _trial_id_of(trial_dir)
+        protected = snapshot_checkpoints(experiment_dir, trial_id) if trial_id else None
+        if protected is not None:
+            deleted += prune_trial_checkpoints(trial_dir, max(1, keep), protected)
+    return deleted
+
+
+def _trial_id_of(trial_dir: Path) -> str | None:
+    # Ray names trial dirs <trainable>_<trial_id>_<n>_<params>_<date>; ids are xxxxx_NNNNN
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", trial_dir.name)
+    return match.group(1) if match else None
 
 
 class CheckpointPruner(Callback):

@@ -9,13 +9,12 @@ driver writes from Ray's results.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainer.errors import ConfigError
-from trainer.fsutil import atomic_write_text
+from trainer.fsutil import atomic_write_text, storage_error_line
 from tuning.advice import advise
 from tuning.leaderboard import (
     best_stable_record,
@@ -28,7 +27,7 @@ from tuning.leaderboard import (
 from tuning.plots import plot_grad_norms, plot_loss_curves, plot_lr_schedule, plot_stability_map
 from tuning.stability import StabilityRules, verdicts_for
 from tuning.trainable import STALL_FILE
-from tuning.trial_record import TrialRecord
+from tuning.trial_record import TrialRecord, read_json_object
 
 TRIALS_INDEX = "trials.json"
 
@@ -46,13 +45,19 @@ class Report:
 def collect_records(sweep_dir: Path) -> list[TrialRecord]:
     """One TrialRecord per trial directory, with Ray's status where known."""
     index_path = sweep_dir / TRIALS_INDEX
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index = read_json_object(index_path) if index_path.is_file() else {}
+    if index is None:
+        # Ray's final statuses only: each trial's own run directory still holds its steps.
+        print(f"warning: {index_path} is damaged; trial statuses are taken from the trials' "
+              "run directories (rerun the sweep's command to rewrite it)", file=sys.stderr)
+        index = {}
     records = []
     trials_dir = sweep_dir / "trials"
     for run_dir in sorted(p for p in trials_dir.iterdir() if p.is_dir()) if trials_dir.is_dir() \
             else []:
         rec = TrialRecord.from_run_dir(run_dir, trial_id=run_dir.name)
-        info = index.get(run_dir.name, {})
+        info = index.get(run_dir.name)
+        info = info if isinstance(info, dict) else {}
         if (run_dir / STALL_FILE).is_file():
             rec = replace(rec, status="ERROR", end_reason="stalled")
         elif info.get("status") == "ERROR":
@@ -100,7 +105,8 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
     return report
 
 
-def print_report(report: Report, stream=sys.stdout) -> None:
+def print_report(report: Report, stream=None) -> None:
+    stream = stream or sys.stdout  # looked up per call: a redirected stdout is honoured
     print("\nLeaderboard (stable first, ranked by smoothed final loss):", file=stream)
     print(report.table, file=stream)
     if report.best_trial:
@@ -137,9 +143,18 @@ def main(argv: list[str] | None = None) -> int:
             raw = data.get("search", data) if isinstance(data, dict) else {}
             rules = StabilityRules.model_validate(raw.get("stability", {}))
     except ConfigError as e:
-        print(f"error: {e.lines()[0]}", file=sys.stderr)
+        fix = "" if args.config else (" (the sweep's snapshot is damaged: pass --config with "
+                                      "the sweep's search.yaml to take its stability rules)")
+        print(f"error: {e.lines()[0]}{fix}", file=sys.stderr)
         return 2
-    print_report(build_report(sweep_dir, rules))
+    try:
+        print_report(build_report(sweep_dir, rules))
+    except OSError as e:
+        line = storage_error_line(e, sweep_dir / "report", "rerun python -m tuning.report")
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

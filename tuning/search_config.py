@@ -18,6 +18,7 @@ from trainer.config import (
     NAME_RE,
     Phase2,
     TrainConfig,
+    anchor_paths,
     config_from_data,
     set_dotted,
     validation_problems,
@@ -54,7 +55,9 @@ class Sweep(_Strict):
 
 
 class Base(_Strict):
-    config: Path | None = None  # a Phase 2 YAML (e.g. configs/phase2.yaml); null = defaults
+    # A Phase 2 YAML; null = defaults. Relative: to this file's directory (like the input
+    # paths inside either file), so the sweep works from any working directory.
+    config: Path | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys on top of it
 
 
@@ -271,11 +274,14 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
                                               "configs/search.yaml")) from None
     base_src = src
     if cfg.base.config is not None:
-        base_path = cfg.base.config if cfg.base.config.is_absolute() else (
-            Path.cwd() / cfg.base.config)
+        base_path = cfg.base.config.expanduser()
+        if not base_path.is_absolute():
+            base_path = path.resolve().parent / base_path
         if not base_path.is_file():
             raise ConfigError([Problem(src, "base.config", f"file {base_path} not found",
-                                       "point it at a Phase 2 YAML, or null for defaults")])
+                                       "point it at a Phase 2 YAML (a relative path is "
+                                       f"relative to {path.resolve().parent}), or null for "
+                                       "defaults")])
         base_data = load_yaml_file(base_path) or {}
         base_src = str(base_path)
     else:
@@ -284,9 +290,12 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     if not isinstance(base_data, dict):
         raise ConfigError([Problem(base_src, "", "the top level must be a mapping",
                                    "start the file with `phase2:`")])
+    if cfg.base.config is not None:
+        anchor_paths(base_data, Path(base_src).parent)
     if "phase2" not in base_data and any(k in Phase2.model_fields for k in base_data):
         base_data = {"phase2": base_data}  # a seed-style bare block
-    for key, value in cfg.base.overrides.items():
+    overrides_ = anchor_paths(dict(cfg.base.overrides), path.resolve().parent)
+    for key, value in overrides_.items():
         set_dotted(base_data, key, value, src)
     try:
         base = config_from_data(base_data, base_src)

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import difflib
+import errno
 import fcntl
 import json
 import os
@@ -32,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import ConfigError, Problem
-from trainer.fsutil import atomic_write_text
-from trainer.yaml_io import dump_yaml
+from trainer.fsutil import atomic_write_text, dir_problem, storage_error_line
+from trainer.yaml_io import dump_yaml, parse_yaml
 from tuning.search_config import Loaded, load_search, space_key_path, trial_count
 
 SNAPSHOT = "search.snapshot.yaml"
@@ -115,6 +116,10 @@ def _sweep_dir(loaded: Loaded) -> Path:
         raise ConfigError([Problem(str(loaded.path), "sweep.name",
                                    f"{sweep_dir} leaves {root} (symlink)",
                                    "remove the link or pick another name")])
+    why = dir_problem(sweep_dir)
+    if why:  # checked before anything starts: a file in the way, a read-only mount
+        raise ConfigError([Problem(str(loaded.path), "sweep.storage_path", why,
+                                   "point it at a writable directory")])
     return sweep_dir
 
 
@@ -135,24 +140,42 @@ def _acquire_lock(sweep_dir: Path, src: str):
                                    f"sweep {sweep_dir.name} is already running ({holder})",
                                    "wait for it, or use another sweep.name")]) from None
     f.seek(0)
+    previous = f.read().strip()
+    f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()}")
+    f.write(f"pid {os.getpid()} running")
     f.flush()
+    if previous.endswith("running"):
+        # The last driver never reached its end (SIGKILL, OOM, power): its Ray cluster's
+        # trial workers notice the lost driver only after up to a minute.
+        print("[sweep] the previous driver of this sweep was killed; trial workers it left "
+              "may train on for up to a minute. That is harmless: each trial resumes from "
+              "its last checkpoint, and the steps those workers add after it are truncated "
+              "before it continues.", flush=True)
     return f
+
+
+def _release_lock(lock) -> None:
+    """Mark a clean end (a later driver then knows this one was not killed) and unlock."""
+    with contextlib.suppress(OSError):
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} ended")
+        lock.flush()
+    lock.close()
 
 
 def _check_resume(sweep_dir: Path, loaded: Loaded, restart: bool, src: str) -> bool:
     """Decide resume vs fresh start; refuse an edited config. True = resume."""
-    snap = sweep_dir / SNAPSHOT
     new = snapshot_text(loaded)
     if restart:
         for name in ("ray", "trials", "mlflow", "report", SNAPSHOT, "trials.json"):
             p = sweep_dir / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return False
-    if not snap.is_file():
+    old = _snapshot_or_recover(sweep_dir, new)
+    if old is None:
         return False
-    old = snap.read_text()
     if old != new:
         diff = [d for d in difflib.unified_diff(old.splitlines(), new.splitlines(), "started with",
                                                 "now", lineterm="", n=0)
@@ -162,6 +185,46 @@ def _check_resume(sweep_dir: Path, loaded: Loaded, restart: bool, src: str) -> b
                                    "undo the edit, use --restart to start over, or change "
                                    "sweep.name")])
     return True
+
+
+def _snapshot_problem(text: bytes) -> str | None:
+    """Why snapshot bytes are not a snapshot this code wrote (None when they are)."""
+    try:
+        data = parse_yaml(text.decode("utf-8"), SNAPSHOT)
+    except (UnicodeDecodeError, ConfigError) as e:
+        return "not readable YAML" if isinstance(e, ConfigError) else "not UTF-8 text"
+    if not (isinstance(data, dict) and set(data) == {"search", "base"}):
+        return "empty or truncated" if not data else "not a sweep snapshot"
+    return None
+
+
+def _snapshot_or_recover(sweep_dir: Path, new: str) -> str | None:
+    """The snapshot this sweep started with; None for a new sweep. A damaged snapshot is
+    restored from the copy the embedded MLflow store keeps on the parent run; without one,
+    the sweep resumes on the current search.yaml (Ray's state is intact) with a warning."""
+    snap = sweep_dir / SNAPSHOT
+    started = any((sweep_dir / "ray").glob("experiment_state-*.json"))
+    if not snap.exists() and not started:
+        return None
+    try:
+        raw = snap.read_bytes()
+        why = _snapshot_problem(raw)
+    except OSError as e:
+        raw, why = b"", f"unreadable ({e.strerror or e})" if snap.exists() else "missing"
+    if why is None:
+        return raw.decode("utf-8")
+    for copy_ in sorted((sweep_dir / "mlflow" / "mlartifacts").glob(f"*/*/artifacts/{SNAPSHOT}")):
+        with contextlib.suppress(OSError):
+            if _snapshot_problem(copy_.read_bytes()) is None:
+                text = copy_.read_text(encoding="utf-8")
+                atomic_write_text(snap, text)
+                print(f"[sweep] warning: {snap} was {why}; restored it from MLflow's copy "
+                      f"({copy_})", file=sys.stderr, flush=True)
+                return text
+    print(f"[sweep] warning: {snap} was {why} and has no intact copy; resuming from Ray's "
+          "saved state with the current search.yaml (check that it is the one this sweep "
+          "started with; --restart starts over)", file=sys.stderr, flush=True)
+    return new
 
 
 def dry_run(loaded: Loaded) -> None:
@@ -263,15 +326,25 @@ class Interrupt:
         os.kill(os.getpid(), signal.SIGUSR1)
 
 
-INTERRUPT = Interrupt()
+    def shutting_down(self) -> None:
+        """From here on a signal only says to wait: a KeyboardInterrupt raised inside
+        ray.shutdown() leaves a traceback and Ray's agents running."""
+        def _wait(signum: int, frame: Any) -> None:
+            print("[sweep] still shutting Ray down; a moment", file=sys.stderr, flush=True)
 
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _wait)
+
+
+INTERRUPT = Interrupt()
 
 def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config,
          callbacks: list, max_failures: int, keep: int, resume: bool):
     """Run (or restore) one Tuner whose state lives in <stage_dir>/ray."""
     from ray import tune
 
-    from tuning.checkpoint_pruner import CheckpointPruner
+    from tuning import disk_full
+    from tuning.checkpoint_pruner import CheckpointPruner, prune_experiment
 
     ray_dir = stage_dir / "ray"
     if resume and tune.Tuner.can_restore(str(ray_dir)):
@@ -285,9 +358,20 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
                                # Ray keeps every checkpoint; CheckpointPruner deletes the
                                # old ones only once no snapshot on disk names them.
                                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                               callbacks=[*callbacks, CheckpointPruner(keep)]))
+                               callbacks=[*callbacks, CheckpointPruner(keep),
+                                          disk_full.DiskFullStop()]))
     INTERRUPT.install()  # after ray.init(), which installs its own SIGTERM handler
+    disk_full.reset()
     results = tuner.fit()
+    if disk_full.tripped():
+        raise OSError(errno.ENOSPC, f"No space left on device ({disk_full.tripped()})",
+                      str(stage_dir))
+    # The final snapshot is on disk now: Ray's copies come down to trials.keep_checkpoints.
+    try:
+        prune_experiment(ray_dir, keep)
+    except OSError as e:  # housekeeping: never end a sweep over it
+        print(f"[sweep] warning: pruning Ray's checkpoints in {ray_dir} failed: {e}",
+              file=sys.stderr)
     if INTERRUPT.signal is not None:
         raise KeyboardInterrupt  # no final statuses: the trials did not finish
     from tuning.report import TRIALS_INDEX
@@ -438,11 +522,13 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         if top_k:
             run_recheck(loaded, sweep_dir, report, top_k, inputs=inputs, opts=opts,
                         resume=resume)
-        _publish_report(cfg, experiment, mlflow_dir, report)
+        left = _publish_report(cfg, experiment, mlflow_dir, report)
         print_report(report)
         uri = cfg.mlflow.tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
         print(f"\nsweep finished in {time.time() - t0:.0f}s: {len(index)} trials, "
               f"{sum(v['status'] == 'ERROR' for v in index.values())} failed")
+        if left is not None:
+            print(left)
         if cfg.mlflow.tracking_uri:
             print(f"MLflow: {cfg.mlflow.tracking_uri} (experiment {experiment})")
         else:
@@ -453,7 +539,7 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         _kill_runs(cfg, experiment, mlflow_dir)
         raise
     finally:
-        lock.close()
+        _release_lock(lock)
 
 
 def _tracker(cfg, experiment: str, mlflow_dir: Path):
@@ -549,8 +635,16 @@ def _parent_params(loaded: Loaded) -> dict[str, Any]:
     return params
 
 
-def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> None:
-    """Verdict tags on each child run; the report files on the parent run."""
+def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> str | None:
+    """Verdict tags on each child run; the report files on the parent run. Returns the
+    line that says what became of MLflow writes left over from an outage (None when there
+    were none): the callback's warning about them is stale once this driver replayed them."""
+    from tuning.tracking import JOURNAL_FILE
+    from tuning.tracking_writer import INBOX_FILE
+
+    inbox = mlflow_dir / INBOX_FILE
+    had_backlog = (mlflow_dir / JOURNAL_FILE).exists() or (
+        inbox.exists() and inbox.stat().st_size > 0)
     tracker = _tracker(cfg, experiment, mlflow_dir)
     try:
         for trial_id, kind in report.verdicts.items():
@@ -560,8 +654,16 @@ def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> None:
             tracker.log_artifact(None, path, "report")
         if report.best_trial:
             tracker.set_parent_tags({"phase2tune.best_trial": report.best_trial})
+        if not had_backlog:
+            return None
+        left = tracker.retry_journal(force=True).remaining
     finally:
         tracker.close()
+    if left:
+        return (f"MLflow: {left} write(s) still in the outage journal ({tracker.last_outage}); "
+                f"replay with: python -m tuning.sync {mlflow_dir}")
+    return ("MLflow: the writes held back during the outage are all stored now (nothing "
+            "left for tuning.sync)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -602,9 +704,35 @@ def main(argv: list[str] | None = None) -> int:
                          recheck_k=args.recheck)
     except ConfigError as e:
         return _fail(e.lines())
+    except OSError as e:
+        where = _storage_of(args.config, args.overrides)
+        line = storage_error_line(e, where, "rerun the same command to resume this sweep")
+        if line is None:
+            raise
+        _shutdown_ray()
+        return _fail([line])
     except KeyboardInterrupt:
+        _shutdown_ray()
         print("interrupted: rerun the same command to resume this sweep", file=sys.stderr)
         return 130
+
+
+def _storage_of(config: str, overrides: list[str]) -> str:
+    """The sweep directory for an error line (the storage path when it cannot be known)."""
+    try:
+        return str(load_search(config, overrides).sweep_dir)
+    except Exception:  # the line must come out whatever else is wrong
+        return "sweep.storage_path"
+
+
+def _shutdown_ray() -> None:
+    """Stop this driver's Ray now, deaf to further Ctrl-C: interrupted, ray.shutdown() (or
+    Ray's own atexit hook) leaves a traceback and its agents running for a minute."""
+    INTERRUPT.shutting_down()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.shutdown()
 
 
 if __name__ == "__main__":

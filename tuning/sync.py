@@ -25,6 +25,7 @@ from tuning.tracking import (
     STATE_FILE,
     SweepTracker,
     TrackingError,
+    state_problem,
 )
 from tuning.tracking_writer import InboxBusy, replay_inbox
 
@@ -41,24 +42,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="afterwards mark the sweep's RUNNING runs KILLED (the driver died without cleanup)",
     )
+    parser.add_argument("--experiment", help="the sweep's MLflow experiment, when its "
+                        f"{STATE_FILE} is damaged (default: the one experiment of an "
+                        "embedded store)")
     parser.add_argument("--timeout", type=float, default=10.0, help="HTTP wait bound, seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     sweep_dir: Path = args.sweep_dir
     state_path = sweep_dir / STATE_FILE
-    if not sweep_dir.is_dir() or not state_path.is_file():
+    embedded_db = sweep_dir / "mlflow.db"
+    if not sweep_dir.is_dir() or not (state_path.is_file() or embedded_db.is_file()):
         print(f"tuning.sync: {sweep_dir} is not a sweep state directory (no {STATE_FILE})")
         return 2
     try:
-        state = json.loads(state_path.read_text())
-        experiment_name = state["experiment_name"]
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state_problem(state) is not None:
+            raise ValueError(state_problem(state))
+        experiment_name = args.experiment or state["experiment_name"]
         stored_uri = state["tracking_uri"]
+        embedded = bool(state.get("embedded"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"tuning.sync: {state_path} is unreadable or incomplete: {exc}")
-        return 2
+        # The tracker rebuilds the rest of a damaged state from the store's run tags; what
+        # it needs here is which store and experiment to open.
+        experiment_name = args.experiment or _only_experiment(embedded_db)
+        if experiment_name is None or not (args.tracking_uri or embedded_db.is_file()):
+            print(f"tuning.sync: {state_path} is unreadable or incomplete ({exc}); rerun with "
+                  "--tracking-uri URI --experiment NAME (the sweep's MLflow store and "
+                  "experiment)")
+            return 2
+        print(f"tuning.sync: warning: {state_path} is unreadable or incomplete ({exc}); "
+              f"using experiment {experiment_name!r} in "
+              f"{args.tracking_uri or 'the embedded store'}")
+        stored_uri, embedded = None, not args.tracking_uri
 
-    tracking_uri = args.tracking_uri or (None if state.get("embedded") else stored_uri)
+    tracking_uri = args.tracking_uri or (None if embedded else stored_uri)
     tracker = SweepTracker(tracking_uri, experiment_name, sweep_dir, timeout_s=args.timeout)
     try:  # operations a killed driver had received but not written: first, in their order
         applied = replay_inbox(tracker)
@@ -91,6 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parent:
         print(f"parent run: {parent}")
     return 0
+
+
+def _only_experiment(db: Path) -> str | None:
+    """The one experiment (besides MLflow's Default) of an embedded store; None otherwise."""
+    if not db.is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        names = [e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()
+                 if e.name != "Default"]
+    except Exception:  # a damaged store: the caller asks for --experiment
+        return None
+    return names[0] if len(names) == 1 else None
 
 
 if __name__ == "__main__":

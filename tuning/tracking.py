@@ -32,6 +32,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -51,6 +52,10 @@ JOURNAL_FILE = "mlflow_journal.jsonl"
 REJECTED_FILE = "mlflow_journal.rejected.jsonl"
 LOCK_FILE = ".mlflow_state.lock"
 STATE_VERSION = 1
+# Set in a state rebuilt after mlflow_state.json was lost or damaged: runs are then found
+# by their tags, and trials whose start the lost state recorded are taken as started.
+RECOVER_KEY = "recovered"
+_WARNED: set[Path] = set()  # state files already reported damaged by this process
 
 TAG_SWEEP = "phase2tune.sweep"
 TAG_SWEEP_UID = "phase2tune.sweep_uid"
@@ -488,8 +493,11 @@ class SweepTracker:
                     f"not {sweep_name!r}; use a fresh state directory per sweep"
                 )
             if not sweep:
-                # The uid (not the name) identifies the parent: sweep names get reused.
-                self._state["sweep"] = {"name": sweep_name, "uid": uuid.uuid4().hex}
+                # The uid (not the name) identifies the parent: sweep names get reused. A
+                # state rebuilt after damage takes the uid of the parent found by name
+                # (_ensure_parent), so the sweep keeps its one parent.
+                uid = None if self._state.get(RECOVER_KEY) else uuid.uuid4().hex
+                self._state["sweep"] = {"name": sweep_name, "uid": uid}
                 self._save_state()
             op = {
                 "op": "start_parent",
@@ -716,17 +724,36 @@ class SweepTracker:
                     self._lock_fd = None
 
     def _read_state(self) -> dict[str, Any]:
+        fresh = {"version": STATE_VERSION, "stores": {}, "trials": {}}
         if not self.state_path.exists():
-            return {"version": STATE_VERSION, "stores": {}, "trials": {}}
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            # Written atomically, so this is outside damage; MLflow tags still hold watermarks.
-            log.error("unreadable %s (%s); rebuilding from MLflow tags", self.state_path, exc)
-            return {"version": STATE_VERSION, "stores": {}, "trials": {}}
-        state.setdefault("stores", {})
-        state.setdefault("trials", {})
-        return state
+            if not self._has_history():
+                return fresh
+            why = "missing"
+        else:
+            try:
+                state = json.loads(self.state_path.read_text(encoding="utf-8"))
+                why = state_problem(state)
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                why = f"unreadable ({short_reason(exc)})"
+            if why is None:
+                state.setdefault("stores", {})
+                state.setdefault("trials", {})
+                return state
+        # Written atomically, so this is outside damage. What is durable rebuilds it: the
+        # parent run is found again by the sweep's name and role tags (its uid tag with it),
+        # each child by its trial id and parent, each watermark from the run's own metrics.
+        # A new uid here would start a second parent and a second child per trial.
+        if self.state_path not in _WARNED:
+            _WARNED.add(self.state_path)
+            print(f"[mlflow] warning: {self.state_path} is {why}; rebuilding it from the "
+                  "runs in the tracking store (the sweep's parent and child runs are found "
+                  "by their tags; nothing is logged twice)", file=sys.stderr, flush=True)
+        return {**fresh, RECOVER_KEY: True}
+
+    def _has_history(self) -> bool:
+        """Something in state_dir says this sweep wrote to its store before (the state file
+        is lost). Not the inbox: a new sweep's driver fills it before its first tracker."""
+        return self.journal_path.exists() or (self.state_dir / "mlflow.db").exists()
 
     def _save_state(self) -> None:
         tmp = self.state_path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
@@ -748,12 +775,18 @@ class SweepTracker:
         return self._store()["trials"].setdefault(trial_id, {})
 
     def _require_sweep(self) -> None:
+        if not self._state.get("sweep") and self._state.get(RECOVER_KEY):
+            self._adopt_newest_parent()
         if not self._state.get("sweep"):
             raise TrackingError("start_parent() must be called before anything else")
 
     def _require_trial(self, trial_id: str) -> None:
         self._require_sweep()
         if trial_id not in self._state["trials"]:
+            if self._state.get(RECOVER_KEY):  # its start_trial was recorded in the lost state
+                self._state["trials"][trial_id] = {"run_name": trial_id, "tags": {}}
+                self._save_state()
+                return
             raise TrackingError(f"start_trial({trial_id!r}) was not called")
 
     @staticmethod
@@ -766,13 +799,17 @@ class SweepTracker:
         if not self.journal_path.exists():
             return []
         ops = []
-        lines = self.journal_path.read_text().splitlines()
+        lines = self.journal_path.read_bytes().splitlines()
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                ops.append(json.loads(line))
-            except json.JSONDecodeError:
+                op = json.loads(line)  # bytes: a garbled line is a ValueError, never a crash
+            except ValueError:
+                op = None
+            if isinstance(op, dict):
+                ops.append(op)
+            else:
                 # Only a crash mid-append can leave a torn line, and only as the last one.
                 log.warning("%s:%d: torn journal line skipped", self.journal_path, number)
         return ops
@@ -940,6 +977,8 @@ class SweepTracker:
             return store["parent_run_id"]
         sweep = self._state["sweep"]
         experiment_id = self._ensure_experiment()
+        if sweep.get("uid") is None:
+            self._recover_sweep_uid(experiment_id)
         # A crash between create_run and the state save leaves a parent we can find again.
         found = self.client.search_runs(
             [experiment_id],
@@ -963,6 +1002,41 @@ class SweepTracker:
         store["parent_run_id"] = run_id
         self._save_state()
         return run_id
+
+    def _recover_sweep_uid(self, experiment_id: str) -> None:
+        """After the state was lost: this sweep's uid is the one on the newest parent run of
+        its name in the experiment (a new uid when there is none: nothing was stored yet)."""
+        sweep = self._state["sweep"]
+        found = self.client.search_runs(
+            [experiment_id],
+            f"tags.`{TAG_SWEEP}` = '{_quote(sweep['name'])}' AND tags.`{TAG_ROLE}` = 'parent'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        uid = found[0].data.tags.get(TAG_SWEEP_UID) if found else None
+        sweep["uid"] = uid or uuid.uuid4().hex
+        if uid:
+            print(f"[mlflow] recovered sweep {sweep['name']!r}: parent run "
+                  f"{found[0].info.run_id} (uid {uid}) from its tags", file=sys.stderr,
+                  flush=True)
+        self._save_state()
+
+    def _adopt_newest_parent(self) -> None:
+        """A rebuilt state used before any start_parent (tuning.sync, an inbox replay): the
+        sweep is the newest parent run of the experiment. Left unset when the store cannot
+        say (the caller's TrackingError follows)."""
+        try:
+            found = self.client.search_runs(
+                [self._ensure_experiment()], f"tags.`{TAG_ROLE}` = 'parent'", max_results=1,
+                order_by=["attributes.start_time DESC"])
+        except Exception as exc:  # unreachable: nothing to adopt now
+            log.warning("cannot look up the sweep's parent run: %s", short_reason(exc))
+            return
+        if found and found[0].data.tags.get(TAG_SWEEP) and found[0].data.tags.get(TAG_SWEEP_UID):
+            tags = found[0].data.tags
+            self._state["sweep"] = {"name": tags[TAG_SWEEP], "uid": tags[TAG_SWEEP_UID]}
+            self._store()["parent_run_id"] = found[0].info.run_id
+            self._save_state()
 
     def _reopen_if_terminated(self, run_id: str) -> None:
         run = self.client.get_run(run_id)
@@ -1219,6 +1293,25 @@ class SweepTracker:
         if self.client.get_run(parent_id).info.status == "RUNNING":
             self.client.set_tag(parent_id, TAG_STATUS, "killed")
             self.client.set_terminated(parent_id, "KILLED", end_time=op.get("end_ms"))
+
+
+def state_problem(state: Any) -> str | None:
+    """Why parsed mlflow_state.json content is not a state this module wrote (None: it is)."""
+    if not isinstance(state, dict):
+        return f"not a JSON object (a {type(state).__name__})"
+    stores, trials, sweep = state.get("stores", {}), state.get("trials", {}), state.get("sweep")
+    if not isinstance(stores, dict) or not isinstance(trials, dict):
+        return "of the wrong shape (stores/trials are not objects)"
+    if sweep is not None and not (isinstance(sweep, dict) and isinstance(sweep.get("name"), str)
+                                  and isinstance(sweep.get("uid"), str | None)):
+        return "of the wrong shape (sweep)"
+    for store in stores.values():
+        if not isinstance(store, dict) or not isinstance(store.get("trials", {}), dict) or not all(
+                isinstance(t, dict) for t in store.get("trials", {}).values()):
+            return "of the wrong shape (a store)"
+    if not all(isinstance(t, dict) for t in trials.values()):
+        return "of the wrong shape (a trial)"
+    return None
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

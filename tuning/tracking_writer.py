@@ -71,7 +71,8 @@ def _read_lines(path: Path) -> list[tuple[str, list[Any]]]:
     ops = []
     if not path.exists():
         return ops
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    # errors=replace: a garbled line fails json.loads below (skipped), not the whole read
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,12 +213,24 @@ def read_phase2_params(path: Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file; None (with a warning line) when it is missing or damaged: the
+    trial's steps live in metrics.jsonl, so a lost summary loses no step."""
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    data = read_json_object(path)
+    if data is None:
+        print(f"warning: {path} is damaged; the trial's status is taken from its "
+              "metrics.jsonl (rerun the trial's sweep to rewrite it)", file=sys.stderr)
     return data
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None when it is unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _scrub_non_finite(row: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +262,7 @@ __all__ = [
     "TrialRecord",
     "finite_or_none",
     "normalize_status",
+    "read_json_object",
     "read_metrics_jsonl",
     "read_phase2_params",
 ]
