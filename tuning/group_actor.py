@@ -18,7 +18,7 @@ one report ahead hides a round trip shorter than a report interval, and a trial 
 a report has trained at most one report interval past it (steps it never reports). A
 client's poll never waits for a group step (two locks, see ``__init__``). On a GPU a
 member's steps are read back a window of ``output.sync_every`` steps at a time
-(trainer.step_guard), and a window ends at every report (``_QueueSink.report_due``).
+(trainer.step), and a window ends at every report (``_QueueSink.report_due``).
 A member whose client went away (stopped by Tune, or its worker died) is dropped after
 ``orphan_timeout_s`` without a poll; a step longer than POLL_WAIT_S (a compiled group's
 first step compiles for minutes, holding the GIL for long stretches) does not count
