@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ray.tune import Callback
 
-from tuning.tracking import SweepTracker, trial_run_name
+from tuning.tracking import FINAL_LOSS_METRIC, SweepTracker, trial_run_name
 from tuning.tracking_writer import BackgroundWriter
 
 if TYPE_CHECKING:
@@ -234,9 +234,13 @@ class MlflowSweepCallback(Callback):
             # compare view's parallel-coordinates chart offers exactly the knobs of the sweep.
             self._submit("log_params", trial_id, {**params, **swept_values(trial)})
             self._params_done.add(trial_id)
-        self._last_results[trial_id] = {
-            key: result.get(key) for key in ("step", "loss", "eval_loss", "nan_events")
-        }
+        last = self._last_results.setdefault(trial_id, {})
+        last.update(step=result.get("step"), nan_events=result.get("nan_events"))
+        for record in result.get("records") or ():
+            # The trainer's own numbers, not the report's (a mean, worst_loss after a NaN).
+            for key in ("loss", "eval_loss"):
+                if record.get(key) is not None:
+                    last[key] = record[key]
         run_dir = result.get("run_dir")
         if run_dir and self._run_dirs.get(trial_id) != str(run_dir):
             self._run_dirs[trial_id] = str(run_dir)
@@ -351,9 +355,12 @@ class MlflowSweepCallback(Callback):
         last = self._last_results.get(trial_id)
         if not last or last.get("step") is None:
             return
+        # A trial that hit a NaN gets no final loss: its last finite loss would rank it among
+        # the best in the runs table, which the link sorts by final loss.
+        clean = not last.get("nan_events")
         self._submit("log_final_metrics", trial_id, {
-            "final/loss": last.get("loss"),
-            "final/eval_loss": last.get("eval_loss"),
+            FINAL_LOSS_METRIC: last.get("loss") if clean else None,
+            "final/eval_loss": last.get("eval_loss") if clean else None,
             "final/nan_events": last.get("nan_events"),
             "final/steps": last.get("step"),
         }, int(last["step"]))

@@ -43,6 +43,7 @@ GROUP_STATS = "group_stats.json"  # where a shared group's step thread spent its
 # directory (trainer.step_profile).
 GROUP_PROFILE_ENV, GROUP_PROFILE = "PHASE2_GROUP_PROFILE", "group_profile.txt"
 LOCK = ".sweep.lock"
+MLFLOW_UI_PORT = 5000  # the port the printed `mlflow ui` command and link use
 # How long the shared group may take to close the runs of members whose clients left
 # (each writes its summary, weights and last checkpoint).
 GROUP_CLOSE_TIMEOUT_S = 300.0
@@ -438,16 +439,15 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         if top_k:
             run_recheck(loaded, sweep_dir, report, top_k, inputs=inputs, opts=opts,
                         resume=resume)
-        _publish_report(cfg, experiment, mlflow_dir, report)
+        link = _publish_report(cfg, experiment, mlflow_dir, report)
         print_report(report)
         uri = cfg.mlflow.tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
         print(f"\nsweep finished in {time.time() - t0:.0f}s: {len(index)} trials, "
               f"{sum(v['status'] == 'ERROR' for v in index.values())} failed")
-        if cfg.mlflow.tracking_uri:
-            print(f"MLflow: {cfg.mlflow.tracking_uri} (experiment {experiment})")
-        else:
+        if not cfg.mlflow.tracking_uri:
             print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
-                  "--port 5000")
+                  f"--port {MLFLOW_UI_PORT}")
+        print(f"MLflow runs of this sweep: {link or f'experiment {experiment}'}")
         return 1 if index and all(v["status"] == "ERROR" for v in index.values()) else 0
     except KeyboardInterrupt:
         _kill_runs(cfg, experiment, mlflow_dir)
@@ -549,17 +549,27 @@ def _parent_params(loaded: Loaded) -> dict[str, Any]:
     return params
 
 
-def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> None:
-    """Verdict tags on each child run; the report files on the parent run."""
+def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> str | None:
+    """Verdict tags and a ``final/stable`` metric on each child run; the report files on the
+    parent run. Returns the MLflow UI link to the sweep's runs (None before any write)."""
+    from tuning.tracking import runs_link
+
     tracker = _tracker(cfg, experiment, mlflow_dir)
+    last_step = {r.trial_id: r.history[-1]["step"] for r in report.records if r.history}
     try:
         for trial_id, kind in report.verdicts.items():
             if tracker.run_id_of(trial_id):
                 tracker.set_trial_tags(trial_id, {"phase2tune.verdict": kind})
+                # As a number too: MLflow's parallel-coordinates chart plots metrics only.
+                tracker.log_final_metrics(trial_id, {"final/stable": int(kind == "stable")},
+                                          last_step.get(trial_id, 0))
         for path in report.files.values():
             tracker.log_artifact(None, path, "report")
         if report.best_trial:
             tracker.set_parent_tags({"phase2tune.best_trial": report.best_trial})
+        experiment_id = tracker.experiment_id
+        base = cfg.mlflow.tracking_uri or f"http://127.0.0.1:{MLFLOW_UI_PORT}"
+        return runs_link(base, experiment_id, tracker.sweep_uid) if experiment_id else None
     finally:
         tracker.close()
 

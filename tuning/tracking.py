@@ -64,6 +64,7 @@ TAG_FIRST_NAN_GROUP = "first_nan_group"
 TAG_NAN_EVENTS = "nan_events"
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+FINAL_LOSS_METRIC = "final/loss"  # logged once per trial when it ends (runs_link sorts by it)
 
 # mlflow/utils/validation.py: MAX_METRICS_PER_BATCH = 1000, MAX_PARAMS_TAGS_PER_BATCH = 100,
 # MAX_ENTITIES_PER_BATCH = 1000 (metrics + params + tags together). A few tags ride along with
@@ -202,6 +203,35 @@ def trial_run_name(swept: Mapping[str, Any], trial_id: str) -> str:
     values = " ".join(f"{short_key(k)}={short_value(v)}" for k, v in swept.items())
     number = str(trial_id).rsplit("_", 1)[-1]
     return f"{values} [{number}]" if values else str(trial_id)
+
+
+def runs_link(base_url: str, experiment_id: str, sweep_uid: str | None = None) -> str:
+    """A link into the MLflow UI that opens on the sweep's training runs, charts first.
+
+    What MLflow 3.17's UI reads (checked in its bundled mlflow/server/js build):
+    ``workflowType=machine_learning`` picks the "Model training" pages; without it the UI
+    falls back to the browser's last choice, GenAI by default, and ignores the experiment's
+    ``mlflow.experimentKind`` tag. ``searchFilter`` keeps the trial runs only, and an
+    ``orderByKey`` other than the start time stops the UI from fetching the parents of the
+    runs it found (its ``shouldFetchParents``), so the parent run is neither a table row
+    nor an empty legend entry in every chart. Sorted by final loss, best first.
+    """
+    from urllib.parse import quote, urlencode
+
+    search = f"tags.`{TAG_ROLE}` = 'trial'"
+    if sweep_uid:
+        search += f" AND tags.`{TAG_SWEEP_UID}` = '{_quote(sweep_uid)}'"
+    query = urlencode(
+        {
+            "workflowType": "machine_learning",
+            "searchFilter": search,
+            "orderByKey": f"metrics.`{FINAL_LOSS_METRIC}`",
+            "orderByAsc": "true",
+            "compareRunsMode": "CHART",
+        },
+        quote_via=quote,
+    )
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def _clean_key(key: str) -> str:
@@ -561,6 +591,18 @@ class SweepTracker:
             }
             self._submit(op)
             return self._store().get("parent_run_id")
+
+    @property
+    def sweep_uid(self) -> str | None:
+        """The sweep's own id (its parent run's ``phase2tune.sweep_uid`` tag)."""
+        with self._locked():
+            return (self._state.get("sweep") or {}).get("uid")
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The experiment's id in this store once created (None before the first write)."""
+        with self._locked():
+            return self._store().get("experiment_id")
 
     @property
     def parent_run_id(self) -> str | None:
