@@ -36,3 +36,12 @@ def test_an_unchanged_table_is_printed_once(capsys) -> None:
     trials[0].status = "RUNNING"
     progress.on_step_end(2, trials)
     assert "RUNNING" in capsys.readouterr().out
+
+
+def test_the_end_summary_reports_the_whole_wall_time_and_its_parts() -> None:
+    from tuning.sweep import format_clock
+
+    clock = [("start", 100.0), ("preparation", 360.0), ("Ray start", 369.0),
+             ("trials", 499.0), ("report", 512.0)]
+    assert format_clock(clock) == (
+        "412s (preparation 260s, Ray start 9s, trials 130s, report 13s)")
