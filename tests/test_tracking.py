@@ -472,6 +472,7 @@ class FakeTrial:
     last_result: dict[str, Any] = field(default_factory=dict)
     num_failures: int = 0
     error: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the sampled (swept) values
 
     def get_error(self) -> str | None:
         return self.error
@@ -529,7 +530,9 @@ def make_callback(store_uri: str, experiment: str, tmp_path: Path, **kw: Any) ->
 def test_callback_with_fake_trials(store_uri: str, experiment: str, tmp_path: Path) -> None:
     callback = make_callback(store_uri, experiment, tmp_path)
     callback.setup(stop=None, num_samples=4, total_num_samples=4)
-    trials = [FakeTrial(f"abc12_0000{i}", experiment_tag=f"{i}_lr={i}") for i in range(4)]
+    trials = [FakeTrial(f"abc12_0000{i}", experiment_tag=f"{i}_lr={i}",
+                        config={"learning_rate": 10.0 ** -(i + 2), "model.lora.r": 8})
+              for i in range(4)]
     lrs = [1e-4, 3e-4, 1e-3, 3e-3]
     run_dirs = []
     for trial in trials:
@@ -584,7 +587,11 @@ def test_callback_with_fake_trials(store_uri: str, experiment: str, tmp_path: Pa
     assert len({frozenset(r.data.params) for r in runs.values()}) == 1
     for trial in trials:
         run = runs[trial.trial_id]
-        assert run.info.run_name == str(trial)
+        # named by the swept values; Ray's name kept as a tag; swept keys as flat params
+        lr = ["0.01", "1e-3", "1e-4", "1e-5"][trials.index(trial)]
+        assert run.info.run_name == f"lr={lr} lora.r=8 [{trial.trial_id[-5:]}]"
+        assert run.data.tags["phase2tune.ray_trial_name"] == str(trial)
+        assert run.data.params["model.lora.r"] == "8"
         expected = sorted(reported[trial.trial_id])
         assert steps_of(client, run.info.run_id, "epoch") == expected  # as reported, once
         artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))

@@ -7,7 +7,8 @@ One record per optimizer step, keys (NaN/inf may appear as floats here; each sin
 decides how to store them, JSON writes them as null):
     step, epoch, loss, grad_norm, grad_norm/projector, grad_norm/lora,
     lr/projector, lr/lora, clipped (0/1), skipped (0/1), nan_events (cumulative),
-    samples_per_s, tokens_per_s, and eval_loss on evaluation steps.
+    samples_per_s, tokens_per_s, wall_time (Unix seconds when the step's record was
+    made), and eval_loss on evaluation steps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 STEP_KEYS = (
     "step", "epoch", "loss", "grad_norm", "grad_norm/projector", "grad_norm/lora",
     "lr/projector", "lr/lora", "clipped", "skipped", "nan_events", "samples_per_s",
-    "tokens_per_s",
+    "tokens_per_s", "wall_time",
 )
 
 
@@ -175,7 +177,7 @@ class ConsoleSink:
 
 
 class MultiSink:
-    """Fan out to several sinks."""
+    """Fan out to several sinks; stamps each record with its step's ``wall_time``."""
 
     def __init__(self, *sinks: MetricsSink) -> None:
         self.sinks = sinks
@@ -186,6 +188,11 @@ class MultiSink:
 
     def log_metrics(self, metrics: dict[str, Any], step: int,
                     checkpoint: Path | None = None) -> None:
+        # Every run's sinks sit behind one MultiSink (trainer.loop.open_sinks), so this is the
+        # one place each step gets its own time: readers (MLflow's relative-time axis) would
+        # otherwise see the time a batch of records was reported. A replayed record keeps its
+        # original time.
+        metrics.setdefault("wall_time", time.time())
         for s in self.sinks:
             s.log_metrics(metrics, step, checkpoint)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ray.tune import Callback
 
-from tuning.tracking import SweepTracker
+from tuning.tracking import FINAL_LOSS_METRIC, SweepTracker, trial_run_name
 from tuning.tracking_writer import BackgroundWriter
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ class MlflowSweepCallback(Callback):
         self._started: set[str] = set()
         self._params_done: set[str] = set()
         self._run_dirs: dict[str, str] = {}
+        self._last_results: dict[str, dict[str, Any]] = {}
         self._end_reasons: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -183,7 +184,11 @@ class MlflowSweepCallback(Callback):
         trial_path = getattr(trial, "path", None)
         if trial_path:
             tags["phase2tune.ray_trial_path"] = trial_path
-        self._submit("start_trial", trial_id, str(trial), tags)
+        tags["phase2tune.ray_trial_name"] = str(trial)
+        # Named by what differs between trials: Ray's "run_trial_5601d_00003" made every
+        # legend entry of MLflow's charts look the same.
+        self._submit("start_trial", trial_id, trial_run_name(swept_values(trial), trial_id),
+                     tags)
         self._started.add(trial_id)
         return trial_id
 
@@ -225,8 +230,17 @@ class MlflowSweepCallback(Callback):
         trial_id = self._ensure_trial(trial)
         params = result.get("resolved_params")
         if trial_id not in self._params_done and isinstance(params, Mapping):
-            self._submit("log_params", trial_id, dict(params))
+            # The swept keys under their search.yaml names (``model.lora.r``), flat, so the
+            # compare view's parallel-coordinates chart offers exactly the knobs of the sweep.
+            self._submit("log_params", trial_id, {**params, **swept_values(trial)})
             self._params_done.add(trial_id)
+        last = self._last_results.setdefault(trial_id, {})
+        last.update(step=result.get("step"), nan_events=result.get("nan_events"))
+        for record in result.get("records") or ():
+            # The trainer's own numbers, not the report's (a mean, worst_loss after a NaN).
+            for key in ("loss", "eval_loss"):
+                if record.get(key) is not None:
+                    last[key] = record[key]
         run_dir = result.get("run_dir")
         if run_dir and self._run_dirs.get(trial_id) != str(run_dir):
             self._run_dirs[trial_id] = str(run_dir)
@@ -267,6 +281,7 @@ class MlflowSweepCallback(Callback):
             return
         self._ensure_trial(trial)
         self._log_run_dir_artifacts(trial)
+        self._log_final(trial_id)
         # end_reason None at completion: a scheduler/stopper ended it before the trainer did.
         end_reason = self._end_reasons.get(trial_id) or "stopped_by_tune"
         self._submit("finish_trial", trial_id, "FINISHED", {TAG_END_REASON: end_reason})
@@ -277,6 +292,7 @@ class MlflowSweepCallback(Callback):
     ) -> None:
         trial_id = self._ensure_trial(trial)
         self._log_run_dir_artifacts(trial)
+        self._log_final(trial_id)
         tags: dict[str, Any] = {TAG_END_REASON: self._end_reasons.get(trial_id) or "error"}
         error = _error_text(trial)
         if error:
@@ -333,6 +349,22 @@ class MlflowSweepCallback(Callback):
 
     # ------------------------------------------------------------------ helpers
 
+    def _log_final(self, trial_id: str) -> None:
+        """The last report's numbers as ``final/*`` metrics (one point per run, for the
+        compare view; the sweep's report adds the verdict once it is known)."""
+        last = self._last_results.get(trial_id)
+        if not last or last.get("step") is None:
+            return
+        # A trial that hit a NaN gets no final loss: its last finite loss would rank it among
+        # the best in the runs table, which the link sorts by final loss.
+        clean = not last.get("nan_events")
+        self._submit("log_final_metrics", trial_id, {
+            FINAL_LOSS_METRIC: last.get("loss") if clean else None,
+            "final/eval_loss": last.get("eval_loss") if clean else None,
+            "final/nan_events": last.get("nan_events"),
+            "final/steps": last.get("step"),
+        }, int(last["step"]))
+
     def _log_run_dir_artifacts(self, trial: Trial) -> None:
         trial_id = str(trial.trial_id)
         run_dir = self._run_dirs.get(trial_id)
@@ -352,6 +384,13 @@ class MlflowSweepCallback(Callback):
             path = base / name
             if path.is_file():
                 self._submit("log_artifact", trial_id, str(path))
+
+
+def swept_values(trial: Trial) -> dict[str, Any]:
+    """The trial's sampled values under their search.yaml keys (scalars only)."""
+    config = getattr(trial, "config", None) or {}
+    return {str(k): v for k, v in config.items()
+            if v is None or isinstance(v, bool | int | float | str)}
 
 
 def _error_text(trial: Trial) -> str | None:

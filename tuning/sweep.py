@@ -21,6 +21,7 @@ import copy
 import difflib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -44,6 +45,7 @@ GROUP_STATS = "group_stats.json"  # where a shared group's step thread spent its
 # directory (trainer.step_profile).
 GROUP_PROFILE_ENV, GROUP_PROFILE = "PHASE2_GROUP_PROFILE", "group_profile.txt"
 LOCK = ".sweep.lock"
+MLFLOW_UI_PORT = 5000  # the port the printed `mlflow ui` command and link use
 # How long the shared group may take to close the runs of members whose clients left
 # (each writes its summary, weights and last checkpoint).
 GROUP_CLOSE_TIMEOUT_S = 300.0
@@ -470,6 +472,7 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         if resume_flag and not resume:
             print(f"[sweep] nothing to resume in {sweep_dir}; starting a new sweep")
         atomic_write_text(sweep_dir / SNAPSHOT, snapshot_text(loaded))
+        clock = [("start", time.time())]  # the end summary's parts of the wall time
         print("[sweep] preparing shared inputs (demo assets, frozen-feature cache) ...")
         inputs = prepare_inputs(loaded.base, log=lambda m: print(m, flush=True))
         plan = plan_steps(loaded.base.phase2, train_size(loaded.base), src)
@@ -480,8 +483,9 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             divergence_factor=cfg.stopping.divergence_factor,
             stall_timeout_s=cfg.stopping.stall_timeout_s, worst_loss=cfg.stopping.worst_loss,
             cpus_per_trial=cfg.resources.cpus_per_trial)
+        clock.append(("preparation", time.time()))
         _init_ray(loaded)
-        t0 = time.time()
+        clock.append(("Ray start", time.time()))
         trainable, group = _trainable(cfg, sweep_dir, loaded.base_data, inputs, opts,
                                       loaded.base.model.compile, profile)
         index = _fit(
@@ -517,29 +521,38 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
                 print(f"[sweep] warning: the shared group did not close its members: {e}",
                       file=sys.stderr)
             ray.kill(group)  # every member finished; free its GPU memory for the recheck
+        clock.append(("trials", time.time()))
         report = build_report(sweep_dir, cfg.stability, cfg.sweep.name)
         top_k = cfg.recheck.top_k if recheck_k is None else recheck_k
         if top_k:
             run_recheck(loaded, sweep_dir, report, top_k, inputs=inputs, opts=opts,
                         resume=resume)
-        left = _publish_report(cfg, experiment, mlflow_dir, report)
+        link, left = _publish_report(cfg, experiment, mlflow_dir, report)
+        clock.append(("report" + (" and recheck" if top_k else ""), time.time()))
         print_report(report)
         uri = cfg.mlflow.tracking_uri or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-        print(f"\nsweep finished in {time.time() - t0:.0f}s: {len(index)} trials, "
+        print(f"\nsweep finished in {format_clock(clock)}: {len(index)} trials, "
               f"{sum(v['status'] == 'ERROR' for v in index.values())} failed")
         if left is not None:
             print(left)
-        if cfg.mlflow.tracking_uri:
-            print(f"MLflow: {cfg.mlflow.tracking_uri} (experiment {experiment})")
-        else:
+        if not cfg.mlflow.tracking_uri:
             print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
-                  "--port 5000")
+                  f"--port {MLFLOW_UI_PORT}")
+        print(f"MLflow runs of this sweep: {link or f'experiment {experiment}'}")
         return 1 if index and all(v["status"] == "ERROR" for v in index.values()) else 0
     except KeyboardInterrupt:
         _kill_runs(cfg, experiment, mlflow_dir)
         raise
     finally:
         _release_lock(lock)
+
+
+def format_clock(clock: list[tuple[str, float]]) -> str:
+    """``412s (preparation 260s, Ray start 9s, trials 130s, report 13s)`` from (name, time)
+    marks, the first one the start: the whole wall time, then each part."""
+    parts = ", ".join(f"{name} {end - begin:.0f}s"
+                      for (_, begin), (name, end) in itertools.pairwise(clock))
+    return f"{clock[-1][1] - clock[0][1]:.0f}s ({parts})"
 
 
 def _tracker(cfg, experiment: str, mlflow_dir: Path):
@@ -635,35 +648,45 @@ def _parent_params(loaded: Loaded) -> dict[str, Any]:
     return params
 
 
-def _publish_report(cfg, experiment: str, mlflow_dir: Path, report) -> str | None:
-    """Verdict tags on each child run; the report files on the parent run. Returns the
-    line that says what became of MLflow writes left over from an outage (None when there
-    were none): the callback's warning about them is stale once this driver replayed them."""
-    from tuning.tracking import JOURNAL_FILE
+def _publish_report(cfg, experiment: str, mlflow_dir: Path, report
+                    ) -> tuple[str | None, str | None]:
+    """Verdict tags and a ``final/stable`` metric on each child run; the report files on the
+    parent run. Returns the MLflow UI link to the sweep's runs (None before any write) and
+    the line that says what became of MLflow writes left over from an outage (None when
+    there were none): the callback's warning about them is stale once this driver replayed
+    them."""
+    from tuning.tracking import JOURNAL_FILE, runs_link
     from tuning.tracking_writer import INBOX_FILE
 
     inbox = mlflow_dir / INBOX_FILE
     had_backlog = (mlflow_dir / JOURNAL_FILE).exists() or (
         inbox.exists() and inbox.stat().st_size > 0)
     tracker = _tracker(cfg, experiment, mlflow_dir)
+    last_step = {r.trial_id: r.history[-1]["step"] for r in report.records if r.history}
     try:
         for trial_id, kind in report.verdicts.items():
             if tracker.run_id_of(trial_id):
                 tracker.set_trial_tags(trial_id, {"phase2tune.verdict": kind})
+                # As a number too: MLflow's parallel-coordinates chart plots metrics only.
+                tracker.log_final_metrics(trial_id, {"final/stable": int(kind == "stable")},
+                                          last_step.get(trial_id, 0))
         for path in report.files.values():
             tracker.log_artifact(None, path, "report")
         if report.best_trial:
             tracker.set_parent_tags({"phase2tune.best_trial": report.best_trial})
+        experiment_id = tracker.experiment_id
+        base = cfg.mlflow.tracking_uri or f"http://127.0.0.1:{MLFLOW_UI_PORT}"
+        link = runs_link(base, experiment_id, tracker.sweep_uid) if experiment_id else None
         if not had_backlog:
-            return None
+            return link, None
         left = tracker.retry_journal(force=True).remaining
     finally:
         tracker.close()
     if left:
-        return (f"MLflow: {left} write(s) still in the outage journal ({tracker.last_outage}); "
-                f"replay with: python -m tuning.sync {mlflow_dir}")
-    return ("MLflow: the writes held back during the outage are all stored now (nothing "
-            "left for tuning.sync)")
+        return link, (f"MLflow: {left} write(s) still in the outage journal "
+                      f"({tracker.last_outage}); replay with: python -m tuning.sync {mlflow_dir}")
+    return link, ("MLflow: the writes held back during the outage are all stored now "
+                  "(nothing left for tuning.sync)")
 
 
 def main(argv: list[str] | None = None) -> int:

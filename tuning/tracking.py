@@ -69,6 +69,7 @@ TAG_FIRST_NAN_GROUP = "first_nan_group"
 TAG_NAN_EVENTS = "nan_events"
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+FINAL_LOSS_METRIC = "final/loss"  # logged once per trial when it ends (runs_link sorts by it)
 
 # mlflow/utils/validation.py: MAX_METRICS_PER_BATCH = 1000, MAX_PARAMS_TAGS_PER_BATCH = 100,
 # MAX_ENTITIES_PER_BATCH = 1000 (metrics + params + tags together). A few tags ride along with
@@ -160,6 +161,84 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return out
 
 
+# Short names for run names and table headers; other keys use their last dotted part(s).
+SHORT_KEYS = {
+    "learning_rate": "lr",
+    "gradient_clip_val": "clip",
+    "projector_lr_mult": "proj_mult",
+    "lora_lr_mult": "lora_mult",
+    "projector_lr": "proj_lr",
+    "warmup_steps": "warmup",
+    "weight_decay": "wd",
+    "gradient_accumulation_steps": "accum",
+}
+
+
+def short_key(key: str) -> str:
+    """``learning_rate`` -> ``lr``; ``model.lora.r`` -> ``lora.r`` (two last parts)."""
+    parts = str(key).split(".")
+    if parts[0] == "phase2":
+        parts = parts[1:]
+    name = ".".join(parts[-2:]) if len(parts) > 1 else parts[0]
+    return SHORT_KEYS.get(name, name)
+
+
+def short_value(value: Any) -> str:
+    """A compact value: 0.001 -> ``1e-3``, 0.00031 -> ``3.1e-4``, 5.0 -> ``5``, None -> ``none``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    number = float(value)
+    if not math.isfinite(number) or number == 0:
+        return repr(number) if number else "0"
+    if abs(number) < 1e-2 or abs(number) >= 1e5:
+        mantissa, exponent = f"{number:.2e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{number:.3g}"
+
+
+def trial_run_name(swept: Mapping[str, Any], trial_id: str) -> str:
+    """``lr=1e-3 clip=1 [00003]``: a trial's swept values and its number, for run names/legends.
+
+    ``trial_id`` is Ray's ``<experiment>_<number>``; the number keeps names unique when two
+    trials drew the same values.
+    """
+    values = " ".join(f"{short_key(k)}={short_value(v)}" for k, v in swept.items())
+    number = str(trial_id).rsplit("_", 1)[-1]
+    return f"{values} [{number}]" if values else str(trial_id)
+
+
+def runs_link(base_url: str, experiment_id: str, sweep_uid: str | None = None) -> str:
+    """A link into the MLflow UI that opens on the sweep's training runs, charts first.
+
+    What MLflow 3.17's UI reads (checked in its bundled mlflow/server/js build):
+    ``workflowType=machine_learning`` picks the "Model training" pages; without it the UI
+    falls back to the browser's last choice, GenAI by default, and ignores the experiment's
+    ``mlflow.experimentKind`` tag. ``searchFilter`` keeps the trial runs only, and an
+    ``orderByKey`` other than the start time stops the UI from fetching the parents of the
+    runs it found (its ``shouldFetchParents``), so the parent run is neither a table row
+    nor an empty legend entry in every chart. Sorted by final loss, best first.
+    """
+    from urllib.parse import quote, urlencode
+
+    search = f"tags.`{TAG_ROLE}` = 'trial'"
+    if sweep_uid:
+        search += f" AND tags.`{TAG_SWEEP_UID}` = '{_quote(sweep_uid)}'"
+    query = urlencode(
+        {
+            "workflowType": "machine_learning",
+            "searchFilter": search,
+            "orderByKey": f"metrics.`{FINAL_LOSS_METRIC}`",
+            "orderByAsc": "true",
+            "compareRunsMode": "CHART",
+        },
+        quote_via=quote,
+    )
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
 def _clean_key(key: str) -> str:
     # MLflow accepts alphanumerics, '_', '-', '.', ' ', '/' in metric/param/tag keys.
     return _KEY_BAD_CHARS.sub("_", str(key))[:250]
@@ -198,6 +277,18 @@ WATERMARK_METRICS = ("skipped", "lr/projector", "loss")
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+# The trainer stamps each step record with its own time (trainer.metrics.MultiSink). MLflow's
+# relative-time axis plots the metric timestamp, so a record stamped when its report batch
+# arrived would draw every batch as one vertical stair.
+WALL_TIME_KEY = "wall_time"
+
+
+def _step_time_ms(record: Mapping[str, Any], fallback_ms: int) -> int:
+    """The record's own wall time in ms; ``fallback_ms`` for records that carry none."""
+    seconds = _finite_number(record.get(WALL_TIME_KEY))
+    return int(seconds * 1000) if seconds is not None and seconds > 0 else fallback_ms
 
 
 def _quote(value: str) -> str:
@@ -510,6 +601,18 @@ class SweepTracker:
             return self._store().get("parent_run_id")
 
     @property
+    def sweep_uid(self) -> str | None:
+        """The sweep's own id (its parent run's ``phase2tune.sweep_uid`` tag)."""
+        with self._locked():
+            return (self._state.get("sweep") or {}).get("uid")
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The experiment's id in this store once created (None before the first write)."""
+        with self._locked():
+            return self._store().get("experiment_id")
+
+    @property
     def parent_run_id(self) -> str | None:
         with self._locked():
             return self._store().get("parent_run_id")
@@ -567,14 +670,15 @@ class SweepTracker:
             metrics: dict[str, float] = {}
             bad: list[str] = []
             for key, value in record.items():
-                if key == "step":
+                if key in ("step", WALL_TIME_KEY):
                     continue
                 number = _finite_number(value)
                 if number is not None:
                     metrics[_clean_key(key)] = number
                 elif _is_nonfinite(value):
                     bad.append(_clean_key(key))
-            rows[step] = {"step": step, "ts": received, "m": metrics, "bad": bad}
+            rows[step] = {"step": step, "ts": _step_time_ms(record, received), "m": metrics,
+                          "bad": bad}
         events = []
         for event in nan_events:
             try:
@@ -599,6 +703,22 @@ class SweepTracker:
                     "events": sorted(events, key=lambda e: e["step"]),
                 }
             )
+
+    def log_final_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        """Per-trial results known only at the end (final loss, verdict as a number, ...).
+
+        Logged at ``step`` (the trial's last step) so they line up with the step metrics; they
+        are what MLflow's parallel-coordinates and scatter charts plot against the params.
+        Non-finite and None values are skipped, as for step records.
+        """
+        clean = {_clean_key(k): n for k, v in metrics.items()
+                 if (n := _finite_number(v)) is not None}
+        if not clean:
+            return
+        with self._locked():
+            self._require_trial(trial_id)
+            self._submit({"op": "final_metrics", "trial_id": trial_id, "metrics": clean,
+                          "step": int(step)})
 
     def watermark(self, trial_id: str) -> int:
         """Highest optimizer step stored for the trial in this tracking store (0 if none)."""
@@ -929,6 +1049,7 @@ class SweepTracker:
             "start_trial": self._apply_start_trial,
             "params": self._apply_params,
             "metrics": self._apply_metrics,
+            "final_metrics": self._apply_final_metrics,
             "tags": self._apply_tags,
             "finish_trial": self._apply_finish_trial,
             "finish_parent": self._apply_finish_parent,
@@ -1227,6 +1348,19 @@ class SweepTracker:
             self._save_state()  # persisted per successful batch: the exactly-once guarantee
             report.steps_logged += len(chunk)
             low = high
+
+    def _apply_final_metrics(self, op: dict[str, Any], report: ReplayReport) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._ensure_child(op["trial_id"], create=True)
+        # A replayed operation logs the same values again at the same step: the latest value,
+        # which every chart shows, does not change.
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, op["ts_ms"], op["step"])
+                     for k, v in sorted(op["metrics"].items())],
+            synchronous=True,
+        )
 
     def _apply_tags(self, op: dict[str, Any], report: ReplayReport) -> None:
         from mlflow.entities import RunTag

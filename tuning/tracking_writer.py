@@ -48,7 +48,7 @@ INBOX_LOCK_FILE = ".mlflow_inbox.lock"
 # The tracker methods an inbox line may name (anything else in the file is outside damage).
 OPERATIONS = frozenset({
     "start_parent", "start_trial", "log_params", "set_trial_tags", "set_parent_tags",
-    "log_records", "log_artifact", "finish_trial", "finish_parent",
+    "log_records", "log_final_metrics", "log_artifact", "finish_trial", "finish_parent",
 })
 # Records of several results are merged into one tracker call up to this many steps per trial:
 # fewer, larger MLflow transactions (the per-call cost dominates small batches).
