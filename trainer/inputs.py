@@ -76,6 +76,13 @@ def _needs_cache(cfg: TrainConfig) -> None:
                                    "set data.feature_cache: true")])
 
 
+def demo_manifest(cfg: TrainConfig, source: Phase1Source) -> Path:
+    """The demo dataset's manifest (built on first use), sized for a bundle source."""
+    # The demo data follows the bundle's sizes; other sources read any size and rate.
+    spec = read_spec(source.bundle_dir) if source.bundle_dir is not None else cfg.demo.bundle
+    return _demo_data(cfg, spec)
+
+
 def prepare_inputs(cfg: TrainConfig, log=print, device: str = "cpu") -> Inputs:
     """Resolve (and on first use build) everything a run reads. Idempotent.
 
@@ -85,9 +92,7 @@ def prepare_inputs(cfg: TrainConfig, log=print, device: str = "cpu") -> Inputs:
     _needs_cache(cfg)
     source = phase1_source(cfg)
     llm_dir = cfg.model.llm_path or _demo_llm(cfg)
-    # The demo data follows the bundle's sizes; other sources read any size and rate.
-    spec = read_spec(source.bundle_dir) if source.bundle_dir is not None else cfg.demo.bundle
-    manifest = cfg.data.manifest or _demo_data(cfg, spec)
+    manifest = cfg.data.manifest or demo_manifest(cfg, source)
     examples = read_manifest(manifest)
     eval_examples = read_manifest(cfg.data.eval_manifest) if cfg.data.eval_manifest else None
     cache = eval_cache = None
@@ -118,7 +123,8 @@ def _rows_for(data: AlignedFeatures, examples: list[Example], cfg: TrainConfig
     try:
         return data.rows([e.id for e in examples], cfg.phase1.features_path)
     except FeaturesFileError as e:
-        raise ConfigError([Problem("phase1.features_path", "", str(e), "")]) from None
+        raise ConfigError([Problem("phase1.features_path", "", str(e),
+                                   "export the file from this manifest")]) from None
 
 
 def _features(cfg: TrainConfig, cache: Path, examples: list[Example], log
