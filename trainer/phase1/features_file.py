@@ -99,7 +99,9 @@ def read_features_file(path: Path) -> AlignedFeatures:
             if names != {"features", "mask"}:
                 raise FeaturesFileError(f"{path}: tensors {sorted(names)}, expected "
                                         "features and mask")
-            features, mask = f.get_tensor("features"), f.get_tensor("mask")
+            # Copies, not views of the memory map: a file cut short under a mapping
+            # would kill the process with SIGBUS at the next read.
+            features, mask = f.get_tensor("features").clone(), f.get_tensor("mask").clone()
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
         if isinstance(e, FeaturesFileError):
             raise
