@@ -15,7 +15,7 @@ from trainer.bundle import load_bundle
 from trainer.config import config_from_data, load_config
 from trainer.data import read_manifest
 from trainer.feature_cache import cache_key, cached_features, read_features
-from trainer.inputs import prepare_inputs
+from trainer.inputs import phase1_source, prepare_inputs
 from trainer.loop import train
 from trainer.metrics import MemorySink
 from trainer.yaml_io import dump_yaml
@@ -94,35 +94,41 @@ def test_feature_cache_matches_running_the_encoders(tiny):
 def test_cache_is_keyed_by_content(tmp_path, assets_dir):
     cfg = config_from_data(tiny_data(tmp_path / "runs", assets_dir))
     inputs = prepare_inputs(cfg, log=lambda *_: None)
+    source = phase1_source(cfg)
     examples = read_manifest(inputs.manifest)
-    key = cache_key(inputs.bundle_dir, examples)
+    key = cache_key(source, examples)
     copy = tmp_path / "img.png"
     copy.write_bytes(examples[0].image.read_bytes())
     changed = [examples[0].__class__(examples[0].id, copy, examples[0].audio,
                                      examples[0].prompt, examples[0].target), *examples[1:]]
-    assert cache_key(inputs.bundle_dir, changed) == key  # same bytes, same key
+    assert cache_key(source, changed) == key  # same bytes, same key
     copy.write_bytes(copy.read_bytes() + b"\0")
-    assert cache_key(inputs.bundle_dir, changed) != key  # edited input, new cache
+    assert cache_key(source, changed) != key  # edited input, new cache
+    no_audio = [examples[0].__class__(examples[0].id, examples[0].image, None,
+                                      examples[0].prompt, examples[0].target), *examples[1:]]
+    assert cache_key(source, no_audio) != key  # a dropped modality, new cache
 
 
 def _build(args):
-    cache_dir, bundle_dir, manifest = args
-    return str(cached_features(Path(cache_dir), Path(bundle_dir), read_manifest(Path(manifest)),
-                               log=lambda *_: None))
+    cache_dir, runs, assets, manifest = args
+    cfg = config_from_data(tiny_data(Path(runs), Path(assets)))
+    return str(cached_features(Path(cache_dir), phase1_source(cfg),
+                               read_manifest(Path(manifest)), log=lambda *_: None))
 
 
 def test_concurrent_cache_builds_agree(tmp_path, assets_dir):
     inputs = prepare_inputs(config_from_data(tiny_data(tmp_path / "r", assets_dir)),
                             log=lambda *_: None)
-    job = (str(tmp_path / "cache"), str(inputs.bundle_dir), str(inputs.manifest))
+    job = (str(tmp_path / "cache"), str(tmp_path / "r"), str(assets_dir), str(inputs.manifest))
     # spawn, not fork: forking a process that already ran torch threads can deadlock
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         paths = list(pool.map(_build, [job, job]))
     assert paths[0] == paths[1]
     examples = read_manifest(inputs.manifest)
-    feats = read_features(Path(paths[0]), examples)
+    data = read_features(Path(paths[0]), examples)
     bundle = load_bundle(inputs.bundle_dir)
-    assert feats.shape == (len(examples), bundle.num_tokens, bundle.align_dim)
+    assert data.features.shape == (len(examples), bundle.num_tokens, bundle.align_dim)
+    assert bool(data.mask.all())  # every demo example has every modality
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(paths[0]).name]  # no temps
 
 

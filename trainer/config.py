@@ -81,10 +81,69 @@ class Phase2(_Strict):
         return self.gradient_clip_val or None
 
 
-class Phase1(_Strict):
-    """Where the frozen Phase 1 encoders and aligner come from."""
+class HFImage(_Strict):
+    """A Hugging Face image encoder (CLIP, SigLIP, ViT, ...) and its image processor."""
 
-    bundle_path: Path | None = None  # a Phase 1 bundle directory; null = build the demo bundle
+    path: Path  # local dir with config, weights and preprocessor_config.json
+    tokens: int | None = Field(None, ge=1)  # pool the patch tokens to this many; null = all
+
+
+class HFAudio(_Strict):
+    """A Hugging Face audio encoder (Whisper's encoder, wav2vec2, AST) and its extractor."""
+
+    path: Path  # local dir with config, weights and preprocessor_config.json
+    frames_per_token: int = Field(1, ge=1)  # average this many encoder frames per token
+
+
+class HFText(_Strict):
+    """A Hugging Face text encoder (BERT-like) over the prompt, and its tokenizer."""
+
+    path: Path  # local dir with config, weights and tokenizer files
+    pooling: Literal["mean", "cls", "all"] = "mean"  # one token (mean / [CLS]) or every token
+    max_length: int = Field(64, ge=1)  # prompt tokens the encoder reads
+
+
+PHASE1_SOURCES = ("bundle", "hf", "factory", "features")
+
+
+class Phase1(_Strict):
+    """Where the frozen Phase 1 encoders and aligner come from (docs/own-model.md).
+
+    source: bundle   = the project's bundle format (`bundle_path`; null = the demo bundle)
+            hf       = Hugging Face encoders from local dirs + an aligner safetensors file
+            factory  = your code: "pkg.module:build" called with `kwargs`
+            features = precomputed aligned features (`features_path`, trainer.phase1 format)
+    """
+
+    source: Literal["bundle", "hf", "factory", "features"] = "bundle"
+    bundle_path: Path | None = None  # source bundle: a bundle directory; null = demo bundle
+    image: HFImage | None = None  # source hf: the image encoder (null = no image tokens)
+    audio: HFAudio | None = None  # source hf: the audio encoder (null = no audio tokens)
+    text: HFText | None = None  # source hf: the prompt encoder (null = no text tokens)
+    aligner_path: Path | None = None  # source hf: safetensors of the aligner heads
+    factory: str | None = None  # source factory: "pkg.module:function"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # source factory: its arguments
+    features_path: Path | None = None  # source features: a features file
+
+    @model_validator(mode="after")
+    def _source_keys(self) -> Phase1:
+        needs = {"bundle": set(), "hf": {"aligner_path"}, "factory": {"factory"},
+                 "features": {"features_path"}}
+        allowed = {"bundle": {"bundle_path"}, "hf": {"image", "audio", "text", "aligner_path"},
+                   "factory": {"factory", "kwargs"}, "features": {"features_path"}}
+        for key in needs[self.source]:
+            if getattr(self, key) is None:
+                raise ValueError(f"phase1.source {self.source} needs phase1.{key}")
+        for key in set().union(*allowed.values()) - allowed[self.source]:
+            if getattr(self, key) not in (None, {}):
+                raise ValueError(f"phase1.{key} is not read with phase1.source "
+                                 f"{self.source}; remove it or change the source")
+        if self.source == "hf" and not (self.image or self.audio or self.text):
+            raise ValueError("phase1.source hf needs at least one of image, audio, text")
+        if self.factory is not None and not re.fullmatch(
+                r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.factory):
+            raise ValueError(f"phase1.factory {self.factory!r} is not 'package.module:function'")
+        return self
 
 
 class LoRA(_Strict):
@@ -373,7 +432,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _absolutize(cfg: TrainConfig) -> TrainConfig:
     # Ray runs trials in other working directories: pin every path now.
-    cfg.phase1.bundle_path = cfg.phase1.bundle_path and cfg.phase1.bundle_path.resolve()
+    p1 = cfg.phase1
+    p1.bundle_path = p1.bundle_path and p1.bundle_path.resolve()
+    p1.aligner_path = p1.aligner_path and p1.aligner_path.resolve()
+    p1.features_path = p1.features_path and p1.features_path.resolve()
+    for enc in (p1.image, p1.audio, p1.text):
+        if enc is not None:
+            enc.path = enc.path.resolve()
     cfg.model.llm_path = cfg.model.llm_path and cfg.model.llm_path.resolve()
     cfg.data.manifest = cfg.data.manifest and cfg.data.manifest.resolve()
     cfg.data.eval_manifest = cfg.data.eval_manifest and cfg.data.eval_manifest.resolve()
@@ -384,11 +449,18 @@ def _absolutize(cfg: TrainConfig) -> TrainConfig:
 
 def _check_paths(cfg: TrainConfig, source: str) -> list[Problem]:
     problems = []
-    for key, p in (("phase1.bundle_path", cfg.phase1.bundle_path),
-                   ("model.llm_path", cfg.model.llm_path)):
+    p1 = cfg.phase1
+    for key, p in (("phase1.bundle_path", p1.bundle_path), ("model.llm_path", cfg.model.llm_path),
+                   *((f"phase1.{m}.path", getattr(p1, m) and getattr(p1, m).path)
+                     for m in ("image", "audio", "text"))):
         if p is not None and not p.is_dir():
             problems.append(Problem(source, key, f"directory {p} not found",
                                     "point it at a local directory, or null for the demo"))
+    for key, p in (("phase1.aligner_path", p1.aligner_path),
+                   ("phase1.features_path", p1.features_path)):
+        if p is not None and not p.is_file():
+            problems.append(Problem(source, key, f"file {p} not found",
+                                    "point it at a safetensors file (docs/own-model.md)"))
     for key, p in (("data.manifest", cfg.data.manifest),
                    ("data.eval_manifest", cfg.data.eval_manifest)):
         if p is not None and not p.is_file():

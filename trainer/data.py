@@ -1,19 +1,24 @@
-"""Manifest reading, media loading, tokenization and batching.
+"""Manifest reading, tokenization and batching.
 
 Manifest: JSONL, one example per line:
     {"id": "...", "image": "images/0.png", "audio": "audio/0.wav",
      "prompt": "Describe ...", "target": "a red circle ..."}
 Media paths are relative to the manifest's directory (absolute paths allowed).
+`image` and `audio` are each optional, but an example needs at least one of them: an
+example without a modality gets no prefix tokens for it (the rule is in
+docs/own-model.md). `id`s must be unique and `target` non-empty; both are checked for
+the whole manifest before anything trains. Media files are read by trainer.media.
 
 Sequence layout fed to the LLM, per example:
-    [projected feature tokens] [prompt tokens] [target tokens] </s> [pad ...]
-Only target tokens and </s> carry labels; prefix, prompt and padding are -100.
+    [its valid prefix tokens] [prompt tokens] [target tokens] </s> [pad ...]
+Only target tokens and </s> carry labels; prefix, prompt and padding are -100. A
+batch's prefixes may differ in length: the rows are compacted by trainer.model
+(`final_hidden`), so each row stays right-padded.
 """
 
 from __future__ import annotations
 
 import json
-import wave
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,23 +29,64 @@ from PIL import Image
 from trainer.bundle import TEXT_VOCAB
 from trainer.config import DemoBundle
 from trainer.errors import ConfigError, Problem
+from trainer.media import MediaError, read_audio, read_image
 
 IGNORE_INDEX = -100
-REQUIRED_KEYS = ("image", "audio", "prompt", "target")
+MODALITIES = ("image", "audio")  # media keys of a manifest line; at least one per example
+MAX_PROBLEMS = 20  # problems listed per manifest (the first ones; the count is printed)
 
 
 @dataclass(frozen=True)
 class Example:
     id: str
-    image: Path
-    audio: Path
+    image: Path | None
+    audio: Path | None
     prompt: str
     target: str
+    where: str = ""  # "manifest.jsonl:7", for messages
+
+
+def _line_problems(obj, where: str, base: Path) -> tuple[list[Problem], Example | None]:
+    if not isinstance(obj, dict):
+        return [Problem(where, "", "not a JSON object", "one JSON object per line")], None
+    problems = []
+    for key in ("prompt", "target"):
+        if not isinstance(obj.get(key), str):
+            problems.append(Problem(where, key, "missing or not a string",
+                                    "each line needs prompt and target strings"))
+    if isinstance(obj.get("target"), str) and not obj["target"].strip():
+        problems.append(Problem(where, "target", "empty target",
+                                "give every example a non-empty target, or drop the line"))
+    paths: dict[str, Path | None] = {}
+    for key in MODALITIES:
+        value = obj.get(key)
+        if value is None:
+            paths[key] = None
+        elif not isinstance(value, str) or not value:
+            problems.append(Problem(where, key, "not a file path",
+                                    "a path relative to the manifest, or leave the key out"))
+        else:
+            paths[key] = p = base / value
+            if not p.is_file():
+                problems.append(Problem(where, key, f"file {p} not found",
+                                        "paths are relative to the manifest's directory"))
+    if not problems and all(v is None for v in paths.values()):
+        problems.append(Problem(where, "image,audio", "neither an image nor an audio file",
+                                "give the example an image, an audio clip or both"))
+    if "id" in obj and not isinstance(obj["id"], str | int):
+        problems.append(Problem(where, "id", "not a string", "ids are strings"))
+    if problems:
+        return problems, None
+    n = where.rsplit(":", 1)[-1]
+    return [], Example(str(obj.get("id", n)), paths["image"], paths["audio"], obj["prompt"],
+                       obj["target"], where)
 
 
 def read_manifest(path: Path) -> list[Example]:
-    """Parse a JSONL manifest; every bad line is reported with its line number."""
-    problems, examples = [], []
+    """Parse a JSONL manifest; every bad line is reported with its line number, and
+    duplicate ids with both lines (a duplicate would make one row train on the other's
+    features)."""
+    problems, examples, seen = [], [], {}
     base = path.parent
     for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not raw.strip():
@@ -52,43 +98,61 @@ def read_manifest(path: Path) -> list[Example]:
             problems.append(Problem(where, "", f"invalid JSON: {e.msg}",
                                     "one JSON object per line"))
             continue
-        missing = [k for k in REQUIRED_KEYS if not isinstance(obj.get(k), str)]
-        if missing:
-            problems.append(Problem(where, ",".join(missing), "missing or not a string",
-                                    f"each line needs {', '.join(REQUIRED_KEYS)}"))
+        found, example = _line_problems(obj, where, base)
+        problems += found
+        if example is None:
             continue
-        image, audio = base / obj["image"], base / obj["audio"]
-        for key, p in (("image", image), ("audio", audio)):
-            if not p.is_file():
-                problems.append(Problem(where, key, f"file {p} not found",
-                                        "paths are relative to the manifest's directory"))
-        examples.append(Example(str(obj.get("id", n)), image, audio, obj["prompt"], obj["target"]))
+        if example.id in seen:
+            problems.append(Problem(where, "id", f"duplicate id {example.id!r} (also on line "
+                                    f"{seen[example.id]})", "give every example its own id"))
+            continue
+        seen[example.id] = n
+        examples.append(example)
     if not examples and not problems:
         problems.append(Problem(str(path), "", "manifest is empty", "add examples"))
     if problems:
-        raise ConfigError(problems[:20])
+        if len(problems) > MAX_PROBLEMS:
+            extra = len(problems) - MAX_PROBLEMS
+            problems = [*problems[:MAX_PROBLEMS],
+                        Problem(str(path), "", f"and {extra} more problems", "fix the above")]
+        raise ConfigError(problems)
     return examples
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """RGB image -> float tensor [3, size, size] in [-1, 1]."""
-    with Image.open(path) as im:
-        rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+def media_problem(example: Example, key: str, err: MediaError) -> Problem:
+    """One line naming the manifest line, the key and the file that failed."""
+    return Problem(example.where or example.id, key, str(err),
+                   "replace or re-encode the file, or drop the line")
+
+
+def check_media(examples: list[Example]) -> list[Problem]:
+    """Open every media file once (a sweep's dry run): one problem per bad file."""
+    problems = []
+    for e in examples:
+        try:
+            if e.image is not None:
+                read_image(e.image)
+        except MediaError as err:
+            problems.append(media_problem(e, "image", err))
+        try:
+            if e.audio is not None:
+                read_audio(e.audio, None)
+        except MediaError as err:
+            problems.append(media_problem(e, "audio", err))
+    return problems
+
+
+def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """The demo bundle's preprocessing: RGB -> [3, size, size] in [-1, 1]."""
+    rgb = image.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def load_wav(path: Path, sample_rate: int, num_samples: int) -> torch.Tensor:
-    """16-bit PCM WAV -> mono float tensor [num_samples] in [-1, 1], cropped or zero-padded."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM WAV is supported")
-        if w.getframerate() != sample_rate:
-            raise ValueError(f"{path}: sample rate {w.getframerate()} != bundle's {sample_rate}")
-        x = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32)
-        x = x.reshape(-1, w.getnchannels()).mean(axis=1) / 32768.0
+def fit_samples(samples: np.ndarray, num_samples: int) -> torch.Tensor:
+    """Mono samples cropped or zero-padded to `num_samples` (the demo bundle's fixed clip)."""
     out = np.zeros(num_samples, dtype=np.float32)
-    out[: min(num_samples, len(x))] = x[:num_samples]
+    out[: min(num_samples, len(samples))] = samples[:num_samples]
     return torch.from_numpy(out)
 
 
@@ -100,7 +164,7 @@ def text_bytes(text: str, max_len: int) -> torch.Tensor:
 
 @dataclass
 class Media:
-    """Raw inputs of the frozen encoders for a list of examples."""
+    """Raw inputs of the demo bundle's encoders for a list of examples."""
 
     images: torch.Tensor  # [N, 3, H, W]
     audio: torch.Tensor  # [N, T]
@@ -111,11 +175,29 @@ class Media:
 
 
 def load_media(examples: list[Example], spec: DemoBundle) -> Media:
-    return Media(
-        torch.stack([load_image(e.image, spec.image_size) for e in examples]),
-        torch.stack([load_wav(e.audio, spec.sample_rate, spec.audio_samples) for e in examples]),
-        torch.stack([text_bytes(e.prompt, spec.text_max_len) for e in examples]),
-    )
+    """The demo bundle's inputs, for runs that encode every step (`data.feature_cache:
+    false`); that path needs both media on every example (no prefix mask there)."""
+    problems, images, audio = [], [], []
+    for e in examples:
+        for key in MODALITIES:
+            if getattr(e, key) is None:
+                problems.append(Problem(e.where or e.id, key, "missing, but data.feature_cache "
+                                        "is false (encoders run every step, every modality "
+                                        "needed)", "set data.feature_cache: true"))
+        if problems:
+            continue
+        try:
+            images.append(image_tensor(read_image(e.image), spec.image_size))
+        except MediaError as err:
+            problems.append(media_problem(e, "image", err))
+        try:
+            audio.append(fit_samples(read_audio(e.audio, spec.sample_rate), spec.audio_samples))
+        except MediaError as err:
+            problems.append(media_problem(e, "audio", err))
+    if problems:
+        raise ConfigError(problems[:MAX_PROBLEMS])
+    return Media(torch.stack(images), torch.stack(audio),
+                 torch.stack([text_bytes(e.prompt, spec.text_max_len) for e in examples]))
 
 
 @dataclass
@@ -145,13 +227,24 @@ def tokenize(examples: list[Example], tokenizer, max_prompt: int, max_target: in
     return Tokens(ids, lab, mask)
 
 
+def prefix_features(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows of a split's prefix features [N, T', D] fp32: each row's real tokens first, in
+    order, then NaN, the padding mark trainer.model reads (`prefix_embeds`); T' is the
+    longest row's count of real tokens."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    feats = features.float().gather(1, order.unsqueeze(-1).expand_as(features))
+    real = mask.gather(1, order)
+    length = int(real.sum(1).max())
+    return feats.masked_fill(~real.unsqueeze(-1), float("nan"))[:, :length].contiguous()
+
+
 @dataclass
 class Split:
     """One split in memory: token tensors plus either cached features or raw media."""
 
     ids: list[str]
     tokens: Tokens
-    features: torch.Tensor | None = None  # [N, T, align_dim] from the feature cache
+    features: torch.Tensor | None = None  # [N, T, align_dim] cached; NaN = no token there
     media: Media | None = None  # raw inputs when the encoders run every step
     num_tokens: int = field(default=0)  # target + prompt tokens, for throughput
 

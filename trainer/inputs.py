@@ -13,21 +13,32 @@ from pathlib import Path
 
 from trainer.bundle import build_demo_bundle, read_spec
 from trainer.config import DemoBundle, TrainConfig
-from trainer.data import Split, load_media, read_manifest, split_eval, tokenize
+from trainer.data import (
+    Example,
+    Split,
+    load_media,
+    prefix_features,
+    read_manifest,
+    split_eval,
+    tokenize,
+)
 from trainer.demo_assets import build_demo_dataset, build_demo_llm, spec_hash
+from trainer.errors import ConfigError, Problem
 from trainer.feature_cache import cached_features, read_features
 from trainer.fsutil import build_once
+from trainer.phase1.features_file import AlignedFeatures, FeaturesFileError, read_features_file
+from trainer.phase1.source import Phase1Source
 
 EVAL_SPLIT_SEED = 0  # fixed, not the trial seed: every trial of a sweep evals the same rows
 
 
 @dataclass(frozen=True)
 class Inputs:
-    bundle_dir: Path
+    bundle_dir: Path | None  # the Phase 1 bundle (source bundle only)
     llm_dir: Path
     manifest: Path
     eval_manifest: Path | None
-    feature_cache: Path | None  # features of `manifest`, in manifest order
+    feature_cache: Path | None  # features of `manifest` (a features file: every id it has)
     eval_feature_cache: Path | None  # features of `eval_manifest`
 
 
@@ -50,38 +61,101 @@ def _demo_data(cfg: TrainConfig, spec: DemoBundle) -> Path:
     return build_once(target, lambda d: build_demo_dataset(d, **args)) / "manifest.jsonl"
 
 
+def phase1_source(cfg: TrainConfig) -> Phase1Source:
+    """The configured Phase 1 (building the demo bundle on first use)."""
+    bundle_dir = None
+    if cfg.phase1.source == "bundle":
+        bundle_dir = cfg.phase1.bundle_path or _demo_bundle(cfg)
+    return Phase1Source(cfg.phase1, bundle_dir)
+
+
+def _needs_cache(cfg: TrainConfig) -> None:
+    if cfg.phase1.source != "bundle" and not cfg.data.feature_cache:
+        raise ConfigError([Problem("config", "data.feature_cache", "is false, but a Phase 1 "
+                                   f"of source {cfg.phase1.source} only runs into the cache",
+                                   "set data.feature_cache: true")])
+
+
+def demo_manifest(cfg: TrainConfig, source: Phase1Source) -> Path:
+    """The demo dataset's manifest (built on first use), sized for a bundle source."""
+    # The demo data follows the bundle's sizes; other sources read any size and rate.
+    spec = read_spec(source.bundle_dir) if source.bundle_dir is not None else cfg.demo.bundle
+    return _demo_data(cfg, spec)
+
+
 def prepare_inputs(cfg: TrainConfig, log=print, device: str = "cpu") -> Inputs:
     """Resolve (and on first use build) everything a run reads. Idempotent.
 
-    `device` runs the frozen encoders for the feature cache (a GPU makes it fast).
+    `device` runs the frozen Phase 1 for the feature cache (a GPU makes it fast). Every
+    check of the Phase 1 and the data happens here, before any trial starts.
     """
-    bundle_dir = cfg.phase1.bundle_path or _demo_bundle(cfg)
+    _needs_cache(cfg)
+    source = phase1_source(cfg)
     llm_dir = cfg.model.llm_path or _demo_llm(cfg)
-    spec = read_spec(bundle_dir)
-    manifest = cfg.data.manifest or _demo_data(cfg, spec)
+    manifest = cfg.data.manifest or demo_manifest(cfg, source)
+    examples = read_manifest(manifest)
+    eval_examples = read_manifest(cfg.data.eval_manifest) if cfg.data.eval_manifest else None
     cache = eval_cache = None
-    if cfg.data.feature_cache:
+    if cfg.phase1.source == "features":
+        cache = eval_cache = cfg.phase1.features_path
+        data = _user_features(cfg)
+        for ex in (examples, eval_examples or []):
+            _rows_for(data, ex, cfg)
+    elif cfg.data.feature_cache:
         cache_dir = cfg.assets_dir / "features"
-        cache = cached_features(cache_dir, bundle_dir, read_manifest(manifest), device, log)
-        if cfg.data.eval_manifest:
-            eval_cache = cached_features(cache_dir, bundle_dir,
-                                         read_manifest(cfg.data.eval_manifest), device, log)
-    return Inputs(bundle_dir, llm_dir, manifest, cfg.data.eval_manifest, cache, eval_cache)
+        cache = cached_features(cache_dir, source, examples, device, log)
+        if eval_examples:
+            eval_cache = cached_features(cache_dir, source, eval_examples, device, log)
+    return Inputs(source.bundle_dir, llm_dir, manifest, cfg.data.eval_manifest, cache,
+                  eval_cache)
 
 
-def _split(examples, rows, cache: Path | None, all_examples, spec, tok, cfg) -> Split:
+def _user_features(cfg: TrainConfig) -> AlignedFeatures:
+    try:
+        return read_features_file(cfg.phase1.features_path)
+    except FeaturesFileError as e:
+        raise ConfigError([Problem("phase1.features_path", "", str(e),
+                                   "see docs/own-model.md, 'Precomputed features'")]) from None
+
+
+def _rows_for(data: AlignedFeatures, examples: list[Example], cfg: TrainConfig
+              ) -> AlignedFeatures:
+    try:
+        return data.rows([e.id for e in examples], cfg.phase1.features_path)
+    except FeaturesFileError as e:
+        raise ConfigError([Problem("phase1.features_path", "", str(e),
+                                   "export the file from this manifest")]) from None
+
+
+def _features(cfg: TrainConfig, cache: Path, examples: list[Example], log
+              ) -> AlignedFeatures:
+    """Verified features of `examples` (in order); a damaged cache is rebuilt, with a
+    warning line, never trained on."""
+    if cfg.phase1.source == "features":
+        return _rows_for(_user_features(cfg), examples, cfg)
+    try:
+        return read_features(cache, examples)
+    except FeaturesFileError as e:
+        log(f"[feature-cache] warning: {e}; rebuilding it")
+    rebuilt = cached_features(cache.parent, phase1_source(cfg), examples, "cpu", log)
+    return read_features(rebuilt, examples)
+
+
+def _split(examples, rows, cache: Path | None, all_examples, spec, tok, cfg, log) -> Split:
     tokens = tokenize(examples, tok, cfg.data.max_prompt_tokens, cfg.data.max_target_tokens)
     split = Split([e.id for e in examples], tokens, num_tokens=int(tokens.attention_mask.sum()))
     if cache is not None:
-        split.features = read_features(cache, all_examples)[rows]
+        data = _features(cfg, cache, all_examples, log)
+        split.features = prefix_features(data.features[rows], data.mask[rows])
     else:
         split.media = load_media(examples, spec)
     return split
 
 
-def load_splits(cfg: TrainConfig, inputs: Inputs, tokenizer) -> tuple[Split, Split | None]:
+def load_splits(cfg: TrainConfig, inputs: Inputs, tokenizer,
+                log=print) -> tuple[Split, Split | None]:
     """Train and eval splits in memory (features from the cache, or raw media)."""
-    spec = read_spec(inputs.bundle_dir)
+    spec = read_spec(inputs.bundle_dir) if inputs.bundle_dir is not None else cfg.demo.bundle
     examples = read_manifest(inputs.manifest)
     if inputs.eval_manifest:
         train_ex, eval_ex = examples, read_manifest(inputs.eval_manifest)
@@ -90,16 +164,16 @@ def load_splits(cfg: TrainConfig, inputs: Inputs, tokenizer) -> tuple[Split, Spl
         train_ex, eval_ex = split_eval(examples, cfg.data.eval_fraction, EVAL_SPLIT_SEED)
         eval_source, eval_cache = examples, inputs.feature_cache
 
-    def rows(subset, source) -> list[int]:  # cache rows are in manifest order
+    def rows(subset, source) -> list[int]:  # cache rows are in manifest order (ids unique)
         pos = {e.id: i for i, e in enumerate(source)}
         return [pos[e.id] for e in subset]
 
     train = _split(train_ex, rows(train_ex, examples), inputs.feature_cache, examples, spec,
-                   tokenizer, cfg)
+                   tokenizer, cfg, log)
     if not eval_ex:
         return train, None
     return train, _split(eval_ex, rows(eval_ex, eval_source), eval_cache, eval_source, spec,
-                         tokenizer, cfg)
+                         tokenizer, cfg, log)
 
 
 def train_size(cfg: TrainConfig) -> int:

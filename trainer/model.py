@@ -156,11 +156,17 @@ def prefix_embeds(projector: Projector, embed: nn.Module, features: torch.Tensor
                   input_ids: torch.Tensor) -> torch.Tensor:
     """Input embeddings: the projected feature tokens, then the text tokens.
 
-    The prefix is always attended and never a target (`find_targets` skips it).
+    Prefixes may differ in length between rows: a feature token that is NaN is no token
+    (trainer.data.prefix_features puts each row's real tokens first, then NaN). Such
+    tokens go through the projector as zeros (a NaN input would make the projector's
+    weight gradient NaN) and come out as NaN embeddings, which `final_hidden` moves
+    behind the row's text. The prefix is never a target (`find_targets` skips it).
     """
-    prefix = projector(features.to(projector.net[0].weight.dtype))
+    real = ~torch.isnan(features[..., :1])  # [b, T, 1]
+    prefix = projector(features.masked_fill(~real, 0.0).to(projector.net[0].weight.dtype))
     tokens = embed(input_ids)
-    return torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+    prefix = prefix.to(tokens.dtype).masked_fill(~real, float("nan"))
+    return torch.cat([prefix, tokens], dim=1)
 
 
 def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
@@ -173,10 +179,24 @@ def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
     carry no target. Without a mask HF takes SDPA's `is_causal` path (flash attention)
     instead of materialising a [B, 1, L, L] mask and falling back to the slower masked
     kernels, also inside a compiled forward, where HF cannot prove a mask is all ones.
+
+    A row whose prefix is shorter than the batch's has NaN embeddings where its missing
+    prefix tokens would be (`prefix_embeds`). The row is compacted first, [its real prefix]
+    [its text] [the rest], so it stays right-padded (no mask needed) and its text sits
+    right behind its own prefix (positions as in a batch of one); the hidden states are
+    then put back at the original positions, so the callers' target positions hold. All
+    on the device, with static shapes (a gather, no host sync). Rows with a full prefix
+    are gathered in place: the same numbers as without this step.
     """
+    gap = torch.isnan(embeds[..., 0])  # [b, L]
+    order = torch.argsort(gap.to(torch.int8), dim=1, stable=True)  # real positions first
+    index = order.unsqueeze(-1).expand_as(embeds)
+    packed = embeds.gather(1, index).masked_fill(gap.gather(1, order).unsqueeze(-1), 0.0)
     # The decoder body, not the CausalLM forward: that would run the LM head (a quarter of
     # a Qwen model) over every position, prefix and prompt included.
-    return lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    hidden = lm.base_model(inputs_embeds=packed, use_cache=False).last_hidden_state
+    back = torch.argsort(order, dim=1).unsqueeze(-1).expand_as(hidden)  # the inverse order
+    return hidden.gather(1, back)
 
 
 class Targets(NamedTuple):

@@ -113,7 +113,8 @@ def resolved_config(cfg: TrainConfig, inputs: Inputs, plan: Plan) -> dict[str, A
     data["phase2"].update(projector_lr=cfg.phase2.resolved_projector_lr,
                           lora_lr=cfg.phase2.resolved_lora_lr,
                           total_training_steps=plan.total_steps)
-    data["phase1"]["bundle_path"] = str(inputs.bundle_dir)
+    if inputs.bundle_dir is not None:  # other Phase 1 sources have no bundle directory
+        data["phase1"]["bundle_path"] = str(inputs.bundle_dir)
     data["model"]["llm_path"] = str(inputs.llm_dir)
     data["data"]["manifest"] = str(inputs.manifest)
     return data

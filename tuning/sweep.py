@@ -247,6 +247,22 @@ def dry_run(loaded: Loaded) -> None:
         print(f"  {space_key_path(key)}: {spec}")
     print(f"ray: {cfg.ray.address or os.environ.get('RAY_ADDRESS') or 'local'}; "
           f"mlflow: {cfg.mlflow.tracking_uri or 'sqlite under the sweep dir'}")
+    _dry_run_media(loaded.base)
+
+
+def _dry_run_media(base) -> None:
+    """Open every media file of the user's manifests once; every bad one is reported."""
+    from trainer.data import check_media, read_manifest
+    from trainer.errors import ConfigError
+
+    problems = []
+    for manifest in (base.data.manifest, base.data.eval_manifest):
+        if manifest is not None:  # the demo data is generated, not read
+            examples = read_manifest(manifest)
+            problems += check_media(examples)
+            print(f"media: {len(examples)} examples of {manifest} opened")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _searcher(loaded: Loaded):

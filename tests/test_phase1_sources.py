@@ -1,0 +1,251 @@
+"""The Phase 1 routes end to end on CPU: Hugging Face encoders, a factory, precomputed
+features (and the export command between them); variable-length prefixes through the
+LLM; validation before anything trains; the verified frozen-feature cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_data
+from phase1_parts import ALIGN_DIM, hf_parts, hf_phase1, mixed_manifest
+from transformers import AutoTokenizer
+
+from trainer.config import config_from_data
+from trainer.data import read_manifest
+from trainer.errors import ConfigError
+from trainer.feature_cache import cache_key
+from trainer.inputs import load_splits, phase1_source, prepare_inputs
+from trainer.loop import train
+from trainer.metrics import MemorySink
+from trainer.phase1.features_file import (
+    AlignedFeatures,
+    FeaturesFileError,
+    read_features_file,
+    write_features,
+)
+from trainer.yaml_io import dump_yaml
+
+TESTS = Path(__file__).resolve().parent
+QUIET = {"log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, assets_dir):
+    """Tiny HF parts and a mixed-media manifest (any size, mode, rate, width; rows
+    lacking an image or an audio clip)."""
+    root = tmp_path_factory.mktemp("phase1")
+    demo = prepare_inputs(config_from_data(tiny_data(root / "runs", assets_dir)), **QUIET)
+    return {"parts": hf_parts(root / "parts"),
+            "manifest": mixed_manifest(demo.manifest, root / "data"), "root": root}
+
+
+def _cfg(tmp_path: Path, assets: Path, world: dict, phase1: dict, run: str = "run", **data):
+    raw = tiny_data(tmp_path / "runs", assets, total_training_steps=6)
+    raw["phase1"] = phase1
+    raw["data"].update({"manifest": str(world["manifest"]), **data})
+    raw["output"]["run_name"] = run
+    return raw
+
+
+def _train(raw: dict) -> MemorySink:
+    sink = MemorySink()
+    summary = train(config_from_data(raw, "t.yaml"), sink, console=False, log=lambda *_: None)
+    assert summary.status == "completed"
+    return sink
+
+
+def _losses(sink: MemorySink) -> list[float]:
+    return [r["loss"] for r in sink.records if "loss" in r]
+
+
+def test_hf_route_trains_on_mixed_media_with_variable_prefixes(tmp_path, assets_dir, world):
+    raw = _cfg(tmp_path, assets_dir, world, hf_phase1(world["parts"]))
+    cfg = config_from_data(raw)
+    logs: list[str] = []
+    inputs = prepare_inputs(cfg, log=logs.append)
+    assert any("encoding 24 examples with the frozen Phase 1 (hf)" in m for m in logs)
+    data = read_features_file(inputs.feature_cache)
+    real = data.mask.sum(1)
+    examples = read_manifest(world["manifest"])
+    # Image: 4 pooled tokens; Whisper: the frames of the clip only, 10 per token; text: 1.
+    image_only = [i for i, e in enumerate(examples) if e.audio is None]
+    audio_only = [i for i, e in enumerate(examples) if e.image is None]
+    assert set(real[image_only].tolist()) == {4 + 1}
+    assert all(2 <= n - 1 <= 3 for n in real[audio_only].tolist())
+    assert len(set(real.tolist())) > 1  # prefixes of different lengths
+    losses = _losses(_train(raw))
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    again: list[str] = []
+    prepare_inputs(cfg, log=again.append)  # the cache is reused, not rebuilt
+    assert not any("encoding" in m for m in again)
+
+
+def test_hf_route_checks_the_aligner_before_anything_runs(tmp_path, assets_dir, world):
+    from trainer.phase1.random_parts import build_aligner
+
+    wrong = build_aligner(tmp_path / "wrong.safetensors", {"image": 48, "audio": 32,
+                                                           "text": 32}, ALIGN_DIM)
+    p1 = hf_phase1(world["parts"]) | {"aligner_path": str(wrong)}
+    with pytest.raises(ConfigError) as e:
+        prepare_inputs(config_from_data(_cfg(tmp_path, assets_dir, world, p1)), **QUIET)
+    [line] = e.value.lines()
+    assert "image.0.weight is (16, 48)" in line and "width is 32" in line
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_factory_route_is_frozen_asserted_and_cached(tmp_path, assets_dir, world):
+    p1 = {"source": "factory", "factory": "phase1_parts:build", "kwargs": {"tokens": 2}}
+    raw = _cfg(tmp_path, assets_dir, world, p1)
+    cfg = config_from_data(raw)
+    module = phase1_source(cfg).build()
+    assert not any(p.requires_grad for p in module.parameters()) and not module.training
+    inputs = prepare_inputs(cfg, **QUIET)
+    key = cache_key(phase1_source(cfg), read_manifest(world["manifest"]))
+    assert inputs.feature_cache.name == f"features-{key}.safetensors"
+    other = config_from_data(_cfg(tmp_path, assets_dir, world, p1 | {"kwargs": {"seed": 1}}))
+    assert cache_key(phase1_source(other), read_manifest(world["manifest"])) != key  # weights
+    assert len(_losses(_train(raw))) == 6
+
+
+@pytest.mark.parametrize(("factory", "needle"), [
+    ("no_such_pkg.mod:build", "cannot import no_such_pkg.mod"),
+    ("phase1_parts:nothing", "phase1_parts has no callable nothing"),
+    ("phase1_parts:hf_parts", "hf_parts() missing 1 required positional argument"),
+])
+def test_factory_errors_are_one_line(tmp_path, assets_dir, world, factory, needle):
+    p1 = {"source": "factory", "factory": factory}
+    with pytest.raises(ConfigError) as e:
+        prepare_inputs(config_from_data(_cfg(tmp_path, assets_dir, world, p1)), **QUIET)
+    [line] = e.value.lines()
+    assert needle in line and "phase1" in line
+
+
+def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_export_then_train_on_precomputed_features(tmp_path, assets_dir, world):
+    raw = _cfg(tmp_path, assets_dir, world, hf_phase1(world["parts"]))
+    config = tmp_path / "hf.yaml"
+    config.write_text(dump_yaml(raw))
+    out = tmp_path / "feats.safetensors"
+    res = _cli("trainer.phase1", "export", str(config), str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    exported = read_features_file(out)
+    cache = read_features_file(prepare_inputs(config_from_data(raw), **QUIET).feature_cache)
+    assert exported.ids == cache.ids and torch.equal(exported.features, cache.features)
+    res = _cli("trainer.phase1", "export", str(config), str(out), cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+    assert "exists" in res.stderr and "Traceback" not in res.stderr
+
+    p1 = {"source": "features", "features_path": str(out)}
+    from_file = _losses(_train(_cfg(tmp_path, assets_dir, world, p1, run="features")))
+    from_hf = _losses(_train(_cfg(tmp_path, assets_dir, world, hf_phase1(world["parts"]),
+                                  run="hf")))
+    assert from_file == pytest.approx(from_hf, rel=1e-6)  # the same features, the same run
+
+
+def test_a_user_written_features_file_trains_and_is_validated(tmp_path, assets_dir, world):
+    ids = [e.id for e in read_manifest(world["manifest"])]
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(len(ids), 7, 8, generator=g)
+    mask = torch.arange(7)[None, :] < torch.randint(1, 8, (len(ids), 1), generator=g)
+    path = tmp_path / "mine.safetensors"
+    write_features(path, AlignedFeatures(ids, feats, mask))
+    p1 = {"source": "features", "features_path": str(path)}
+    assert len(_losses(_train(_cfg(tmp_path, assets_dir, world, p1)))) == 6
+
+    short = tmp_path / "short.safetensors"
+    write_features(short, AlignedFeatures(ids[1:], feats[1:], mask[1:]))
+    with pytest.raises(ConfigError) as e:
+        prepare_inputs(config_from_data(_cfg(tmp_path, assets_dir, world,
+                                             p1 | {"features_path": str(short)})), **QUIET)
+    [line] = e.value.lines()
+    assert f"no features for 1 manifest id(s), e.g. {ids[0]!r}" in line and str(short) in line
+    with pytest.raises(FeaturesFileError, match="non-finite"):
+        write_features(short, AlignedFeatures(ids, feats.masked_fill(mask[..., None],
+                                                                     float("inf")), mask))
+
+
+def test_shorter_prefixes_give_the_rows_own_outputs(assets_dir, tmp_path):
+    """A row with a shorter prefix in a batch gives the same hidden states at its text as
+    that row alone with no padding at all (so the padding changes nothing)."""
+    from trainer.data import prefix_features
+    from trainer.model import Projector, final_hidden, load_llm, prefix_embeds
+
+    inputs = prepare_inputs(config_from_data(tiny_data(tmp_path, assets_dir)), **QUIET)
+    lm = load_llm(inputs.llm_dir).eval()
+    torch.manual_seed(0)
+    proj = Projector(8, lm.config.hidden_size, 32)
+    feats = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 0]], dtype=torch.bool)
+    ids = torch.randint(3, 50, (2, 6))
+    embed = lm.get_input_embeddings()
+    with torch.no_grad():
+        batch = final_hidden(lm, prefix_embeds(proj, embed, prefix_features(feats, mask), ids))
+        alone = final_hidden(lm, prefix_embeds(proj, embed, feats[1:, [0, 2]], ids[1:]))
+        full = final_hidden(lm, prefix_embeds(proj, embed, feats[:1], ids[:1]))
+    torch.testing.assert_close(batch[1, 5:], alone[0, 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch[0], full[0], rtol=0, atol=0)  # a full row: untouched
+
+
+def test_group_rows_equal_solo_with_variable_prefixes(assets_dir, tmp_path):
+    """A trial group's shared forward gives each member the loss of its solo forward, with
+    prefixes of different lengths."""
+    from trainer.data import prefix_features
+    from trainer.group import Rows, rows_losses
+    from trainer.model import Phase2Model, Projector, add_lora, load_llm
+
+    inputs = prepare_inputs(config_from_data(tiny_data(tmp_path, assets_dir)), **QUIET)
+    llm = add_lora(load_llm(inputs.llm_dir), 4, 8.0, 0.0, ["q_proj", "v_proj"]).eval()
+    torch.manual_seed(1)
+    proj = Projector(8, llm.config.hidden_size, 32).eval()
+    feats = prefix_features(torch.randn(3, 4, 8),
+                            torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 0, 0]]).bool())
+    ids = torch.randint(3, 50, (3, 5))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    solo = Phase2Model(proj, llm)(feats, ids, labels)
+    [grouped] = rows_losses(llm, [Rows(proj, "default", feats, ids, labels)])
+    torch.testing.assert_close(grouped, solo, rtol=0, atol=0)
+
+
+def _damage(path: Path, how: str) -> None:
+    blob = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(blob[: len(blob) // 2]))
+    else:  # one bit flipped in the tensor data, same size: loads fine without the digest
+        blob[len(blob) // 2] ^= 0x10
+        path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, assets_dir, how):
+    raw = tiny_data(tmp_path / "runs", assets_dir)
+    raw["demo"]["num_examples"] = 16  # a cache of its own (the LLM is the shared one)
+    cfg = config_from_data(raw)
+    inputs = prepare_inputs(cfg, **QUIET)
+    good = read_features_file(inputs.feature_cache)
+    _damage(inputs.feature_cache, how)
+    with pytest.raises(FeaturesFileError):
+        read_features_file(inputs.feature_cache)
+    logs: list[str] = []
+
+    tok = AutoTokenizer.from_pretrained(str(inputs.llm_dir))
+    train_split, _ = load_splits(cfg, inputs, tok, log=logs.append)  # a trial's side
+    assert any("warning" in m and "rebuilding" in m and str(inputs.feature_cache) in m
+               for m in logs), logs
+    assert torch.equal(read_features_file(inputs.feature_cache).features, good.features)
+    assert not torch.isnan(train_split.features).any()  # demo: every token real
+    _damage(inputs.feature_cache, how)
+    logs.clear()
+    prepare_inputs(cfg, log=logs.append)  # the driver's side
+    assert any("rebuilding" in m for m in logs)
+    assert torch.equal(read_features_file(inputs.feature_cache).features, good.features)
