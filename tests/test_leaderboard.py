@@ -16,8 +16,8 @@ from tuning.advice import advise, tail_relative_drop
 from tuning.leaderboard import (
     CSV_COLUMNS,
     best_stable_config,
-    best_stable_row,
     best_stable_record,
+    best_stable_row,
     build_leaderboard,
     format_markdown,
     format_table,
@@ -446,3 +446,20 @@ def test_advice_clipping_for_hot_unclipped_stable_trials() -> None:
 def test_healthy_sweep_gets_no_advice() -> None:
     records = [record("a", lr=5e-5), record("b", lr=1e-4, rows=history(loss=final_at(1.1)))]
     assert advise(records, verdicts_for(records, StabilityRules())) == []
+
+
+def test_advice_cites_the_clip_share_and_keeps_clipped_trials_stable() -> None:
+    records = [
+        record("c1", lr=1e-4, rows=_clipped(history(loss=final_at(1.0)), 1), gradient_clip_val=0.5),
+        record("c2", lr=1e-3, rows=_clipped(history(loss=final_at(1.02)), 1),
+               gradient_clip_val=0.5),
+        record("free", lr=1e-4, rows=history(loss=final_at(1.3))),
+    ]
+    verdicts = verdicts_for(records)
+    assert all(v.stable for v in verdicts.values())
+    (advice,) = [a for a in advise(records, verdicts) if a.kind == "clip_share"]
+    assert advice.trial_ids == ["c1", "c2"]
+    assert advice.text.startswith(
+        "gradient_clip_val 0.5 acted on 100% of steps (c1, c2), learning_rate 0.0001-0.001 "
+        "giving final loss 1-1.02.")
+    assert "the LR mattered less" in advice.text
