@@ -143,6 +143,7 @@ def search_yaml(work: Path, steps: int, samples: int, seed: int, name: str) -> P
     """configs/search.yaml (the product's defaults) over this benchmark's base run and grid."""
     data = load_yaml_file(ROOT / "configs" / "search.yaml")
     data["sweep"].update(name=name, storage_path=str(work / "sweeps"))
+    data["base"]["config"] = str(ROOT / "configs" / "phase2.yaml")
     data["base"]["overrides"] = {
         "phase2.total_training_steps": steps, "phase2.nan_policy": "stop",
         "output.root": str(work / "runs"), "output.assets_dir": str(work / "assets"),
