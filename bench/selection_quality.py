@@ -234,6 +234,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize(args: argparse.Namespace, argv: list[str] | None, date: str, seeds: list[int],
+              gt: dict[str, Any], best: dict[str, Any], repeats: list[dict[str, Any]],
+              t0: float) -> dict[str, Any]:
+    regrets = [r["regret"] for r in repeats if r["regret"] is not None]
+    return {
+        "date": date, "command": "python bench/selection_quality.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        "steps": args.steps, "seeds": seeds, "samples": args.samples, "grid": GRID,
+        "best_true_loss": best["true_loss"], "best_config": {k: best[k] for k in KNOBS},
+        "ground_truth": gt, "repeats": repeats,
+        "total": {"truly_stable": sum(r["truly_stable"] for r in repeats),
+                  "mean_regret": statistics.fmean(regrets) if regrets else float("nan"),
+                  "max_regret": max(regrets) if regrets else float("nan"),
+                  "mean_compute": statistics.fmean(r["compute"] for r in repeats),
+                  "wall_s": time.time() - t0},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per full run")
@@ -272,29 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no truly stable configuration in the ground truth", file=sys.stderr)
         return 1
     best = min(stable, key=lambda c: c["true_loss"])
-    repeats = []
+    repeats: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
     for seed in range(args.repeats):
         rep = score(gt, run_product(work, args.steps, args.samples, seed, rules))
         repeats.append(rep)
         print(f"[sweep] seed {seed}: pick {rep['pick_config']} truly_stable="
               f"{rep['truly_stable']} regret={rep['regret']} compute={rep['compute']:.1%} "
               f"({rep['wall_s']:.0f} s)", flush=True)
-    regrets = [r["regret"] for r in repeats if r["regret"] is not None]
-    result = {
-        "date": date, "command": "python bench/selection_quality.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "steps": args.steps, "seeds": seeds, "samples": args.samples, "grid": GRID,
-        "best_true_loss": best["true_loss"], "best_config": {k: best[k] for k in KNOBS},
-        "ground_truth": gt, "repeats": repeats,
-        "total": {"truly_stable": sum(r["truly_stable"] for r in repeats),
-                  "mean_regret": statistics.fmean(regrets) if regrets else float("nan"),
-                  "max_regret": max(regrets) if regrets else float("nan"),
-                  "mean_compute": statistics.fmean(r["compute"] for r in repeats),
-                  "wall_s": time.time() - t0},
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "selection.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "selection.md").write_text(markdown(result))
+        # Written after every repeat: a slow shared machine still leaves the repeats done.
+        result = summarize(args, argv, date, seeds, gt, best, repeats, t0)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "selection.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / "selection.md").write_text(markdown(result))
     print(markdown(result))
     targets_met = (result["total"]["truly_stable"] == len(repeats)
                    and result["total"]["mean_regret"] <= TARGET_REGRET
