@@ -194,6 +194,12 @@ def test_early_stopped_trials_rank_at_their_own_rung_never_on_other_steps() -> N
                            "early-stopped trials, deepest first, by smoothed training loss at "
                            "the step they were stopped (30, 10).")
     assert best_stable_row(rows).trial_id == "done"
+    # Stopped before it wrote a summary: no end reason, no planned steps, only its step says
+    # it is short. It must not demote the finished trials' eval split to training loss.
+    trials.append(record("cut30c", rows=history(steps=30, loss=final_at(0.5)), end_reason=None))
+    rows = build_leaderboard(trials)
+    assert [r.trial_id for r in rows][:2] == ["done", "cut30c"]
+    assert rows[0].rank_measure == "eval@100" and rows[1].rank_measure == "train@30"
 
 
 def _clipped(rows: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:

@@ -154,7 +154,11 @@ def rank_measures(
 ) -> dict[str, tuple[float, str, int]]:
     """(loss, split, step) each stable trial is ranked on; see the module docstring."""
     stable = [r for r in records if verdicts[r.trial_id].stable]
-    finished = [r for r in stable if not verdicts[r.trial_id].early_stopped]
+    # Finished = not stopped early and at the deepest step: a trial ASHA stopped before it
+    # wrote its summary has no planned step count to tell it is short, only its step.
+    deepest = max((r.steps_done for r in stable), default=0)
+    finished = [r for r in stable
+                if not verdicts[r.trial_id].early_stopped and r.steps_done == deepest]
     # One split for all finished trials: eval only when each has an eval at its last step.
     use_eval = bool(finished) and all(_end_eval(r) is not None for r in finished)
     out: dict[str, tuple[float, str, int]] = {}
@@ -180,14 +184,16 @@ def ranking_note(rows: Sequence[Row]) -> str:
                       key=lambda m: -int(m.rpartition("@")[2]))
     if not measures:
         return "Ranked: no stable trial to rank."
-    finished = [r.rank_measure for r in rows if r.rank_measure and not r.early_stopped]
+    deepest = int(measures[0].rpartition("@")[2])
+    finished = [r.rank_measure for r in rows if r.rank_measure and not r.early_stopped
+                and int(r.rank_measure.rpartition("@")[2]) == deepest]
     parts = []
     if finished:
         split, _, step = finished[0].partition("@")
         what = "final eval loss" if split == "eval" else "smoothed final training loss"
         parts.append(f"finished trials by {what} at step {step}")
     stopped = sorted({int(r.rank_measure.rpartition("@")[2]) for r in rows
-                      if r.rank_measure and r.early_stopped}, reverse=True)
+                      if r.rank_measure and r.rank_measure not in finished}, reverse=True)
     if stopped:
         parts.append("then early-stopped trials, deepest first, by smoothed training loss at "
                      f"the step they were stopped ({', '.join(map(str, stopped))})")
