@@ -17,6 +17,7 @@ from tuning.leaderboard import (
     CSV_COLUMNS,
     best_stable_config,
     best_stable_record,
+    best_stable_row,
     build_leaderboard,
     format_markdown,
     format_table,
@@ -100,7 +101,7 @@ def sweep() -> list[TrialRecord]:
         record("good_a", rows=history(loss=final_at(1.0))),
         record("div_t", lr=3e-4, rows=history(loss=lambda s: 2.0 + s / 10)),
         record("run_t", rows=history(steps=30), status="RUNNING", end_reason=None),
-        record("eval_d", rows=history(loss=final_at(0.5), eval_loss=1.1)),
+        record("eval_d", rows=history(loss=final_at(1.1), eval_loss=0.5)),
     ]
 
 
@@ -108,7 +109,7 @@ def test_ranking_stable_by_loss_completed_before_early_stopped(sweep: list[Trial
     rows = build_leaderboard(sweep)
     assert [r.trial_id for r in rows] == [
         "good_a",  # 1.0 train
-        "eval_d",  # eval loss 1.1 wins over its 0.5 training loss
+        "eval_d",  # 1.1 train: only eval_d has an eval (0.5), so all rank on train loss
         "good_b",  # 1.2
         "early_c",  # best loss 0.9, but early-stopped
         "run_t",
@@ -118,7 +119,9 @@ def test_ranking_stable_by_loss_completed_before_early_stopped(sweep: list[Trial
     ]
     assert [r.rank for r in rows] == list(range(1, 9))
     assert [r.stable for r in rows] == [True] * 4 + [False] * 4
-    assert rows[1].final_loss == 1.1 and rows[1].loss_source == "eval"
+    assert rows[1].final_loss == 0.5 and rows[1].loss_source == "eval"
+    assert rows[1].rank_loss == pytest.approx(1.1) and rows[1].rank_measure == "train@100"
+    assert rows[3].rank_measure == "train@40"
     assert rows[3].early_stopped and rows[3].reason_text.startswith("early-stopped")
     assert rows[6].reason_text == "1 NaN event (first at step 37)"
     assert rows[0].projector_lr == pytest.approx(5e-4)
@@ -155,17 +158,83 @@ def test_markdown_and_terminal_table(sweep: list[TrialRecord], tmp_path: Path) -
     assert lines[0] == "# sweep s1"
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + len(sweep)  # header + separator + rows
-    assert table[0].startswith("| # | trial | verdict | final loss |")
-    assert "| 1 | good_a | stable | 1 train |" in table[2]
+    assert table[0].startswith("| # | trial | verdict | loss (ranked on) |")
+    assert "| 1 | good_a | stable | 1 train@100 |" in table[2]
+    assert ("Ranked: finished trials by smoothed final training loss at step 100; then "
+            "early-stopped trials, deepest first, by smoothed training loss at the step they "
+            "were stopped (40)") in text
     assert "early-stopped" in next(line for line in table if "early_c" in line)
     assert "No stable trial" not in text
 
     terminal = format_table(rows).splitlines()
-    assert len(terminal) == 2 + len(sweep)
+    assert len(terminal) == 3 + len(sweep)  # header, rule, rows, the ranking note
     assert terminal[2].split()[:3] == ["1", "good_a", "stable"]
+    assert terminal[-1].startswith("Ranked: finished trials")
     # Columns line up: the trial id starts at the same offset on every row.
-    offsets = {line.index(row.trial_id) for line, row in zip(terminal[2:], rows, strict=True)}
+    offsets = {line.index(row.trial_id) for line, row in zip(terminal[2:], rows, strict=False)}
     assert len(offsets) == 1
+
+
+def test_early_stopped_trials_rank_at_their_own_rung_never_on_other_steps() -> None:
+    # ASHA cut "cut10" at step 10 and "cut30a/b" at step 30; "done" finished its 100 steps.
+    # cut10's loss at step 10 is the lowest number on the board, and cut30a's is below done's
+    # final loss, but neither is from the same step as what it would be compared with.
+    trials = [
+        record("cut10", rows=history(steps=10, loss=final_at(0.1)), end_reason="early_stopped"),
+        record("cut30b", rows=history(steps=30, loss=final_at(0.7)), end_reason="early_stopped"),
+        record("done", rows=history(loss=final_at(1.0), eval_loss=1.3)),
+        record("cut30a", rows=history(steps=30, loss=final_at(0.6)), end_reason="early_stopped"),
+    ]
+    rows = build_leaderboard(trials)
+    assert [r.trial_id for r in rows] == ["done", "cut30a", "cut30b", "cut10"]
+    assert [r.rank_measure for r in rows] == ["eval@100", "train@30", "train@30", "train@10"]
+    assert rows[0].rank_loss == 1.3  # every finished trial has an end-of-run eval: eval split
+    note = format_markdown(rows).splitlines()[-1]
+    assert note.startswith("Ranked: finished trials by final eval loss at step 100; then "
+                           "early-stopped trials, deepest first, by smoothed training loss at "
+                           "the step they were stopped (30, 10).")
+    assert best_stable_row(rows).trial_id == "done"
+    # Stopped before it wrote a summary: no end reason, no planned steps, only its step says
+    # it is short. It must not demote the finished trials' eval split to training loss.
+    trials.append(record("cut30c", rows=history(steps=30, loss=final_at(0.5)), end_reason=None))
+    rows = build_leaderboard(trials)
+    assert [r.trial_id for r in rows][:2] == ["done", "cut30c"]
+    assert rows[0].rank_measure == "eval@100" and rows[1].rank_measure == "train@30"
+
+
+def _clipped(rows: list[dict[str, Any]], every: int) -> list[dict[str, Any]]:
+    for row in rows:
+        row["clipped"] = int(row["step"] % every == 0)
+    return rows
+
+
+def test_clip_share_breaks_a_tie_and_never_removes_a_healthy_trial() -> None:
+    trials = [
+        record("always", rows=_clipped(history(loss=final_at(1.0)), 1), gradient_clip_val=0.5),
+        record("rarely", rows=_clipped(history(loss=final_at(1.0)), 10), gradient_clip_val=1.0),
+        record("worse", rows=history(loss=final_at(1.1))),
+    ]
+    rows = build_leaderboard(trials)
+    assert [r.trial_id for r in rows] == ["rarely", "always", "worse"]
+    assert all(r.stable for r in rows)
+    assert rows[1].clip_fraction == 1.0 and rows[0].clip_fraction == pytest.approx(0.1)
+    assert "| 100% |" in format_markdown(rows)  # the "clipped" column
+    # Clipping on every step is no reason to lose: a clearly better loss still wins.
+    trials[0] = record("always", rows=_clipped(history(loss=final_at(0.9)), 1),
+                       gradient_clip_val=0.5)
+    assert build_leaderboard(trials)[0].trial_id == "always"
+
+
+def test_plateaued_trial_is_listed_after_the_stable_ones_with_its_numbers() -> None:
+    trials = [
+        record("stuck", rows=history(loss=lambda s: 2.6 + 0.4 * math.exp(-s / 5))),
+        record("good", rows=history(loss=final_at(0.5))),
+    ]
+    rows = build_leaderboard(trials)
+    assert [(r.trial_id, r.kind, r.stable) for r in rows] == [
+        ("good", "stable", True), ("stuck", "plateaued", True)]
+    assert rows[1].reason_text.startswith("plateaued: loss fell")
+    assert best_stable_row(rows).trial_id == "good"
 
 
 def test_markdown_escapes_pipes_and_says_when_nothing_is_stable() -> None:
@@ -383,3 +452,20 @@ def test_advice_clipping_for_hot_unclipped_stable_trials() -> None:
 def test_healthy_sweep_gets_no_advice() -> None:
     records = [record("a", lr=5e-5), record("b", lr=1e-4, rows=history(loss=final_at(1.1)))]
     assert advise(records, verdicts_for(records, StabilityRules())) == []
+
+
+def test_advice_cites_the_clip_share_and_keeps_clipped_trials_stable() -> None:
+    records = [
+        record("c1", lr=1e-4, rows=_clipped(history(loss=final_at(1.0)), 1), gradient_clip_val=0.5),
+        record("c2", lr=1e-3, rows=_clipped(history(loss=final_at(1.02)), 1),
+               gradient_clip_val=0.5),
+        record("free", lr=1e-4, rows=history(loss=final_at(1.3))),
+    ]
+    verdicts = verdicts_for(records)
+    assert all(v.stable for v in verdicts.values())
+    (advice,) = [a for a in advise(records, verdicts) if a.kind == "clip_share"]
+    assert advice.trial_ids == ["c1", "c2"]
+    assert advice.text.startswith(
+        "gradient_clip_val 0.5 acted on 100% of steps (c1, c2), learning_rate 0.0001-0.001 "
+        "giving final loss 1-1.02.")
+    assert "the LR mattered less" in advice.text

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from tuning.plots import (
+    cliff_value,
+    map_axes,
     plot_grad_norms,
     plot_loss_curves,
     plot_lr_schedule,
@@ -116,6 +118,45 @@ def test_lr_schedule_without_lr_values(tmp_path: Path) -> None:
 
 def test_stability_map_png(records: list[TrialRecord], tmp_path: Path) -> None:
     assert_png(plot_stability_map(records, verdicts_for(records), tmp_path / "map.png"))
+
+
+def _with(record: TrialRecord, **params: Any) -> TrialRecord:
+    record.params.update(params)
+    return record
+
+
+def test_map_axes_are_the_two_knobs_that_varied_not_a_constant_multiplier() -> None:
+    # The issue-20 grid: learning_rate 1e-4..1e-1 x clip none/1.0, multiplier constant at 5.
+    grid = [_with(trial(f"t{i}{c}", lr), gradient_clip_val=c)
+            for i, lr in enumerate((1e-4, 1e-3, 1e-2, 1e-1)) for c in (None, 1.0)]
+    assert map_axes(grid) == ["learning_rate", "gradient_clip_val"]
+    # More distinct values win over the list order; equal counts go to the wider spread.
+    five = [_with(trial(f"w{i}", (1e-3, 2e-3, 3e-3)[i % 3]), warmup_steps=10 * (i + 1),
+                  weight_decay=(0.0, 0.1)[i % 2]) for i in range(5)]
+    assert map_axes(five) == ["warmup_steps", "learning_rate", "weight_decay"]  # 5, 3, 2 values
+    spread = [_with(trial(f"v{i}", 10.0 ** -(i + 1)), warmup_steps=10 * (i + 1))
+              for i in range(4)]
+    assert map_axes(spread)[:2] == ["learning_rate", "warmup_steps"]  # 3 decades vs 0.6
+
+
+def test_map_draws_one_panel_per_further_varied_knob(tmp_path: Path) -> None:
+    three = [_with(trial(f"t{i}", lr, mult=m), gradient_clip_val=c)
+             for i, (lr, m, c) in enumerate([(1e-4, 5.0, None), (1e-3, 10.0, 1.0),
+                                             (1e-2, 5.0, 0.5), (1e-1, 10.0, None)])]
+    assert map_axes(three) == ["learning_rate", "gradient_clip_val", "projector_lr_mult"]
+    path = plot_stability_map(three, verdicts_for(three), tmp_path / "map3.png")
+    with Image.open(path) as image:
+        width = image.width
+    two = [*three[:1], _with(trial("u", 1e-2), gradient_clip_val=1.0)]
+    with Image.open(plot_stability_map(two, verdicts_for(two), tmp_path / "map2.png")) as image:
+        assert width > 1.7 * image.width  # two panels side by side vs one
+
+
+def test_map_cliff_is_the_lowest_lr_that_broke(records: list[TrialRecord]) -> None:
+    verdicts = verdicts_for(records)
+    assert cliff_value(records, verdicts, "learning_rate") == 2e-4  # g1: grad norm 400
+    healthy = [r for r in records if r.trial_id.startswith("s")]
+    assert cliff_value(healthy, verdicts_for(healthy), "learning_rate") is None
 
 
 def test_grad_norms_png(records: list[TrialRecord], tmp_path: Path) -> None:

@@ -199,6 +199,18 @@ def test_plan_takes_top_stable_trials_in_leaderboard_order() -> None:
     assert {t.source_trial: t.source_rank for t in plan} == {"A": 1, "B": 2}
 
 
+def test_plan_keeps_an_always_clipped_trial_and_skips_a_plateaued_one() -> None:
+    clipped = sweep_record("K", 1e-4, 1.01, gradient_clip_val=0.5)
+    for row in clipped.history:
+        row["clipped"] = 1  # clip acted on every step: the seed's remedy, still stable
+    flat = sweep_record("P", 1e-6, 2.9)
+    for row in flat.history:
+        row["loss"] = 2.9 + 0.1 * math.exp(-row["step"] / 10)  # barely learned
+    plan = recheck_plan([*sweep(), clipped, flat], RULES, top_k=10, seeds=[0])
+    sources = list(dict.fromkeys(t.source_trial for t in plan))
+    assert "K" in sources and "P" not in sources
+
+
 def test_top_k_beyond_stable_count_uses_what_exists() -> None:
     plan = recheck_plan(sweep(), RULES, top_k=5, seeds=[0, 1])
     assert len(plan) == 3 * 2 * 3

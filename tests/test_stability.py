@@ -17,7 +17,9 @@ from tuning.stability import (
     index_verdicts,
     moving_average,
     smoothed_final_loss,
+    smoothed_loss_at,
     verdict,
+    verdicts_for,
 )
 from tuning.trial_record import TrialRecord, normalize_status
 
@@ -181,18 +183,58 @@ def test_isolated_grad_norm_spike_stays_stable() -> None:
     assert v.grad_norm_pctl == pytest.approx(2.0)
 
 
-def test_mostly_clipped_is_over_clipped() -> None:
-    # Clip at 0.5 with norms ~2: every step clipped.
+def test_clipping_on_every_step_stays_stable_and_is_reported() -> None:
+    # Clip at 0.5 with norms ~2: every step clipped. The seed's remedy, not a symptom.
     v = verdict(make_record(history=make_history(clip=0.5), gradient_clip_val=0.5))
-    assert v.kind == "over_clipped"
+    assert v.stable and v.kind == "stable"
     assert v.clip_fraction == 1.0
-    assert v.reasons == ["clipped on 100% of steps (limit 50%)"]
+    assert v.reasons == []
 
 
 def test_occasional_clipping_is_fine() -> None:
     v = verdict(make_record(history=make_history(clip=2.4), gradient_clip_val=2.4))
     assert v.stable
     assert 0.0 < v.clip_fraction < 0.5
+
+
+def test_high_pre_clip_norm_is_unstable_even_when_clipped() -> None:
+    # Clipping caps the update, but a pre-clip norm persistently above the seed's 100 still
+    # says the setting is too hot: the rule reads the logged (pre-clip) norm.
+    v = verdict(make_record(history=make_history(grad=lambda s: 300.0, clip=1.0),
+                            gradient_clip_val=1.0))
+    assert v.kind == "high_grad_norm" and not v.stable
+    assert v.clip_fraction == 1.0
+
+
+def _flat_after(level: float, start: float = 3.0) -> Callable[[int], float]:
+    """Falls from ``start`` to ``level`` within 20 steps, then stays there."""
+    return lambda s: level + (start - level) * math.exp(-s / 5) + 0.01 * math.sin(s)
+
+
+def test_trial_that_learned_far_less_than_the_best_is_plateaued_with_numbers() -> None:
+    best = make_record("best", history=make_history(loss=_flat_after(0.3)))
+    stuck = make_record("stuck", history=make_history(loss=_flat_after(2.2)), learning_rate=1e-2)
+    fine = make_record("fine", history=make_history(loss=_flat_after(0.5)))
+    verdicts = verdicts_for([best, stuck, fine])
+    assert verdicts["best"].kind == "stable" and verdicts["fine"].kind == "stable"
+    v = verdicts["stuck"]
+    assert v.kind == "plateaued" and v.stable  # shown as such, still in the stable set
+    note = next(n for n in v.notes if n.startswith("plateaued"))
+    assert "fell 13% by step 200" in note and "vs 78% for best" in note
+    assert "limit 50% of the best" in note
+    assert 0.1 < v.loss_drop < 0.2
+    # Off when plateau_fraction is 0; a single verdict never plateaus (no sweep to compare).
+    assert verdicts_for([best, stuck], StabilityRules(plateau_fraction=0))["stuck"].kind == "stable"
+    assert verdict(stuck).kind == "stable"
+
+
+def test_plateau_compares_an_early_stopped_trial_at_its_own_step() -> None:
+    # Cut at step 30, when the best had only fallen to ~1.3: judged against that, not 0.3.
+    best = make_record("best", history=make_history(loss=lambda s: 0.3 + 2.7 * math.exp(-s / 40)))
+    cut = make_record("cut", history=make_history(
+        steps=30, loss=lambda s: 0.3 + 2.7 * math.exp(-s / 60)), end_reason="early_stopped")
+    verdicts = verdicts_for([best, cut])
+    assert verdicts["cut"].early_stopped and verdicts["cut"].kind == "stable"
 
 
 def test_error_status_is_failed_and_outranks_other_reasons() -> None:
@@ -248,6 +290,13 @@ def test_smoothed_final_loss_is_mean_of_last_window_skipping_none() -> None:
     assert smoothed_final_loss(make_record(history=history), 3) == pytest.approx(3.0)
 
 
+def test_smoothed_loss_at_a_step_ignores_later_steps() -> None:
+    history = [{"step": i + 1, "loss": float(10 - i)} for i in range(10)]
+    record = make_record(history=history)
+    assert smoothed_loss_at(record, 5, 2) == pytest.approx(6.5)  # steps 4 and 5: 7, 6
+    assert smoothed_loss_at(record, 0, 2) is None
+
+
 def test_moving_average_is_trailing_mean() -> None:
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.5, 2.5, 3.5]
     assert moving_average([1.0, 2.0], 1) == [1.0, 2.0]
@@ -257,7 +306,9 @@ def test_rules_forbid_unknown_fields_and_validate_ranges() -> None:
     with pytest.raises(ValidationError):
         StabilityRules(max_nan=1)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
-        StabilityRules(max_clip_fraction=1.5)
+        StabilityRules(max_clip_fraction=0.5)  # type: ignore[call-arg]  # no longer a rule
+    with pytest.raises(ValidationError):
+        StabilityRules(plateau_fraction=1.5)
     assert StabilityRules().grad_norm_limit == 100.0
     # Field docstrings become schema descriptions (used by the driver's config docs).
     assert "EMA" in StabilityRules.model_fields["smoothing_window"].description

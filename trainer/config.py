@@ -58,7 +58,9 @@ class Phase2(_Strict):
     gradient_clip_val: float | None = Field(None, ge=0)  # global-norm clip; null or 0 = off
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
     total_training_steps: int | None = Field(None, ge=1)  # optimizer steps; default from epochs
-    weight_decay: float = Field(0.0, ge=0)  # AdamW decoupled weight decay, both groups
+    # AdamW decoupled weight decay on both groups; 0.01 = torch's default, which the seed gets
+    # by building torch.optim.AdamW(param_groups) without naming it.
+    weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0)
     seed: int = 42  # seeds init, data order and dropout; same seed = same losses

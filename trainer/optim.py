@@ -71,6 +71,8 @@ def build_optimizer(groups: dict[str, list[nn.Parameter]], projector_lr: float, 
                     weight_decay: float, betas: tuple[float, float], eps: float,
                     fused: bool = False) -> torch.optim.AdamW:
     lrs = {"projector": projector_lr, "lora": lora_lr}
+    # weight_decay as the optimizer default, so both groups get it, like the seed's
+    # torch.optim.AdamW(param_groups) with torch's 0.01.
     return torch.optim.AdamW(
         [{"params": groups[g], "lr": lrs[g], "name": g} for g in GROUPS],
         weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None,

@@ -5,6 +5,8 @@ The seed's playbook (../shared/seed/phase2-differential-lr.md):
   * slow convergence  -> raise the base LR (1e-4 -> 2e-4) and shorten warmup (500 -> 100);
   * grad norm > 10    -> outside the normal 0.1-10 range; clip (needed above 100).
 Advice is only emitted when the sweep itself contains the evidence, and cites those trials.
+How often clipping acted is evidence too (never a reason to call a trial unstable): where a
+clip acts on most steps the update is set by the clip, so the learning rate matters less.
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ TOP_K = 3
 MIN_TAIL_POINTS = 5
 
 _UNSTABLE_LR_KINDS = ("nan", "diverged")
+# "The clip acted on most steps": from here on the advice says the LR mattered less.
+MOSTLY_CLIPPED = 0.5
 
 
 @dataclass
 class Advice:
     """One recommendation for the next sweep."""
 
-    kind: str  # "lower_lr" | "slow_convergence" | "add_clipping"
+    kind: str  # "lower_lr" | "slow_convergence" | "add_clipping" | "clip_share"
     text: str
     trial_ids: list[str]
     # Phase2 knob values to try next (keys as in the trainer's phase2 section).
@@ -65,6 +69,7 @@ def advise(
         _lower_lr_advice(records, by_id, ceiling),
         _slow_convergence_advice(records, by_id, ceiling),
         _clipping_advice(records, by_id, rules),
+        _clip_share_advice(records, by_id),
     ]
     return [item for item in candidates if item is not None]
 
@@ -156,8 +161,8 @@ def _clip_note(unstable: Sequence[TrialRecord]) -> str:
 
 def _over_clip_caveat(stable: Sequence[TrialRecord]) -> str:
     # Clipping only changes steps whose norm exceeds the clip value; if the stable runs'
-    # typical norm is above 0.5, the seed's value clips most steps and can trip the
-    # over-clipping rule, so say so instead of letting the next sweep discover it.
+    # typical norm is above 0.5, the seed's value clips most steps: still stable, but the
+    # step is then set by the clip rather than by the LR, which the reader should expect.
     norms = [n for r in stable for n in r.series("grad_norm")[1]]
     if not norms:
         return ""
@@ -166,7 +171,8 @@ def _over_clip_caveat(stable: Sequence[TrialRecord]) -> str:
         return ""
     return (
         f" Note: the stable trials' median grad norm is {fmt_num(median)}, so a clip of "
-        f"{SEED_NAN_CLIP_VAL:g} would act on most steps; watch the clipped share."
+        f"{SEED_NAN_CLIP_VAL:g} would act on most steps; the step size is then the clip's and "
+        "the learning rate matters less (the leaderboard's clipped column shows how often)."
     )
 
 
@@ -279,8 +285,8 @@ def _clipping_advice(
     if not hot:
         return None
     # Clip at the trials' typical high percentile: caps the tail without clipping most steps
-    # (the seed's 0.5 is its NaN remedy; on these norms it would clip nearly every step and
-    # trip the over-clipping rule).
+    # (the seed's 0.5 is its NaN remedy; on these norms it would clip nearly every step, so
+    # the clip rather than the LR would set every update).
     value = _two_sig(max(float(np.median([p for _, p in hot])), rules.grad_norm_normal_max))
     p = f"p{rules.grad_norm_percentile:g}"
     evidence = ", ".join(f"{r.trial_id} {p} {fmt_num(v)}" for r, v in hot)
@@ -290,6 +296,41 @@ def _clipping_advice(
         f"{value:g} so spikes are capped while ordinary steps stay unclipped."
     )
     return Advice("add_clipping", text, [r.trial_id for r, _ in hot], {"gradient_clip_val": value})
+
+
+def _clip_share_advice(
+    records: Sequence[TrialRecord], by_id: Mapping[str, Verdict]
+) -> Advice | None:
+    """Stable trials whose clip acted on most steps, grouped by clip value, with the loss
+    spread across their learning rates as the evidence that the LR mattered less there."""
+    groups: dict[float, list[TrialRecord]] = {}
+    for record in records:
+        v = by_id[record.trial_id]
+        clip = finite_or_none(record.params.get("gradient_clip_val"))
+        if v.stable and clip and v.clip_fraction is not None and v.clip_fraction >= MOSTLY_CLIPPED:
+            groups.setdefault(clip, []).append(record)
+    if not groups:
+        return None
+    parts, cited = [], []
+    for clip, members in sorted(groups.items()):
+        shares = [by_id[r.trial_id].clip_fraction or 0.0 for r in members]
+        share = f"{min(shares):.0%}" if min(shares) == max(shares) else (
+            f"{min(shares):.0%}-{max(shares):.0%}")
+        part = f"gradient_clip_val {clip:g} acted on {share} of steps ({', '.join(_ids(members))})"
+        lrs = sorted({r.base_lr for r in members if r.base_lr is not None})
+        losses = [by_id[r.trial_id].final_loss for r in members]
+        known = [x for x in losses if x is not None]
+        if len(lrs) > 1 and known:
+            part += (f", learning_rate {fmt_num(lrs[0])}-{fmt_num(lrs[-1])} giving final loss "
+                     f"{fmt_num(min(known))}-{fmt_num(max(known))}")
+        parts.append(part)
+        cited += _ids(members)
+    text = (
+        "; ".join(parts) + ". There the clip, not the learning rate, set most updates, so the "
+        "LR mattered less; these trials are stable (clipping is the seed's remedy), and the "
+        "leaderboard prefers the smaller clip share only between equal losses."
+    )
+    return Advice("clip_share", text, cited)
 
 
 def _two_sig(value: float) -> float:

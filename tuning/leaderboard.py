@@ -1,4 +1,15 @@
-"""Rank sweep trials (stable first, by smoothed final loss) and export the winner's config."""
+"""Rank sweep trials (stable first, each compared at a common step) and export the winner.
+
+Ranking rule, fair to trials ASHA stopped and trials that finished: stable trials that ran their
+whole schedule come first, compared on their final loss (eval when every one of them has an
+end-of-run eval, else the smoothed training loss), all at the same last step; trials ASHA
+stopped follow, deepest rung first, each rung's trials compared on the smoothed training loss
+at the step they were stopped.  Every comparison is between losses from the same step and split;
+a finished trial outranks a stopped one because ASHA compared them at the stopped trial's rung
+and kept the other.  Ties (equal to 4 significant digits) go to the trial whose clip acted on
+fewer steps.  "Plateaued" trials (stable, but learned far less than the best) follow the stable
+ones; unstable trials come last, grouped by what went wrong.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +24,15 @@ from typing import Any
 import yaml
 
 from trainer.fsutil import atomic_write_text
-from tuning.stability import KIND_PRIORITY, StabilityRules, Verdict, fmt_num, verdict
+from tuning.stability import (
+    KIND_PRIORITY,
+    StabilityRules,
+    Verdict,
+    fmt_num,
+    smoothed_loss_at,
+    verdict,
+    verdicts_for,
+)
 from tuning.trial_record import TrialRecord, finite_or_none
 
 # Knobs of the trainer's `phase2:` section, in the order the seed's examples list them.
@@ -41,8 +60,8 @@ PHASE2_KNOBS = (
 )
 
 # Unstable trials are listed closest-to-usable first: a still-running trial may turn out fine,
-# an over-clipped one trained, a failed one tells us least about the knobs.
-_UNSTABLE_ORDER = ("incomplete", "over_clipped", "high_grad_norm", "diverged", "nan", "failed")
+# a failed one tells us least about the knobs.
+_UNSTABLE_ORDER = ("incomplete", "high_grad_norm", "diverged", "nan", "failed")
 assert set(_UNSTABLE_ORDER) == set(KIND_PRIORITY)
 
 CSV_COLUMNS = (
@@ -53,6 +72,8 @@ CSV_COLUMNS = (
     "early_stopped",
     "final_loss",
     "loss_source",
+    "rank_loss",
+    "rank_measure",
     "learning_rate",
     "projector_lr",
     "lora_lr",
@@ -99,6 +120,9 @@ class Row:
     notes: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     grad_norm_percentile: float = 90.0  # which percentile grad_norm_pctl is
+    # What the row was ranked on: the loss, and "eval@60" / "train@30" (split @ step).
+    rank_loss: float | None = None
+    rank_measure: str | None = None
 
     @property
     def reason_text(self) -> str:
@@ -109,24 +133,88 @@ class Row:
 def build_leaderboard(
     records: Sequence[TrialRecord], rules: StabilityRules | None = None
 ) -> list[Row]:
-    """Stable trials ranked by smoothed final loss (completed before early-stopped), then the
-    unstable ones grouped by what went wrong."""
+    """Stable trials ranked on a common-step loss (module docstring), then plateaued ones, then
+    the unstable ones grouped by what went wrong."""
     rules = rules or StabilityRules()
-    pairs = [(record, verdict(record, rules)) for record in records]
-    pairs.sort(key=lambda pair: _sort_key(pair[0], pair[1]))
+    verdicts = verdicts_for(records, rules)
+    measures = rank_measures(records, verdicts, rules)
+    pairs = [(record, verdicts[record.trial_id]) for record in records]
+    pairs.sort(key=lambda pair: _sort_key(pair[0], pair[1], measures.get(pair[0].trial_id)))
     rows = [_make_row(rank, record, v) for rank, (record, v) in enumerate(pairs, start=1)]
     for row in rows:
         row.grad_norm_percentile = rules.grad_norm_percentile
+        if row.trial_id in measures:
+            row.rank_loss, split, step = measures[row.trial_id]
+            row.rank_measure = f"{split}@{step}"
     return rows
 
 
-def _sort_key(record: TrialRecord, v: Verdict) -> tuple[Any, ...]:
-    # Loss from an early-stopped trial is not comparable with a finished one (fewer steps,
-    # LR not yet decayed), hence the early_stopped tier before the loss.
-    loss = v.final_loss if v.final_loss is not None else math.inf
+def rank_measures(
+    records: Sequence[TrialRecord], verdicts: dict[str, Verdict], rules: StabilityRules
+) -> dict[str, tuple[float, str, int]]:
+    """(loss, split, step) each stable trial is ranked on; see the module docstring."""
+    stable = [r for r in records if verdicts[r.trial_id].stable]
+    # Finished = not stopped early and at the deepest step: a trial ASHA stopped before it
+    # wrote its summary has no planned step count to tell it is short, only its step.
+    deepest = max((r.steps_done for r in stable), default=0)
+    finished = [r for r in stable
+                if not verdicts[r.trial_id].early_stopped and r.steps_done == deepest]
+    # One split for all finished trials: eval only when each has an eval at its last step.
+    use_eval = bool(finished) and all(_end_eval(r) is not None for r in finished)
+    out: dict[str, tuple[float, str, int]] = {}
+    for record in stable:
+        step = record.steps_done
+        if use_eval and record in finished:
+            loss, split = _end_eval(record), "eval"
+        else:
+            loss, split = smoothed_loss_at(record, step, rules.smoothing_window), "train"
+        if loss is not None:
+            out[record.trial_id] = (loss, split, step)
+    return out
+
+
+def _end_eval(record: TrialRecord) -> float | None:
+    steps, losses = record.series("eval_loss")
+    return losses[-1] if steps and steps[-1] == record.steps_done else None
+
+
+def ranking_note(rows: Sequence[Row]) -> str:
+    """One line saying which measure ranked the stable trials (printed with every table)."""
+    measures = sorted({row.rank_measure for row in rows if row.rank_measure},
+                      key=lambda m: -int(m.rpartition("@")[2]))
+    if not measures:
+        return "Ranked: no stable trial to rank."
+    deepest = int(measures[0].rpartition("@")[2])
+    finished = [r.rank_measure for r in rows if r.rank_measure and not r.early_stopped
+                and int(r.rank_measure.rpartition("@")[2]) == deepest]
+    parts = []
+    if finished:
+        split, _, step = finished[0].partition("@")
+        what = "final eval loss" if split == "eval" else "smoothed final training loss"
+        parts.append(f"finished trials by {what} at step {step}")
+    stopped = sorted({int(r.rank_measure.rpartition("@")[2]) for r in rows
+                      if r.rank_measure and r.rank_measure not in finished}, reverse=True)
+    if stopped:
+        parts.append("then early-stopped trials, deepest first, by smoothed training loss at "
+                     f"the step they were stopped ({', '.join(map(str, stopped))})")
+    return ("Ranked: " + "; ".join(parts) + ". Every compared loss is from the same step and "
+            "split; ties go to the smaller clip share.")
+
+
+def _sort_key(record: TrialRecord, v: Verdict,
+              measure: tuple[float, str, int] | None) -> tuple[Any, ...]:
     if v.stable:
-        return (0, int(v.early_stopped), loss, record.trial_id)
-    return (1, _UNSTABLE_ORDER.index(v.kind), loss, record.trial_id)
+        plateaued = int(v.kind == "plateaued")
+        if measure is None:
+            return (0, plateaued, 1, 0, math.inf, 1.0, record.trial_id)
+        loss, _, step = measure
+        clip = v.clip_fraction if v.clip_fraction is not None else 0.0
+        # Deeper tiers first (finished = the whole schedule), then the loss at 4 significant
+        # digits, so that losses that read the same in the table tie and the clip share decides.
+        return (0, plateaued, int(v.early_stopped), -step, float(f"{loss:.4g}"), clip,
+                record.trial_id)
+    loss = v.final_loss if v.final_loss is not None else math.inf
+    return (1, _UNSTABLE_ORDER.index(v.kind), 0, 0, loss, 0.0, record.trial_id)
 
 
 def _make_row(rank: int, record: TrialRecord, v: Verdict) -> Row:
@@ -194,6 +282,8 @@ def _row_values(row: Row) -> list[Any]:
         row.early_stopped,
         row.final_loss,
         row.loss_source,
+        row.rank_loss,
+        row.rank_measure,
         row.learning_rate,
         row.projector_lr,
         row.lora_lr,
@@ -224,7 +314,7 @@ _DISPLAY_HEADERS = (
     "#",
     "trial",
     "verdict",
-    "final loss",
+    "loss (ranked on)",
     "lr",
     "proj lr",
     "lora lr",
@@ -245,7 +335,10 @@ def _headers(rows: Sequence[Row]) -> list[str]:
 
 def _display_cells(row: Row) -> list[str]:
     verdict_text = row.kind + (" (early-stopped)" if row.early_stopped else "")
-    loss = "-" if row.final_loss is None else f"{row.final_loss:.4g} {row.loss_source}"
+    if row.rank_loss is not None:
+        loss = f"{row.rank_loss:.4g} {row.rank_measure}"
+    else:
+        loss = "-" if row.final_loss is None else f"{row.final_loss:.4g} {row.loss_source}"
     clipped = "-" if row.clip_fraction is None else f"{row.clip_fraction:.0%}"
     return [
         str(row.rank),
@@ -283,6 +376,7 @@ def format_markdown(rows: Sequence[Row], title: str | None = None) -> str:
         # A literal "|" inside a cell would split it into two columns.
         cells = [cell.replace("|", "\\|") for cell in _display_cells(row)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", ranking_note(rows)]
     if not any(row.stable for row in rows):
         lines += ["", "**No stable trial in this sweep.**"]
     return "\n".join(lines) + "\n"
@@ -298,6 +392,7 @@ def format_table(rows: Sequence[Row]) -> str:
         padded = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
         out.append("  ".join([*padded, line[-1]]).rstrip())
     out.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * 13)
+    out.append(ranking_note(rows))
     if not any(row.stable for row in rows):
         out.append("No stable trial in this sweep.")
     return "\n".join(out)
@@ -308,7 +403,8 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def best_stable_row(rows: Sequence[Row]) -> Row | None:
     """Top-ranked stable row, or None when no trial was stable."""
-    stable = [row for row in rows if row.stable]
+    # A plateaued trial is stable but never "the best": it learned far less than another.
+    stable = [row for row in rows if row.stable and row.kind != "plateaued"]
     return min(stable, key=lambda row: row.rank) if stable else None
 
 
@@ -436,9 +532,9 @@ def _explanation(record: TrialRecord, v: Verdict, rules: StabilityRules) -> list
     return [
         f"ranked first among stable trials; {v.steps} steps, {how}",
         f"observed: p{rules.grad_norm_percentile:g} grad norm {pctl} "
-        f"(limit {rules.grad_norm_limit:g}), clipped on {clipped} of steps "
-        f"(limit {rules.max_clip_fraction:.0%}), {v.nan_count} NaN events "
-        f"(limit {rules.max_nan_events})",
+        f"(limit {rules.grad_norm_limit:g}), {v.nan_count} NaN events "
+        f"(limit {rules.max_nan_events}), clip acted on {clipped} of steps (reported, "
+        "not a rule: the seed's remedy)",
         "stable = no NaN beyond the limit, smoothed loss never above "
         f"{rules.loss_spike_factor:g}x its start"
         + (" and ending below it" if rules.final_above_start else ""),
@@ -499,6 +595,8 @@ __all__ = [
     "format_markdown",
     "format_table",
     "phase2_config",
+    "rank_measures",
+    "ranking_note",
     "trial_resolved_config",
     "write_best_stable_yaml",
     "write_csv",

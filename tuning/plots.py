@@ -28,19 +28,19 @@ DPI = 120
 
 KIND_COLORS = {
     "stable": "#2ca02c",
+    "plateaued": "#bcbd22",
     "nan": "#d62728",
     "diverged": "#ff7f0e",
     "high_grad_norm": "#9467bd",
-    "over_clipped": "#8c564b",
     "failed": "#333333",
     "incomplete": "#17becf",
 }
 KIND_LABELS = {
     "stable": "stable",
+    "plateaued": "plateaued",
     "nan": "NaN",
     "diverged": "diverged",
     "high_grad_norm": "high grad norm",
-    "over_clipped": "over-clipped",
     "failed": "failed",
     "incomplete": "incomplete",
 }
@@ -49,7 +49,13 @@ GROUP_COLORS = {"projector": "#1f77b4", "lora": "#ff7f0e"}
 # Seed: grad norm 0.1-10 is normal, above 100 needs clipping.
 GRAD_NORM_NORMAL_MAX = 10.0
 GRAD_NORM_CLIP_NEEDED = 100.0
-SEED_PROJECTOR_MULT = 5.0
+# Knobs the stability map can put on an axis, in the order that breaks ties between equally
+# varied ones (the seed's main levers first).
+MAP_KNOBS = (
+    "learning_rate", "gradient_clip_val", "projector_lr_mult", "lora_lr_mult", "warmup_steps",
+    "weight_decay", "batch_size", "gradient_accumulation_steps", "epochs",
+)
+MAX_MAP_PANELS = 4
 # Beyond this many trials, per-line id labels pile up into an unreadable column.
 MAX_LINE_LABELS = 12
 
@@ -170,79 +176,154 @@ def plot_lr_schedule(record: TrialRecord, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def map_value(record: TrialRecord, knob: str) -> float | None:
+    """A knob's value for the map: group multipliers as the trainer derives them; clipping
+    off (null or 0) as 0."""
+    if knob == "learning_rate":
+        return record.base_lr
+    if knob == "projector_lr_mult":
+        return record.projector_lr_mult
+    if knob == "lora_lr_mult":
+        return record.lora_lr_mult
+    value = record.params.get(knob)
+    if knob == "gradient_clip_val" and not value:
+        return 0.0
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def map_axes(records: Sequence[TrialRecord]) -> list[str]:
+    """The knobs that varied across ``records``, most varied first: more distinct values
+    first, then the wider spread (decades for positive values), then MAP_KNOBS order."""
+    scored = []
+    for order, knob in enumerate(MAP_KNOBS):
+        values = [v for v in (map_value(r, knob) for r in records) if v is not None]
+        distinct = sorted(set(values))
+        if len(distinct) < 2:
+            continue
+        positive = [v for v in distinct if v > 0]
+        spread = (np.log10(positive[-1] / positive[0]) if len(positive) >= 2
+                  else distinct[-1] - distinct[0])
+        scored.append((-len(distinct), -float(spread), order, knob))
+    return [knob for *_, knob in sorted(scored)]
+
+
 def plot_stability_map(
     records: Sequence[TrialRecord],
     verdicts: Mapping[str, Verdict] | Sequence[Verdict],
     path: str | Path,
 ) -> Path:
-    """Base learning_rate (log x) vs projector LR multiplier, one marker per trial outcome."""
+    """Outcome per trial over the two knobs that varied most (``map_axes``); with more than two
+    varied, one panel per further knob against the most varied one.  The lowest value of the
+    x knob where a trial went NaN/diverged is marked: the cliff."""
     by_id = index_verdicts(records, verdicts)
-    fig, ax = _new_figure(9, 6)
-    placed = [r for r in records if r.base_lr is not None and r.projector_lr_mult is not None]
-    xs = _spread_duplicates(placed)
+    axes_knobs = map_axes(records)
+    x_knob = axes_knobs[0] if axes_knobs else "learning_rate"
+    y_knobs = axes_knobs[1 : 1 + MAX_MAP_PANELS] or [None]
+    fig = _figure(min(7.0 * len(y_knobs), 24.0), 6)
+    panels = fig.subplots(1, len(y_knobs), squeeze=False)[0]
+    placed = [r for r in records if map_value(r, x_knob) is not None]
+    for ax, y_knob in zip(panels, y_knobs, strict=True):
+        _map_panel(ax, placed, by_id, x_knob, y_knob)
+    title = (f"Stability map: {' / '.join(axes_knobs)} varied" if axes_knobs
+             else "Stability map: no knob varied")
+    fig.suptitle(title)
+    _no_data_note(panels[0], not placed, "no trials with a value for the varied knobs")
+    return _save(fig, path)
+
+
+def _map_panel(ax: Axes, records: Sequence[TrialRecord], by_id: Mapping[str, Verdict],
+               x_knob: str, y_knob: str | None) -> None:
+    points = [(map_value(r, x_knob), map_value(r, y_knob) if y_knob else 0.0, r) for r in records]
+    points = [(x, y, r) for x, y, r in points if x is not None and y is not None]
+    log_x = _log_axis([x for x, _, _ in points])
+    log_y = y_knob is not None and _log_axis([y for _, y, _ in points])
+    xs = _spread_duplicates([(x, y) for x, y, _ in points], log_x)
     groups: dict[str, list[int]] = defaultdict(list)
-    for index, record in enumerate(placed):
+    for index, (_, _, record) in enumerate(points):
         groups[_map_category(by_id[record.trial_id].kind)].append(index)
     for category, (marker, color, label) in _MAP_STYLES.items():
         idx = groups.get(category, [])
         if idx:
-            ax.scatter(
-                [xs[i] for i in idx],
-                [placed[i].projector_lr_mult for i in idx],
-                marker=marker, color=color, s=90, alpha=0.8, edgecolors="black",
-                linewidths=0.5, label=f"{label} ({len(idx)})", zorder=3,
-            )  # fmt: skip
-    if len(placed) <= 30:  # trial ids stay legible up to about this many points
-        _label_points(ax, placed)
-    if placed:
+            ax.scatter([xs[i] for i in idx], [points[i][1] for i in idx], marker=marker,
+                       color=color, s=90, alpha=0.8, edgecolors="black", linewidths=0.5,
+                       label=f"{label} ({len(idx)})", zorder=3)  # fmt: skip
+    if len(points) <= 30:  # trial ids stay legible up to about this many points
+        _label_points(ax, points)
+    cliff = cliff_value([r for _, _, r in points], by_id, x_knob)
+    if cliff is not None:
+        ax.axvline(cliff, color=KIND_COLORS["nan"], linestyle="--", lw=1.2,
+                   label=f"cliff: lowest {x_knob} that broke ({cliff:g})")
+    if log_x:
         ax.set_xscale("log")
-        ax.axhline(SEED_PROJECTOR_MULT, color="grey", linestyle=":", label="seed default 5x")
+    if log_y:
+        ax.set_yscale("log")
+    if cliff is not None:  # shade everything past the cliff, so it reads at a glance
+        right = ax.get_xlim()[1]
+        ax.axvspan(cliff, right, color=KIND_COLORS["nan"], alpha=0.07, zorder=1)
+        ax.set_xlim(right=right)
+    if y_knob == "gradient_clip_val":
+        ticks = sorted({y for _, y, _ in points})
+        ax.set_yticks(ticks, ["none" if t == 0 else f"{t:g}" for t in ticks])
+    if points:
         ax.legend(loc="best", fontsize=8)
-    ax.set(
-        title="Stability map: base LR vs projector LR multiplier",
-        xlabel="base learning_rate (log scale)",
-        ylabel="projector_lr_mult (projector_lr / learning_rate)",
-    )
+    ax.set(xlabel=x_knob + (" (log scale)" if log_x else ""),
+           ylabel=y_knob or "(only one knob varied)", title=f"{x_knob} x {y_knob or '-'}")
     ax.grid(True, which="both", alpha=0.3)
-    _no_data_note(ax, not placed, "no trials with a learning_rate")
-    return _save(fig, path)
+
+
+def cliff_value(records: Sequence[TrialRecord], verdicts: Mapping[str, Verdict],
+                knob: str) -> float | None:
+    """Lowest value of ``knob`` at which a trial went NaN, diverged or ran a grad norm above
+    the limit: where the map draws the cliff (None when nothing broke)."""
+    broke = [map_value(r, knob) for r in records if verdicts[r.trial_id].kind in _CLIFF_KINDS]
+    known = [v for v in broke if v is not None]
+    return min(known) if known else None
+
+
+def _log_axis(values: Sequence[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and bool(positive) and max(positive) / min(positive) > 10
 
 
 _MAP_STYLES = {
     "stable": ("o", KIND_COLORS["stable"], "stable"),
+    "plateaued": ("o", KIND_COLORS["plateaued"], "plateaued (stable, learned little)"),
     "nan": ("X", KIND_COLORS["nan"], "NaN"),
     "diverged": ("^", KIND_COLORS["diverged"], "diverged"),
-    "other": ("s", "#7f7f7f", "other (grad norm / clipping / failed / incomplete)"),
+    "high_grad_norm": ("v", KIND_COLORS["high_grad_norm"], "grad norm > limit"),
+    "other": ("s", "#7f7f7f", "other (failed / incomplete)"),
 }
+_CLIFF_KINDS = ("nan", "diverged", "high_grad_norm")
 
 
 def _map_category(kind: str) -> str:
-    return kind if kind in ("stable", "nan", "diverged") else "other"
+    return kind if kind in _MAP_STYLES else "other"
 
 
-def _label_points(ax: Axes, records: Sequence[TrialRecord]) -> None:
-    """One label per (lr, mult) point listing its trials left to right, so the ids of
-    repeated settings do not print on top of each other."""
-    groups: dict[tuple[Any, Any], list[str]] = defaultdict(list)
-    for record in records:
-        groups[(record.base_lr, record.projector_lr_mult)].append(record.trial_id)
-    for (lr, mult), ids in groups.items():
+def _label_points(ax: Axes, points: Sequence[tuple[float, float, TrialRecord]]) -> None:
+    """One label per (x, y) point listing its trials, so the ids of repeated settings do not
+    print on top of each other."""
+    groups: dict[tuple[float, float], list[str]] = defaultdict(list)
+    for x, y, record in points:
+        groups[(x, y)].append(record.trial_id)
+    for (x, y), ids in groups.items():
         text = ", ".join(ids[:4]) + (f" +{len(ids) - 4}" if len(ids) > 4 else "")
-        ax.annotate(text, (lr, mult), fontsize=7, ha="center", xytext=(0, 9),
+        ax.annotate(text, (x, y), fontsize=7, ha="center", xytext=(0, 9),
                     textcoords="offset points")  # fmt: skip
 
 
-def _spread_duplicates(records: Sequence[TrialRecord]) -> list[float]:
-    """x positions with trials at identical (lr, mult) nudged apart by a few % in log space,
-    e.g. repeated seeds, so none hides behind another."""
-    keys = [(r.base_lr, r.projector_lr_mult) for r in records]
+def _spread_duplicates(keys: Sequence[tuple[float, float]], log_x: bool) -> list[float]:
+    """x positions with trials at identical (x, y) nudged apart (a few % in log space, or a
+    little on a linear axis), e.g. repeated seeds, so none hides behind another."""
     totals = Counter(keys)
-    seen: Counter[tuple[Any, Any]] = Counter()
+    seen: Counter[tuple[float, float]] = Counter()
+    span = (max(k[0] for k in keys) - min(k[0] for k in keys)) if keys else 0.0
     xs = []
-    for record, key in zip(records, keys, strict=True):
+    for key in keys:
         offset = seen[key] - (totals[key] - 1) / 2
         seen[key] += 1
-        xs.append(float(record.base_lr or 0.0) * 10 ** (0.025 * offset))
+        xs.append(key[0] * 10 ** (0.025 * offset) if log_x
+                  else key[0] + 0.01 * (span or 1.0) * offset)
     return xs
 
 
@@ -338,6 +419,9 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 __all__ = [
     "KIND_COLORS",
+    "cliff_value",
+    "map_axes",
+    "map_value",
     "plot_grad_norms",
     "plot_loss_curves",
     "plot_lr_schedule",

@@ -51,7 +51,6 @@ _KIND_WORDS = {
     "nan": "went NaN",
     "diverged": "diverged",
     "high_grad_norm": "had exploding gradients",
-    "over_clipped": "was over-clipped",
     "failed": "failed",
     "incomplete": "did not finish",
 }
@@ -179,7 +178,9 @@ def recheck_plan(
     """
     _check_plan_args(top_k, seeds, lr_factors)
     by_id = {record.trial_id: record for record in records}
-    rows = [row for row in build_leaderboard(records, rules) if row.stable][:top_k]
+    # Plateaued trials are stable but learned far less than the best: not worth re-running.
+    rows = [row for row in build_leaderboard(records, rules)
+            if row.stable and row.kind != "plateaued"][:top_k]
     keys = _normalize_swept_keys(swept_keys)
     plan: list[RecheckTrial] = []
     for row in rows:

@@ -1,9 +1,19 @@
 """Is a trial's training stable?  Rules from the Phase 2 seed, applied to one TrialRecord.
 
 Seed thresholds (../shared/seed/phase2-differential-lr.md): gradient norm 0.1-10 is normal and
-above 100 calls for clipping; a NaN loss means the base LR is too high.  The verdict names the
-first failing rule by severity (``kind``) but lists every failing rule in ``reasons`` so a user
-sees the whole picture, e.g. a trial that both spiked and clipped on most steps.
+above 100 calls for clipping; a NaN loss means the base LR is too high; the loss curve should
+fall smoothly.  Unstable is therefore: NaN/inf events, divergence (a smoothed loss spike, or
+ending above the start), a pre-clip gradient norm persistently above 100, or a failed/stalled
+run.  The verdict names the first failing rule by severity (``kind``) but lists every failing
+rule in ``reasons`` so a user sees the whole picture.
+
+Clipping is the seed's remedy, not a symptom: how often it acted (``clip_fraction``) is reported
+on every verdict and may break ties in the ranking, but never makes a trial unstable.
+
+"Plateaued" compares a trial with the rest of its sweep (``verdicts_for``): a stable trial whose
+loss fell by less than ``plateau_fraction`` of what the best stable trial's fell is shown as
+plateaued, with both numbers, so a finite but useless setting is not mistaken for a good one.
+It stays in the stable set (nothing unstable was observed); docs/stability.md gives the evidence.
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuning.trial_record import TrialRecord, finite_or_none
 
 # Most severe first: the verdict's kind is the first of these that has a reason.
-KIND_PRIORITY = ("failed", "nan", "diverged", "high_grad_norm", "over_clipped", "incomplete")
-KINDS = ("stable", *KIND_PRIORITY)
+KIND_PRIORITY = ("failed", "nan", "diverged", "high_grad_norm", "incomplete")
+# Kinds of a stable verdict: "plateaued" is stable but learned far less than the sweep's best.
+STABLE_KINDS = ("stable", "plateaued")
+KINDS = (*STABLE_KINDS, *KIND_PRIORITY)
 
 # Trainer end reasons that say the run itself broke, whatever the metrics look like.
 _NAN_END_REASONS = ("nan_stop", "nan_abort")
@@ -55,9 +67,10 @@ class StabilityRules(BaseModel):
     """Top of the seed's normal gradient-norm range (0.1-10).  Not a verdict rule: advice uses
     it to recommend clipping for stable trials that run hot without it."""
 
-    max_clip_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
-    """Unstable ("over-clipped") when more than this share of steps was clipped: the clip value
-    is then doing the learning-rate's job and the LR is effectively lower than configured."""
+    plateau_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Shown as "plateaued" when a stable trial's smoothed loss fell by less than this share of
+    the drop of the sweep's best stable trial at the same step (0 = never).  Not in the seed:
+    it marks "finite but did not learn" (an issue-20 run: 12 -> 6.8 next to 12 -> 0.21)."""
 
     smoothing_window: int = Field(default=10, ge=1)
     """Steps in the trailing simple moving average used for start/final/spike losses.  A plain
@@ -78,9 +91,14 @@ class Verdict:
     final_loss: float | None = None
     final_loss_source: str | None = None  # "eval" or "train"
     grad_norm_pctl: float | None = None
+    # Share of logged steps on which gradient clipping acted (None: no clip flags logged).
     clip_fraction: float | None = None
     nan_count: int = 0
     steps: int = 0
+    # Smoothed training loss at the start and its relative drop by the last step
+    # ((start - end) / start); plateau_fraction compares the drop with the sweep's best.
+    start_loss: float | None = None
+    loss_drop: float | None = None
 
 
 @dataclass
@@ -105,9 +123,9 @@ def verdict(record: TrialRecord, rules: StabilityRules | None = None) -> Verdict
     findings = _Findings()
     _check_outcome(record, findings)
     nan_count = _check_nans(record, rules, findings)
-    _check_loss(record, rules, findings)
+    start, drop = _check_loss(record, rules, findings)
     pctl = _check_grad_norm(record, rules, findings)
-    clip_fraction = _check_clipping(record, rules, findings)
+    clip_fraction = clip_share(record)
     early_stopped, notes = _check_completion(record, findings)
     final_loss, source = final_loss_with_source(record, rules.smoothing_window)
     kind = findings.kind()
@@ -123,14 +141,75 @@ def verdict(record: TrialRecord, rules: StabilityRules | None = None) -> Verdict
         clip_fraction=clip_fraction,
         nan_count=nan_count,
         steps=record.steps_done,
+        start_loss=start,
+        loss_drop=drop,
     )
 
 
 def verdicts_for(
     records: Sequence[TrialRecord], rules: StabilityRules | None = None
 ) -> dict[str, Verdict]:
-    """Verdicts keyed by trial id, in the records' order."""
-    return {record.trial_id: verdict(record, rules) for record in records}
+    """Verdicts keyed by trial id, in the records' order, with "plateaued" marked (it needs
+    the whole sweep: a trial has plateaued relative to what the best one learned)."""
+    rules = rules or StabilityRules()
+    verdicts = {record.trial_id: verdict(record, rules) for record in records}
+    mark_plateaued(records, verdicts, rules)
+    return verdicts
+
+
+def mark_plateaued(
+    records: Sequence[TrialRecord], verdicts: Mapping[str, Verdict], rules: StabilityRules
+) -> None:
+    """Turn stable verdicts into "plateaued" where the trial learned too little.
+
+    A trial's relative loss drop by its last step is compared with the largest drop any stable
+    trial had reached by that same step, so an ASHA-stopped trial is judged against the others'
+    losses at the step it was stopped, not against their finished runs.
+    """
+    if rules.plateau_fraction <= 0:
+        return
+    stable = [r for r in records if verdicts[r.trial_id].stable]
+    curves = {r.trial_id: _smoothed_curve(r, rules.smoothing_window) for r in stable}
+    for record in stable:
+        v = verdicts[record.trial_id]
+        if v.loss_drop is None:
+            continue
+        best_id, best_drop = _best_drop_at(curves, v.steps)
+        if best_drop is None or best_drop <= 0 or best_id == record.trial_id:
+            continue
+        if v.loss_drop < rules.plateau_fraction * best_drop:
+            v.kind = "plateaued"
+            v.notes.append(
+                f"plateaued: loss fell {v.loss_drop:.0%} by step {v.steps} "
+                f"(smoothed {fmt_num(v.start_loss or 0.0)} -> "
+                f"{fmt_num((v.start_loss or 0.0) * (1 - v.loss_drop))}) vs {best_drop:.0%} for "
+                f"{best_id}; limit {rules.plateau_fraction:.0%} of the best"
+            )
+
+
+def _smoothed_curve(record: TrialRecord, window: int) -> tuple[list[int], list[float]] | None:
+    steps, losses = record.series("loss")
+    if len(losses) < 2:
+        return None
+    w = max(1, min(window, len(losses) // 2))
+    return steps[w - 1 :], moving_average(losses, w)
+
+
+def _best_drop_at(
+    curves: Mapping[str, tuple[list[int], list[float]] | None], step: int
+) -> tuple[str | None, float | None]:
+    """(trial id, relative drop) of the stable trial that had fallen most by ``step``."""
+    best: tuple[str | None, float | None] = (None, None)
+    for trial_id, curve in curves.items():
+        if curve is None or curve[0][-1] < step or curve[1][0] <= 0:
+            continue
+        index = int(np.searchsorted(curve[0], step, side="right")) - 1
+        if index < 0:
+            continue
+        drop = 1.0 - curve[1][index] / curve[1][0]
+        if best[1] is None or drop > best[1]:
+            best = (trial_id, drop)
+    return best
 
 
 def index_verdicts(
@@ -167,6 +246,19 @@ def final_loss_with_source(
     if not losses:
         return None, None
     return float(np.mean(losses[-max(1, window) :])), "train"
+
+
+def smoothed_loss_at(record: TrialRecord, step: int, window: int = 10) -> float | None:
+    """Mean of the last ``window`` training losses logged at or before ``step`` (None if none).
+
+    The ranking's common-step measure: trials stopped at the same ASHA rung are compared on
+    this, each at the same step of the same schedule.
+    """
+    steps, losses = record.series("loss")
+    upto = [loss for s, loss in zip(steps, losses, strict=True) if s <= step]
+    if not upto:
+        return None
+    return float(np.mean(upto[-max(1, window) :]))
 
 
 def percentile_or_none(values: Sequence[float], q: float) -> float | None:
@@ -227,19 +319,22 @@ def _first_nan_detail(record: TrialRecord) -> str:
     return "step unknown"
 
 
-def _check_loss(record: TrialRecord, rules: StabilityRules, findings: _Findings) -> None:
+def _check_loss(
+    record: TrialRecord, rules: StabilityRules, findings: _Findings
+) -> tuple[float | None, float | None]:
+    """Divergence rules; returns the smoothed start loss and the relative drop by the end."""
     if record.end_reason == "diverged":
         findings.add("diverged", f"trainer stopped the run as diverged at step {record.steps_done}")
     steps, losses = record.series("loss")
     if len(losses) < 2:
-        return
+        return None, None
     # Keep start and end windows disjoint on short runs, or "final above start" compares a
     # window with itself.
     window = max(1, min(rules.smoothing_window, len(losses) // 2))
     smooth = moving_average(losses, window)
     start = smooth[0]
     if start <= 0:
-        return  # ratios are meaningless for a non-positive loss
+        return None, None  # ratios are meaningless for a non-positive loss
     _check_spike(steps[window - 1 :], smooth, start, rules, findings)
     final = smooth[-1]
     if rules.final_above_start and final > start:
@@ -247,6 +342,7 @@ def _check_loss(record: TrialRecord, rules: StabilityRules, findings: _Findings)
             "diverged",
             f"smoothed final loss {fmt_num(final)} is above its smoothed start {fmt_num(start)}",
         )
+    return start, 1.0 - final / start
 
 
 def _check_spike(
@@ -290,20 +386,18 @@ def _check_grad_norm(
     return pctl
 
 
-def _check_clipping(
-    record: TrialRecord, rules: StabilityRules, findings: _Findings
-) -> float | None:
+def clip_share(record: TrialRecord) -> float | None:
+    """Share of logged steps on which clipping acted (None when no step logged the flag).
+
+    Reported, never a verdict rule: the seed prescribes clipping as the remedy for NaN and
+    large norms, and a clip that acts on most steps means the effective step is the clip, so
+    the learning rate matters less there; that is information about the setting, not damage.
+    """
     flags = [finite_or_none(r.get("clipped")) for r in record.history]
     known = [f for f in flags if f is not None]
     if not known:
         return None
-    fraction = sum(1 for f in known if f > 0) / len(known)
-    if fraction > rules.max_clip_fraction:
-        findings.add(
-            "over_clipped",
-            f"clipped on {fraction:.0%} of steps (limit {rules.max_clip_fraction:.0%})",
-        )
-    return fraction
+    return sum(1 for f in known if f > 0) / len(known)
 
 
 def _check_completion(record: TrialRecord, findings: _Findings) -> tuple[bool, list[str]]:
@@ -328,15 +422,19 @@ def _check_completion(record: TrialRecord, findings: _Findings) -> tuple[bool, l
 __all__ = [
     "KINDS",
     "KIND_PRIORITY",
+    "STABLE_KINDS",
     "StabilityRules",
     "Verdict",
+    "clip_share",
     "final_loss_with_source",
     "fmt_num",
     "index_verdicts",
+    "mark_plateaued",
     "moving_average",
     "nan_event_count",
     "percentile_or_none",
     "smoothed_final_loss",
+    "smoothed_loss_at",
     "verdict",
     "verdicts_for",
 ]
