@@ -40,6 +40,8 @@ class Report:
     advice: list[str] = field(default_factory=list)
     best_trial: str | None = None
     verdicts: dict[str, str] = field(default_factory=dict)  # trial id -> kind
+    # trial id -> share of optimizer steps on which clipping acted (None: no clip value)
+    clip_fractions: dict[str, float | None] = field(default_factory=dict)
 
 
 def collect_records(sweep_dir: Path) -> list[TrialRecord]:
@@ -79,7 +81,8 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
     rows = build_leaderboard(records, rules)
     verdicts = verdicts_for(records, rules)
     report = Report(format_table(rows), records,
-                    verdicts={k: v.kind for k, v in verdicts.items()})
+                    verdicts={k: v.kind for k, v in verdicts.items()},
+                    clip_fractions={k: v.clip_fraction for k, v in verdicts.items()})
     report.files["leaderboard_csv"] = write_csv(rows, out / "leaderboard.csv")
     report.files["leaderboard_md"] = write_markdown(rows, out / "leaderboard.md",
                                                     title=f"Sweep {name}")
@@ -107,7 +110,8 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
 
 def print_report(report: Report, stream=None) -> None:
     stream = stream or sys.stdout  # looked up per call: a redirected stdout is honoured
-    print("\nLeaderboard (stable first, ranked by smoothed final loss):", file=stream)
+    print("\nLeaderboard (stable first; the measure it ranks on is the line under it):",
+          file=stream)
     print(report.table, file=stream)
     if report.best_trial:
         print(f"\nBest stable trial: {report.best_trial}", file=stream)

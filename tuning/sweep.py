@@ -551,7 +551,9 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
               f"{sum(v['status'] == 'ERROR' for v in index.values())} failed")
         if left is not None:
             print(left)
-        if not cfg.mlflow.tracking_uri:
+        if cfg.mlflow.tracking_uri:
+            print(f"MLflow: {cfg.mlflow.tracking_uri} (experiment {experiment})")
+        else:
             print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
                   f"--port {MLFLOW_UI_PORT}")
         print(f"MLflow runs of this sweep: {link or f'experiment {experiment}'}")
@@ -671,6 +673,7 @@ def _publish_report(cfg, experiment: str, mlflow_dir: Path, report
     the line that says what became of MLflow writes left over from an outage (None when
     there were none): the callback's warning about them is stale once this driver replayed
     them."""
+    from tuning.stability import STABLE_KINDS
     from tuning.tracking import JOURNAL_FILE, runs_link
     from tuning.tracking_writer import INBOX_FILE
 
@@ -682,10 +685,15 @@ def _publish_report(cfg, experiment: str, mlflow_dir: Path, report
     try:
         for trial_id, kind in report.verdicts.items():
             if tracker.run_id_of(trial_id):
-                tracker.set_trial_tags(trial_id, {"phase2tune.verdict": kind})
+                tags = {"phase2tune.verdict": kind}
+                clip = report.clip_fractions.get(trial_id)
+                if clip is not None:  # reported, never a verdict: clipping is the remedy
+                    tags["phase2tune.clip_fraction"] = f"{clip:.3f}"
+                tracker.set_trial_tags(trial_id, tags)
                 # As a number too: MLflow's parallel-coordinates chart plots metrics only.
-                tracker.log_final_metrics(trial_id, {"final/stable": int(kind == "stable")},
-                                          last_step.get(trial_id, 0))
+                tracker.log_final_metrics(
+                    trial_id, {"final/stable": int(kind in STABLE_KINDS)},
+                    last_step.get(trial_id, 0))
         for path in report.files.values():
             tracker.log_artifact(None, path, "report")
         if report.best_trial:
