@@ -82,10 +82,9 @@ def bmm_lora(result: torch.Tensor, xs: torch.Tensor, stack_a: torch.Tensor,
     already has its parameter's layout and autograd takes it as the .grad without a copy
     (K x 2 copy kernels per LoRA layer and step saved). Activations on the left (for
     `LoraStacks`, whose gradients are concatenated anyway): the products are tall and
-    thin ([rows x tokens, in] x [in, r]), which cuBLAS runs in about two thirds of the
-    GPU time of the weights-left form on an H200 at the reference group's shapes
-    (`bench/lora_kernels.py`, compiled forward + backward: 103 vs 153 us at out=896,
-    74 vs 115 us at out=128), and the sum with `result` reads both contiguously.
+    thin ([rows x tokens, in] x [in, r]), which cuBLAS runs faster than the weights-left
+    form at the reference group's shapes (`bench/lora_kernels.py`; figures in
+    docs/performance.md), and the sum with `result` reads both contiguously.
     """
     k, width = xs.shape[0], result.shape[-1]
     if weights_left:
@@ -213,8 +212,8 @@ class LoraStacks:
     forward: the stack cast once to the compute dtype (`compute_dtype`: autocast's, None
     for fp32), then split. Slicing the fp32 stack per layer instead made autograd sum 192
     zero-padded slice gradients, which Inductor fuses into one kernel testing every slice
-    at every element: 1.1 ms of a 40 ms group step at K=8 on an H200 (run 18), against
-    one concatenation and one cast here; the per-layer casts of the slices go too.
+    at every element (a visible share of the group step in the profile of
+    docs/performance.md), against one concatenation and one cast here; the per-layer casts of the slices go too.
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str],

@@ -163,8 +163,8 @@ class GroupStats:
     recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     # Of step_s, waiting in read-backs for the device to finish the launched work: most of
     # it says the device bounds the group. Little of it says less: with CUDA graphs a host
-    # that runs ahead blocks in its launches once the GPU's queue is full (run 18: 0.01 in
-    # a GPU-bound group; README, Performance).
+    # that runs ahead blocks in its launches once the GPU's queue is full (a GPU-bound group
+    # can read near 0: docs/shared-group.md).
     sync_s: float = 0.0
     profile_report_s: float = 0.0  # writing PHASE2_GROUP_PROFILE's report (not in step_s)
     # The step thread waiting, by why: every live member paused for its client's report
