@@ -4,7 +4,8 @@
 first walks every parameter in Python: grad and state lookups, list building, grouping by
 device and dtype. For a trial group's member (projector + 192 LoRA tensors on the
 reference model) that walk is most of the step's host time, which a group pays once per
-member (measured by `bench/adamw_step.py`; figures in docs/performance.md). `ListedAdamW` gathers the parameters, moments
+member (measured by `bench/adamw_step.py`; figures in docs/performance.md).
+`ListedAdamW` gathers the parameters, moments
 and step counts once and then launches what `step()` launches: the step counts'
 increment, one `torch._fused_adamw_` per group with that group's current hyperparameters,
 and, with `found_inf`, the step counts' decrement, so the update is the same, bit for

@@ -213,7 +213,8 @@ class LoraStacks:
     for fp32), then split. Slicing the fp32 stack per layer instead made autograd sum 192
     zero-padded slice gradients, which Inductor fuses into one kernel testing every slice
     at every element (a visible share of the group step in the profile of
-    docs/performance.md), against one concatenation and one cast here; the per-layer casts of the slices go too.
+    docs/performance.md), against one concatenation and one cast here; the per-layer
+    casts of the slices go too.
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str],
