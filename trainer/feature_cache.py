@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from trainer.bundle import CONFIG_FILE, WEIGHTS_FILE, load_bundle
 from trainer.data import Example, load_media
+from trainer.progress_bar import progress
 
 CACHE_VERSION = "1"
 _ENCODE_BATCH = 32
@@ -51,7 +52,8 @@ def encode(bundle_dir: Path, examples: list[Example], device: str = "cpu") -> to
     """Aligned features [N, T, align_dim] for `examples` (fp32)."""
     bundle = load_bundle(bundle_dir, device)
     out = []
-    for i in range(0, len(examples), _ENCODE_BATCH):
+    starts = range(0, len(examples), _ENCODE_BATCH)
+    for i in progress(starts, total=len(starts), desc="[feature-cache] encoding", unit="batch"):
         m = load_media(examples[i : i + _ENCODE_BATCH], bundle.spec)
         out.append(bundle(m.images.to(device), m.audio.to(device), m.text.to(device)).float().cpu())
     return torch.cat(out)
