@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ from trainer.__main__ import main as trainer_main
 @pytest.fixture(autouse=True)
 def library_defaults(monkeypatch):
     """Each test starts from the libraries' own levels and leaves them as it found them."""
-    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "MLFLOW_LOGGING_LEVEL"):
         monkeypatch.delenv(name, raising=False)
 
     def reset() -> None:
@@ -52,5 +53,6 @@ def test_sweep_cli_silences_mlflow_ray_transformers_unless_verbose(verbose, tmp_
     # what ray.init(logging_level=...) gets
     assert seen["ray_log_level"] == (logging.INFO if verbose else logging.ERROR)
     assert logging.getLogger("mlflow").level == (logging.NOTSET if verbose else logging.WARNING)
+    assert os.environ.get("MLFLOW_LOGGING_LEVEL") == (None if verbose else "WARNING")
     assert hf_logging.get_verbosity() == (logging.WARNING if verbose else logging.ERROR)
     assert hf_logging.is_progress_bar_enabled() is verbose

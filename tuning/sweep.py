@@ -283,6 +283,8 @@ def quiet_driver(verbose: bool = False) -> int:
     quiet_transformers(verbose)
     if verbose:
         return logging.INFO
+    # MLflow sets its logger's level from this when it is first imported (later than here).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return logging.ERROR  # Ray's driver WARNINGs (e.g. token authentication) need no action
