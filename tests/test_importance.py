@@ -107,3 +107,11 @@ def test_build_report_writes_importance_files_for_the_parent_run(tmp_path: Path,
     print_report(report)
     out = capsys.readouterr().out
     assert "Parameter importance" in out and "importance.png" in out
+
+
+def test_a_trial_without_its_swept_values_is_left_out_not_fatal() -> None:
+    records = sweep_records(6)
+    records[0].params = {}  # e.g. a trial that never wrote config.resolved.yaml
+    result = compute_importance(records, verdicts_for(records), ["learning_rate", "warmup_steps"])
+    assert result.trials["final_loss"] == 5
+    assert set(result.importances["final_loss"]) == {"learning_rate", "warmup_steps"}

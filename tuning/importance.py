@@ -21,6 +21,7 @@ import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from trainer.errors import ConfigError
 from trainer.fsutil import atomic_write_bytes, atomic_write_text
 from trainer.yaml_io import load_yaml_file
 from tuning.stability import Verdict
@@ -61,7 +62,10 @@ def swept_values(record: TrialRecord, keys: Sequence[str]) -> dict[str, Any]:
             continue
         if resolved is None:
             path = record.run_dir / "config.resolved.yaml" if record.run_dir else None
-            resolved = load_yaml_file(path) if path is not None and path.is_file() else {}
+            try:
+                resolved = load_yaml_file(path) if path is not None and path.is_file() else {}
+            except ConfigError:  # a damaged config: the trial simply lacks these knobs
+                resolved = {}
         node: Any = resolved
         for part in key.split("."):
             node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
@@ -81,17 +85,23 @@ def compute_importance(records: Sequence[TrialRecord], verdicts: Mapping[str, Ve
         keys = sorted({k for r in records for k in r.params})
     values = {r.trial_id: swept_values(r, keys) for r in records}
     distributions = _distributions(values.values(), keys)
+    # fANOVA needs every knob on every trial: one that never got its config is left out.
+    complete = [tid for tid, v in values.items() if tid in verdicts
+                and all(k in v for k in distributions)]
     result = Importance()
-    losses = {tid: verdicts[tid].final_loss for tid in values
-              if tid in verdicts and finite_or_none(verdicts[tid].final_loss) is not None}
-    stable = {tid: float(verdicts[tid].stable) for tid in values if tid in verdicts}
+    losses = {tid: verdicts[tid].final_loss for tid in complete
+              if finite_or_none(verdicts[tid].final_loss) is not None}
+    stable = {tid: float(verdicts[tid].stable) for tid in complete}
     for target, y in (("final_loss", losses), ("stability", stable)):
         result.trials[target] = len(y)
         why = _why_not(y, distributions)
         if why:
             result.skipped[target] = why
             continue
-        result.importances[target] = _fanova(values, y, distributions, seed)
+        try:
+            result.importances[target] = _fanova(values, y, distributions, seed)
+        except (ValueError, RuntimeError) as e:  # the rest of the report must still be written
+            result.skipped[target] = f"fANOVA failed: {e}"
     return result
 
 
@@ -143,8 +153,6 @@ def _fanova(values: Mapping[str, Mapping[str, Any]], y: Mapping[str, float],
     for tid, target in y.items():
         params = {k: _as_choice(v, distributions[k]) for k, v in values[tid].items()
                   if k in distributions}
-        if len(params) != len(distributions):
-            continue  # fANOVA needs every knob on every trial
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions={k: distributions[k] for k in params}, value=target))
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
