@@ -20,7 +20,7 @@ T = TypeVar("T")
 def progress(items: Iterable[T], *, total: int, desc: str, unit: str = "it") -> Iterator[T]:
     """Yield ``items`` under a tqdm bar on a terminal, or between two plain lines otherwise."""
     bar = tqdm(items, total=total, desc=desc, unit=unit, disable=None, file=sys.stderr,
-               dynamic_ncols=True, leave=True)
+               leave=True)
     if not bar.disable:
         yield from bar
         return
