@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from trainer.errors import ConfigError, Problem
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool = False) -> None:
     # Progress bars and advisory warnings from transformers drown the run's own output.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
-    from transformers.utils import logging as hf_logging
+    from trainer.noise import quiet_transformers
 
-    hf_logging.disable_progress_bar()
+    quiet_transformers(verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="continue output.run_name from its newest checkpoint")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="keep transformers' log lines and progress bars (silenced by default)")
     args = ap.parse_args(argv)
     try:
         from trainer.config import load_config
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             data["phase2"]["lora_lr"] = cfg.phase2.resolved_lora_lr
             print(dump_yaml(data), end="")
             return 0
-        _quiet_libraries()
+        _quiet_libraries(args.verbose)
         if args.count_params:
             from trainer.param_count import count_parameters, format_counts
 

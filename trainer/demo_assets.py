@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from trainer.progress_bar import progress
+
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
     "yellow": (230, 210, 40), "purple": (140, 60, 190), "orange": (240, 140, 30),
@@ -102,7 +104,8 @@ def _pretrain_on_captions(model, tokenizer, steps: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(steps):
+    for _ in progress(range(steps), total=steps, desc="[demo] pretraining the demo LLM",
+                      unit="step"):
         texts = [" ".join(demo_caption(rng)) for _ in range(32)]
         enc = tokenizer([t + tokenizer.eos_token for t in texts], return_tensors="pt",
                         padding=True, add_special_tokens=False)

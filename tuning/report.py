@@ -16,6 +16,12 @@ from pathlib import Path
 from trainer.errors import ConfigError
 from trainer.fsutil import atomic_write_text, storage_error_line
 from tuning.advice import advise
+from tuning.importance import (
+    compute_importance,
+    format_importance,
+    plot_importance,
+    write_importance_json,
+)
 from tuning.leaderboard import (
     best_stable_record,
     build_leaderboard,
@@ -42,6 +48,7 @@ class Report:
     verdicts: dict[str, str] = field(default_factory=dict)  # trial id -> kind
     # trial id -> share of optimizer steps on which clipping acted (None: no clip value)
     clip_fractions: dict[str, float | None] = field(default_factory=dict)
+    importance: str = ""  # the parameter-importance table, as printed
 
 
 def collect_records(sweep_dir: Path) -> list[TrialRecord]:
@@ -105,7 +112,28 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
         report.files["grad_norms"] = plot_grad_norms(records, plots / "grad_norms.png")
         lr_rec = best or max(records, key=lambda r: len(r.history))
         report.files["lr_schedule"] = plot_lr_schedule(lr_rec, plots / "lr_schedule.png")
+    importance = compute_importance(records, verdicts, swept_keys(sweep_dir))
+    report.importance = format_importance(importance)
+    report.files["importance"] = write_importance_json(importance, out / "importance.json")
+    report.files["importance_plot"] = plot_importance(importance, out / "importance.png")
     return report
+
+
+def swept_keys(sweep_dir: Path) -> list[str] | None:
+    """The `space:` keys of the sweep's snapshot (None without one: importance then ranks
+    the phase2 knobs that vary across the trials)."""
+    path = sweep_dir / "search.snapshot.yaml"
+    if not path.is_file():
+        return None
+    from trainer.yaml_io import load_yaml_file
+
+    try:
+        data = load_yaml_file(path)
+    except ConfigError:
+        return None  # main() reports a damaged snapshot; the importance falls back
+    search = data.get("search") if isinstance(data, dict) else None
+    space = search.get("space") if isinstance(search, dict) else None
+    return [str(k) for k in space] if isinstance(space, dict) else None
 
 
 def print_report(report: Report, stream=None) -> None:
@@ -119,6 +147,9 @@ def print_report(report: Report, stream=None) -> None:
         print("\nNo stable trial: see the reasons above and the advice below.", file=stream)
     for line in report.advice:
         print(f"advice: {line}", file=stream)
+    if report.importance:
+        print("\nParameter importance (fANOVA, share of variance explained):", file=stream)
+        print(report.importance, file=stream)
     print("\nWritten:", file=stream)
     for key, path in report.files.items():
         print(f"  {key:>15}: {path}", file=stream)

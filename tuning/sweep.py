@@ -23,6 +23,7 @@ import errno
 import fcntl
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -287,7 +288,25 @@ def _scheduler(loaded: Loaded, total_steps: int):
                          reduction_factor=cfg.scheduler.reduction_factor)
 
 
-def _init_ray(loaded: Loaded) -> None:
+def quiet_driver(verbose: bool = False) -> int:
+    """Silence third-party lines that need no action (transformers' bars and INFO, MLflow's
+    and its SQLite migrations' INFO); returns the logging level for ``ray.init``. With
+    ``verbose`` every library keeps its own levels and Ray logs at INFO."""
+    import logging
+
+    from trainer.noise import quiet_transformers
+
+    quiet_transformers(verbose)
+    if verbose:
+        return logging.INFO
+    # MLflow sets its logger's level from this when it is first imported (later than here).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return logging.ERROR  # Ray's driver WARNINGs (e.g. token authentication) need no action
+
+
+def _init_ray(loaded: Loaded, logging_level: int) -> None:
     import logging
 
     import ray
@@ -296,7 +315,7 @@ def _init_ray(loaded: Loaded) -> None:
     address = rc.address or os.environ.get("RAY_ADDRESS")
     # Without an address, ray.init() would join any cluster recorded in /tmp/ray (someone
     # else's `ray start`); "local" always starts this sweep's own.
-    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False,
+    kwargs: dict[str, Any] = dict(logging_level=logging_level, log_to_driver=False,
                                   configure_logging=True)
     # Ray's ResultGrid warns that result.json is missing: we turned those loggers off.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -454,7 +473,7 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile
 
 
 def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = False,
-              recheck_k: int | None = None) -> int:
+              recheck_k: int | None = None, ray_log_level: int = logging.ERROR) -> int:
     """Everything after validation. Returns the exit code."""
     from ray import tune
 
@@ -500,7 +519,7 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             stall_timeout_s=cfg.stopping.stall_timeout_s, worst_loss=cfg.stopping.worst_loss,
             cpus_per_trial=cfg.resources.cpus_per_trial)
         clock.append(("preparation", time.time()))
-        _init_ray(loaded)
+        _init_ray(loaded, ray_log_level)
         clock.append(("Ray start", time.time()))
         trainable, group = _trainable(cfg, sweep_dir, loaded.base_data, inputs, opts,
                                       loaded.base.model.compile, profile)
@@ -729,15 +748,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recheck", type=int, default=None, metavar="K",
                     help="after the sweep, re-run the K best stable configs over "
                          "recheck.seeds and recheck.lr_factors (overrides recheck.top_k)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="keep transformers', MLflow's and Ray's INFO/WARNING lines "
+                         "(silenced by default)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray's CSV/JSON/TensorBoard loggers would duplicate (and choke on) the step records:
     # the trial run dirs and MLflow hold them.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours (Interrupt) records the signal
+    ray_log_level = quiet_driver(args.verbose)
     try:
         loaded = load_search(args.config, args.overrides)
         check_runs(loaded)
@@ -748,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM (e.g. from a scheduler) stops like Ctrl-C: state saved, runs KILLED.
         INTERRUPT.install()
         return run_sweep(loaded, resume_flag=args.resume, restart=args.restart,
-                         recheck_k=args.recheck)
+                         recheck_k=args.recheck, ray_log_level=ray_log_level)
     except ConfigError as e:
         return _fail(e.lines())
     except OSError as e:

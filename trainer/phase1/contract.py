@@ -23,6 +23,7 @@ from trainer.bundle import freeze
 from trainer.data import Example, media_problem
 from trainer.errors import ConfigError, Problem
 from trainer.media import MediaError, read_audio, read_image
+from trainer.progress_bar import progress as progress_bar
 
 DEFAULT_SAMPLE_RATE = 16000
 ENCODE_BATCH = 32  # examples per Phase 1 forward while building the cache
@@ -83,7 +84,9 @@ def encode_examples(module: nn.Module, examples: list[Example], where: str,
     """Features [N, T, D] (fp32, rows right-padded to the longest) and mask [N, T]."""
     rate = sample_rate_of(module)
     feats, masks = [], []
-    for i in range(0, len(examples), ENCODE_BATCH):
+    starts = range(0, len(examples), ENCODE_BATCH)
+    for i in progress_bar(starts, total=len(starts), desc="[phase1] encoding features",
+                          unit="batch"):
         chunk = examples[i : i + ENCODE_BATCH]
         out = module(read_batch(chunk, rate))
         f, m = _check_output(out, len(chunk), module.align_dim, where)
