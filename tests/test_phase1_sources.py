@@ -178,7 +178,7 @@ def test_shorter_prefixes_give_the_rows_own_outputs(assets_dir, tmp_path):
     """A row with a shorter prefix in a batch gives the same hidden states at its text as
     that row alone with no padding at all (so the padding changes nothing)."""
     from trainer.data import prefix_features
-    from trainer.model import Projector, final_hidden, load_llm, prefix_embeds
+    from trainer.model import Projector, final_hidden, load_llm, prefix_embeds, prefix_gaps
 
     inputs = prepare_inputs(config_from_data(tiny_data(tmp_path, assets_dir)), **QUIET)
     lm = load_llm(inputs.llm_dir).eval()
@@ -189,11 +189,20 @@ def test_shorter_prefixes_give_the_rows_own_outputs(assets_dir, tmp_path):
     ids = torch.randint(3, 50, (2, 6))
     embed = lm.get_input_embeddings()
     with torch.no_grad():
-        batch = final_hidden(lm, prefix_embeds(proj, embed, prefix_features(feats, mask), ids))
+        padded = prefix_features(feats, mask)
+        batch = final_hidden(lm, prefix_embeds(proj, embed, padded, ids),
+                             prefix_gaps(padded, ids.shape[1]))
         alone = final_hidden(lm, prefix_embeds(proj, embed, feats[1:, [0, 2]], ids[1:]))
         full = final_hidden(lm, prefix_embeds(proj, embed, feats[:1], ids[:1]))
     torch.testing.assert_close(batch[1, 5:], alone[0, 2:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch[0], full[0], rtol=0, atol=0)  # a full row: untouched
+    # A projector gone non-finite is not taken for missing tokens: it reaches the hidden
+    # states (and so the loss and the NaN guard) of every row.
+    with torch.no_grad():
+        proj.net[0].weight.fill_(float("inf"))
+        broken = final_hidden(lm, prefix_embeds(proj, embed, padded, ids),
+                              prefix_gaps(padded, ids.shape[1]))
+    assert not torch.isfinite(broken[0]).any() and not torch.isfinite(broken[1]).any()
 
 
 def test_group_rows_equal_solo_with_variable_prefixes(assets_dir, tmp_path):

@@ -80,6 +80,7 @@ from trainer.model import (
     lora_config,
     low_precision_dtype,
     prefix_embeds,
+    prefix_gaps,
     target_losses,
 )
 from trainer.multilora import (
@@ -140,17 +141,18 @@ def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list
     """
     lm = causal_lm(llm)
     length = max(p.input_ids.shape[1] for p in parts)
-    embeds, blocks = [], []
+    embeds, gaps, blocks = [], [], []
     for p in parts:
         # Padding ids are never attended by a real position (final_hidden): any id will do.
         embeds.append(prefix_embeds(p.projector, lm.get_input_embeddings(), p.features,
                                     _pad_right(p.input_ids, length, 0)))
+        gaps.append(prefix_gaps(p.features, length))
         blocks.append((p.adapter, p.features.shape[0]))
     if routed:
-        hidden = final_hidden(lm, torch.cat(embeds))
+        hidden = final_hidden(lm, torch.cat(embeds), torch.cat(gaps))
     else:
         with adapter_blocks(llm, blocks):
-            hidden = final_hidden(lm, torch.cat(embeds))
+            hidden = final_hidden(lm, torch.cat(embeds), torch.cat(gaps))
     blocks, start = [], 0
     for p in parts:  # each member's loss over its own rows and target tokens only
         blocks.append((start, batch_targets(_pad_right(p.labels, length, IGNORE_INDEX),

@@ -159,17 +159,25 @@ def prefix_embeds(projector: Projector, embed: nn.Module, features: torch.Tensor
     Prefixes may differ in length between rows: a feature token that is NaN is no token
     (trainer.data.prefix_features puts each row's real tokens first, then NaN). Such
     tokens go through the projector as zeros (a NaN input would make the projector's
-    weight gradient NaN) and come out as NaN embeddings, which `final_hidden` moves
-    behind the row's text. The prefix is never a target (`find_targets` skips it).
+    weight gradient NaN) and come out as zero embeddings, which `final_hidden` moves
+    behind the row's text when given `prefix_gaps`. The marker is the input, never the
+    output: a projector that itself goes non-finite must reach the loss and the NaN guard.
+    The prefix is never a target (`find_targets` skips it).
     """
     real = ~torch.isnan(features[..., :1])  # [b, T, 1]
     prefix = projector(features.masked_fill(~real, 0.0).to(projector.net[0].weight.dtype))
     tokens = embed(input_ids)
-    prefix = prefix.to(tokens.dtype).masked_fill(~real, float("nan"))
+    prefix = prefix.to(tokens.dtype).masked_fill(~real, 0.0)
     return torch.cat([prefix, tokens], dim=1)
 
 
-def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
+def prefix_gaps(features: torch.Tensor, text_length: int) -> torch.Tensor:
+    """[b, T + text_length] bool: True where a row has no prefix token (NaN features)."""
+    return F.pad(torch.isnan(features[..., 0]), (0, text_length), value=False)
+
+
+def final_hidden(lm: nn.Module, embeds: torch.Tensor, gaps: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """Last hidden states of the decoder, without the LM head (`lm` is the CausalLM).
 
     Rows must be right-padded (trainer.data builds nothing else; a trial group pads its
@@ -180,20 +188,21 @@ def final_hidden(lm: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
     instead of materialising a [B, 1, L, L] mask and falling back to the slower masked
     kernels, also inside a compiled forward, where HF cannot prove a mask is all ones.
 
-    A row whose prefix is shorter than the batch's has NaN embeddings where its missing
-    prefix tokens would be (`prefix_embeds`). The row is compacted first, [its real prefix]
-    [its text] [the rest], so it stays right-padded (no mask needed) and its text sits
-    right behind its own prefix (positions as in a batch of one); the hidden states are
-    then put back at the original positions, so the callers' target positions hold. All
+    `gaps` (`prefix_gaps`, None when every row has its full prefix) marks where a row
+    whose prefix is shorter than the batch's lacks prefix tokens. The row is compacted
+    first, [its real prefix] [its text] [the rest], so it stays right-padded (no mask
+    needed) and its text sits right behind its own prefix (positions as in a batch of
+    one); the hidden states are then put back at the original positions, so the callers'
+    target positions hold. All
     on the device, with static shapes (a gather, no host sync). Rows with a full prefix
     are gathered in place: the same numbers as without this step.
     """
-    gap = torch.isnan(embeds[..., 0])  # [b, L]
-    order = torch.argsort(gap.to(torch.int8), dim=1, stable=True)  # real positions first
-    index = order.unsqueeze(-1).expand_as(embeds)
-    packed = embeds.gather(1, index).masked_fill(gap.gather(1, order).unsqueeze(-1), 0.0)
     # The decoder body, not the CausalLM forward: that would run the LM head (a quarter of
     # a Qwen model) over every position, prefix and prompt included.
+    if gaps is None:
+        return lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    order = torch.argsort(gaps.to(torch.int8), dim=1, stable=True)  # real positions first
+    packed = embeds.gather(1, order.unsqueeze(-1).expand_as(embeds))
     hidden = lm.base_model(inputs_embeds=packed, use_cache=False).last_hidden_state
     back = torch.argsort(order, dim=1).unsqueeze(-1).expand_as(hidden)  # the inverse order
     return hidden.gather(1, back)
@@ -302,7 +311,7 @@ class Phase2Model(nn.Module):
         """Mean target-token loss of right-padded rows; `labels` [b, t] (text positions)."""
         lm = causal_lm(self.llm)
         embeds = prefix_embeds(self.projector, lm.get_input_embeddings(), features, input_ids)
-        hidden = final_hidden(lm, embeds)
+        hidden = final_hidden(lm, embeds, prefix_gaps(features, input_ids.shape[1]))
         targets = batch_targets(labels, features.shape[1], self.static_loss, hidden.device)
         return target_loss(hidden, targets, lm.get_output_embeddings())
 
