@@ -39,12 +39,7 @@ def build_image_encoder(directory: Path, kind: str = "clip", *, hidden: int = 32
         proc = tf.ViTImageProcessor(size=size)
     else:
         raise ValueError(f"image kind {kind!r}: one of {IMAGE_KINDS}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(cfg)
-    model.save_pretrained(directory)
-    proc.save_pretrained(directory)
-    return Path(directory)
+    return _save_random(model_cls, cfg, proc, directory, seed)
 
 
 def build_audio_encoder(directory: Path, kind: str = "whisper", *, hidden: int = 32,
@@ -70,12 +65,7 @@ def build_audio_encoder(directory: Path, kind: str = "whisper", *, hidden: int =
         proc = tf.Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True)
     else:
         raise ValueError(f"audio kind {kind!r}: one of {AUDIO_KINDS}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(cfg)
-    model.save_pretrained(directory)
-    proc.save_pretrained(directory)
-    return Path(directory)
+    return _save_random(model_cls, cfg, proc, directory, seed)
 
 
 def build_text_encoder(directory: Path, *, hidden: int = 32, layers: int = 1, heads: int = 2,
@@ -119,3 +109,14 @@ def build_aligner(path: Path, widths: dict[str, int], align_dim: int,
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
     return Path(path)
+
+
+def _save_random(model_cls, cfg, processor, directory: Path, seed: int) -> Path:
+    """A random-init `model_cls(cfg)` (seeded, the global RNG untouched) and its processor,
+    saved together with save_pretrained, as a user's local encoder directory would be."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(cfg)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return Path(directory)
