@@ -115,3 +115,21 @@ def test_a_trial_without_its_swept_values_is_left_out_not_fatal() -> None:
     result = compute_importance(records, verdicts_for(records), ["learning_rate", "warmup_steps"])
     assert result.trials["final_loss"] == 5
     assert set(result.importances["final_loss"]) == {"learning_rate", "warmup_steps"}
+
+
+def test_a_list_valued_knob_is_one_category_per_distinct_list(tmp_path: Path) -> None:
+    # A sweep over model.lora.target_modules: each trial's value (read from its
+    # config.resolved.yaml) is a list, which is not hashable; equal lists must be one
+    # category and the report must still rank the knobs.
+    records = sweep_records(12)
+    for i, record in enumerate(records):
+        record.run_dir = tmp_path / record.trial_id
+        record.run_dir.mkdir()
+        modules = ["q_proj", "v_proj"] if i % 2 else ["q_proj"]
+        (record.run_dir / "config.resolved.yaml").write_text(
+            yaml.safe_dump({"model": {"lora": {"target_modules": modules}}}))
+    keys = ["learning_rate", "model.lora.target_modules"]
+    result = compute_importance(records, verdicts_for(records), keys)
+    assert result.skipped == {}
+    assert set(result.importances["final_loss"]) == set(keys)
+    assert next(iter(result.importances["final_loss"])) == "learning_rate"

@@ -127,7 +127,7 @@ def _distributions(rows: Any, keys: Sequence[str]) -> dict[str, Any]:
     rows = list(rows)
     out: dict[str, Any] = {}
     for key in keys:
-        seen = [row[key] for row in rows if key in row]
+        seen = [_hashable(row[key]) for row in rows if key in row]
         unique = list(dict.fromkeys(seen))
         if len(unique) < 2:
             continue  # a constant explains nothing
@@ -140,10 +140,16 @@ def _distributions(rows: Any, keys: Sequence[str]) -> dict[str, Any]:
             else:
                 out[key] = FloatDistribution(lo, hi, log=log)
         else:  # e.g. gradient_clip_val: null / 1.0 / 5.0 - null is a category of its own
-            choices = [v if v is None or isinstance(v, bool | int | float | str) else str(v)
-                       for v in unique]
-            out[key] = CategoricalDistribution(list(dict.fromkeys(choices)))
+            out[key] = CategoricalDistribution(unique)
     return out
+
+
+def _hashable(value: Any) -> Any:
+    """A scalar as it is; a list or mapping (``target_modules: [q_proj, v_proj]``) as its
+    canonical JSON text, so that equal values are one category."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _fanova(values: Mapping[str, Mapping[str, Any]], y: Mapping[str, float],
@@ -162,8 +168,7 @@ def _fanova(values: Mapping[str, Mapping[str, Any]], y: Mapping[str, float],
 
 def _as_choice(value: Any, distribution: Any) -> Any:
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-        return value if value is None or isinstance(value, bool | int | float | str) \
-            else str(value)
+        return _hashable(value)
     return float(value) if isinstance(distribution, optuna.distributions.FloatDistribution) \
         else int(value)
 
