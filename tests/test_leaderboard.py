@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tuning.advice import advise, tail_relative_drop
-from tuning.leaderboard import (
+from tuning.analysis.advice import advise, tail_relative_drop
+from tuning.analysis.leaderboard import (
     CSV_COLUMNS,
     best_stable_config,
     best_stable_record,
@@ -26,8 +26,8 @@ from tuning.leaderboard import (
     write_markdown,
     yaml_scalar,
 )
-from tuning.stability import StabilityRules, verdicts_for
-from tuning.trial_record import TrialRecord
+from tuning.analysis.stability import StabilityRules, verdicts_for
+from tuning.analysis.trial_record import TrialRecord
 
 
 def history(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuning.plots import (
+from tuning.analysis.plots import (
     cliff_value,
     map_axes,
     plot_grad_norms,
@@ -18,8 +18,8 @@ from tuning.plots import (
     plot_lr_schedule,
     plot_stability_map,
 )
-from tuning.stability import verdicts_for
-from tuning.trial_record import TrialRecord
+from tuning.analysis.stability import verdicts_for
+from tuning.analysis.trial_record import TrialRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuning.progress import ProgressCallback, format_table
+from tuning.raytune.progress import ProgressCallback, format_table
 
 
 @dataclass

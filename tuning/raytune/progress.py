@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from tuning.tracking import short_key, short_value
+from tuning.tracking.tracker import short_key, short_value
 
 
 def _fmt(v: Any, spec: str = ".4g") -> str:

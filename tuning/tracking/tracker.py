@@ -2,7 +2,7 @@
 
 Why it looks like this:
 
-* One writer. Only the Ray driver (through ``tuning.mlflow_callback``) talks to MLflow, so an
+* One writer. Only the Ray driver (through ``tuning.tracking.callback``) talks to MLflow, so an
   embedded SQLite store never sees concurrent writers (SQLite's "database is locked" trap).
 * ``MlflowClient`` only, never the fluent ``mlflow.*`` API: the fluent API keeps a process-global
   active-run stack that is wrong as soon as several trials are tracked from one process.

@@ -18,6 +18,8 @@ import yaml
 
 # Ray Tune's trial states; the trainer's summary.json may use its own words (see _STATUS_ALIASES).
 TRIAL_STATUSES = ("TERMINATED", "ERROR", "RUNNING", "PENDING")
+# Written into a trial's run dir by the trainable when its watchdog saw no step for too long.
+STALL_FILE = "stalled.json"
 
 _STATUS_ALIASES = {
     "completed": "TERMINATED",

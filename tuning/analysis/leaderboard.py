@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from trainer.fsutil import atomic_write_text
-from tuning.stability import (
+from tuning.analysis.stability import (
     KIND_PRIORITY,
     StabilityRules,
     Verdict,
@@ -33,7 +33,7 @@ from tuning.stability import (
     verdict,
     verdicts_for,
 )
-from tuning.trial_record import TrialRecord, finite_or_none
+from tuning.analysis.trial_record import TrialRecord, finite_or_none
 
 # Knobs of the trainer's `phase2:` section, in the order the seed's examples list them.
 PHASE2_KNOBS = (

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from trainer.errors import ConfigError
 from trainer.fsutil import atomic_write_bytes, atomic_write_text
 from trainer.yaml_io import load_yaml_file
-from tuning.stability import Verdict
-from tuning.trial_record import TrialRecord, finite_or_none
+from tuning.analysis.stability import Verdict
+from tuning.analysis.trial_record import TrialRecord, finite_or_none
 
 # Below this many trials a random forest over the knobs explains noise, not the sweep.
 MIN_TRIALS = 4

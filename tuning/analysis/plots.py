@@ -21,8 +21,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from trainer.fsutil import atomic_write_bytes
-from tuning.stability import KINDS, Verdict, index_verdicts
-from tuning.trial_record import TrialRecord
+from tuning.analysis.stability import KINDS, Verdict, index_verdicts
+from tuning.analysis.trial_record import TrialRecord
 
 DPI = 120
 
