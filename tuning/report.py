@@ -109,7 +109,7 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
         plots = out / "plots"
         report.files["loss_curves"] = plot_loss_curves(records, verdicts, plots / "loss.png")
         report.files["stability_map"] = plot_stability_map(records, verdicts,
-                                                           plots / "stability_map.png")
+                                                           plots / "stability_map.png", keys)
         report.files["grad_norms"] = plot_grad_norms(records, plots / "grad_norms.png")
         lr_rec = best or max(records, key=lambda r: len(r.history))
         report.files["lr_schedule"] = plot_lr_schedule(lr_rec, plots / "lr_schedule.png")
