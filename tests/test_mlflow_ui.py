@@ -12,6 +12,7 @@ drawn. Then one run's page shows its params and its loss chart. Screenshots go t
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -43,11 +44,29 @@ SWEPT = [
 ]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def artifacts_dir() -> Path:
-    root = Path(os.environ.get("PHASE2_CI_ARTIFACTS", "runs/ci-artifacts"))
+    """<repo>/runs/ci-artifacts/mlflow-ui, whatever the working directory: a stable place
+    for CI to collect (runs/ is git-ignored). PHASE2_CI_ARTIFACTS replaces the
+    <repo>/runs/ci-artifacts part."""
+    root = Path(os.environ.get("PHASE2_CI_ARTIFACTS") or REPO / "runs" / "ci-artifacts")
     out = root / "mlflow-ui"
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def test_screenshots_go_to_a_git_ignored_folder_of_the_repo(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("PHASE2_CI_ARTIFACTS", raising=False)
+    monkeypatch.chdir(tmp_path)  # not the repo: the folder must not follow the cwd
+    shots = artifacts_dir()
+    assert shots == REPO / "runs" / "ci-artifacts" / "mlflow-ui" and shots.is_dir()
+    if (REPO / ".git").exists():  # a clone (a worktree has a .git file): is it ignored?
+        check = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(shots)])
+        assert check.returncode == 0, f"{shots} is not git-ignored"
+    monkeypatch.setenv("PHASE2_CI_ARTIFACTS", str(tmp_path / "ci"))
+    assert artifacts_dir() == tmp_path / "ci" / "mlflow-ui"
 
 
 def populate(tmp_path: Path) -> tuple[str, SweepTracker, dict[str, str]]:

@@ -73,9 +73,12 @@ def test_piped_the_table_is_printed_once_then_only_changed_rows() -> None:
     assert row.split()[:4] == ["a_00001", "RUNNING", "10", "2.5"]
     assert row.split()[-2:] == ["3e-4", "16"]  # the swept values stay on the row
     assert "\x1b" not in title + row  # no terminal codes in a log file
-    trials[1].status = "TERMINATED"
+    # Ray calls on_trial_complete while the trial's status still says RUNNING.
     progress.on_trial_complete(3, trials, trials[1])
-    assert out.take().splitlines()[0] == "[sweep] 1/2 trials done"
+    title, row = out.take().splitlines()
+    assert title == "[sweep] 1/2 trials done" and row.split()[:2] == ["a_00001", "TERMINATED"]
+    progress.on_trial_error(4, trials, trials[0])
+    assert out.take().splitlines()[1].split()[:2] == ["a_00000", "ERROR"]
 
 
 def test_piped_a_new_column_reprints_the_whole_table() -> None:

@@ -56,6 +56,9 @@ class ProgressCallback(Callback):
         self.total_trials, self.every_s = total_trials, every_s
         self.stream, self.in_place = stream, in_place
         self._last: dict[str, dict[str, Any]] = {}
+        # Ray calls on_trial_complete/-error before it sets the trial's status: the row of
+        # the trial that just ended would still say RUNNING.
+        self._ended: dict[str, str] = {}
         self._printed = -float("inf")
         self._shown: Table | None = None  # the last table printed
         self._drawn = 0  # terminal lines the last in-place drawing took
@@ -79,10 +82,18 @@ class ProgressCallback(Callback):
             self._print(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended[trial.trial_id] = "TERMINATED"
         self._print(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended[trial.trial_id] = "ERROR"
         self._print(trials)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._ended.pop(trial.trial_id, None)  # a retried trial runs again
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._print(trials)  # the statuses as Ray left them: the table's last word
 
     def _stream(self) -> TextIO:
         return self.stream or sys.stdout  # looked up per print: a redirected stdout is honoured
@@ -95,7 +106,7 @@ class ProgressCallback(Callback):
 
     def _print(self, trials: list) -> None:
         self._printed = time.monotonic()
-        table = build_table(trials, self._last, self.total_trials)
+        table = build_table(trials, self._last, self.total_trials, self._ended)
         stream = self._stream()
         text = (self._redraw(table, stream) if self._live(stream)
                 else changed_lines(self._shown, table))
@@ -150,8 +161,13 @@ def changed_lines(before: Table | None, now: Table) -> str:
     return "\n".join([now.title, *changed]) + "\n" if changed else ""
 
 
-def build_table(trials: list, last: dict[str, dict[str, Any]], total: int) -> Table:
-    """The progress table: one row per trial, every swept key as a column (short names)."""
+def build_table(trials: list, last: dict[str, dict[str, Any]], total: int,
+                ended: dict[str, str] | None = None) -> Table:
+    """The progress table: one row per trial, every swept key as a column (short names).
+    ``ended``: trial id -> the status of a trial whose end Ray reported but not yet set."""
+    ended = ended or {}
+    status = {t.trial_id: str(t.status) if str(t.status) in ("TERMINATED", "ERROR")
+              else ended.get(t.trial_id, str(t.status)) for t in trials}
     keys: list[str] = []
     for t in trials:
         keys += [k for k in t.config if k not in keys]
@@ -166,10 +182,10 @@ def build_table(trials: list, last: dict[str, dict[str, Any]], total: int) -> Ta
     for t, row in zip(trials, cells, strict=True):
         r = last.get(t.trial_id, {})
         swept = "".join(f"  {v:>{w}}" for v, w in zip(row, widths, strict=True))
-        rows[t.trial_id] = (f"  {t.trial_id:<14}{t.status!s:<11}{_fmt(r.get('step')):>6}"
+        rows[t.trial_id] = (f"  {t.trial_id:<14}{status[t.trial_id]:<11}{_fmt(r.get('step')):>6}"
                             f"{_fmt(r.get('loss')):>10}{_fmt(r.get('grad_norm'), '.3g'):>9}"
                             f"{_fmt(r.get('nan_events')):>5}" + swept)
-    finished = {t.trial_id for t in trials if str(t.status) in ("TERMINATED", "ERROR")}
+    finished = {tid for tid, word in status.items() if word in ("TERMINATED", "ERROR")}
     return Table(f"[sweep] {len(finished)}/{total} trials done", header, rows, finished)
 
 
