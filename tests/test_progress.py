@@ -20,14 +20,16 @@ class Trial:
 
 def test_every_swept_key_is_a_column() -> None:
     trials = [Trial("a_00000", "RUNNING", {"learning_rate": 1e-3, "model.lora.r": 8,
-                                           "gradient_clip_val": None}),
+                                           "gradient_clip_val": None,
+                                           "model.lora.target_modules": ["q_proj"]}),
               Trial("a_00001", "PENDING", {"learning_rate": 3e-4, "model.lora.r": 16,
-                                           "gradient_clip_val": 1.0})]
+                                           "gradient_clip_val": 1.0,
+                                           "model.lora.target_modules": ["q_proj", "v_proj"]})]
     text = format_table(trials, {"a_00000": {"step": 10, "loss": 2.5}}, total=2)
     head, first, second = text.splitlines()[1:]
-    assert head.split()[-3:] == ["lr", "lora.r", "clip"]
-    assert first.split()[-3:] == ["1e-3", "8", "none"] and " 10 " in first
-    assert second.split()[-3:] == ["3e-4", "16", "1"]
+    assert head.split()[-4:] == ["lr", "lora.r", "clip", "lora.target_modules"]
+    assert first.split()[-4:] == ["1e-3", "8", "none", "q_proj"] and " 10 " in first
+    assert second.split()[-4:] == ["3e-4", "16", "1", "q_proj,v_proj"]  # a list, comma-joined
 
 
 class FakeStream(io.StringIO):
