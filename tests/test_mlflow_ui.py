@@ -115,6 +115,22 @@ def test_run_names_and_step_times_reach_the_store(tmp_path: Path) -> None:
     assert tracker.client.get_run(run_id).data.params["gradient_clip_val"] == "none"
 
 
+def test_the_printed_link_keeps_the_parent_run_out_of_the_charts() -> None:
+    """Without a browser: what MLflow 3.17's UI reads from the link. Its runs page fetches the
+    parents of the runs it found (and so puts the parent in every chart legend) only with no
+    search filter and no sort, or a sort by start time; the link has both, and the filter
+    matches the trial runs only. No run tag hides a run from the charts (docs/sweeps.md)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    link = runs_link("http://127.0.0.1:5000/", "7", "abc123")
+    path, _, query = urlsplit(link).fragment.partition("?")
+    params = {k: v[0] for k, v in parse_qs(query).items()}
+    assert path == "/experiments/7/runs" and params["workflowType"] == "machine_learning"
+    assert params["searchFilter"] == ("tags.`phase2tune.role` = 'trial' AND "
+                                      "tags.`phase2tune.sweep_uid` = 'abc123'")
+    assert params["orderByKey"] == "metrics.`final/loss`"  # not attributes.start_time
+
+
 def test_sweep_is_readable_in_the_mlflow_ui(tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium missing: apt-get install -y chromium")
