@@ -535,7 +535,10 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
                 tracking_uri=cfg.mlflow.tracking_uri, experiment_name=experiment,
                 state_dir=mlflow_dir, sweep_name=cfg.sweep.name,
                 parent_params=_parent_params(loaded), parent_artifacts=[sweep_dir / SNAPSHOT],
-                timeout_s=cfg.mlflow.timeout_s), ProgressCallback(trial_count(cfg))],
+                timeout_s=cfg.mlflow.timeout_s), ProgressCallback(
+                    # --verbose lets library lines interleave with the table: a redraw in
+                    # place would overwrite them, so it is printed as when piped.
+                    trial_count(cfg), in_place=None if ray_log_level > logging.INFO else False)],
             max_failures=cfg.trials.max_failures, keep=cfg.trials.keep_checkpoints,
             resume=resume)
         if group is not None:

@@ -88,7 +88,8 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
     out = sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     records = collect_records(sweep_dir)
-    rows = build_leaderboard(records, rules)
+    keys = swept_keys(sweep_dir)
+    rows = build_leaderboard(records, rules, keys)
     verdicts = verdicts_for(records, rules)
     report = Report(format_table(rows), records,
                     verdicts={k: v.kind for k, v in verdicts.items()},
@@ -111,11 +112,11 @@ def build_report(sweep_dir: Path, rules: StabilityRules | None = None,
         plots = out / "plots"
         report.files["loss_curves"] = plot_loss_curves(records, verdicts, plots / "loss.png")
         report.files["stability_map"] = plot_stability_map(records, verdicts,
-                                                           plots / "stability_map.png")
+                                                           plots / "stability_map.png", keys)
         report.files["grad_norms"] = plot_grad_norms(records, plots / "grad_norms.png")
         lr_rec = best or max(records, key=lambda r: len(r.history))
         report.files["lr_schedule"] = plot_lr_schedule(lr_rec, plots / "lr_schedule.png")
-    importance = compute_importance(records, verdicts, swept_keys(sweep_dir))
+    importance = compute_importance(records, verdicts, keys)
     report.importance = format_importance(importance)
     report.files["importance"] = write_importance_json(importance, out / "importance.json")
     report.files["importance_plot"] = plot_importance(importance, out / "importance.png")
