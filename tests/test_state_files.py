@@ -263,7 +263,7 @@ def test_an_intact_snapshot_still_refuses_an_edited_config(tmp_path):
 def test_a_trial_failing_on_a_full_disk_stops_the_sweep_once(tmp_path, monkeypatch):
     import signal
 
-    from tuning import disk_full
+    from tuning.raytune import disk_full
 
     sent = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig))

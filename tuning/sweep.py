@@ -380,7 +380,7 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
     """Run (or restore) one Tuner whose state lives in <stage_dir>/ray."""
     from ray import tune
 
-    from tuning import disk_full
+    from tuning.raytune import disk_full
     from tuning.raytune.checkpoint_pruner import CheckpointPruner, prune_experiment
 
     ray_dir = stage_dir / "ray"
