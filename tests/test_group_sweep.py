@@ -40,7 +40,7 @@ def group_sweep(tmp_path_factory):
     # at reports inside them.
     data["base"]["overrides"]["output.sync_every"] = 3
     path.write_text(dump_yaml(data))
-    # and a profile of 3 of the group's steps, after 2 (tuning.sweep.group_profile)
+    # and a profile of 3 of the group's steps, after 2 (tuning.raytune.driver.group_profile)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHASE2_GROUP_PROFILE", "3:2")
         res = _sweep(path, cwd=tmp)

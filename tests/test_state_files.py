@@ -205,10 +205,10 @@ def _loaded(tmp_path: Path):
 
 
 def _started_sweep(tmp_path: Path) -> tuple[Any, Path]:
-    from tuning.sweep import SNAPSHOT, _sweep_dir, snapshot_text
+    from tuning.sweep_dir import SNAPSHOT, resolve_sweep_dir, snapshot_text
 
     loaded = _loaded(tmp_path)
-    sweep_dir = _sweep_dir(loaded)
+    sweep_dir = resolve_sweep_dir(loaded)
     (sweep_dir / "ray").mkdir(parents=True)
     (sweep_dir / "ray" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     (sweep_dir / SNAPSHOT).write_text(snapshot_text(loaded))
@@ -217,7 +217,7 @@ def _started_sweep(tmp_path: Path) -> tuple[Any, Path]:
 
 @pytest.mark.parametrize("damage", ["empty", "random-bytes", "truncated", "missing"])
 def test_damaged_snapshot_is_restored_from_mlflows_copy(tmp_path, capsys, damage):
-    from tuning.sweep import SNAPSHOT, _check_resume
+    from tuning.sweep_dir import SNAPSHOT, check_resume
 
     loaded, sweep_dir = _started_sweep(tmp_path)
     good = (sweep_dir / SNAPSHOT).read_text()
@@ -229,24 +229,24 @@ def test_damaged_snapshot_is_restored_from_mlflows_copy(tmp_path, capsys, damage
         snap.unlink()
     else:
         snap.write_bytes(good.encode()[:40] if damage == "truncated" else DAMAGE[damage])
-    assert _check_resume(sweep_dir, loaded, False, "search.yaml") is True
+    assert check_resume(sweep_dir, loaded, False, "search.yaml") is True
     assert snap.read_text() == good
     assert "restored it from MLflow's copy" in capsys.readouterr().err
 
 
 def test_damaged_snapshot_without_a_copy_resumes_with_a_warning(tmp_path, capsys):
-    from tuning.sweep import SNAPSHOT, _check_resume
+    from tuning.sweep_dir import SNAPSHOT, check_resume
 
     loaded, sweep_dir = _started_sweep(tmp_path)
     (sweep_dir / SNAPSHOT).write_bytes(GARBAGE)
-    assert _check_resume(sweep_dir, loaded, False, "search.yaml") is True  # progress kept
+    assert check_resume(sweep_dir, loaded, False, "search.yaml") is True  # progress kept
     err = capsys.readouterr().err
     assert "has no intact copy; resuming from Ray's saved state" in err
     assert "different config" not in err
 
 
 def test_an_intact_snapshot_still_refuses_an_edited_config(tmp_path):
-    from tuning.sweep import SNAPSHOT, _check_resume
+    from tuning.sweep_dir import SNAPSHOT, check_resume
 
     loaded, sweep_dir = _started_sweep(tmp_path)
     snap = sweep_dir / SNAPSHOT
@@ -254,7 +254,7 @@ def test_an_intact_snapshot_still_refuses_an_edited_config(tmp_path):
     assert "num_samples: 1" in text
     snap.write_text(text.replace("num_samples: 1", "num_samples: 3"))
     with pytest.raises(ConfigError, match="different config"):
-        _check_resume(sweep_dir, loaded, False, "search.yaml")
+        check_resume(sweep_dir, loaded, False, "search.yaml")
 
 
 # ------------------------------------------------------------------ disk full
