@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 IMAGE_KINDS = ("clip", "siglip", "vit")
-AUDIO_KINDS = ("whisper", "wav2vec2")
-
+AUDIO_KINDS = ("whisper", "wav2vec2", "ast")
 
 
 def build_image_encoder(directory: Path, kind: str = "clip", *, hidden: int = 32,
@@ -44,7 +43,10 @@ def build_image_encoder(directory: Path, kind: str = "clip", *, hidden: int = 32
 
 def build_audio_encoder(directory: Path, kind: str = "whisper", *, hidden: int = 32,
                         layers: int = 1, heads: int = 2, seed: int = 0) -> Path:
-    """Whisper (full model; the trainer uses its encoder) or wav2vec2, and its extractor."""
+    """Whisper (full model; the trainer uses its encoder), wav2vec2 or AST, and its extractor.
+
+    The tiny AST reads 32 mel bins and 128 fbank frames (1.28 s): a grid of 2 frequency x
+    15 time patches (16 x 16 patches, time stride 8)."""
     import transformers as tf
 
     if kind == "whisper":
@@ -63,6 +65,15 @@ def build_audio_encoder(directory: Path, kind: str = "whisper", *, hidden: int =
                                 vocab_size=32)
         model_cls = tf.Wav2Vec2Model
         proc = tf.Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True)
+    elif kind == "ast":
+        # The extractor and the model must agree on mel bins and max_length.
+        mels, frames = 32, 128
+        cfg = tf.ASTConfig(hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, intermediate_size=4 * hidden,
+                           patch_size=16, frequency_stride=16, time_stride=8,
+                           num_mel_bins=mels, max_length=frames)
+        model_cls = tf.ASTModel
+        proc = tf.ASTFeatureExtractor(num_mel_bins=mels, max_length=frames)
     else:
         raise ValueError(f"audio kind {kind!r}: one of {AUDIO_KINDS}")
     return _save_random(model_cls, cfg, proc, directory, seed)
