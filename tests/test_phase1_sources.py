@@ -171,6 +171,49 @@ def test_hf_route_trains_with_an_ast_audio_encoder(tmp_path, assets_dir, world, 
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def _real_counts(module) -> dict[str, int]:
+    counts = {f"{n}_encoder": sum(p.numel() for p in e.parameters())
+              for n, e in module.encoders.items()}
+    return counts | {"aligner": sum(p.numel() for p in module.heads.parameters())}
+
+
+def test_param_count_of_hf_encoders_is_the_loaded_modules(tmp_path, assets_dir, world):
+    from trainer.param_count import count_parameters
+
+    cfg = config_from_data(_cfg(tmp_path, assets_dir, world, hf_phase1(world["parts"])))
+    real = phase1_source(cfg).build()  # loaded from the dirs, as a run loads them
+    counted = count_parameters(cfg)  # from their configs, on the meta device
+    assert {k: counted[k] for k in _real_counts(real)} == _real_counts(real)
+    assert counted["encoders"] == sum(v for k, v in _real_counts(real).items()
+                                      if k.endswith("_encoder"))
+
+
+def test_reference_factory_writes_its_parts_once_and_encodes(tmp_path, assets_dir, world):
+    """configs/reference.yaml's Phase 1 at its tiny scale: written on first use, reused
+    after, counted exactly by its meta twin, encoded by route 1's rules."""
+    from trainer.param_count import count_parameters
+    from trainer.phase1.random_parts import reference_phase1
+
+    kwargs = {"directory": str(tmp_path / "parts"), "scale": "tiny", "align_dim": ALIGN_DIM}
+    p1 = {"source": "factory", "factory": "trainer.phase1.random_parts:reference_phase1",
+          "kwargs": kwargs}
+    cfg = config_from_data(_cfg(tmp_path, assets_dir, world, p1))
+    counted = count_parameters(cfg)
+    assert not (tmp_path / "parts").exists()  # counting writes nothing
+    inputs = prepare_inputs(cfg, **QUIET)
+    [parts] = (tmp_path / "parts").iterdir()
+    assert sorted(p.name for p in parts.iterdir()) == [".complete", "aligner.safetensors",
+                                                        "audio", "image", "text"]
+    module = reference_phase1(**kwargs)
+    assert {k: counted[k] for k in _real_counts(module)} == _real_counts(module)
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == [parts.name]  # reused
+    real = read_features_file(inputs.feature_cache).mask.sum(1)
+    examples = read_manifest(world["manifest"])
+    # CLIP at 32 px, 8 px patches: 16 + [CLS]; Whisper: 0.25 s = 13 frames; BERT mean: 1.
+    for n, e in zip(real.tolist(), examples, strict=True):
+        assert n == (17 if e.image else 0) + (13 if e.audio else 0) + 1, (e.id, n)
+
+
 def test_factory_route_is_frozen_asserted_and_cached(tmp_path, assets_dir, world):
     p1 = {"source": "factory", "factory": "phase1_parts:build", "kwargs": {"tokens": 2}}
     raw = _cfg(tmp_path, assets_dir, world, p1)

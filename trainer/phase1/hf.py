@@ -138,18 +138,36 @@ def _rows(blocks: list[torch.Tensor | None], align_dim: int,
     return feats, mask
 
 
+def read_aligner(path: Path) -> dict[str, torch.Tensor]:
+    """The aligner file's tensors, a leading `aligner.` dropped (a bundle's weights work)."""
+    try:
+        return {k.removeprefix("aligner."): v for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as e:
+        raise _problem("phase1.aligner_path", f"{path}: unreadable safetensors "
+                       f"({' '.join(str(e).split())[:120]})", "write it with "
+                       "safetensors.torch.save_file") from None
+
+
+def encoder_tower(model: nn.Module, name: str) -> nn.Module:
+    """The part of a loaded `AutoModel` that encodes modality `name`."""
+    if name == "image" and hasattr(model, "vision_model"):
+        return model.vision_model  # a dual-tower CLIP / SigLIP dir: its vision tower
+    if name == "audio" and model.config.is_encoder_decoder:
+        return model.get_encoder()  # Whisper: the encoder only
+    return model
+
+
 class HFPhase1(nn.Module):
     """Frozen Hugging Face encoders + aligner heads (the rules are in the module doc)."""
 
-    def __init__(self, cfg: Phase1Config) -> None:
+    def __init__(self, cfg: Phase1Config, parts: dict[str, tuple[nn.Module, Any]] | None = None,
+                 aligner: dict[str, torch.Tensor] | None = None) -> None:
+        """Loads the encoders, processors and aligner that `cfg` names. `parts` (encoders
+        with their processors, by modality) and `aligner` (its tensors) replace that
+        loading: random_parts builds the reference Phase 1 on the meta device this way."""
         super().__init__()
         path = cfg.aligner_path
-        try:
-            state = {k.removeprefix("aligner."): v for k, v in load_file(str(path)).items()}
-        except (SafetensorError, OSError) as e:
-            raise _problem("phase1.aligner_path", f"{path}: unreadable safetensors "
-                           f"({' '.join(str(e).split())[:120]})", "write it with "
-                           "safetensors.torch.save_file") from None
+        state = read_aligner(path) if aligner is None else aligner
         self.image_cfg, self.audio_cfg, self.text_cfg = cfg.image, cfg.audio, cfg.text
         self.encoders, self.heads = nn.ModuleDict(), nn.ModuleDict()
         self.processors: dict[str, Any] = {}
@@ -160,13 +178,13 @@ class HFPhase1(nn.Module):
             if enc is None:
                 continue
             key = f"phase1.{name}.path"
-            model = _load("AutoModel", enc.path, key)
-            if name == "image" and hasattr(model, "vision_model"):
-                model = model.vision_model  # a dual-tower CLIP / SigLIP dir: its vision tower
-            if name == "audio" and model.config.is_encoder_decoder:
-                model = model.get_encoder()  # Whisper: the encoder only
+            if parts is None:
+                model, processor = _load("AutoModel", enc.path, key), _load(kind, enc.path, key)
+            else:
+                model, processor = parts[name]
+            model = encoder_tower(model, name)
             self.encoders[name] = model
-            self.processors[name] = _load(kind, enc.path, key)
+            self.processors[name] = processor
             if name not in {k.split(".")[0] for k in state}:
                 raise _problem("phase1.aligner_path", f"{path}: no {name!r} head, but "
                                f"phase1.{name} is set", f"add the {name} head, or drop "
