@@ -22,7 +22,7 @@ after the first quarter: compilation and warm-up excluded), the steady aggregate
 (bench/gpu_trainer.py's formula: tokens/s x (4 x frozen + 6 x trainable params of one
 trial) / `--peak-tflops`), the ratios of aggregate trial-steps/s and of steady tokens/s
 to the one-at-a-time arm (`1`, else the first), and for a shared group its actor's
-`group_stats.json` (time stepping against waiting, and why: tuning.group_actor.GroupStats).
+`group_stats.json` (time stepping against waiting, and why: tuning.raytune.group_actor.GroupStats).
 """
 
 from __future__ import annotations

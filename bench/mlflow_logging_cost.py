@@ -8,7 +8,7 @@ Run (CPU, about half a minute the first time; demo assets are built once per wor
 
 Why the hooks are what is timed: a Ray Tune function trainable blocks inside ``tune.report``
 until the driver has taken the result, and the driver runs callbacks inline, so the time a
-trial loses to MLflow is the time the sweep's callback (``tuning.mlflow_callback``) spends in
+trial loses to MLflow is the time the sweep's callback (``tuning.tracking.callback``) spends in
 its hooks. The writes themselves run on the callback's writer thread.
 
 Baseline: the trial itself, measured in the same run. Phase (a) trains the tiny demo model
@@ -133,7 +133,7 @@ def push_through_callback(state_dir: Path, tracking_uri: str | None,
     one (a trial blocked in ``tune.report`` waits for exactly these); the writer thread's busy
     time and the final drain are read from the callback.
     """
-    from tuning.mlflow_callback import MlflowSweepCallback
+    from tuning.tracking.callback import MlflowSweepCallback
 
     callback = MlflowSweepCallback(
         tracking_uri=tracking_uri, experiment_name=f"bench-logging-cost-{time.time_ns()}",

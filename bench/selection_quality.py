@@ -6,7 +6,7 @@
    across the demo's cliff x gradient_clip_val none/0.5/1.0 x projector_lr_mult x
    warmup_steps) is trained to completion with --seeds seeds each, through the trainer's
    public API in this one process (`trainer.train`, shared inputs built once).  A
-   configuration is truly stable when every seed's run is stable (tuning.stability's
+   configuration is truly stable when every seed's run is stable (tuning.analysis.stability's
    verdict); its true quality is the mean final eval loss over the seeds.
 2. The product: `python -m tuning.sweep` on a search.yaml that is configs/search.yaml with the
    same base run and the grid as `choice` spaces: its default search (random) and ASHA
@@ -45,10 +45,10 @@ from trainer.config import config_from_data  # noqa: E402
 from trainer.inputs import prepare_inputs  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.yaml_io import dump_yaml, load_yaml_file  # noqa: E402
-from tuning.leaderboard import best_stable_row, build_leaderboard  # noqa: E402
-from tuning.report import collect_records  # noqa: E402
-from tuning.stability import StabilityRules, verdict, verdicts_for  # noqa: E402
-from tuning.trial_record import TrialRecord  # noqa: E402
+from tuning.analysis.leaderboard import best_stable_row, build_leaderboard  # noqa: E402
+from tuning.analysis.report import collect_records  # noqa: E402
+from tuning.analysis.stability import StabilityRules, verdict, verdicts_for  # noqa: E402
+from tuning.analysis.trial_record import TrialRecord  # noqa: E402
 
 # The seed's knobs. On the CPU demo (fp32, tiny LLM) the base LR is good around 1e-2, stalls
 # above 0.1 and diverges (loss ends above its start, pre-clip grad norm >> 100) around 10;

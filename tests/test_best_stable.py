@@ -2,7 +2,7 @@
 the same LLM, Phase 1 bundle, manifest and knobs as the trial did.
 
 The two "trials" are trainer runs written where a sweep writes them (<sweep>/trials/<id>),
-then the report is rebuilt from disk (tuning.report.build_report): no Ray needed.
+then the report is rebuilt from disk (tuning.analysis.report.build_report): no Ray needed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from test_llm_families import save_tiny_llm
 from trainer.config import config_from_data
 from trainer.loop import train
 from trainer.yaml_io import load_yaml_file
-from tuning.report import build_report
+from tuning.analysis.report import build_report
 
 
 def test_best_stable_yaml_trains_the_winning_trials_model_and_knobs(tmp_path, assets_dir):

@@ -7,7 +7,7 @@ import json
 import pickle
 from pathlib import Path
 
-from tuning.checkpoint_pruner import prune_trial_checkpoints, snapshot_checkpoints
+from tuning.raytune.checkpoint_pruner import prune_trial_checkpoints, snapshot_checkpoints
 
 
 def _snapshot(ray_dir: Path, trial_id: str, names: list[str]) -> None:
@@ -44,7 +44,7 @@ def test_unreadable_snapshot_prunes_nothing_and_unknown_trial_is_unprotected(tmp
 def test_a_snapshot_naming_every_checkpoint_protects_only_the_newest(tmp_path: Path) -> None:
     """Ray's manager (num_to_keep=None) lists every checkpoint; only the one a restore would
     load (the newest it names) is protected, so Ray's copies come down to `keep` (+1)."""
-    from tuning.checkpoint_pruner import prune_experiment
+    from tuning.raytune.checkpoint_pruner import prune_experiment
 
     trial_dir = tmp_path / "run_trial_abc12_00000_0_lr=0.001_2026"
     for i in range(8):

@@ -344,7 +344,7 @@ KNOWN_BUG_CASES = {
     # search_config._set walks into an existing scalar (phase2.epochs: 3 in the base file).
     "search-set-through-scalar": (
         "search", "base:\n  config: @BASE@\n  overrides:\n    phase2.epochs.x: 1\n" + SPACE),
-    # _domain_problems formats sorted(spec): int and str keys do not compare.
+    # domain_problems formats sorted(spec): int and str keys do not compare.
     "search-domain-mixed-keys": ("search", "space:\n  learning_rate: {1: 2, a: 3}\n"),
     # A base config whose top level is a list/string, with overrides: _set on a non-dict.
     "search-base-not-a-mapping": (

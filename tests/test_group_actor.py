@@ -7,7 +7,7 @@ import time
 import pytest
 
 from trainer.inputs import prepare_inputs
-from tuning.group_actor import GroupActor
+from tuning.raytune.group_actor import GroupActor
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def test_a_member_trains_one_report_ahead_of_its_client_and_pauses_at_the_next(a
 
 
 def test_with_no_report_ahead_a_member_pauses_where_a_solo_trial_blocks(actor, monkeypatch):
-    import tuning.group_actor as actor_mod
+    import tuning.raytune.group_actor as actor_mod
 
     monkeypatch.setattr(actor_mod, "REPORTS_AHEAD", 0)
     group, cfg = actor
@@ -108,7 +108,7 @@ def test_a_compiled_group_waits_for_paused_members_instead_of_stepping_a_subset(
     """Each set of members stepped together is one more graph for a compiled group, so
     its actor steps ready members alone only after BARRIER_S; an eager group does not
     wait (the first test)."""
-    import tuning.group_actor as actor_mod
+    import tuning.raytune.group_actor as actor_mod
     from trainer.group import TrialGroup
 
     group, cfg = actor
@@ -137,7 +137,7 @@ def test_a_compiled_group_waits_for_members_still_joining(actor, monkeypatch):
     """A sweep's trials join a compiled group one after another: its first step waits until
     no member has joined for JOIN_WAIT_S, so the first graph is the whole make-up's (not
     one for m0 alone, then another for both)."""
-    import tuning.group_actor as actor_mod
+    import tuning.raytune.group_actor as actor_mod
     from trainer.group import TrialGroup
 
     group, cfg = actor
@@ -156,7 +156,7 @@ def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     """A compiled group's first step compiles for minutes, longer than orphan_timeout_s,
     while every client's poll waits on the actor: after it, the members are still members
     (on an H200 a whole 8-trial sweep was dropped this way, run 10)."""
-    import tuning.group_actor as actor_mod
+    import tuning.raytune.group_actor as actor_mod
 
     group, cfg = actor
     group._orphan_s = 2.5  # under the 3 s step: without the fix m0 is dropped after it
@@ -176,7 +176,7 @@ def test_members_read_back_in_windows_still_pause_exactly_at_their_reports(
     a window at a time, and every window ends at a report: the member never trains past
     the report after the REPORTS_AHEAD its client has not taken, as with a read-back per
     step."""
-    import tuning.group_actor as actor_mod
+    import tuning.raytune.group_actor as actor_mod
 
     monkeypatch.setattr(actor_mod, "REPORTS_AHEAD", ahead)
     group, cfg = actor
@@ -211,7 +211,7 @@ def test_a_poll_is_served_while_the_group_steps(actor, monkeypatch):
     lock held through every step, polls starved while members trained ahead of them."""
     import threading
 
-    import tuning.group_actor as actor_mod
+    import tuning.raytune.group_actor as actor_mod
 
     group, cfg = actor
     monkeypatch.setattr(actor_mod, "POLL_WAIT_S", 0.5)
@@ -255,7 +255,7 @@ def test_close_ends_every_member_whose_client_never_left(actor):
 def test_stats_say_where_the_step_thread_spent_its_time(actor):
     """A member paused at its second unreported report: the step thread waits for its
     client ("clients"), and the pause's length is counted once the client acks."""
-    from tuning.group_actor import describe_stats
+    from tuning.raytune.group_actor import describe_stats
 
     group, cfg = actor
     member, steps = _join_until_paused(group, cfg, "m0")
@@ -283,7 +283,7 @@ def test_stats_say_where_the_step_thread_spent_its_time(actor):
 def test_the_median_step_is_the_steady_one():
     """The mean of the short steps carries the slow first steps after a compile; the
     median of the latest short steps does not, and drops the oldest past RECENT_STEPS."""
-    from tuning.group_actor import RECENT_STEPS, GroupStats
+    from tuning.raytune.group_actor import RECENT_STEPS, GroupStats
 
     st = GroupStats(started=time.monotonic())
     durations = [3.0, 2.0, 1.5] + [0.04] * 20  # recording the CUDA graphs, then steady
@@ -304,7 +304,7 @@ def test_a_waiting_poll_gets_a_whole_read_back_window_at_once(actor, monkeypatch
     cfg.output.sync_every = 4
     cfg.phase2.total_training_steps = 12
     group._report_every = 4  # windows of 4 records, ending at the reports (4, 8, 12)
-    import tuning.group_actor as actor_mod
+    import tuning.raytune.group_actor as actor_mod
 
     real_put = actor_mod._QueueSink._put
 

@@ -65,7 +65,7 @@ def test_group_sweep_runs_every_trial_as_its_own_trial(group_sweep):
         summary = json.loads((sweep_dir / "trials" / trial / "summary.json").read_text())
         logged = sorted(rows["steps"].get(run_id, []))
         # Every reported step, once. A member trains up to one report ahead of its client
-        # (tuning.group_actor.REPORTS_AHEAD), so a trial ASHA stopped may have recorded a
+        # (tuning.raytune.group_actor.REPORTS_AHEAD), so a trial ASHA stopped may have recorded a
         # few steps past the report it was stopped at: never more than one report's worth.
         assert logged == trained[:len(logged)], (trial, logged, trained)
         if summary["end_reason"] == "nan_stop":

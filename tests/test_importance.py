@@ -10,15 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from tuning.importance import (
+from tuning.analysis.importance import (
     MIN_TRIALS,
     compute_importance,
     format_importance,
     plot_importance,
 )
-from tuning.report import build_report, print_report
-from tuning.stability import verdicts_for
-from tuning.trial_record import TrialRecord
+from tuning.analysis.report import build_report, print_report
+from tuning.analysis.stability import verdicts_for
+from tuning.analysis.trial_record import TrialRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

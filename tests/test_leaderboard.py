@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tuning.advice import advise, tail_relative_drop
-from tuning.leaderboard import (
+from tuning.analysis.advice import advise, tail_relative_drop
+from tuning.analysis.leaderboard import (
     CSV_COLUMNS,
     best_stable_config,
     best_stable_record,
@@ -26,8 +26,8 @@ from tuning.leaderboard import (
     write_markdown,
     yaml_scalar,
 )
-from tuning.stability import StabilityRules, verdicts_for
-from tuning.trial_record import TrialRecord
+from tuning.analysis.stability import StabilityRules, verdicts_for
+from tuning.analysis.trial_record import TrialRecord
 
 
 def history(
@@ -469,3 +469,57 @@ def test_advice_cites_the_clip_share_and_keeps_clipped_trials_stable() -> None:
         "gradient_clip_val 0.5 acted on 100% of steps (c1, c2), learning_rate 0.0001-0.001 "
         "giving final loss 1-1.02.")
     assert "the LR mattered less" in advice.text
+
+
+# --------------------------------------------------------------------------- swept columns
+
+
+def test_every_swept_key_is_a_column_of_leaderboard_md_and_csv(tmp_path: Path) -> None:
+    """A sweep over model.lora.r, model.lora.target_modules and seed: each is a column, its
+    value read from the trial's config.resolved.yaml (dotted keys) or its phase2 knobs."""
+    from tuning.report import build_report
+
+    sweep = tmp_path / "sweep"
+    space = {"learning_rate": {"choice": [1e-4]}, "model.lora.r": {"choice": [4, 16]},
+             "model.lora.target_modules": {"choice": [["q_proj"], ["q_proj", "v_proj"]]},
+             "phase2.seed": {"choice": [1, 2]}}
+    (sweep / "trials").mkdir(parents=True)
+    (sweep / "search.snapshot.yaml").write_text(yaml.safe_dump({"search": {"space": space}}))
+    trials = {"t_00000": (4, ["q_proj"], 1), "t_00001": (16, ["q_proj", "v_proj"], 2)}
+    for trial_id, (r, modules, seed) in trials.items():
+        run = sweep / "trials" / trial_id
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in history()))
+        (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+        (run / "config.resolved.yaml").write_text(yaml.safe_dump({
+            "phase2": {"learning_rate": 1e-4, "seed": seed},
+            "model": {"lora": {"r": r, "target_modules": modules}}}))
+    report = build_report(sweep)
+
+    with report.files["leaderboard_csv"].open() as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or ())
+        by_trial = {row["trial_id"]: row for row in reader}
+    assert header[header.index("gradient_clip_val") + 1:][:3] == [
+        "model.lora.r", "model.lora.target_modules", "seed"]
+    assert header.count("learning_rate") == 1  # a swept key with its own column stays one
+    assert by_trial["t_00001"]["model.lora.r"] == "16"
+    assert json.loads(by_trial["t_00001"]["model.lora.target_modules"]) == ["q_proj", "v_proj"]
+    assert by_trial["t_00000"]["seed"] == "1"
+
+    lines = report.files["leaderboard_md"].read_text().splitlines()
+    head = next(line for line in lines if line.startswith("| #"))
+    cells = [c.strip() for c in head.strip("|").split("|")]
+    at = cells.index("clip") + 1
+    assert cells[at:at + 3] == ["model.lora.r", "model.lora.target_modules", "seed"]
+    row = next(line for line in lines if "t_00001" in line)
+    assert [c.strip() for c in row.strip("|").split("|")][at:at + 3] == [
+        "16", "q_proj,v_proj", "2"]
+    assert "model.lora.r" in report.table  # the terminal table too
+
+
+def test_without_a_search_space_the_knobs_that_vary_are_the_columns() -> None:
+    rows = build_leaderboard([record("a", seed=1, weight_decay=0.0),
+                              record("b", seed=2, weight_decay=0.0)])
+    text = format_markdown(rows)
+    assert "| seed |" in text and "weight_decay" not in text

@@ -24,7 +24,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.tracking import MlflowClient
 
-from tuning.tracking import JOURNAL_FILE, SweepTracker, TrackingUnavailable
+from tuning.tracking.tracker import JOURNAL_FILE, SweepTracker, TrackingUnavailable
 
 pytestmark = pytest.mark.slow
 

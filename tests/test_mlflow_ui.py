@@ -2,7 +2,7 @@
 
 A small sweep is written with SweepTracker into a SQLite store, ``mlflow server`` serves it on
 127.0.0.1, and Chromium (Debian's /usr/bin/chromium driven by the ``playwright`` package; no
-``playwright install``) opens the link the sweep prints (``tuning.tracking.runs_link``) and
+``playwright install``) opens the link the sweep prints (``tuning.tracking.tracker.runs_link``) and
 checks: it lands on the "Model training" runs page, not the GenAI overview; the trials are
 listed under their swept values and the parent run is not among them; a per-step loss chart is
 drawn. Then one run's page shows its params and its loss chart. Screenshots go to
@@ -12,6 +12,7 @@ drawn. Then one run's page shows its params and its loss chart. Screenshots go t
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from test_mlflow_server import MlflowServer, free_port
 
-from tuning.tracking import SweepTracker, runs_link, trial_run_name
+from tuning.tracking.tracker import SweepTracker, runs_link, trial_run_name
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +44,29 @@ SWEPT = [
 ]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def artifacts_dir() -> Path:
-    root = Path(os.environ.get("PHASE2_CI_ARTIFACTS", "runs/ci-artifacts"))
+    """<repo>/runs/ci-artifacts/mlflow-ui, whatever the working directory: a stable place
+    for CI to collect (runs/ is git-ignored). PHASE2_CI_ARTIFACTS replaces the
+    <repo>/runs/ci-artifacts part."""
+    root = Path(os.environ.get("PHASE2_CI_ARTIFACTS") or REPO / "runs" / "ci-artifacts")
     out = root / "mlflow-ui"
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def test_screenshots_go_to_a_git_ignored_folder_of_the_repo(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("PHASE2_CI_ARTIFACTS", raising=False)
+    monkeypatch.chdir(tmp_path)  # not the repo: the folder must not follow the cwd
+    shots = artifacts_dir()
+    assert shots == REPO / "runs" / "ci-artifacts" / "mlflow-ui" and shots.is_dir()
+    if (REPO / ".git").exists():  # a clone (a worktree has a .git file): is it ignored?
+        check = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(shots)])
+        assert check.returncode == 0, f"{shots} is not git-ignored"
+    monkeypatch.setenv("PHASE2_CI_ARTIFACTS", str(tmp_path / "ci"))
+    assert artifacts_dir() == tmp_path / "ci" / "mlflow-ui"
 
 
 def populate(tmp_path: Path) -> tuple[str, SweepTracker, dict[str, str]]:
@@ -94,6 +113,22 @@ def test_run_names_and_step_times_reach_the_store(tmp_path: Path) -> None:
     assert stamps[1] - stamps[0] == 2000 and len(set(stamps)) == 80  # each step its own time
     assert "wall_time" not in tracker.client.get_run(run_id).data.metrics
     assert tracker.client.get_run(run_id).data.params["gradient_clip_val"] == "none"
+
+
+def test_the_printed_link_keeps_the_parent_run_out_of_the_charts() -> None:
+    """Without a browser: what MLflow 3.17's UI reads from the link. Its runs page fetches the
+    parents of the runs it found (and so puts the parent in every chart legend) only with no
+    search filter and no sort, or a sort by start time; the link has both, and the filter
+    matches the trial runs only. No run tag hides a run from the charts (docs/sweeps.md)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    link = runs_link("http://127.0.0.1:5000/", "7", "abc123")
+    path, _, query = urlsplit(link).fragment.partition("?")
+    params = {k: v[0] for k, v in parse_qs(query).items()}
+    assert path == "/experiments/7/runs" and params["workflowType"] == "machine_learning"
+    assert params["searchFilter"] == ("tags.`phase2tune.role` = 'trial' AND "
+                                      "tags.`phase2tune.sweep_uid` = 'abc123'")
+    assert params["orderByKey"] == "metrics.`final/loss`"  # not attributes.start_time
 
 
 def test_sweep_is_readable_in_the_mlflow_ui(tmp_path: Path) -> None:

@@ -311,7 +311,9 @@ def test_shorter_prefixes_give_the_rows_own_outputs(assets_dir, tmp_path):
         alone = final_hidden(lm, prefix_embeds(proj, embed, feats[1:, [0, 2]], ids[1:]))
         full = final_hidden(lm, prefix_embeds(proj, embed, feats[:1], ids[:1]))
     torch.testing.assert_close(batch[1, 5:], alone[0, 2:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(batch[0], full[0], rtol=0, atol=0)  # a full row: untouched
+    # A full row is untouched by the other row's gaps: equal up to the batched kernels'
+    # rounding (a batch of 2 and a batch of 1 take different matmul paths).
+    torch.testing.assert_close(batch[0], full[0], rtol=1e-5, atol=1e-5)
     # A projector gone non-finite is not taken for missing tokens: it reaches the hidden
     # states (and so the loss and the NaN guard) of every row.
     with torch.no_grad():

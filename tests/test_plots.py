@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuning.plots import (
+from tuning.analysis.plots import (
     cliff_value,
     map_axes,
     plot_grad_norms,
     plot_loss_curves,
     plot_lr_schedule,
     plot_stability_map,
+    stability_map_figure,
 )
-from tuning.stability import verdicts_for
-from tuning.trial_record import TrialRecord
+from tuning.analysis.stability import verdicts_for
+from tuning.analysis.trial_record import TrialRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,6 +151,31 @@ def test_map_draws_one_panel_per_further_varied_knob(tmp_path: Path) -> None:
     two = [*three[:1], _with(trial("u", 1e-2), gradient_clip_val=1.0)]
     with Image.open(plot_stability_map(two, verdicts_for(two), tmp_path / "map2.png")) as image:
         assert width > 1.7 * image.width  # two panels side by side vs one
+
+
+def test_map_places_dotted_and_list_valued_swept_keys(tmp_path: Path) -> None:
+    """model.lora.r (a number) and model.lora.target_modules (a list, one category per
+    distinct list) come from each trial's config.resolved.yaml and get an axis each."""
+    import yaml
+
+    records = []
+    for i, (r, modules) in enumerate([(4, ["q_proj"]), (16, ["q_proj", "v_proj"]),
+                                      (64, ["q_proj"])]):
+        record = trial(f"t{i}", 1e-3)
+        record.run_dir = tmp_path / record.trial_id
+        record.run_dir.mkdir()
+        (record.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(
+            {"model": {"lora": {"r": r, "target_modules": modules}}}))
+        records.append(record)
+    keys = ["learning_rate", "model.lora.r", "model.lora.target_modules"]
+    assert map_axes(records) == []  # the LR is constant: without the space nothing varied
+    assert map_axes(records, keys) == ["model.lora.r", "model.lora.target_modules"]
+    fig = stability_map_figure(records, verdicts_for(records), keys)
+    (panel,) = fig.axes
+    assert panel.get_xlabel() == "model.lora.r (log scale)"  # 4..64 spans more than 10x
+    assert panel.get_ylabel() == "model.lora.target_modules"
+    assert [t.get_text() for t in panel.get_yticklabels()] == ["q_proj", "q_proj,v_proj"]
+    assert_png(plot_stability_map(records, verdicts_for(records), tmp_path / "map.png", keys))
 
 
 def test_map_cliff_is_the_lowest_lr_that_broke(records: list[TrialRecord]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tuning.recheck import (
+from tuning.analysis.recheck import (
     STATUS_NOT_REPRODUCIBLE,
     STATUS_OUTSIDE,
     STATUS_RECOMMENDED,
@@ -23,8 +23,8 @@ from tuning.recheck import (
     summarize,
     write_recheck,
 )
-from tuning.stability import StabilityRules
-from tuning.trial_record import TrialRecord
+from tuning.analysis.stability import StabilityRules
+from tuning.analysis.trial_record import TrialRecord
 
 RULES = StabilityRules()
 SEEDS = [1, 2, 3]
@@ -243,7 +243,7 @@ def test_explicit_group_lrs_are_scaled_by_the_same_factor() -> None:
 
 def test_plan_configs_through_trial_config_give_scaled_effective_lrs(tmp_path: Path) -> None:
     from trainer.config import config_from_data
-    from tuning.trainable import TrialOptions, trial_config
+    from tuning.raytune.trainable import TrialOptions, trial_config
 
     opts = TrialOptions(
         trials_dir=tmp_path,

@@ -15,8 +15,8 @@ from trainer.config import config_from_data
 from trainer.inputs import prepare_inputs
 from trainer.loop import build_run, train
 from trainer.yaml_io import dump_yaml, load_yaml_file
-from tuning.stability import verdicts_for
-from tuning.trial_record import TrialRecord
+from tuning.analysis.stability import verdicts_for
+from tuning.analysis.trial_record import TrialRecord
 
 
 def test_all_clip_1_sweep_yields_a_stable_best_and_best_stable_yaml(tmp_path: Path) -> None:

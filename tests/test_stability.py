@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tuning.stability import (
+from tuning.analysis.stability import (
     StabilityRules,
     Verdict,
     index_verdicts,
@@ -21,7 +21,7 @@ from tuning.stability import (
     verdict,
     verdicts_for,
 )
-from tuning.trial_record import TrialRecord, normalize_status
+from tuning.analysis.trial_record import TrialRecord, normalize_status
 
 
 def decaying(step: int) -> float:

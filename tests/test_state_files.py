@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 from trainer.errors import ConfigError
 from trainer.yaml_io import dump_yaml, load_yaml_file
 from tuning.search_config import load_search
-from tuning.tracking import JOURNAL_FILE, STATE_FILE, SweepTracker
-from tuning.tracking_writer import INBOX_FILE, replay_inbox
+from tuning.tracking.tracker import JOURNAL_FILE, STATE_FILE, SweepTracker
+from tuning.tracking.writer import INBOX_FILE, replay_inbox
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
 GARBAGE = bytes(range(256)) * 4  # not UTF-8, NUL bytes included
@@ -168,7 +168,7 @@ def _sweep_with_one_trial(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated", "a-list"])
 def test_report_over_a_garbled_trials_json_warns_and_keeps_every_step(tmp_path, capsys,
                                                                       damage):
-    from tuning.report import collect_records
+    from tuning.analysis.report import collect_records
     from tuning.report import main as report_main
 
     sweep = _sweep_with_one_trial(tmp_path)
@@ -263,7 +263,7 @@ def test_an_intact_snapshot_still_refuses_an_edited_config(tmp_path):
 def test_a_trial_failing_on_a_full_disk_stops_the_sweep_once(tmp_path, monkeypatch):
     import signal
 
-    from tuning import disk_full
+    from tuning.raytune import disk_full
 
     sent = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig))

@@ -75,7 +75,7 @@ def test_bad_search_yaml_exits_2_before_anything_starts(tmp_path, capsys, edit, 
 def test_space_forms_become_ray_domains(tmp_path):
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from tuning.space import param_space
+    from tuning.raytune.space import param_space
 
     space = param_space({
         "a": {"loguniform": [1e-4, 1e-2]}, "b": {"choice": [None, 0.5]},

@@ -28,8 +28,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from mlflow.tracking import MlflowClient
 
-from tuning.mlflow_callback import MlflowSweepCallback
-from tuning.tracking import (
+from tuning.tracking.callback import MlflowSweepCallback
+from tuning.tracking.tracker import (
     JOURNAL_FILE,
     STATE_FILE,
     SweepTracker,

@@ -1,4 +1,4 @@
-"""The sweep callback's background MLflow writer (tuning.tracking_writer).
+"""The sweep callback's background MLflow writer (tuning.tracking.writer).
 
 Hooks must not wait for MLflow (a trial blocked in tune.report waits for them), and moving the
 writes to a thread must not lose or duplicate anything: operations are applied in order,
@@ -20,9 +20,9 @@ import pytest
 from conftest import ROOT
 from test_tracking import FakeTrial, children, result_for, steps_of
 
-from tuning.mlflow_callback import MlflowSweepCallback
-from tuning.tracking import SweepTracker
-from tuning.tracking_writer import (
+from tuning.tracking.callback import MlflowSweepCallback
+from tuning.tracking.tracker import SweepTracker
+from tuning.tracking.writer import (
     INBOX_FILE,
     BackgroundWriter,
     InboxBusy,
@@ -107,8 +107,8 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {tests!r})
     from test_tracking import FakeTrial, result_for
-    from tuning.mlflow_callback import MlflowSweepCallback
-    from tuning.tracking import SweepTracker
+    from tuning.tracking.callback import MlflowSweepCallback
+    from tuning.tracking.tracker import SweepTracker
 
     # The store takes the runs but never the metrics: they are still in the inbox at the kill.
     SweepTracker.log_records = lambda *a, **k: time.sleep(3600)

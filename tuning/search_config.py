@@ -1,7 +1,7 @@
 """`search.yaml`: a base Phase 2 config, a search space and how to run the sweep.
 
 Validated once, before anything starts: every problem names the file, the key
-and the fix. Nothing here imports Ray; `tuning.space` turns the validated space
+and the fix. Nothing here imports Ray; `tuning.raytune.space` turns the validated space
 into Ray Tune domains.
 """
 
@@ -25,7 +25,7 @@ from trainer.config import (
 )
 from trainer.errors import ConfigError, Problem
 from trainer.yaml_io import load_yaml_file
-from tuning.stability import StabilityRules
+from tuning.analysis.stability import StabilityRules
 
 FORMS = ("grid", "choice", "uniform", "loguniform", "quniform", "qloguniform", "randint",
          "qrandint")
@@ -78,7 +78,7 @@ class Resources(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)  # fractions share a GPU (0.25 = 4 trials/GPU)
     # One process trains up to max_concurrent_trials trials over one copy of the frozen
-    # model (tuning/group_actor.py); the group then holds cpus_per_trial CPUs and
+    # model (tuning/raytune/group_actor.py); the group then holds cpus_per_trial CPUs and
     # gpus_per_trial GPUs in all, and each trial's own process only relays its reports.
     shared_group: bool = False
     group_orphan_timeout_s: float = Field(120.0, gt=0)  # a member nobody polls is dropped
@@ -155,7 +155,7 @@ def space_key_path(key: str) -> str:
     return key if "." in key else f"phase2.{key}"
 
 
-def _domain_problems(src: str, key: str, spec: Any) -> tuple[list[Problem], list[Any]]:
+def domain_problems(src: str, key: str, spec: Any) -> tuple[list[Problem], list[Any]]:
     """Check one space entry; return problems and the extreme values to validate."""
     k = f"space.{key}"
     if not isinstance(spec, dict):
@@ -204,7 +204,7 @@ def _check_space(src: str, cfg: SearchConfig, base_data: dict[str, Any]) -> list
                                     f"did you mean '{close[0]}'?" if close
                                     else "use a phase2 key or a dotted config key"))
             continue
-        found, extremes = _domain_problems(src, key, spec)
+        found, extremes = domain_problems(src, key, spec)
         problems += found
         if isinstance(spec, dict) and next(iter(spec), None) == "grid" and (
                 cfg.search.algorithm == "optuna"):

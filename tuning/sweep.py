@@ -63,14 +63,14 @@ def check_runs(loaded: Loaded) -> None:
     from trainer.config import config_from_data, set_dotted
     from trainer.inputs import train_size
     from trainer.plan import plan_steps
-    from tuning.search_config import _domain_problems
+    from tuning.search_config import domain_problems
 
     src = str(loaded.path)
     cfg = loaded.cfg
     base_plan = plan_steps(loaded.base.phase2, train_size(loaded.base), src)
     problems: list[Problem] = []
     for key, spec in cfg.space.items():
-        _, extremes = _domain_problems(src, key, spec)
+        _, extremes = domain_problems(src, key, spec)
         for value in extremes:
             data = copy.deepcopy(loaded.base_data)
             set_dotted(data, space_key_path(key), value, str(loaded.path))
@@ -369,7 +369,7 @@ def _init_ray(loaded: Loaded, logging_level: int) -> None:
 
 
 def _trials_index(results) -> dict[str, Any]:
-    """trial id -> Ray's final status, for `tuning.report` (which has no Ray)."""
+    """trial id -> Ray's final status, for `tuning.analysis.report` (which has no Ray)."""
     index = {}
     for r in results:
         # Ray names trial dirs <trainable>_<trial_id>_<n>_<params>_<date>
@@ -422,8 +422,8 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
     """Run (or restore) one Tuner whose state lives in <stage_dir>/ray."""
     from ray import tune
 
-    from tuning import disk_full
-    from tuning.checkpoint_pruner import CheckpointPruner, prune_experiment
+    from tuning.raytune import disk_full
+    from tuning.raytune.checkpoint_pruner import CheckpointPruner, prune_experiment
 
     ray_dir = stage_dir / "ray"
     if resume and tune.Tuner.can_restore(str(ray_dir)):
@@ -453,7 +453,7 @@ def _fit(stage_dir: Path, trainable, *, param_space: dict[str, Any], tune_config
               file=sys.stderr)
     if INTERRUPT.signal is not None:
         raise KeyboardInterrupt  # no final statuses: the trials did not finish
-    from tuning.report import TRIALS_INDEX
+    from tuning.analysis.report import TRIALS_INDEX
 
     index = _trials_index(results)
     atomic_write_text(stage_dir / TRIALS_INDEX, json.dumps(index, indent=2))
@@ -489,11 +489,11 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile
 
     from ray import tune
 
-    from tuning.trainable import run_trial
+    from tuning.raytune.trainable import run_trial
 
     if not cfg.resources.shared_group:
         return _with_resources(run_trial, cfg, base=base, inputs=inputs, opts=opts), None
-    from tuning.group_actor import group_actor_name, run_group_member, start_group_actor
+    from tuning.raytune.group_actor import group_actor_name, run_group_member, start_group_actor
 
     name = group_actor_name(hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:16])
     actor = start_group_actor(name, inputs, report_every=cfg.trials.report_every,
@@ -521,12 +521,12 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
 
     from trainer.inputs import prepare_inputs, train_size
     from trainer.plan import plan_steps
-    from tuning.mlflow_callback import MlflowSweepCallback
-    from tuning.progress import ProgressCallback
-    from tuning.report import build_report, print_report
-    from tuning.space import param_space
-    from tuning.tracking import SweepTracker, TrackingUnavailable
-    from tuning.trainable import TrialOptions
+    from tuning.analysis.report import build_report, print_report
+    from tuning.raytune.progress import ProgressCallback
+    from tuning.raytune.space import param_space
+    from tuning.raytune.trainable import TrialOptions
+    from tuning.tracking.callback import MlflowSweepCallback
+    from tuning.tracking.tracker import SweepTracker, TrackingUnavailable
 
     cfg, src = loaded.cfg, str(loaded.path)
     sweep_dir = _sweep_dir(loaded)
@@ -577,13 +577,16 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
                 tracking_uri=cfg.mlflow.tracking_uri, experiment_name=experiment,
                 state_dir=mlflow_dir, sweep_name=cfg.sweep.name,
                 parent_params=_parent_params(loaded), parent_artifacts=[sweep_dir / SNAPSHOT],
-                timeout_s=cfg.mlflow.timeout_s), ProgressCallback(trial_count(cfg))],
+                timeout_s=cfg.mlflow.timeout_s), ProgressCallback(
+                    # --verbose lets library lines interleave with the table: a redraw in
+                    # place would overwrite them, so it is printed as when piped.
+                    trial_count(cfg), in_place=None if ray_log_level > logging.INFO else False)],
             max_failures=cfg.trials.max_failures, keep=cfg.trials.keep_checkpoints,
             resume=resume)
         if group is not None:
             import ray
 
-            from tuning.group_actor import describe_stats
+            from tuning.raytune.group_actor import describe_stats
 
             try:  # the figures only: a failure here must not keep the members open
                 stats = ray.get(group.stats.remote(), timeout=30)  # never waits for a step
@@ -636,8 +639,8 @@ def format_clock(clock: list[tuple[str, float]]) -> str:
 
 def _tracker(cfg, experiment: str, mlflow_dir: Path):
     """The driver's own MLflow handle, after Tune's callback is done writing."""
-    from tuning.tracking import SweepTracker
-    from tuning.tracking_writer import InboxBusy, replay_inbox
+    from tuning.tracking.tracker import SweepTracker
+    from tuning.tracking.writer import InboxBusy, replay_inbox
 
     tracker = SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
                            timeout_s=cfg.mlflow.timeout_s)
@@ -666,10 +669,8 @@ def run_recheck(loaded: Loaded, sweep_dir: Path, report, top_k: int, *, inputs, 
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from tuning.leaderboard import write_best_stable_yaml
-    from tuning.mlflow_callback import MlflowSweepCallback
-    from tuning.progress import ProgressCallback
-    from tuning.recheck import (
+    from tuning.analysis.leaderboard import write_best_stable_yaml
+    from tuning.analysis.recheck import (
         explain_plan,
         format_recheck,
         match_plan,
@@ -677,8 +678,10 @@ def run_recheck(loaded: Loaded, sweep_dir: Path, report, top_k: int, *, inputs, 
         summarize,
         write_recheck,
     )
-    from tuning.report import collect_records
-    from tuning.trainable import run_listed_trial
+    from tuning.analysis.report import collect_records
+    from tuning.raytune.progress import ProgressCallback
+    from tuning.raytune.trainable import run_listed_trial
+    from tuning.tracking.callback import MlflowSweepCallback
 
     cfg, rc = loaded.cfg, loaded.cfg.recheck
     records = collect_records(sweep_dir)
@@ -734,9 +737,9 @@ def _publish_report(cfg, experiment: str, mlflow_dir: Path, report
     the line that says what became of MLflow writes left over from an outage (None when
     there were none): the callback's warning about them is stale once this driver replayed
     them."""
-    from tuning.stability import STABLE_KINDS
-    from tuning.tracking import JOURNAL_FILE, runs_link
-    from tuning.tracking_writer import INBOX_FILE
+    from tuning.analysis.stability import STABLE_KINDS
+    from tuning.tracking.tracker import JOURNAL_FILE, runs_link
+    from tuning.tracking.writer import INBOX_FILE
 
     inbox = mlflow_dir / INBOX_FILE
     had_backlog = (mlflow_dir / JOURNAL_FILE).exists() or (

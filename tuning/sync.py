@@ -20,14 +20,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tuning.tracking import (
+from tuning.tracking.tracker import (
     JOURNAL_FILE,
     STATE_FILE,
     SweepTracker,
     TrackingError,
     state_problem,
 )
-from tuning.tracking_writer import InboxBusy, replay_inbox
+from tuning.tracking.writer import InboxBusy, replay_inbox
 
 
 def main(argv: Sequence[str] | None = None) -> int:

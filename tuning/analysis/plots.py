@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import NullFormatter
 
 from trainer.fsutil import atomic_write_bytes
-from tuning.stability import KINDS, Verdict, index_verdicts
-from tuning.trial_record import TrialRecord
+from tuning.analysis.leaderboard import knob_text
+from tuning.analysis.stability import KINDS, Verdict, index_verdicts
+from tuning.analysis.trial_record import TrialRecord, finite_or_none, swept_values
 
 DPI = 120
 
@@ -56,6 +58,8 @@ MAP_KNOBS = (
     "weight_decay", "batch_size", "gradient_accumulation_steps", "epochs",
 )
 MAX_MAP_PANELS = 4
+# Up to this many distinct whole-number values, an axis is ticked at exactly those values.
+MAX_INT_TICKS = 8
 # Beyond this many trials, per-line id labels pile up into an unreadable column.
 MAX_LINE_LABELS = 12
 
@@ -191,17 +195,53 @@ def map_value(record: TrialRecord, knob: str) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def map_axes(records: Sequence[TrialRecord]) -> list[str]:
+class KnobValues:
+    """Each trial's number for each knob the map can place: MAP_KNOBS through ``map_value``,
+    any other swept key (``model.lora.r``, ``phase2.seed``, a list such as
+    ``model.lora.target_modules``) from ``swept_values``; a value that is not a number is a
+    category, placed at its index among the knob's sorted distinct values."""
+
+    def __init__(self, records: Sequence[TrialRecord],
+                 swept_keys: Sequence[str] | None = None) -> None:
+        extra = [k.removeprefix("phase2.") for k in swept_keys or ()]
+        extra = [k for k in dict.fromkeys(extra) if k not in MAP_KNOBS]
+        self.knobs = [*MAP_KNOBS, *extra]
+        # Read once: a dotted key's value lives in each trial's config.resolved.yaml.
+        self._raw = {r.trial_id: swept_values(r, extra) for r in records}
+        self.categories: dict[str, list[str]] = {}
+        for knob in extra:
+            raw = [v[knob] for v in self._raw.values() if knob in v]
+            if any(finite_or_none(x) is None for x in raw):
+                self.categories[knob] = sorted({knob_text(x) for x in raw})
+
+    def __call__(self, record: TrialRecord, knob: str | None) -> float | None:
+        if knob is None:
+            return 0.0
+        if knob in MAP_KNOBS:
+            return map_value(record, knob)
+        raw = self._raw.get(record.trial_id, {})
+        if knob not in raw:
+            return None
+        if knob in self.categories:
+            return float(self.categories[knob].index(knob_text(raw[knob])))
+        return finite_or_none(raw[knob])
+
+
+def map_axes(records: Sequence[TrialRecord], swept_keys: Sequence[str] | None = None,
+             values: KnobValues | None = None) -> list[str]:
     """The knobs that varied across ``records``, most varied first: more distinct values
-    first, then the wider spread (decades for positive values), then MAP_KNOBS order."""
+    first, then the wider spread (decades for positive values), then MAP_KNOBS order, then
+    the other ``swept_keys`` in their order."""
+    lookup = values or KnobValues(records, swept_keys)
     scored = []
-    for order, knob in enumerate(MAP_KNOBS):
-        values = [v for v in (map_value(r, knob) for r in records) if v is not None]
-        distinct = sorted(set(values))
+    for order, knob in enumerate(lookup.knobs):
+        known = [v for v in (lookup(r, knob) for r in records) if v is not None]
+        distinct = sorted(set(known))
         if len(distinct) < 2:
             continue
         positive = [v for v in distinct if v > 0]
-        spread = (np.log10(positive[-1] / positive[0]) if len(positive) >= 2
+        spread = (0.0 if knob in lookup.categories  # an index has no spread to speak of
+                  else np.log10(positive[-1] / positive[0]) if len(positive) >= 2
                   else distinct[-1] - distinct[0])
         scored.append((-len(distinct), -float(spread), order, knob))
     return [knob for *_, knob in sorted(scored)]
@@ -211,32 +251,48 @@ def plot_stability_map(
     records: Sequence[TrialRecord],
     verdicts: Mapping[str, Verdict] | Sequence[Verdict],
     path: str | Path,
+    swept_keys: Sequence[str] | None = None,
 ) -> Path:
-    """Outcome per trial over the two knobs that varied most (``map_axes``); with more than two
-    varied, one panel per further knob against the most varied one.  The lowest value of the
-    x knob where a trial went NaN/diverged is marked: the cliff."""
+    """``stability_map_figure`` saved as a PNG."""
+    return _save(stability_map_figure(records, verdicts, swept_keys), path)
+
+
+def stability_map_figure(
+    records: Sequence[TrialRecord],
+    verdicts: Mapping[str, Verdict] | Sequence[Verdict],
+    swept_keys: Sequence[str] | None = None,
+) -> Figure:
+    """Outcome per trial over the two knobs that varied most (``map_axes``, the search
+    space's ``swept_keys`` included); with more than two varied, one panel per further knob
+    against the most varied one.  The lowest value of the x knob where a trial went
+    NaN/diverged is marked: the cliff."""
     by_id = index_verdicts(records, verdicts)
-    axes_knobs = map_axes(records)
+    value = KnobValues(records, swept_keys)
+    axes_knobs = map_axes(records, values=value)
     x_knob = axes_knobs[0] if axes_knobs else "learning_rate"
     y_knobs = axes_knobs[1 : 1 + MAX_MAP_PANELS] or [None]
     fig = _figure(min(7.0 * len(y_knobs), 24.0), 6)
     panels = fig.subplots(1, len(y_knobs), squeeze=False)[0]
-    placed = [r for r in records if map_value(r, x_knob) is not None]
+    placed = [r for r in records if value(r, x_knob) is not None]
     for ax, y_knob in zip(panels, y_knobs, strict=True):
-        _map_panel(ax, placed, by_id, x_knob, y_knob)
+        _map_panel(ax, placed, by_id, x_knob, y_knob, value)
     title = (f"Stability map: {' / '.join(axes_knobs)} varied" if axes_knobs
              else "Stability map: no knob varied")
+    if len(axes_knobs) > 1 + MAX_MAP_PANELS:  # say which varied knobs have no panel
+        title += f" (no panel: {', '.join(axes_knobs[1 + MAX_MAP_PANELS:])})"
     fig.suptitle(title)
     _no_data_note(panels[0], not placed, "no trials with a value for the varied knobs")
-    return _save(fig, path)
+    return fig
 
 
 def _map_panel(ax: Axes, records: Sequence[TrialRecord], by_id: Mapping[str, Verdict],
-               x_knob: str, y_knob: str | None) -> None:
-    points = [(map_value(r, x_knob), map_value(r, y_knob) if y_knob else 0.0, r) for r in records]
+               x_knob: str, y_knob: str | None, value: KnobValues) -> None:
+    points = [(value(r, x_knob), value(r, y_knob), r) for r in records]
     points = [(x, y, r) for x, y, r in points if x is not None and y is not None]
-    log_x = _log_axis([x for x, _, _ in points])
-    log_y = y_knob is not None and _log_axis([y for _, y, _ in points])
+    categories = value.categories
+    log_x = x_knob not in categories and _log_axis([x for x, _, _ in points])
+    log_y = (y_knob is not None and y_knob not in categories
+             and _log_axis([y for _, y, _ in points]))
     xs = _spread_duplicates([(x, y) for x, y, _ in points], log_x)
     groups: dict[str, list[int]] = defaultdict(list)
     for index, (_, _, record) in enumerate(points):
@@ -249,7 +305,8 @@ def _map_panel(ax: Axes, records: Sequence[TrialRecord], by_id: Mapping[str, Ver
                        label=f"{label} ({len(idx)})", zorder=3)  # fmt: skip
     if len(points) <= 30:  # trial ids stay legible up to about this many points
         _label_points(ax, points)
-    cliff = cliff_value([r for _, _, r in points], by_id, x_knob)
+    cliff = (None if x_knob in categories  # "lowest" means nothing for a category
+             else cliff_value([r for _, _, r in points], by_id, x_knob, value))
     if cliff is not None:
         ax.axvline(cliff, color=KIND_COLORS["nan"], linestyle="--", lw=1.2,
                    label=f"cliff: lowest {x_knob} that broke ({cliff:g})")
@@ -264,6 +321,17 @@ def _map_panel(ax: Axes, records: Sequence[TrialRecord], by_id: Mapping[str, Ver
     if y_knob == "gradient_clip_val":
         ticks = sorted({y for _, y, _ in points})
         ax.set_yticks(ticks, ["none" if t == 0 else f"{t:g}" for t in ticks])
+    for knob, axis, at in ((x_knob, ax.xaxis, 0), (y_knob, ax.yaxis, 1)):
+        if knob in categories:
+            names = categories[knob]
+            axis.set_ticks(range(len(names)), names, fontsize=8)
+        elif knob not in (None, "gradient_clip_val"):
+            ticks = sorted({point[at] for point in points})
+            # A few whole numbers (LoRA rank, warmup steps) read best as themselves; a log
+            # axis would print 4x10^0 and label its minor ticks too.
+            if len(ticks) <= MAX_INT_TICKS and all(float(t).is_integer() for t in ticks):
+                axis.set_ticks(ticks, [f"{t:g}" for t in ticks])
+                axis.set_minor_formatter(NullFormatter())
     if points:
         ax.legend(loc="best", fontsize=8)
     ax.set(xlabel=x_knob + (" (log scale)" if log_x else ""),
@@ -272,10 +340,11 @@ def _map_panel(ax: Axes, records: Sequence[TrialRecord], by_id: Mapping[str, Ver
 
 
 def cliff_value(records: Sequence[TrialRecord], verdicts: Mapping[str, Verdict],
-                knob: str) -> float | None:
+                knob: str,
+                value: Callable[[TrialRecord, str], float | None] = map_value) -> float | None:
     """Lowest value of ``knob`` at which a trial went NaN, diverged or ran a grad norm above
     the limit: where the map draws the cliff (None when nothing broke)."""
-    broke = [map_value(r, knob) for r in records if verdicts[r.trial_id].kind in _CLIFF_KINDS]
+    broke = [value(r, knob) for r in records if verdicts[r.trial_id].kind in _CLIFF_KINDS]
     known = [v for v in broke if v is not None]
     return min(known) if known else None
 
@@ -419,6 +488,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 __all__ = [
     "KIND_COLORS",
+    "KnobValues",
     "cliff_value",
     "map_axes",
     "map_value",
@@ -426,4 +496,5 @@ __all__ = [
     "plot_loss_curves",
     "plot_lr_schedule",
     "plot_stability_map",
+    "stability_map_figure",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 
 from trainer.fsutil import atomic_write_text
-from tuning.stability import (
+from tuning.analysis.stability import (
     KIND_PRIORITY,
     StabilityRules,
     Verdict,
@@ -33,7 +34,12 @@ from tuning.stability import (
     verdict,
     verdicts_for,
 )
-from tuning.trial_record import TrialRecord, finite_or_none
+from tuning.analysis.trial_record import (
+    RESOLVED_CONFIG,
+    TrialRecord,
+    finite_or_none,
+    swept_values,
+)
 
 # Knobs of the trainer's `phase2:` section, in the order the seed's examples list them.
 PHASE2_KNOBS = (
@@ -63,6 +69,11 @@ PHASE2_KNOBS = (
 # a failed one tells us least about the knobs.
 _UNSTABLE_ORDER = ("incomplete", "high_grad_norm", "diverged", "nan", "failed")
 assert set(_UNSTABLE_ORDER) == set(KIND_PRIORITY)
+
+# Swept knobs that already have a column of their own; any other swept key (``seed``,
+# ``model.lora.r``, ``model.lora.target_modules``) gets one after these, in the space's order.
+TABLE_KNOBS = ("learning_rate", "projector_lr", "lora_lr", "warmup_steps", "gradient_clip_val")
+CSV_KNOBS = (*TABLE_KNOBS, "projector_lr_mult", "lora_lr_mult")
 
 CSV_COLUMNS = (
     "rank",
@@ -123,6 +134,9 @@ class Row:
     # What the row was ranked on: the loss, and "eval@60" / "train@30" (split @ step).
     rank_loss: float | None = None
     rank_measure: str | None = None
+    # Every swept key's value (``phase2.`` dropped, dotted keys read from the trial's
+    # config.resolved.yaml); the tables show those without a column of their own.
+    swept: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reason_text(self) -> str:
@@ -131,11 +145,20 @@ class Row:
 
 
 def build_leaderboard(
-    records: Sequence[TrialRecord], rules: StabilityRules | None = None
+    records: Sequence[TrialRecord],
+    rules: StabilityRules | None = None,
+    swept_keys: Sequence[str] | None = None,
 ) -> list[Row]:
     """Stable trials ranked on a common-step loss (module docstring), then plateaued ones, then
-    the unstable ones grouped by what went wrong."""
+    the unstable ones grouped by what went wrong.
+
+    ``swept_keys`` are the search space's keys (dotted ones such as ``model.lora.r`` too);
+    without them, the phase2 knobs whose values differ between the trials are taken.
+    """
     rules = rules or StabilityRules()
+    keys = [k.removeprefix("phase2.") for k in swept_keys] if swept_keys is not None \
+        else varied_knobs(records)
+    swept = {record.trial_id: swept_values(record, keys) for record in records}
     verdicts = verdicts_for(records, rules)
     measures = rank_measures(records, verdicts, rules)
     pairs = [(record, verdicts[record.trial_id]) for record in records]
@@ -143,10 +166,30 @@ def build_leaderboard(
     rows = [_make_row(rank, record, v) for rank, (record, v) in enumerate(pairs, start=1)]
     for row in rows:
         row.grad_norm_percentile = rules.grad_norm_percentile
+        row.swept = swept[row.trial_id]
         if row.trial_id in measures:
             row.rank_loss, split, step = measures[row.trial_id]
             row.rank_measure = f"{split}@{step}"
     return rows
+
+
+def varied_knobs(records: Sequence[TrialRecord]) -> list[str]:
+    """The phase2 knobs whose values differ between ``records`` (sorted): the swept ones when
+    the search space is not known."""
+    seen: dict[str, set[str]] = {}
+    for record in records:
+        for key, value in record.params.items():
+            seen.setdefault(key, set()).add(repr(value))  # repr: lists are not hashable
+    return sorted(key for key, values in seen.items() if len(values) > 1
+                  or any(key not in r.params for r in records))
+
+
+def extra_columns(rows: Sequence[Row], fixed: Sequence[str] = TABLE_KNOBS) -> list[str]:
+    """Swept keys of ``rows`` that have no column among ``fixed``, in first-seen order."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row.swept if k not in fixed and k not in keys]
+    return keys
 
 
 def rank_measures(
@@ -267,10 +310,20 @@ def write_csv(rows: Sequence[Row], path: str | Path) -> Path:
     """Machine-readable leaderboard: full-precision numbers, empty cell for missing values."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    extra = extra_columns(rows, CSV_KNOBS)
+    # The extra knob columns go after the fixed knobs, before the measurements.
+    at = CSV_COLUMNS.index("gradient_clip_val") + 1
+    writer.writerow([*CSV_COLUMNS[:at], *extra, *CSV_COLUMNS[at:]])
     for row in rows:
-        writer.writerow([csv_cell(value) for value in _row_values(row)])
+        values = [csv_cell(value) for value in _row_values(row)]
+        knobs = [_csv_knob(row.swept[k]) if k in row.swept else "" for k in extra]
+        writer.writerow([*values[:at], *knobs, *values[at:]])
     return atomic_write_text(path, buffer.getvalue())
+
+
+def _csv_knob(value: Any) -> str:
+    # A list knob (target_modules) as JSON, so a reader gets the list back, not Python's repr.
+    return json.dumps(value) if isinstance(value, list | tuple | dict) else csv_cell(value)
 
 
 def _row_values(row: Row) -> list[Any]:
@@ -328,9 +381,30 @@ _DISPLAY_HEADERS = (
 )
 
 
-def _headers(rows: Sequence[Row]) -> list[str]:
+# The swept keys without a fixed column are inserted after this header ("clip").
+_EXTRA_AT = _DISPLAY_HEADERS.index("clip") + 1
+
+
+def _headers(rows: Sequence[Row], extra: Sequence[str]) -> list[str]:
     pct = rows[0].grad_norm_percentile if rows else 90.0
-    return [header.format(pct=f"{pct:g}") for header in _DISPLAY_HEADERS]
+    heads = [header.format(pct=f"{pct:g}") for header in _DISPLAY_HEADERS]
+    return [*heads[:_EXTRA_AT], *extra, *heads[_EXTRA_AT:]]
+
+
+def _cells(row: Row, extra: Sequence[str]) -> list[str]:
+    cells = _display_cells(row)
+    knobs = [knob_text(row.swept[k]) if k in row.swept else "-" for k in extra]
+    return [*cells[:_EXTRA_AT], *knobs, *cells[_EXTRA_AT:]]
+
+
+def knob_text(value: Any) -> str:
+    """A swept value in a table cell: ``none``, 4 significant digits, a list comma-joined."""
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return ",".join(knob_text(item) for item in value)
+    number = finite_or_none(value)
+    return fmt_num(number) if isinstance(value, float) and number is not None else str(value)
 
 
 def _display_cells(row: Row) -> list[str]:
@@ -369,12 +443,14 @@ def write_markdown(rows: Sequence[Row], path: str | Path, title: str | None = No
 
 def format_markdown(rows: Sequence[Row], title: str | None = None) -> str:
     """The Markdown text that write_markdown writes."""
+    extra = extra_columns(rows)
+    heads = _headers(rows, extra)
     lines = [f"# {title}", ""] if title else []
-    lines.append("| " + " | ".join(_headers(rows)) + " |")
-    lines.append("|" + "|".join("---" for _ in _DISPLAY_HEADERS) + "|")
+    lines.append("| " + " | ".join(heads) + " |")
+    lines.append("|" + "|".join("---" for _ in heads) + "|")
     for row in rows:
         # A literal "|" inside a cell would split it into two columns.
-        cells = [cell.replace("|", "\\|") for cell in _display_cells(row)]
+        cells = [cell.replace("|", "\\|") for cell in _cells(row, extra)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", ranking_note(rows)]
     if not any(row.stable for row in rows):
@@ -384,9 +460,10 @@ def format_markdown(rows: Sequence[Row], title: str | None = None) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """Fixed-width plain-text table for the terminal."""
-    table = [_headers(rows), *(_display_cells(row) for row in rows)]
+    extra = extra_columns(rows)
+    table = [_headers(rows, extra), *(_cells(row, extra) for row in rows)]
     # The free-text last column is left unpadded so long reasons do not widen every line.
-    widths = [max(len(line[i]) for line in table) for i in range(len(_DISPLAY_HEADERS) - 1)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
     out = []
     for line in table:
         padded = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
@@ -433,7 +510,6 @@ def phase2_config(params: dict[str, Any]) -> dict[str, Any]:
     return {key: config[key] for key in PHASE2_KNOBS if key in config}
 
 
-RESOLVED_CONFIG = "config.resolved.yaml"  # the trainer's record of a run's whole config
 BEST_RUNS_DIR = "runs"  # best_stable.yaml trains into <its own directory>/runs
 
 
@@ -585,19 +661,24 @@ def _yaml_float(value: float) -> str:
 
 __all__ = [
     "CSV_COLUMNS",
+    "CSV_KNOBS",
     "PHASE2_KNOBS",
+    "TABLE_KNOBS",
     "Row",
     "best_stable_config",
     "best_stable_record",
     "best_stable_row",
     "build_leaderboard",
     "csv_cell",
+    "extra_columns",
     "format_markdown",
     "format_table",
+    "knob_text",
     "phase2_config",
     "rank_measures",
     "ranking_note",
     "trial_resolved_config",
+    "varied_knobs",
     "write_best_stable_yaml",
     "write_csv",
     "write_markdown",

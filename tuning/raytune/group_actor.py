@@ -483,7 +483,7 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
 def run_group_member(config: dict[str, Any], *, base: dict[str, Any], opts: Any,
                      actor_name: str) -> None:
     """Ray Tune function trainable: one trial as a member of the sweep's shared group."""
-    from tuning.trainable import RayReportSink, start_trial
+    from tuning.raytune.trainable import RayReportSink, start_trial
 
     start = start_trial(config, base, opts)
     if start is None:

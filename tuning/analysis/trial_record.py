@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from trainer.errors import ConfigError
+from trainer.yaml_io import load_yaml_file
+
 # Ray Tune's trial states; the trainer's summary.json may use its own words (see _STATUS_ALIASES).
 TRIAL_STATUSES = ("TERMINATED", "ERROR", "RUNNING", "PENDING")
+# Written into a trial's run dir by the trainable when its watchdog saw no step for too long.
+STALL_FILE = "stalled.json"
 
 _STATUS_ALIASES = {
     "completed": "TERMINATED",
@@ -38,6 +43,8 @@ _STATUS_ALIASES = {
     "running": "RUNNING",
     "pending": "PENDING",
 }
+
+RESOLVED_CONFIG = "config.resolved.yaml"  # the trainer's record of a run's whole config
 
 # The seed's defaults: projector at 5x base LR, LoRA at 0.5x.
 DEFAULT_PROJECTOR_LR_MULT = 5.0
@@ -71,7 +78,7 @@ class TrialRecord:
         run_dir = Path(path)
         history = read_metrics_jsonl(run_dir / "metrics.jsonl")
         summary = _read_json(run_dir / "summary.json")
-        params = read_phase2_params(run_dir / "config.resolved.yaml")
+        params = read_phase2_params(run_dir / RESOLVED_CONFIG)
         if summary is None:
             status = "RUNNING" if history else "PENDING"
             return cls(
@@ -212,6 +219,38 @@ def read_phase2_params(path: Path) -> dict[str, Any]:
     return dict(phase2)
 
 
+def swept_values(record: TrialRecord, keys: Sequence[str]) -> dict[str, Any]:
+    """The record's value of each swept key: phase2 knobs from its params, dotted keys
+    (``model.lora.r``) from its run directory's config.resolved.yaml; absent keys left out.
+
+    Keys keep the spelling they were given (``phase2.learning_rate`` stays so). The file is
+    read at most once per call: callers that need many keys pass them together.
+    """
+    values: dict[str, Any] = {}
+    resolved: Any = None
+    for key in keys:
+        name = key.removeprefix("phase2.")
+        if "." not in name:
+            if name in record.params:
+                values[key] = record.params[name]
+            continue
+        if resolved is None:
+            path = record.run_dir / RESOLVED_CONFIG if record.run_dir else None
+            try:
+                resolved = load_yaml_file(path) if path is not None and path.is_file() else {}
+            except ConfigError:  # a damaged config: the trial simply lacks these knobs
+                resolved = {}
+        node: Any = resolved
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            values[key] = node
+    return values
+
+
+_MISSING = object()
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file; None (with a warning line) when it is missing or damaged: the
     trial's steps live in metrics.jsonl, so a lost summary loses no step."""
@@ -258,6 +297,7 @@ def _int_or_none(value: Any) -> int | None:
 __all__ = [
     "DEFAULT_LORA_LR_MULT",
     "DEFAULT_PROJECTOR_LR_MULT",
+    "RESOLVED_CONFIG",
     "TRIAL_STATUSES",
     "TrialRecord",
     "finite_or_none",
@@ -265,4 +305,5 @@ __all__ = [
     "read_json_object",
     "read_metrics_jsonl",
     "read_phase2_params",
+    "swept_values",
 ]

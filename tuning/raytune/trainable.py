@@ -22,8 +22,7 @@ from typing import Any
 from trainer.checkpoint import META
 from trainer.inputs import Inputs
 from trainer.metrics import RunSummary, finite_or_none
-
-STALL_FILE = "stalled.json"
+from tuning.analysis.trial_record import STALL_FILE
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tuning.tracking import SweepTracker
+from tuning.tracking.tracker import SweepTracker
 
 log = logging.getLogger(__name__)
 

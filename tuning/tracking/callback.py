@@ -2,7 +2,7 @@
 
 Trials never talk to MLflow: they ``tune.report`` a result every N optimizer steps holding all
 per-step records since their last report. This callback runs in the Ray driver and hands every
-operation to a ``BackgroundWriter`` (``tuning.tracking_writer``): the hook appends it to an
+operation to a ``BackgroundWriter`` (``tuning.tracking.writer``): the hook appends it to an
 inbox file and returns, one writer thread applies it through a ``SweepTracker`` in merged
 batches. A trial blocked in ``tune.report`` waits for the hook, so the hook must not wait for
 MLflow (bench/mlflow_logging_cost.py measures both sides).
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ray.tune import Callback
 
-from tuning.tracking import FINAL_LOSS_METRIC, SweepTracker, trial_run_name
-from tuning.tracking_writer import BackgroundWriter
+from tuning.tracking.tracker import FINAL_LOSS_METRIC, SweepTracker, trial_run_name
+from tuning.tracking.writer import BackgroundWriter
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial

@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from tuning.stability import (
+from tuning.analysis.stability import (
     StabilityRules,
     Verdict,
     fmt_num,
     index_verdicts,
     percentile_or_none,
 )
-from tuning.trial_record import TrialRecord, finite_or_none
+from tuning.analysis.trial_record import TrialRecord, finite_or_none
 
 # The seed's remedies, verbatim.
 SEED_NAN_CLIP_VAL = 0.5

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuning.trial_record import TrialRecord, finite_or_none
+from tuning.analysis.trial_record import TrialRecord, finite_or_none
 
 # Most severe first: the verdict's kind is the first of these that has a reason.
 KIND_PRIORITY = ("failed", "nan", "diverged", "high_grad_norm", "incomplete")

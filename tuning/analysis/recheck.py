@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.fsutil import atomic_write_text
-from tuning.leaderboard import PHASE2_KNOBS, build_leaderboard, csv_cell
-from tuning.stability import StabilityRules, fmt_num, verdict, verdicts_for
-from tuning.trial_record import (
+from tuning.analysis.leaderboard import PHASE2_KNOBS, build_leaderboard, csv_cell
+from tuning.analysis.stability import StabilityRules, fmt_num, verdict, verdicts_for
+from tuning.analysis.trial_record import (
     DEFAULT_LORA_LR_MULT,
     DEFAULT_PROJECTOR_LR_MULT,
     TrialRecord,
@@ -68,7 +68,7 @@ class RecheckTrial:
     source_trial: str
     seed: int
     lr_factor: float
-    config: dict[str, Any]  # sampled keys for tuning.trainable.trial_config
+    config: dict[str, Any]  # sampled keys for tuning.raytune.trainable.trial_config
     # Leaderboard rank of the source trial (1 = the sweep's best), so summarize() can tell
     # whether its recommendation overturns the sweep's choice.
     source_rank: int | None = None

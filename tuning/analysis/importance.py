@@ -21,11 +21,9 @@ import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trainer.errors import ConfigError
 from trainer.fsutil import atomic_write_bytes, atomic_write_text
-from trainer.yaml_io import load_yaml_file
-from tuning.stability import Verdict
-from tuning.trial_record import TrialRecord, finite_or_none
+from tuning.analysis.stability import Verdict
+from tuning.analysis.trial_record import TrialRecord, finite_or_none, swept_values
 
 # Below this many trials a random forest over the knobs explains noise, not the sweep.
 MIN_TRIALS = 4
@@ -47,34 +45,6 @@ class Importance:
         return {target: {"trials": self.trials.get(target, 0),
                          "importances": self.importances.get(target),
                          "skipped": self.skipped.get(target)} for target in TARGETS}
-
-
-def swept_values(record: TrialRecord, keys: Sequence[str]) -> dict[str, Any]:
-    """The record's value of each swept key: phase2 knobs from its params, dotted keys
-    (``model.lora.r``) from its run directory's config.resolved.yaml; absent keys left out."""
-    values: dict[str, Any] = {}
-    resolved: Any = None
-    for key in keys:
-        name = key.removeprefix("phase2.")
-        if "." not in name:
-            if name in record.params:
-                values[key] = record.params[name]
-            continue
-        if resolved is None:
-            path = record.run_dir / "config.resolved.yaml" if record.run_dir else None
-            try:
-                resolved = load_yaml_file(path) if path is not None and path.is_file() else {}
-            except ConfigError:  # a damaged config: the trial simply lacks these knobs
-                resolved = {}
-        node: Any = resolved
-        for part in key.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        if node is not _MISSING:
-            values[key] = node
-    return values
-
-
-_MISSING = object()
 
 
 def compute_importance(records: Sequence[TrialRecord], verdicts: Mapping[str, Verdict],
@@ -234,6 +204,5 @@ __all__ = [
     "compute_importance",
     "format_importance",
     "plot_importance",
-    "swept_values",
     "write_importance_json",
 ]

@@ -2,7 +2,7 @@
 
 Why it looks like this:
 
-* One writer. Only the Ray driver (through ``tuning.mlflow_callback``) talks to MLflow, so an
+* One writer. Only the Ray driver (through ``tuning.tracking.callback``) talks to MLflow, so an
   embedded SQLite store never sees concurrent writers (SQLite's "database is locked" trap).
 * ``MlflowClient`` only, never the fluent ``mlflow.*`` API: the fluent API keeps a process-global
   active-run stack that is wrong as soon as several trials are tracked from one process.
@@ -184,9 +184,12 @@ def short_key(key: str) -> str:
 
 
 def short_value(value: Any) -> str:
-    """A compact value: 0.001 -> ``1e-3``, 0.00031 -> ``3.1e-4``, 5.0 -> ``5``, None -> ``none``."""
+    """A compact value: 0.001 -> ``1e-3``, 0.00031 -> ``3.1e-4``, 5.0 -> ``5``, None -> ``none``,
+    a list (``target_modules``) -> ``q_proj,v_proj``."""
     if value is None:
         return "none"
+    if isinstance(value, list | tuple):
+        return ",".join(short_value(item) for item in value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return str(value)
     number = float(value)

@@ -1,0 +1,92 @@
+"""The package seams hold: trainer/ and tuning/analysis/ import neither Ray nor MLflow (a
+report rebuilds from a copied sweep dir, a trainer run needs neither), and no module takes a
+private (underscore) name from another project module.
+
+Both checked twice: statically over every import statement (including those inside
+functions, which an import-time check would miss) and by importing every module in a fresh
+interpreter and looking at sys.modules (which catches an indirect import through a
+third module)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+FORBIDDEN = ("ray", "mlflow")
+PROJECT = ("trainer", "tuning", "bench")
+NO_RAY_NO_MLFLOW = ("trainer", "tuning/analysis")
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def _imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """(module, names imported from it, line) for every import statement in the file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, [], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.module, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def test_trainer_and_analysis_import_neither_ray_nor_mlflow_statically() -> None:
+    found = [f"{path.relative_to(ROOT)}:{line}: {module}"
+             for folder in NO_RAY_NO_MLFLOW for path in _modules(folder)
+             for module, _, line in _imports(path)
+             if module.split(".")[0] in FORBIDDEN]
+    assert not found, found
+    assert len(_modules("tuning/analysis")) >= 8  # the walk found the package
+
+
+def test_importing_every_trainer_and_analysis_module_loads_neither_ray_nor_mlflow() -> None:
+    names = [".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+             for folder in NO_RAY_NO_MLFLOW for path in _modules(folder)
+             if path.name != "__main__.py"]
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}: importlib.import_module(name)\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]", res.stdout
+
+
+def test_no_private_name_is_imported_across_project_modules() -> None:
+    found = [f"{path.relative_to(ROOT)}:{line}: from {module} import {name}"
+             for folder in PROJECT for path in _modules(folder)
+             for module, names, line in _imports(path)
+             if module.split(".")[0] in PROJECT
+             for name in names if name.startswith("_") and not name.startswith("__")]
+    assert not found, found
+
+
+def test_every_project_import_resolves_including_those_inside_functions() -> None:
+    # An import inside a function fails only when that path runs; after a module moves,
+    # this finds the stale ones at once.
+    wanted = sorted({(module, name) for folder in (*PROJECT, "tests")
+                     for path in _modules(folder)
+                     for module, names, _ in _imports(path)
+                     if module.split(".")[0] in ("trainer", "tuning")
+                     for name in names or [""]})
+    code = ("import importlib, sys\n"
+            "bad = []\n"
+            f"for module, name in {wanted!r}:\n"
+            "    try:\n"
+            "        mod = importlib.import_module(module)\n"
+            "        if name and not hasattr(mod, name):\n"
+            "            importlib.import_module(module + '.' + name)\n"
+            "    except ImportError as e:\n"
+            "        bad.append(f'{module} {name}: {e}')\n"
+            "print(bad)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-2000:]
+    assert len(wanted) > 100  # the walk found the imports
