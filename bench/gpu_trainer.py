@@ -3,22 +3,25 @@
     python bench/gpu_trainer.py configs/reference.yaml --batch 2 --text-len 128
     python bench/gpu_trainer.py configs/reference.yaml --batch 16 --text-len 512
 
-Model: the config's demo model (configs/reference.yaml: Qwen2.5-0.5B-shaped LLM, LoRA
-r=16 on q,k,v,o, 8.4M projector, ~106M of frozen encoders; random init). Batch: B
-examples of P prefix tokens (one per aligned feature token: 196 image + 40 audio + 1
-text at reference scale) plus `--text-len` random text tokens, all trained (labels =
-inputs), so tokens per step = B x (P + text_len).
+Model: the config's model (configs/reference.yaml: Qwen2.5-0.5B-shaped LLM, LoRA r=16 on
+q,k,v,o, 8.4M projector; a frozen Phase 1 of Hugging Face CLIP ViT-B/16-, Whisper-base-
+and BERT-base-shaped encoders and an aligner; random init). Batch: B examples of P prefix
+tokens (one per aligned feature token, the longest row of the feature cache: 197 image +
+50 audio + 1 text at reference scale) plus `--text-len` random text tokens, all trained
+(labels = inputs), so tokens per step = B x (P + text_len).
 
 Arms, timed in the same process one after the other:
-  naive    fp32, no TF32, the frozen encoders run on every step from raw image/audio/
-           text tensors, logits over the whole vocabulary at every position (HF's loss),
-           unfused (for-loop) AdamW, `loss.item()` every step.
+  naive    fp32, no TF32, the frozen encoders run on every step (a bundle from media
+           tensors; any other Phase 1 from the media read once, through its processors),
+           logits over the whole vocabulary at every position (HF's loss), unfused
+           (for-loop) AdamW, `loss.item()` every step.
   trainer  the project's hot path as `trainer.loop.train_loop` runs it: bf16 autocast
            over fp32 trainable weights (the frozen MLP linears stored in bf16), fused
            AdamW with the device-side NaN guard (read back every `output.sync_every`
            steps), TF32, SDPA causal attention, cached features.
   trainer-nocache  the same with `data.feature_cache: false` (the frozen encoders and
            aligner run every step, no_grad): what the cache saves in time and memory.
+           A bundle Phase 1 only: the other sources run only into the cache.
 Reported per arm: step time (mean over the timed steps, synchronised before and after
 them only), tokens/s, peak GPU memory, MFU.
 MFU = tokens/s x (4 x frozen LLM params + 6 x trainable params) / peak FLOP/s, the
@@ -45,11 +48,13 @@ sys.path.insert(0, str(ROOT))
 from trainer.bundle import load_bundle  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import Split, Tokens, load_media, read_manifest  # noqa: E402
-from trainer.inputs import prepare_inputs  # noqa: E402
+from trainer.inputs import phase1_source, prepare_inputs  # noqa: E402
 from trainer.loop import backward_step, flush_window  # noqa: E402
 from trainer.metrics import MultiSink  # noqa: E402
 from trainer.model import build_model  # noqa: E402
 from trainer.optim import param_groups  # noqa: E402
+from trainer.phase1.contract import RawBatch, read_batch, sample_rate_of  # noqa: E402
+from trainer.phase1.features_file import read_features_file  # noqa: E402
 from trainer.plan import Plan  # noqa: E402
 from trainer.run import build_run  # noqa: E402
 from trainer.step import DeviceGuard, State, read_back  # noqa: E402
@@ -69,7 +74,10 @@ def bench_batch(inputs, n: int, args) -> tuple[Tokens, int, str]:
 
     vocab = AutoConfig.from_pretrained(str(inputs.llm_dir)).vocab_size
     tokens = synthetic_tokens(n, args.text_len, min(vocab, 99))
-    prefix = load_bundle(inputs.bundle_dir, "cpu").num_tokens
+    if inputs.feature_cache is not None:  # any Phase 1: its longest row
+        prefix = read_features_file(inputs.feature_cache).features.shape[1]
+    else:
+        prefix = load_bundle(inputs.bundle_dir, "cpu").num_tokens
     per_step = args.batch * (prefix + args.text_len)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {device_name}; per trial: batch {args.batch} x ({prefix} prefix + "
@@ -192,6 +200,9 @@ def trainer_nocache_arm(cfg, inputs, tokens: Tokens, batch: int, args):
     (under no_grad, bf16 autocast): the memory and time the feature cache saves."""
     from dataclasses import replace
 
+    if cfg.phase1.source != "bundle":
+        raise SystemExit(f"trainer-nocache: phase1.source {cfg.phase1.source} runs only into "
+                         "the feature cache (the demo bundle runs per step); drop this arm")
     nocache = cfg.model_copy(update={"data": cfg.data.model_copy(update={"feature_cache": False})})
     raw = replace(inputs, feature_cache=None, eval_feature_cache=None)  # splits carry media
     run, state, _ = build_run(nocache, raw, device=args.device, log=lambda *_: None)
@@ -224,11 +235,10 @@ def naive_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> list[float]:
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    bundle = load_bundle(inputs.bundle_dir, dev)
     examples = read_manifest(inputs.manifest)[: len(tokens.input_ids)]
-    media = load_media(examples, bundle.spec)
+    encode = NaiveEncoder(cfg, inputs, examples, dev)
     m = cfg.model
-    model = build_model(inputs.llm_dir, bundle.align_dim, lora_r=m.lora.r,
+    model = build_model(inputs.llm_dir, encode.align_dim, lora_r=m.lora.r,
                         lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                         target_modules=m.lora.target_modules,
                         projector_hidden=m.projector.hidden_dim,
@@ -241,8 +251,7 @@ def naive_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> list[float]:
     def step(i: int) -> None:
         idx = torch.arange(i * batch, (i + 1) * batch) % n
         with torch.no_grad():
-            feats = bundle(media.images[idx].to(dev), media.audio[idx].to(dev),
-                           media.text[idx].to(dev))
+            feats = encode(idx)
         loss = naive_loss(model, feats, tokens.input_ids[idx].to(dev),
                           tokens.attention_mask[idx].to(dev), tokens.labels[idx].to(dev))
         loss.backward()
@@ -252,6 +261,40 @@ def naive_arm(cfg, inputs, tokens: Tokens, batch: int, args) -> list[float]:
         loss.item()  # the per-step host sync a naive loop has
 
     return _timed(step, args.warmup, args.steps), _peak_gib()
+
+
+class NaiveEncoder:
+    """The frozen Phase 1 of the naive arm, run on the rows `idx` at every step: the demo
+    bundle on media tensors (as before), any other Phase 1 through its contract
+    (trainer.phase1.contract) on the media read once, its processors run every step."""
+
+    def __init__(self, cfg, inputs, examples, dev: torch.device) -> None:
+        self.dev = dev
+        if cfg.phase1.source == "bundle":
+            self.bundle = load_bundle(inputs.bundle_dir, dev)
+            self.media = load_media(examples, self.bundle.spec)
+            self.align_dim = self.bundle.align_dim
+        else:
+            self.bundle = None
+            self.phase1 = phase1_source(cfg).build(dev)
+            self.raw = read_batch(examples, sample_rate_of(self.phase1))
+            self.align_dim = self.phase1.align_dim
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.bundle is not None:
+            m = self.media
+            return self.bundle(m.images[idx].to(self.dev), m.audio[idx].to(self.dev),
+                               m.text[idx].to(self.dev))
+        rows = idx.tolist()
+        r = self.raw
+        feats, mask = self.phase1(RawBatch([r.ids[i] for i in rows],
+                                           [r.images[i] for i in rows],
+                                           [r.audio[i] for i in rows],
+                                           [r.texts[i] for i in rows]))
+        if not bool(mask.all()):  # naive_loss has no prefix mask
+            raise SystemExit("naive arm: rows with prefixes of different lengths; use data "
+                             "whose every example has every modality (the demo data)")
+        return feats
 
 
 def _peak_gib() -> float:

@@ -132,12 +132,34 @@ def test_concurrent_cache_builds_agree(tmp_path, assets_dir):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(paths[0]).name]  # no temps
 
 
-def test_reference_config_matches_the_seed_table():
+def test_reference_config_counts_its_real_architectures():
+    """configs/reference.yaml counts the public checkpoints' shapes, each against the
+    transformers module built from its config, and the seed's trainable parts."""
+    import torch
+    import transformers as tf
+
     from trainer.param_count import count_parameters
 
     c = count_parameters(load_config(ROOT / "configs" / "reference.yaml"))
-    seed = {"encoders": 104e6, "aligner": 1.7e6, "projector": 8.4e6, "lora": 2.2e6}
-    for key, want in seed.items():
-        assert abs(c[key] - want) / want < 0.05, (key, c[key])
-    assert abs(c["total"] - 592e6) / 592e6 < 0.05
-    assert abs(100 * c["trainable"] / c["total"] - 1.79) / 1.79 < 0.05
+    with torch.device("meta"):
+        clip = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=768, num_hidden_layers=12,
+                                                      num_attention_heads=12,
+                                                      intermediate_size=3072,
+                                                      image_size=224, patch_size=16))
+        whisper = tf.WhisperModel(tf.WhisperConfig(
+            d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
+            decoder_attention_heads=8)).get_encoder()
+        bert = tf.BertModel(tf.BertConfig())  # BERT-base: the config's defaults
+    want = {"image_encoder": clip, "audio_encoder": whisper, "text_encoder": bert}
+    for key, module in want.items():
+        assert c[key] == sum(p.numel() for p in module.parameters()), key
+    assert abs(c["image_encoder"] - 85.8e6) < 0.1e6  # CLIP ViT-B/16's vision tower
+    assert abs(c["audio_encoder"] - 20.6e6) < 0.1e6  # Whisper-base's encoder
+    assert abs(c["text_encoder"] - 109.5e6) < 0.1e6  # BERT-base (its pooler unused)
+    assert c["aligner"] == (768 + 512 + 768) * 1024 + 3 * 3 * 1024  # 3 Linear + LayerNorm
+    seed = {"projector": 8.4e6, "lora": 2.2e6, "llm": 494e6}
+    for key, want_n in seed.items():
+        assert abs(c[key] - want_n) / want_n < 0.05, (key, c[key])
+    assert c["total"] == c["encoders"] + c["aligner"] + c["trainable"] + c["llm"]
+
+

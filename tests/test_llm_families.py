@@ -247,3 +247,62 @@ def test_target_modules_config_accepts_list_regex_all_linear_only(value, message
     with pytest.raises(ConfigError) as err:
         config_from_data({"model": {"lora": {"target_modules": value}}}, "c.yaml")
     assert message in _one_line(err) and "c.yaml: model.lora.target_modules" in _one_line(err)
+
+
+def test_trainer_dry_run_checks_the_llm_and_its_targets(llm_dirs, tmp_path, capsys):
+    from trainer.__main__ import main as trainer_main
+
+    config = tmp_path / "gpt2.yaml"
+    config.write_text(f"model:\n  llm_path: {llm_dirs['gpt2']}\n")
+    root = tmp_path / "runs"
+    common = [str(config), "--dry-run", "--set", f"output.root={root}"]
+    assert trainer_main(common) == 2  # the default q/k/v/o_proj: nothing in GPT-2
+    out = capsys.readouterr()
+    [line] = out.err.splitlines()
+    assert line.startswith(f"error: {config}: model.lora.target_modules: [q_proj, k_proj, "
+                           "v_proj, o_proj] matches no module of GPT2LMHeadModel")
+    assert "c_attn, c_proj, c_fc" in line and "Traceback" not in out.err + out.out
+    assert trainer_main([*common, "--set", "model.lora.target_modules=[c_attn]"]) == 0
+    out = capsys.readouterr().out
+    assert "[llm] the tokenizer has no pad token: padding with its EOS token" in out
+    assert "[lora] wraps 2 modules of GPT2LMHeadModel" in out and "dry run:" in out
+    assert not root.exists()  # nothing trained, nothing written
+
+
+def test_trainer_dry_run_checks_the_demo_llm_without_building_it(tmp_path, capsys):
+    from trainer.__main__ import main as trainer_main
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    args = ["--dry-run", "--set", f"output.root={tmp_path / 'runs'}",
+            "--set", f"output.assets_dir={assets}"]
+    phase2 = str(ROOT / "configs" / "phase2.yaml")
+    assert trainer_main([phase2, *args, "--set", "model.lora.target_modules=[c_attn]"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "[c_attn] matches no module of Qwen2ForCausalLM" in line and "q_proj" in line
+    assert trainer_main([phase2, *args]) == 0
+    assert "[lora] wraps 8 modules of Qwen2ForCausalLM" in capsys.readouterr().out
+    assert list(assets.iterdir()) == []  # checked from its config: no LLM was built
+
+
+def test_sweep_dry_run_checks_every_llm_target_the_space_can_sample(llm_dirs, tmp_path, capsys):
+    from test_sweep import _write
+
+    from tuning.sweep import main as sweep_main
+
+    gpt2 = str(llm_dirs["gpt2"])
+    bad = _write(tmp_path, space={"model.llm_path": gpt2,
+                                  "model.lora.target_modules": {"grid": [["c_attn"],
+                                                                         ["q_proj"]]}})
+    assert sweep_main([str(bad), "--dry-run"]) == 2
+    out = capsys.readouterr()
+    [line] = out.err.splitlines()
+    assert line.startswith(f"error: {bad}: space.model.llm_path={gpt2!r}, "
+                           "space.model.lora.target_modules=['q_proj']: [q_proj] matches no "
+                           "module of GPT2LMHeadModel"), line
+    assert "[lora] wraps 2 modules of GPT2LMHeadModel" in out.out  # the good choice: shown
+    good = _write(tmp_path, space={"model.llm_path": gpt2, "model.lora.target_modules": {
+        "grid": [["c_attn"], "all-linear"]}})
+    assert sweep_main([str(good), "--dry-run"]) == 0
+    assert "[lora] wraps 8 modules of GPT2LMHeadModel" in capsys.readouterr().out  # all-linear
+    assert not (tmp_path / "sweeps").exists()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_data
@@ -22,12 +23,14 @@ from trainer.feature_cache import cache_key
 from trainer.inputs import load_splits, phase1_source, prepare_inputs
 from trainer.loop import train
 from trainer.metrics import MemorySink
+from trainer.phase1.contract import RawBatch
 from trainer.phase1.features_file import (
     AlignedFeatures,
     FeaturesFileError,
     read_features_file,
     write_features,
 )
+from trainer.phase1.random_parts import AUDIO_KINDS, build_aligner, build_audio_encoder
 from trainer.yaml_io import dump_yaml
 
 TESTS = Path(__file__).resolve().parent
@@ -96,6 +99,119 @@ def test_hf_route_checks_the_aligner_before_anything_runs(tmp_path, assets_dir, 
     [line] = e.value.lines()
     assert "image.0.weight is (16, 48)" in line and "width is 32" in line
     assert not (tmp_path / "runs" / "run").exists()
+
+
+# Clip lengths at 16 kHz: under one 25 ms fbank window, 0.25 s, 1 s, and 3 s (over the
+# tiny AST's 1.28 s of fbank frames).
+CLIP_SAMPLES = (300, 4000, 16000, 48000)
+
+
+def _wav2vec2_frames(n: int) -> int:
+    for kernel, stride in ((10, 5), (3, 2)):  # the tiny wav2vec2's feature-encoder convs
+        n = (n - kernel) // stride + 1
+    return n
+
+
+# The documented prefix-token rule of each audio encoder (docs/own-model.md), per clip.
+EXPECTED_TOKENS = {
+    "whisper": lambda n: -(-n // 320),  # 50 frames per second of clip, not the 30 s padding
+    "wav2vec2": _wav2vec2_frames,  # every frame of the clip alone
+    # AST: the time columns (stride 8 fbank frames, 15 in all) that start inside the clip
+    "ast": lambda n: min(15, -(-(1 + max(0, n - 400) // 160) // 8)),
+}
+
+
+@pytest.fixture(scope="module")
+def audio_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("audio")
+    dirs = {kind: build_audio_encoder(root / kind, kind) for kind in AUDIO_KINDS}
+    dirs["aligner"] = build_aligner(root / "aligner.safetensors", {"audio": 32, "text": 32},
+                                    ALIGN_DIM)
+    return dirs
+
+
+@pytest.mark.parametrize("kind", AUDIO_KINDS)
+def test_each_audio_encoder_gives_the_documented_tokens(audio_dirs, kind):
+    from trainer.config import Phase1 as Phase1Config
+    from trainer.phase1.hf import HFPhase1
+
+    assert set(EXPECTED_TOKENS) == set(AUDIO_KINDS)  # a new encoder kind states its rule
+    cfg = Phase1Config(source="hf", audio={"path": audio_dirs[kind]},
+                       aligner_path=audio_dirs["aligner"])
+    p1 = HFPhase1(cfg).eval()
+    assert p1.sample_rate == 16000  # read from the encoder's own feature extractor
+    rng = np.random.default_rng(0)
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in CLIP_SAMPLES]
+    with torch.no_grad():
+        feats, mask = p1(RawBatch([str(n) for n in CLIP_SAMPLES], [None] * len(clips), clips,
+                                  [""] * len(clips)))
+    assert mask.sum(1).tolist() == [EXPECTED_TOKENS[kind](n) for n in CLIP_SAMPLES]
+    assert feats.shape[-1] == ALIGN_DIM and torch.isfinite(feats[mask]).all()
+    if kind == "ast":  # each token is one time column of the patch grid, averaged over
+        enc = p1.encoders["audio"]  # frequency; [CLS] and distillation tokens dropped
+        inputs = p1.processors["audio"](clips[1], sampling_rate=16000, return_tensors="pt")
+        with torch.no_grad():
+            patches = enc(**inputs).last_hidden_state[0, 2:]
+            grid = patches.reshape(2, 15, -1)  # frequency-major, as the patch conv flattens
+            want = p1.heads["audio"](grid[:, :3].mean(0))
+        torch.testing.assert_close(feats[1, :3], want)
+
+
+def test_hf_route_trains_with_an_ast_audio_encoder(tmp_path, assets_dir, world, audio_dirs):
+    p1 = {"source": "hf", "audio": {"path": str(audio_dirs["ast"])},
+          "text": {"path": str(world["parts"]["text"])},
+          "aligner_path": str(audio_dirs["aligner"])}
+    raw = _cfg(tmp_path, assets_dir, world, p1)
+    inputs = prepare_inputs(config_from_data(raw), **QUIET)
+    real = read_features_file(inputs.feature_cache).mask.sum(1)
+    examples = read_manifest(world["manifest"])
+    # 0.25 s clips: 23 fbank frames -> 3 time columns; + 1 text token; no audio: text only.
+    assert [int(n) for n in real] == [4 if e.audio is not None else 1 for e in examples]
+    losses = _losses(_train(raw))
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _real_counts(module) -> dict[str, int]:
+    counts = {f"{n}_encoder": sum(p.numel() for p in e.parameters())
+              for n, e in module.encoders.items()}
+    return counts | {"aligner": sum(p.numel() for p in module.heads.parameters())}
+
+
+def test_param_count_of_hf_encoders_is_the_loaded_modules(tmp_path, assets_dir, world):
+    from trainer.param_count import count_parameters
+
+    cfg = config_from_data(_cfg(tmp_path, assets_dir, world, hf_phase1(world["parts"])))
+    real = phase1_source(cfg).build()  # loaded from the dirs, as a run loads them
+    counted = count_parameters(cfg)  # from their configs, on the meta device
+    assert {k: counted[k] for k in _real_counts(real)} == _real_counts(real)
+    assert counted["encoders"] == sum(v for k, v in _real_counts(real).items()
+                                      if k.endswith("_encoder"))
+
+
+def test_reference_factory_writes_its_parts_once_and_encodes(tmp_path, assets_dir, world):
+    """configs/reference.yaml's Phase 1 at its tiny scale: written on first use, reused
+    after, counted exactly by its meta twin, encoded by route 1's rules."""
+    from trainer.param_count import count_parameters
+    from trainer.phase1.random_parts import reference_phase1
+
+    kwargs = {"directory": str(tmp_path / "parts"), "scale": "tiny", "align_dim": ALIGN_DIM}
+    p1 = {"source": "factory", "factory": "trainer.phase1.random_parts:reference_phase1",
+          "kwargs": kwargs}
+    cfg = config_from_data(_cfg(tmp_path, assets_dir, world, p1))
+    counted = count_parameters(cfg)
+    assert not (tmp_path / "parts").exists()  # counting writes nothing
+    inputs = prepare_inputs(cfg, **QUIET)
+    [parts] = (tmp_path / "parts").iterdir()
+    assert sorted(p.name for p in parts.iterdir()) == [".complete", "aligner.safetensors",
+                                                        "audio", "image", "text"]
+    module = reference_phase1(**kwargs)
+    assert {k: counted[k] for k in _real_counts(module)} == _real_counts(module)
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == [parts.name]  # reused
+    real = read_features_file(inputs.feature_cache).mask.sum(1)
+    examples = read_manifest(world["manifest"])
+    # CLIP at 32 px, 8 px patches: 16 + [CLS]; Whisper: 0.25 s = 13 frames; BERT mean: 1.
+    for n, e in zip(real.tolist(), examples, strict=True):
+        assert n == (17 if e.image else 0) + (13 if e.audio else 0) + 1, (e.id, n)
 
 
 def test_factory_route_is_frozen_asserted_and_cached(tmp_path, assets_dir, world):

@@ -1,4 +1,4 @@
-"""`python -m trainer CONFIG [--set key=value ...] [--print-config] [--resume]`."""
+"""`python -m trainer CONFIG [--set key=value ...] [--print-config] [--dry-run] [--resume]`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,19 @@ def _quiet_libraries(verbose: bool = False) -> None:
     quiet_transformers(verbose)
 
 
+def _dry_run(cfg, source: str) -> int:
+    """The checks that need no training; the plan on success (ConfigError otherwise)."""
+    from trainer.dry_run import dry_run
+    from trainer.inputs import train_size
+    from trainer.plan import plan_steps
+
+    dry_run(cfg, source)
+    plan = plan_steps(cfg.phase2, train_size(cfg), source)
+    print(f"dry run: {source} is ready ({plan.total_steps} optimizer steps, "
+          f"phase1 source {cfg.phase1.source})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer", description="One Phase 2 run.")
     ap.add_argument("config", help="YAML config (a file holding only a `phase2:` block works)")
@@ -26,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the validated config (with resolved LRs) and exit")
     ap.add_argument("--count-params", action="store_true",
                     help="print parameter counts per component (meta device) and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the LLM, its LoRA targets and the media files, print the "
+                         "plan and exit (nothing trained or written)")
     ap.add_argument("--resume", action="store_true",
                     help="continue output.run_name from its newest checkpoint")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
@@ -51,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
             print(format_counts(count_parameters(cfg)))
             return 0
         from trainer.fsutil import dir_problem, storage_error_line
-        from trainer.loop import train
 
         for key, where in (("output.root", cfg.output.root),
                            ("output.assets_dir", cfg.output.assets_dir)):
@@ -59,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             if why:
                 raise ConfigError([Problem(args.config, key, why,
                                            "point it at a writable directory")])
+        if args.dry_run:
+            return _dry_run(cfg, args.config)
+        from trainer.loop import train
+
         try:
             summary = train(cfg, resume=args.resume, device=args.device, source=args.config)
         except OSError as e:

@@ -34,6 +34,8 @@ SHAPES = ("circle", "square", "triangle")
 PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}
 PROMPTS = ("Describe what you see and hear:", "What is shown and played?", "Caption:")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]  # one token each
+DEMO_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARS)  # what the demo tokenizer holds
 
 
 def spec_hash(payload: object) -> str:
@@ -47,8 +49,7 @@ def build_char_tokenizer(directory: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + chars)}
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -57,15 +58,13 @@ def build_char_tokenizer(directory: Path) -> None:
     fast.save_pretrained(str(directory))
 
 
-def build_demo_llm(spec: dict, directory: Path, seed: int = 0) -> None:
-    """Random-init Qwen2-architecture causal LM + tokenizer, saved to `directory`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+def demo_llm_config(spec: dict):
+    """The demo LLM's Qwen2Config from its `demo.llm` spec (vocab_size null = the demo
+    tokenizer's size): what build_demo_llm saves, and what a meta-device check builds."""
+    from transformers import Qwen2Config
 
-    build_char_tokenizer(directory)
-    vocab = spec.get("vocab_size") or len(AutoTokenizer.from_pretrained(str(directory)))
-    config = Qwen2Config(
-        vocab_size=vocab,
+    return Qwen2Config(
+        vocab_size=spec.get("vocab_size") or DEMO_VOCAB_SIZE,
         hidden_size=spec["hidden_size"],
         num_hidden_layers=spec["num_hidden_layers"],
         num_attention_heads=spec["num_attention_heads"],
@@ -75,6 +74,16 @@ def build_demo_llm(spec: dict, directory: Path, seed: int = 0) -> None:
         max_position_embeddings=2048,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
+
+
+def build_demo_llm(spec: dict, directory: Path, seed: int = 0) -> None:
+    """Random-init Qwen2-architecture causal LM + tokenizer, saved to `directory`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_char_tokenizer(directory)
+    vocab = spec.get("vocab_size") or len(AutoTokenizer.from_pretrained(str(directory)))
+    config = demo_llm_config({**spec, "vocab_size": vocab})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -48,9 +48,14 @@ def _demo_bundle(cfg: TrainConfig) -> Path:
     return build_once(target, lambda d: build_demo_bundle(spec, d))
 
 
+def demo_llm_dir(cfg: TrainConfig) -> Path:
+    """Where the demo LLM of `cfg` is (or will be) built; nothing is built here."""
+    return cfg.assets_dir / f"llm-{spec_hash(cfg.demo.llm.model_dump(mode='json'))}"
+
+
 def _demo_llm(cfg: TrainConfig) -> Path:
     spec = cfg.demo.llm.model_dump(mode="json")
-    return build_once(cfg.assets_dir / f"llm-{spec_hash(spec)}", lambda d: build_demo_llm(spec, d))
+    return build_once(demo_llm_dir(cfg), lambda d: build_demo_llm(spec, d))
 
 
 def _demo_data(cfg: TrainConfig, spec: DemoBundle) -> Path:

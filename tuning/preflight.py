@@ -5,10 +5,12 @@ summary (with every media file of the user's manifests opened once)."""
 from __future__ import annotations
 
 import copy
+import itertools
+import json
 import os
 
 from trainer.config import TrainConfig, config_from_data, set_dotted
-from trainer.data import check_media, read_manifest
+from trainer.dry_run import llm_problems, media_problems
 from trainer.errors import ConfigError, Problem
 from trainer.group_rules import SHARED_KEYS
 from trainer.inputs import train_size
@@ -65,8 +67,9 @@ def group_problems(loaded: Loaded) -> list[Problem]:
 
 
 def dry_run(loaded: Loaded) -> None:
-    """`--dry-run`: what the sweep would do (no Ray, nothing written), and every media file
-    of the user's manifests opened once."""
+    """`--dry-run`: what the sweep would do (no Ray, nothing written); the LLM and LoRA
+    targets checked on the meta device and every media file of the user's manifests opened
+    once."""
     cfg = loaded.cfg
     plan = plan_steps(loaded.base.phase2, train_size(loaded.base), str(loaded.path))
     print(f"sweep {cfg.sweep.name} -> {resolve_sweep_dir(loaded)}")
@@ -81,16 +84,57 @@ def dry_run(loaded: Loaded) -> None:
         print(f"  {space_key_path(key)}: {spec}")
     print(f"ray: {cfg.ray.address or os.environ.get('RAY_ADDRESS') or 'local'}; "
           f"mlflow: {cfg.mlflow.tracking_uri or 'sqlite under the sweep dir'}")
-    _dry_run_media(loaded.base)
+    _dry_run_checks(loaded)
 
 
-def _dry_run_media(base: TrainConfig) -> None:
-    """Open every media file of the user's manifests once; every bad one is reported."""
-    problems = []
-    for manifest in (base.data.manifest, base.data.eval_manifest):
-        if manifest is not None:  # the demo data is generated, not read
-            examples = read_manifest(manifest)
-            problems += check_media(examples)
-            print(f"media: {len(examples)} examples of {manifest} opened")
+# Space keys that change which LLM a trial builds or what LoRA wraps in it: every value the
+# space can give them is checked by the dry run, not only the base config's.
+LLM_SPACE_KEYS = ("model.llm_path", "model.lora.target_modules")
+
+
+def _base_source(loaded: Loaded) -> str:
+    base = loaded.cfg.base.config
+    return str(loaded.path) if base is None else str(
+        loaded.path.resolve().parent / base.expanduser())
+
+
+def _llm_variants(loaded: Loaded) -> list[tuple[str, TrainConfig]]:
+    """(the search.yaml key to blame, its trial config) per distinct LLM / target choice."""
+    keys = [k for k in loaded.cfg.space if space_key_path(k) in LLM_SPACE_KEYS]
+    choices = []
+    for key in keys:
+        spec = loaded.cfg.space[key]
+        # choice / grid list their values; anything else is a constant (numeric forms
+        # cannot name a path or a target list)
+        choices.append(next(iter(spec.values())) if isinstance(spec, dict) else [spec])
+    variants = [("", loaded.base)]
+    for combo in itertools.product(*choices) if keys else []:
+        data = copy.deepcopy(loaded.base_data)
+        for key, value in zip(keys, combo, strict=True):
+            set_dotted(data, space_key_path(key), value, str(loaded.path))
+        blame = ", ".join(f"space.{k}={v!r}" for k, v in zip(keys, combo, strict=True))
+        variants.append((blame, config_from_data(data, str(loaded.path))))
+    return variants
+
+
+def _dry_run_checks(loaded: Loaded) -> None:
+    """The trainer's dry-run checks (trainer.dry_run) before any trial: the LLM and its
+    LoRA targets for the base config and every LLM / target value the space can sample,
+    and every media file of the user's manifests. Every problem is reported at once."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    overrides = loaded.cfg.base.overrides
+    for blame, cfg in _llm_variants(loaded):
+        what = json.dumps([str(cfg.model.llm_path), cfg.model.lora.target_modules])
+        if what in seen:
+            continue
+        seen.add(what)
+        for p in llm_problems(cfg, _base_source(loaded)):
+            if blame:  # a sampled value: name it in search.yaml
+                p = Problem(str(loaded.path), blame, p.message, p.fix)
+            elif p.key in overrides:  # search.yaml's override, not the base config
+                p = Problem(str(loaded.path), f"base.overrides.{p.key}", p.message, p.fix)
+            problems.append(p)
+    problems += media_problems(loaded.base)
     if problems:
         raise ConfigError(problems)

@@ -10,8 +10,14 @@ How an encoder's output becomes prefix tokens (docs/own-model.md states the same
 - audio, Whisper: the encoder always sees 30 s of log-mel (the extractor pads); only
   the frames that cover the clip are kept (ceil(samples / 320) of the 1500, at 16 kHz),
   so a 1 s clip gives 50 frames. Clips over 30 s are cut at 30 s.
-- audio, anything else (wav2vec2, HuBERT, AST, ...): each clip alone, every frame of
-  `last_hidden_state` (wav2vec2: ~50 per second; AST: a fixed count).
+- audio, AST: the extractor pads every clip to `max_length` fbank frames (25 ms windows
+  every 10 ms) and the encoder cuts that spectrogram into a frequency x time grid of
+  patches. The [CLS] and distillation tokens are dropped, each time column of the grid is
+  averaged over frequency into one frame, and only the columns that start inside the
+  clip's fbank frames are kept (ceil(fbank frames / time_stride); 1 at least), so the
+  padding does not become tokens. Clips longer than `max_length` frames are cut.
+- audio, anything else (wav2vec2, HuBERT, ...): each clip alone, every frame of
+  `last_hidden_state` (wav2vec2: ~50 per second).
 - both audio kinds: then `frames_per_token` frames averaged into one token (the last
   token averages what is left).
 - text (BERT-like) over the prompt: `mean` = the mean of the real tokens (1 token),
@@ -42,6 +48,8 @@ from trainer.errors import ConfigError, Problem
 from trainer.phase1.contract import DEFAULT_SAMPLE_RATE, RawBatch, module_device
 
 WHISPER_SAMPLES_PER_FRAME = 320  # hop 160 x the encoder's stride-2 conv
+AST_MODEL_TYPE = "audio-spectrogram-transformer"
+AST_SPECIAL_TOKENS = 2  # [CLS] and distillation token, ahead of the patch grid
 
 
 def _problem(key: str, what: str, fix: str, source: str = "phase1") -> ConfigError:
@@ -104,6 +112,19 @@ def _pool(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([c.mean(0) for c in x.split(k)])
 
 
+def ast_frames(hidden: torch.Tensor, encoder: nn.Module, samples: int,
+               sample_rate: int) -> torch.Tensor:
+    """AST's tokens [2 + F*T, D] of one clip -> one frame per time column that the clip
+    covers, [t, D] with 1 <= t <= T (the rule in the module doc)."""
+    freq, time = encoder.embeddings.get_shape(encoder.config)
+    grid = hidden[AST_SPECIAL_TOKENS:].reshape(freq, time, -1)  # the conv's frequency-major order
+    # The extractor's fbank: 25 ms windows every 10 ms, no centring (400 / 160 at 16 kHz).
+    window, hop = sample_rate * 25 // 1000, sample_rate // 100
+    fbank_frames = 1 + max(0, samples - window) // hop
+    keep = min(time, max(1, math.ceil(fbank_frames / encoder.config.time_stride)))
+    return grid[:, :keep].mean(0)
+
+
 def _rows(blocks: list[torch.Tensor | None], align_dim: int,
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example token blocks -> right-padded [B, T, D] and mask [B, T]."""
@@ -117,18 +138,36 @@ def _rows(blocks: list[torch.Tensor | None], align_dim: int,
     return feats, mask
 
 
+def read_aligner(path: Path) -> dict[str, torch.Tensor]:
+    """The aligner file's tensors, a leading `aligner.` dropped (a bundle's weights work)."""
+    try:
+        return {k.removeprefix("aligner."): v for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as e:
+        raise _problem("phase1.aligner_path", f"{path}: unreadable safetensors "
+                       f"({' '.join(str(e).split())[:120]})", "write it with "
+                       "safetensors.torch.save_file") from None
+
+
+def encoder_tower(model: nn.Module, name: str) -> nn.Module:
+    """The part of a loaded `AutoModel` that encodes modality `name`."""
+    if name == "image" and hasattr(model, "vision_model"):
+        return model.vision_model  # a dual-tower CLIP / SigLIP dir: its vision tower
+    if name == "audio" and model.config.is_encoder_decoder:
+        return model.get_encoder()  # Whisper: the encoder only
+    return model
+
+
 class HFPhase1(nn.Module):
     """Frozen Hugging Face encoders + aligner heads (the rules are in the module doc)."""
 
-    def __init__(self, cfg: Phase1Config) -> None:
+    def __init__(self, cfg: Phase1Config, parts: dict[str, tuple[nn.Module, Any]] | None = None,
+                 aligner: dict[str, torch.Tensor] | None = None) -> None:
+        """Loads the encoders, processors and aligner that `cfg` names. `parts` (encoders
+        with their processors, by modality) and `aligner` (its tensors) replace that
+        loading: random_parts builds the reference Phase 1 on the meta device this way."""
         super().__init__()
         path = cfg.aligner_path
-        try:
-            state = {k.removeprefix("aligner."): v for k, v in load_file(str(path)).items()}
-        except (SafetensorError, OSError) as e:
-            raise _problem("phase1.aligner_path", f"{path}: unreadable safetensors "
-                           f"({' '.join(str(e).split())[:120]})", "write it with "
-                           "safetensors.torch.save_file") from None
+        state = read_aligner(path) if aligner is None else aligner
         self.image_cfg, self.audio_cfg, self.text_cfg = cfg.image, cfg.audio, cfg.text
         self.encoders, self.heads = nn.ModuleDict(), nn.ModuleDict()
         self.processors: dict[str, Any] = {}
@@ -139,13 +178,13 @@ class HFPhase1(nn.Module):
             if enc is None:
                 continue
             key = f"phase1.{name}.path"
-            model = _load("AutoModel", enc.path, key)
-            if name == "image" and hasattr(model, "vision_model"):
-                model = model.vision_model  # a dual-tower CLIP / SigLIP dir: its vision tower
-            if name == "audio" and model.config.is_encoder_decoder:
-                model = model.get_encoder()  # Whisper: the encoder only
+            if parts is None:
+                model, processor = _load("AutoModel", enc.path, key), _load(kind, enc.path, key)
+            else:
+                model, processor = parts[name]
+            model = encoder_tower(model, name)
             self.encoders[name] = model
-            self.processors[name] = _load(kind, enc.path, key)
+            self.processors[name] = processor
             if name not in {k.split(".")[0] for k in state}:
                 raise _problem("phase1.aligner_path", f"{path}: no {name!r} head, but "
                                f"phase1.{name} is set", f"add the {name} head, or drop "
@@ -158,8 +197,8 @@ class HFPhase1(nn.Module):
             raise _problem("phase1.aligner_path", f"{path}: heads give different widths {dims}",
                            "every head must map into the same aligned space")
         self.align_dim = next(iter(dims.values()))
-        self.whisper = (cfg.audio is not None
-                        and self.encoders["audio"].config.model_type == "whisper")
+        audio_type = self.encoders["audio"].config.model_type if cfg.audio else None
+        self.whisper, self.ast = audio_type == "whisper", audio_type == AST_MODEL_TYPE
 
     def forward(self, batch: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:
         dev = module_device(self)
@@ -200,6 +239,8 @@ class HFPhase1(nn.Module):
             hidden = enc(**{name: inputs[name].to(dev)}).last_hidden_state[0]
             if self.whisper:  # keep the frames that cover the clip, not the 30 s of padding
                 hidden = hidden[: max(1, math.ceil(len(clip) / WHISPER_SAMPLES_PER_FRAME))]
+            elif self.ast:  # the grid's columns that cover the clip, not its padding
+                hidden = ast_frames(hidden, enc, len(clip), self.sample_rate)
             out[i] = self.heads["audio"](_pool(hidden, k.frames_per_token))
         return out
 
