@@ -458,9 +458,9 @@ def _trainable(cfg, sweep_dir: Path, base: dict[str, Any], inputs, opts, compile
                               num_cpus=cfg.resources.cpus_per_trial,
                               num_gpus=cfg.resources.gpus_per_trial,
                               orphan_timeout_s=cfg.resources.group_orphan_timeout_s,
-                              profile=profile)
-    compiled = ("; its forward is compiled: each new set of members compiles first (minutes "
-                "at reference scale; seconds for a set of a shape compiled before)"
+                              profile=profile, slots=cfg.max_concurrent_trials)
+    compiled = (f"; its forward is compiled once for {cfg.max_concurrent_trials} member slots "
+                "(minutes at reference scale): trials join and leave without a recompile"
                 if compile_mode != "off" else "")
     print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
           f"over one copy of the frozen model ({cfg.resources.cpus_per_trial} CPU, "
