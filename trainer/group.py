@@ -58,11 +58,13 @@ import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.compile_cache import CompileCache, artifact_key
 from trainer.compile_guards import GuardSkip
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, place_features, to_device
@@ -227,13 +229,19 @@ class TrialGroup:
     """Phase 2 trials training together over one frozen LLM; see the module docstring."""
 
     def __init__(self, inputs: Inputs, device: str | None = None, log: Callable = print,
-                 slots: int | None = None) -> None:
+                 slots: int | None = None, compile_cache: Path | None = None) -> None:
         """`slots`: the group's capacity K, the trials it holds at once (a sweep's
         `max_concurrent_trials`); a compiled group's forward always runs K slots, so members
         joining and leaving never change its shapes (None: as many as the members present
-        at the first compiled step)."""
+        at the first compiled step). `compile_cache`: a directory where the compiled
+        slots' artifacts are kept (`trainer.compile_cache`): loaded before the slots'
+        first compile, saved after it, so the next group of the same shapes starts warm."""
         self.inputs = inputs
         self.slots = slots
+        self.compile_cache_dir = compile_cache
+        self.compile_cache: CompileCache | None = None  # the current slots' artifacts
+        self._cache_open = False  # the slots were (re)built: their artifacts to load
+        self._cache_save = False  # their first step compiled: artifacts to save
         self.device = resolve_device(device)
         self.log = log
         self.members: dict[str, Member] = {}
@@ -440,6 +448,8 @@ class TrialGroup:
             with active[0].run.autocast():  # one precision per group
                 if static and self._slotted:
                     slotted = self._slot_parts(active, parts)
+                    if self._cache_open:
+                        self._open_compile_cache(slotted)
                     with self._skip_guards(slotted, active):
                         out = self._compiled(self._peft, slotted, self._stacks)
                     # An empty (or waiting) slot's loss is left out of the sum below: its
@@ -457,6 +467,12 @@ class TrialGroup:
             total.backward()
             for m, tally, b, loss in zip(active, tallies, batches, losses, strict=True):
                 tally.add(m.run, b, loss)
+        if self._cache_save:  # forward and backward have compiled: keep what they made
+            self._cache_save = False
+            try:
+                self.compile_cache.save()
+            except OSError as e:  # a full or read-only store costs the next start, not this
+                self.log(f"[group] warning: compiled artifacts not saved: {e}")
         measured: list[Measured | None] = [None] * len(active)
         if self._stacks is not None and all(m.guard is not None for m in active):
             measured = self._measure_stacked(active, tallies, steps)
@@ -578,7 +594,26 @@ class TrialGroup:
         self._filler_rows = {}
         route_blocks(layers, tuple((f"slot{i}", rows) for i in range(k)), self._stacks)
         self._slotted, self._routed = True, None
+        self._cache_open = self.compile_cache_dir is not None
         return True
+
+    def _open_compile_cache(self, parts: list[Rows]) -> None:
+        """Before the slots' first compile: their artifacts' file, keyed by what fixes the
+        graph (the slots' input shapes, the model and the group's config), loaded if a
+        group of the same shapes saved it before; saved after this step otherwise."""
+        self._cache_open = False
+        ref = self._ref.to_plain()
+        model = {k: v for k, v in ref["model"].items() if k != "llm_path"}  # shapes, not paths
+        key = artifact_key({
+            "inputs": [(list(t.shape), str(t.dtype)) for p in parts
+                       for t in (p.features, p.input_ids, p.labels)],
+            "projector": [list(q.shape) for q in parts[0].projector.parameters()],
+            "lora_rates": self._stacks.rates, "llm": self._lm.config.to_dict(),
+            "model": model, "precision": ref["phase2"]["precision"],
+            "device": str(self.device)})
+        self.compile_cache = CompileCache(self.compile_cache_dir, key, self.log)
+        if not self.compile_cache.load():
+            self._cache_save = True
 
     def _slot_parts(self, active: list[Member], parts: list[Rows]) -> list[Rows]:
         """The compiled forward's input: one block of `_slot_rows` rows per slot, in slot

@@ -220,16 +220,20 @@ class GroupActor:
 
     def __init__(self, inputs: Inputs, device: str | None, report_every: int,
                  orphan_timeout_s: float, profile: tuple[str, int, int] | None = None,
-                 slots: int | None = None) -> None:
+                 slots: int | None = None, compile_cache: str | None = None) -> None:
         """`profile`: (path, steps, warm): write a torch.profiler report of `steps` group
         steps, after `warm` without a compile, to path (trainer.step_profile; the sweep's
         PHASE2_GROUP_PROFILE). `slots`: the group's capacity (the sweep's
-        max_concurrent_trials): a compiled group's forward runs that many member slots."""
+        max_concurrent_trials): a compiled group's forward runs that many member slots.
+        `compile_cache`: the directory of its compiled artifacts (trainer.compile_cache)."""
         from trainer.group import TrialGroup
         from trainer.step_profile import StepProfiler
 
         self._inputs, self._device, self._slots = inputs, device, slots
-        self._group = TrialGroup(inputs, device=device, log=lambda *_: None, slots=slots)
+        self._cache = Path(compile_cache) if compile_cache else None
+        # The group's own log lines go to the actor's worker log: only its compile cache's.
+        self._group = TrialGroup(inputs, device=device, log=_cache_lines, slots=slots,
+                                 compile_cache=self._cache)
         self._report_every = max(1, report_every)
         self._orphan_s = orphan_timeout_s
         self._members: dict[str, _Member] = {}
@@ -446,8 +450,8 @@ class GroupActor:
         holds `_step_lock`."""
         from trainer.group import TrialGroup
 
-        fresh = TrialGroup(self._inputs, device=self._device, log=lambda *_: None,
-                           slots=self._slots)
+        fresh = TrialGroup(self._inputs, device=self._device, log=_cache_lines,
+                           slots=self._slots, compile_cache=self._cache)
         with self._lock:
             for member_id, member in self._members.items():
                 member.done = True
@@ -455,6 +459,13 @@ class GroupActor:
             self._members.clear()
             self._group = fresh
             self._wake()
+
+
+def _cache_lines(line: str) -> None:
+    """The group's log, in the actor: only whether it loaded or saved compiled artifacts
+    (the members' own lines go through their sinks)."""
+    if line.startswith("[compile cache]"):
+        print(line, flush=True)
 
 
 def describe_stats(stats: dict[str, Any]) -> str:
@@ -475,9 +486,10 @@ def describe_stats(stats: dict[str, Any]) -> str:
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
                       num_gpus: float, orphan_timeout_s: float,
                       profile: tuple[str, int, int] | None = None,
-                      slots: int | None = None) -> Any:
+                      slots: int | None = None, compile_cache: str | None = None) -> Any:
     """Create the sweep's group actor (owned by the driver); returns its handle.
-    `slots`: the group's capacity, the sweep's max_concurrent_trials."""
+    `slots`: the group's capacity, the sweep's max_concurrent_trials; `compile_cache`: a
+    directory for its compiled artifacts, shared by the sweeps of one storage."""
     device = "cuda" if num_gpus > 0 else "cpu"
     cls = ray.remote(GroupActor)
     # max_concurrency: polls block (up to POLL_WAIT_S) in threads; one per member plus joins.
@@ -485,7 +497,7 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
     # from their checkpoints (FailureConfig), rejoining the new actor.
     return cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
                        max_concurrency=64, max_restarts=3).remote(
-        inputs, device, report_every, orphan_timeout_s, profile, slots)
+        inputs, device, report_every, orphan_timeout_s, profile, slots, compile_cache)
 
 
 def run_group_member(config: dict[str, Any], *, base: dict[str, Any], opts: Any,
