@@ -714,9 +714,10 @@ class TrialGroup:
         # of the group: a finished trial's memory goes back to the members still training.
         m.run.optimizer.zero_grad(set_to_none=True)
         m.run.optimizer.state.clear()
-        if self._slotted and m.slot is not None:  # its slot is free for the next member
-            self._stacks.detach(m.slot)
-            self._makeups += 1
+        if self._slotted:  # its slot (if it had one yet) is free for the next member
+            if m.slot is not None:
+                self._stacks.detach(m.slot)
+                self._makeups += 1
         elif self._stacks is not None:  # the make-up changes: rebuilt at the next step
             self._unstack()
             self._routed = None
