@@ -683,6 +683,8 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
     group.step()
     assert len(graphs) == 1 and group.fixed_slots
     freed = {group.members[k].slot for k in ("nan", "asha")}
+    # Each slot's projector weights stay at the addresses a CUDA graph recorded.
+    addresses = [[q.data_ptr() for q in f.parameters()] for f in group._fillers]
     group.step(only=["a"])  # the others wait for their clients
     ended = {}
     for _ in range(3):
@@ -694,7 +696,10 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
     while group.members:
         group.step()
         if "late" in group.members:
-            assert group.members["late"].slot in freed
+            late = group.members["late"]
+            assert late.slot in freed
+            assert [q.data_ptr() for q in late.run.model.projector.parameters()] == \
+                addresses[late.slot]
     assert len(graphs) == 1, len(graphs)  # every make-up above ran the first graph
 
     monkeypatch.setattr(sys.modules[__name__], "RTOL", 1e-4)  # stacked bmm's rounding

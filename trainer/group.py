@@ -263,6 +263,9 @@ class TrialGroup:
         self._slotted = False  # the routing is over fixed slots (`_seat`), not the make-up
         self._slot_rows = 0  # rows per slot: the largest batch size of the seated members
         self._fillers: list[Projector] = []  # per slot: the projector of its empty rows
+        # Per slot: the storage its projector's parameters live in, whoever holds it
+        # (`_bind_projector`), so a CUDA-graph forward finds them at the same addresses.
+        self._slot_weights: list[list[torch.Tensor]] = []
         self._filler_rows: dict[int, Rows] = {}  # per slot: its empty rows, made once
         self._device_features: dict[tuple[str, ...], torch.Tensor] = {}  # by split rows
 
@@ -555,11 +558,11 @@ class TrialGroup:
             free = st.free_slots()
             if len(new) <= len(free) and all(
                     m.run.plan.batch_size <= self._slot_rows and st.fits(m.adapter)
-                    for m in new) and vanilla_lora_layers(
+                    and self._projector_fits(m) for m in new) and vanilla_lora_layers(
                         self._peft, [m.adapter for m in new]) is not None:
                 for m, k in zip(new, free, strict=False):
                     st.attach(k, m.adapter)
-                    m.slot = k
+                    self._bind_projector(k, m)
                 self._makeups += bool(new)
                 return True
         adapters = [m.adapter for m in members]
@@ -577,21 +580,23 @@ class TrialGroup:
                      f"rebuilding {k} slots (a new graph)")
         self._stacks = LoraStacks(layers, adapters,
                                   low_precision_dtype(self._ref.phase2.precision), slots=k)
-        for i, m in enumerate(members):
-            m.slot = i
         self._slot_rows, self._routed_layers = rows, layers
-        # Each empty slot runs its own zeroed copy of a projector (distinct objects: one
-        # shared by several slots would be an aliased graph input, another graph), with
-        # the members' module attributes (dropout rate, train mode) that Dynamo guards.
+        # Each slot's projector weights live in storage of the slot's own, zero while it
+        # is empty; each empty slot runs its own copy of a projector over it (distinct
+        # objects: one shared by several slots would be an aliased graph input, another
+        # graph), with the members' module attributes (dropout, train mode) Dynamo guards.
         like = members[0].run.model.projector
+        self._slot_weights = [[torch.zeros_like(q) for q in like.parameters()]
+                              for _ in range(k)]
         self._fillers = []
-        for _ in range(k):
+        for weights in self._slot_weights:
             filler = copy.deepcopy(like)
-            with torch.no_grad():
-                for p in filler.parameters():
-                    p.zero_()
+            for q, w in zip(filler.parameters(), weights, strict=True):
+                q.data = w
             self._fillers.append(filler)
         self._filler_rows = {}
+        for i, m in enumerate(members):
+            self._bind_projector(i, m)
         route_blocks(layers, tuple((f"slot{i}", rows) for i in range(k)), self._stacks)
         self._slotted, self._routed = True, None
         self._cache_open = self.compile_cache_dir is not None
@@ -615,12 +620,40 @@ class TrialGroup:
         if not self.compile_cache.load():
             self._cache_save = True
 
+    def _projector_fits(self, m: Member) -> bool:
+        return all(q.shape == w.shape and q.dtype == w.dtype and q.device == w.device
+                   for q, w in zip(m.run.model.projector.parameters(), self._slot_weights[0],
+                                   strict=True))
+
+    def _bind_projector(self, slot: int, m: Member) -> None:
+        """Seat `m` in `slot` for its projector: its weights are copied into the slot's
+        storage and its parameters (the same objects: its optimizer keeps them) take that
+        storage. A CUDA-graph forward reads its static inputs (parameters) at the addresses
+        it recorded: a new member's own tensors would make it record again at every
+        make-up change, and keep every recording."""
+        with torch.no_grad():
+            for q, w in zip(m.run.model.projector.parameters(), self._slot_weights[slot],
+                            strict=True):
+                w.copy_(q.detach())
+                q.data = w
+        m.slot = slot
+
+    def _unbind_projector(self, m: Member) -> None:
+        """`m` leaves its slot: its projector gets storage of its own (same values), and
+        the slot's storage is zeroed (what the member left there, non-finite included)."""
+        with torch.no_grad():
+            for q, w in zip(m.run.model.projector.parameters(), self._slot_weights[m.slot],
+                            strict=True):
+                q.data = q.data.clone()
+                w.zero_()
+
     def _slot_parts(self, active: list[Member], parts: list[Rows]) -> list[Rows]:
         """The compiled forward's input: one block of `_slot_rows` rows per slot, in slot
         order. A member's block is its rows, right-filled with rows that have no target;
         an empty slot's (or a waiting member's) is the slot's filler rows: zero features
-        through a zeroed projector, token 0 everywhere, all of it a target (its loss is
-        never used, but finite: a 0/0 mean would make its zero gradient NaN)."""
+        through the slot's filler projector (zero weights when empty; a waiting member's
+        own), token 0 everywhere, all of it a target (its loss is never used, but finite:
+        a 0/0 mean would make its zero gradient NaN)."""
         by_slot = {m.slot: p for m, p in zip(active, parts, strict=True)}
         like, rows = parts[0], self._slot_rows
         out = []
@@ -663,10 +696,12 @@ class TrialGroup:
         if self._stacks is not None:
             self._stacks.release()
             self._stacks = None
-        self._slotted = False
-        self._fillers, self._filler_rows = [], {}
         for m in self.members.values():
+            if self._slotted and m.slot is not None:
+                self._unbind_projector(m)
             m.slot = None
+        self._slotted = False
+        self._fillers, self._filler_rows, self._slot_weights = [], {}, []
 
     def _new_view(self, cfg: TrainConfig, adapter: str, align_dim: int) -> MemberView:
         """A new adapter + projector with the solo run's initial weights, bit for bit."""
@@ -717,6 +752,7 @@ class TrialGroup:
         if self._slotted:  # its slot (if it had one yet) is free for the next member
             if m.slot is not None:
                 self._stacks.detach(m.slot)
+                self._unbind_projector(m)
                 self._makeups += 1
         elif self._stacks is not None:  # the make-up changes: rebuilt at the next step
             self._unstack()
