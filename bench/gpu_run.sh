@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha kernels
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha slots kernels
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -80,6 +80,12 @@ for stage in ${stages[@]}; do
         --num-samples 16 --search random --asha 100,3 \
         --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' \
         --json "$OUT/e2easha.json" --keep-metrics "$OUT/e2easha-metrics" ;;
+    slots)     # a compiled group (tiny demo, CUDA graphs): members leave and join without
+               # a compile; a second process starts warm from the first's compile cache
+      rm -rf /tmp/slots && TORCHINDUCTOR_CACHE_DIR=/tmp/slots-ind1 timeout 280 python3 \
+        bench/slot_compile.py configs/phase2.yaml --device cuda --work /tmp/slots --label cold &&
+        TORCHINDUCTOR_CACHE_DIR=/tmp/slots-ind2 timeout 280 python3 \
+        bench/slot_compile.py configs/phase2.yaml --device cuda --work /tmp/slots --label warm ;;
     kernels)   # the group's LoRA/attention kernel forms and one member's AdamW host time
       timeout 200 python3 bench/lora_kernels.py --json "$OUT/lora_kernels.json" &&
         timeout 60 python3 bench/adamw_step.py --json "$OUT/adamw_step.json" ;;
