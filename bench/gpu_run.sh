@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall kernels
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha slots kernels
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -67,6 +67,25 @@ for stage in ${stages[@]}; do
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} ${SWEEP_LR_GROWTH:+--lr-growth $SWEEP_LR_GROWTH} \
         --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" --keep-metrics "$OUT/sweepall-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
+    e2enan)    # issue 21 (a), end to end: 8 trials, LR 1e-4..1e-1 x clip none/1.0 (some hit
+               # NaN), one compiled group of 8 slots; run twice: cold, then warm from the
+               # compile cache the first left in the storage
+      timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400,g8c:400 \
+        --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
+                  "gradient_clip_val": {"grid": [null, 1.0]}}' \
+        --json "$OUT/e2enan.json" --keep-metrics "$OUT/e2enan-metrics" ;;
+    e2easha)   # issue 21 (b): 16 trials under ASHA (grace 100, reduction 3, max 1,000
+               # steps) through one compiled group of 8 slots
+      timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 \
+        --num-samples 16 --search random --asha 100,3 \
+        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' \
+        --json "$OUT/e2easha.json" --keep-metrics "$OUT/e2easha-metrics" ;;
+    slots)     # a compiled group (tiny demo, CUDA graphs): members leave and join without
+               # a compile; a second process starts warm from the first's compile cache
+      rm -rf /tmp/slots && TORCHINDUCTOR_CACHE_DIR=/tmp/slots-ind1 timeout 280 python3 \
+        bench/slot_compile.py configs/phase2.yaml --device cuda --work /tmp/slots --label cold &&
+        TORCHINDUCTOR_CACHE_DIR=/tmp/slots-ind2 timeout 280 python3 \
+        bench/slot_compile.py configs/phase2.yaml --device cuda --work /tmp/slots --label warm ;;
     kernels)   # the group's LoRA/attention kernel forms and one member's AdamW host time
       timeout 200 python3 bench/lora_kernels.py --json "$OUT/lora_kernels.json" &&
         timeout 60 python3 bench/adamw_step.py --json "$OUT/adamw_step.json" ;;

@@ -6,6 +6,12 @@ a time on one GPU (fractional GPU resources), and as one shared-weight group.
         --set model.compile=reduce-overhead      # the group's shared forward compiled
     python bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 100 --k 1,8,g8c
     python bench/gpu_sweep.py configs/reference.yaml --trials 8 --k g8c:400,1:30
+    # issue 21's sweeps, end to end: (a) the NaN-cliff grid, (b) 16 trials under ASHA
+    python bench/gpu_sweep.py configs/reference.yaml --k g8c:400 --space '{
+        "learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
+        "gradient_clip_val": {"grid": [null, 1.0]}}'
+    python bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 --num-samples 16 \
+        --search random --asha 100,3 --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}'
 
 Each arm runs `python -m tuning.sweep` end to end on a generated search.yaml (grid of
 `--trials` base learning rates, FIFO). An arm `K` runs K trial processes side by side
@@ -23,6 +29,15 @@ after the first quarter: compilation and warm-up excluded), the steady aggregate
 trial) / `--peak-tflops`), the ratios of aggregate trial-steps/s and of steady tokens/s
 to the one-at-a-time arm (`1`, else the first), and for a shared group its actor's
 `group_stats.json` (time stepping against waiting, and why: tuning.raytune.group_actor.GroupStats).
+
+End to end, per arm: `tokens` (every recorded trial step's rows x the split's mean tokens
+per row, prefix included), `compile_s` and `train_s` (a shared group: its actor's steps
+over 5 s, and the rest of its stepping; trial processes: per trial, the steps' time over
+the steady median step (a step's time from its record: tokens / tokens_per_s), summed
+and divided by K, the processes running at once), `compile_fraction` of the wall time,
+and `mfu_pct_e2e` = tokens x FLOPs per token / wall / peak (Ray start, compiles, make-up
+changes, checkpoints, MLflow and the report all inside the wall), next to
+`mfu_pct_steady`.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +62,9 @@ from trainer.yaml_io import dump_yaml, parse_scalar  # noqa: E402
 
 def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: int,
             overrides: dict, keep: Path | None = None, report_every: int = 10,
-            profile_group: str = "", lr_growth: float = 1.3) -> dict:
+            profile_group: str = "", lr_growth: float = 1.3, tokens_per_row: float = 0.0,
+            space: dict | None = None, num_samples: int = 1, search_alg: str = "grid",
+            asha: tuple[int, float] | None = None) -> dict:
     arm, _, arm_steps = arm.partition(":")
     steps = int(arm_steps or steps)
     group, compiled = arm.startswith("g"), arm.endswith("c")
@@ -59,9 +77,12 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         "base": {"config": str(config.resolve()), "overrides": {
             **overrides, "phase2.total_training_steps": steps, "phase2.warmup_steps": 5,
             "phase2.batch_size": batch, "output.eval_every": 0, "data.eval_fraction": 0.0}},
-        "space": {"learning_rate": {"grid": [1e-4 * lr_growth ** i for i in range(trials)]}},
-        "num_samples": 1, "max_concurrent_trials": k, "search": {"algorithm": "grid"},
-        "scheduler": {"type": "fifo"},
+        "space": space or {"learning_rate": {"grid": [1e-4 * lr_growth ** i
+                                                      for i in range(trials)]}},
+        "num_samples": num_samples, "max_concurrent_trials": k,
+        "search": {"algorithm": search_alg},
+        "scheduler": ({"type": "asha", "grace_period": asha[0], "reduction_factor": asha[1],
+                       "max_t": steps} if asha else {"type": "fifo"}),
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus, "shared_group": group},
         "trials": {"report_every": report_every, "checkpoint_every": 0},
     }
@@ -77,7 +98,8 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         if keep is not None:
             log.close()
     wall = time.perf_counter() - t0
-    tps, done = [], 0
+    tps, done, own_s, steady_s = [], 0, [], []
+    step_tokens = batch * tokens_per_row
     for metrics in (work / "sweeps" / f"arm-{arm}" / "trials").glob("*/metrics.jsonl"):
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         if keep is not None:  # every trial's records in one file, for a closer look
@@ -87,9 +109,22 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         done += len(recs)
         tail = recs[len(recs) // 4:]  # skip warm-up steps (allocator, kernels)
         tps.append(sum(r["tokens_per_s"] for r in tail) / max(1, len(tail)))
+        # Each step's time from its record (a window's mean over its steps): the trial's
+        # time, and what it would have been at its steady (median) step.
+        dts = [step_tokens / r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+        if dts:
+            own_s.append(sum(dts))
+            steady_s.append(len(dts) * statistics.median(dts))
     row_stats, sweep_dir = {}, work / "sweeps" / f"arm-{arm}"
+    # Trial processes run K at a time: their summed times over K, spread over the wall.
+    compile_s = (sum(own_s) - sum(steady_s)) / k
+    train_s = sum(steady_s) / k
     if (sweep_dir / "group_stats.json").exists():  # a shared group: steps against waits
-        row_stats = {"group_stats": json.loads((sweep_dir / "group_stats.json").read_text())}
+        stats = json.loads((sweep_dir / "group_stats.json").read_text())
+        row_stats = {"group_stats": stats}
+        # The actor counts steps over 5 s as compiles (tuning.group_actor.GroupStats).
+        compile_s = stats["long_step_s"]
+        train_s = stats["step_s"] - stats["long_step_s"]
     if (sweep_dir / "group_profile.txt").exists():
         profile = (sweep_dir / "group_profile.txt").read_text()
         print(profile, flush=True)
@@ -99,6 +134,8 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
             "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
             "trial_steps": done,
             "trial_steps_per_s": round(done / wall, 2),
+            "tokens": round(done * step_tokens), "compile_s": round(compile_s, 1),
+            "train_s": round(train_s, 1), "compile_fraction": round(compile_s / wall, 3),
             "tokens_per_s_per_trial": round(sum(tps) / max(1, len(tps))),
             "aggregate_tokens_per_s_steady": round(k * sum(tps) / max(1, len(tps)))}
 
@@ -126,12 +163,24 @@ def main() -> None:
     ap.add_argument("--lr-growth", type=float, default=1.3,
                     help="the grid's base LRs: 1e-4 x GROWTH^i for trial i (a smaller growth "
                          "keeps many trials in the stable range)")
+    ap.add_argument("--space", type=json.loads, default=None,
+                    help="the search space as JSON (search.yaml's space:), instead of the LR "
+                         "grid of --trials; null is YAML's null")
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--search", default="grid", choices=["grid", "random", "optuna"])
+    ap.add_argument("--asha", default=None, metavar="GRACE,REDUCTION",
+                    help="ASHA instead of FIFO: grace period (steps) and reduction factor; "
+                         "max_t is the arm's steps")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="KEY=VALUE base-config override for every arm, e.g. "
                          "model.compile=reduce-overhead")
     args = ap.parse_args()
+    asha = None
+    if args.asha:
+        grace, _, reduction = args.asha.partition(",")
+        asha = (int(grace), float(reduction or 3))
     # Reuse the assets of bench/gpu_trainer.py (the 2 GB reference LLM is built once).
     overrides = {"demo.num_examples": 128, "output.root": None,
                  "output.assets_dir": str(ROOT / "runs" / "_assets")}
@@ -149,12 +198,13 @@ def main() -> None:
                           ["data.eval_fraction=0.0"])
         inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True),
                                 device="cuda" if _has_cuda() else "cpu")
-        flops = flops_per_token(cfg, inputs)
+        flops, per_row = flops_per_token(cfg, inputs)
         rows = []
         for arm in args.k.split(","):
             rows.append(run_arm(args.config, work, arm.strip(), args.trials, args.steps,
                                 args.batch, overrides, args.keep_metrics, args.report_every,
-                                args.profile_group, args.lr_growth))
+                                args.profile_group, args.lr_growth, per_row, args.space,
+                                args.num_samples, args.search, asha))
             _finish(rows, flops, args)  # each arm as it ends: a later one may time out
 
 
@@ -172,19 +222,27 @@ def _finish(rows: list[dict], flops: int, args) -> None:
             r["aggregate_tokens_per_s_steady"] / base["aggregate_tokens_per_s_steady"], 2)
         r["mfu_pct_steady"] = round(100 * r["aggregate_tokens_per_s_steady"] * flops
                                     / (args.peak_tflops * 1e12), 2)
+        r["mfu_pct_e2e"] = round(100 * r["tokens"] * flops / r["wall_s"]
+                                 / (args.peak_tflops * 1e12), 2)
     print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
 
-def flops_per_token(cfg, inputs) -> int:
-    """4 x frozen + 6 x trainable parameters of one trial (the model built once, on CPU)."""
+def flops_per_token(cfg, inputs) -> tuple[int, float]:
+    """4 x frozen + 6 x trainable parameters of one trial (the model built once, on CPU),
+    and the training split's mean tokens per row (text tokens plus the prefix, as the
+    trainer counts them for tokens_per_s)."""
+    import torch
+
     from trainer.optim import param_groups
     from trainer.run import build_run
 
     run, _, _ = build_run(cfg, inputs, device="cpu", log=lambda *_: None)
     _, counts = param_groups(run.model)
-    return 4 * counts.frozen + 6 * counts.trainable
+    rows = len(run.train)
+    text = run.train.batch(torch.arange(rows))["attention_mask"].sum().item()
+    return 4 * counts.frozen + 6 * counts.trainable, text / rows + run.prefix_tokens
 
 
 def _has_cuda() -> bool:

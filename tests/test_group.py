@@ -522,8 +522,9 @@ def test_compiled_group_forward_matches_the_eager_group(tiny, monkeypatch, preci
             assert group._guard_skip.skipped == calls - 2 * 2, (group._guard_skip.skipped,
                                                                 calls)
     assert traced == ["reduce-overhead"]
-    # One graph per group make-up (a and c together, then c alone), not one per step.
-    assert len(graphs) == 2, len(graphs)
+    # One graph for the group's two slots: a and c together, then c alone with a's slot
+    # empty (its rows masked), not one per make-up; a's batch is padded to c's 6 rows.
+    assert len(graphs) == 1, len(graphs)
     for k in specs:
         eager, compiled = sinks["off"][k].records, sinks["reduce-overhead"][k].records
         if precision == "fp32":
@@ -539,8 +540,8 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
     one stacked tensor per layer (trainer.multilora.LoraStacks): the graph reads the stacks,
     autograd accumulates one gradient per stack, and each member's parameters and
     gradients are views of its slices. Members still train as in the eager group, through
-    checkpoints, weight files and members leaving (the stacks are rebuilt, then dropped
-    when one member is left)."""
+    checkpoints, weight files and members leaving (a leaving member's slot is emptied, the
+    stacks and the graph stay)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
 
@@ -607,19 +608,21 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
             assert all(m.run.parts.listed is not None for m in group.members.values())
         while group.members:
             group.step()
-        if mode != "off":
-            assert group._stacks is None  # one member left at the end: nothing to stack
+        if mode != "off":  # every slot empty at the end, the stacks still there
+            assert group._stacks.adapters == [None] * 3
+            assert not group._stacks.flat.detach().any()
         assert [e.step for e in sinks[mode]["a"].summary.nan_events] == [2]
         assert not sinks[mode]["b"].summary.nan_events + sinks[mode]["c"].summary.nan_events
         roots[mode] = cfgs["a"].output.root
-    # One graph per make-up (a, b, c; then a, c), each reading the one stacked tensor and
-    # no member's own LoRA parameter, so guarding none. One op reads the stack (its split,
-    # once per forward): slices per layer would make autograd sum one zero-padded
-    # gradient per slice (LoraStacks' docstring).
-    assert len(inputs) == 2
+    # One graph for the three slots (a, b, c; then a, c with b's slot empty; then c
+    # alone), reading the one stacked tensor and no member's own LoRA parameter, so
+    # guarding none. One op reads the stack (its split, once per forward): slices per
+    # layer would make autograd sum one zero-padded gradient per slice (LoraStacks'
+    # docstring).
+    assert len(inputs) == 1
     for names in inputs:
         assert not [n for n in names if "lora_A" in n or "lora_B" in n], names
-    assert stack_users == [[1], [1]], stack_users
+    assert stack_users == [[1]], stack_users
     for k in specs:
         _assert_same_steps(sinks["off"][k].records, sinks["reduce-overhead"][k].records, k)
         eager = _weights(roots["off"] / f"stack-off-{k}")
@@ -628,6 +631,83 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
         for name in eager:
             torch.testing.assert_close(stacked[name], eager[name], rtol=WEIGHT_RTOL,
                                        atol=WEIGHT_ATOL)
+
+
+def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeypatch):
+    """A compiled group of K fixed slots keeps one graph whoever holds them: a member
+    stopped by a NaN, one removed from outside (an ASHA stop), a member stepped alone
+    while the others wait (a client that has not taken its report) and a trial joining
+    into a freed slot add no compile. An empty slot is masked: every member, the one that
+    joined late included, trains as the same config trained alone (a smaller batch too,
+    right-filled to the slot's rows)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    import trainer.group as group_mod
+
+    real_compile, graphs = torch.compile, []
+
+    def fake_compile(fn, mode, dynamic):
+        def count(gm, _):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        return real_compile(fn, dynamic=dynamic, backend=aot_autograd(
+            fw_compiler=count, bw_compiler=lambda gm, _: make_boxed_func(gm.forward)))
+
+    def break_weights(step, model):  # the member's own forward turns non-finite at step 3
+        if step == 2:
+            with torch.no_grad():
+                model.projector.net[0].weight.fill_(float("inf"))
+
+    specs = {
+        "a": dict(SPECS["a"], batch_size=4, epochs=2),
+        "nan": dict(SPECS["b"], nan_policy="stop"),  # batch 3: one filler row per batch
+        "asha": dict(SPECS["c"], batch_size=4, epochs=1),
+        "late": dict(SPECS["c"], batch_size=4, epochs=1, seed=5, learning_rate=3e-3),
+    }
+    hooks = {"nan": break_weights}
+
+    def cfg(prefix, k, compiled):
+        c = _cfg(tiny, f"{prefix}-{k}", **specs[k])
+        c.output.sync_every = 4  # device guard, as on a GPU
+        c.model.compile = "reduce-overhead" if compiled else "off"
+        return c
+
+    solo = {k: _solo(cfg("solo", k, False), hooks.get(k)) for k in specs}
+    monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
+    group = TrialGroup(prepare_inputs(cfg("slot", "a", True), _quiet), log=_quiet, slots=3)
+    sinks = {k: MemorySink() for k in specs}
+    for k in ("a", "nan", "asha"):
+        group.add_member(k, cfg("slot", k, True), sinks[k], after_backward=hooks.get(k))
+    group.step()
+    assert len(graphs) == 1 and group.fixed_slots
+    freed = {group.members[k].slot for k in ("nan", "asha")}
+    # Each slot's projector weights stay at the addresses a CUDA graph recorded.
+    addresses = [[q.data_ptr() for q in f.parameters()] for f in group._fillers]
+    group.step(only=["a"])  # the others wait for their clients
+    ended = {}
+    for _ in range(3):
+        ended.update(group.step())
+    group.remove_member("asha")  # stopped by the scheduler after 4 of its steps
+    ended.update(group.step())
+    assert ended["nan"].end_reason == "nan_stop"
+    group.add_member("late", cfg("slot", "late", True), sinks["late"])
+    while group.members:
+        group.step()
+        if "late" in group.members:
+            late = group.members["late"]
+            assert late.slot in freed
+            assert [q.data_ptr() for q in late.run.model.projector.parameters()] == \
+                addresses[late.slot]
+    assert len(graphs) == 1, len(graphs)  # every make-up above ran the first graph
+
+    monkeypatch.setattr(sys.modules[__name__], "RTOL", 1e-4)  # stacked bmm's rounding
+    for k in ("a", "nan", "late"):
+        _assert_same_steps(solo[k].records, sinks[k].records, k)
+    asha = sinks["asha"].records
+    assert [r["step"] for r in asha] == [1, 2, 3, 4]
+    _assert_same_steps(solo["asha"].records[:4], asha, "asha")
 
 
 @pytest.mark.parametrize("rates", [(0.1, 0.1), (0.1, 0.3)])
@@ -685,13 +765,15 @@ def test_compiled_group_with_lora_dropout_stays_on_stacked_weights(tiny, monkeyp
 # Dynamo's config patch, not monkeypatch: undoing a monkeypatch of this ContextVar-backed
 # entry left it unreadable, which failed the next compiled test in the same process.
 @torch._dynamo.config.patch(recompile_limit=2)
-def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
+def test_a_compiled_group_past_its_slots_rebuilds_them_past_dynamos_recompile_limit(
         tiny, monkeypatch):
-    """Each make-up is a new graph, and Dynamo keeps at most `recompile_limit` per
-    function before it runs that function eagerly for good: a sweep's ninth make-up would
-    have trained eagerly (and, with the guard check skipped, raised). The group drops the
-    old graphs at each make-up change. Here the limit is 2 and the group sees 3 make-ups;
-    each is compiled, and each still steps with the guards skipped once warm."""
+    """A group without a set capacity (`slots`) has as many slots as members at its first
+    compiled step; a member joining when none is free rebuilds the slots, a new graph.
+    Dynamo keeps at most `recompile_limit` graphs per function before it runs that
+    function eagerly for good (and, with the guard check skipped, raised), so the group
+    drops the old graph at each rebuild. Here the limit is 2 and the slots are built 3
+    times: each build is compiled, each still steps with the guards skipped once warm,
+    and a member taking a freed slot afterwards compiles nothing."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
 
@@ -711,7 +793,7 @@ def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
     monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
     spec = dict(SPECS["a"], batch_size=4, epochs=3)
     group = None
-    for name in ("m0", "m1", "m2", "m3"):
+    for name in ("m0", "m1", "m2", "m3", "m4"):
         cfg = _cfg(tiny, name, **spec)
         cfg.model.compile = "reduce-overhead"
         if group is None:
@@ -719,11 +801,13 @@ def test_a_compiled_group_compiles_every_make_up_past_dynamos_recompile_limit(
         group.add_member(name, cfg, MemorySink())
         if name == "m0":
             continue
-        if name == "m3":
+        if name == "m4":
             group.remove_member("m0")
         before = len(graphs)
-        for _ in range(3):  # compiles, then a full check, then skips the check
+        for _ in range(3):  # compiles (or not), then a full check, then skips the check
             group.step()
-        assert len(graphs) == before + 1, (name, len(graphs))  # this make-up compiled
-    # make-ups (m0 m1), (m0 m1 m2), (m1 m2 m3): three, past the limit of 2
-    assert len(graphs) == 3 and group._guard_skip.skipped == 3
+        built = name != "m4"  # m1..m3 each find no free slot; m4 takes m0's
+        assert len(graphs) == before + built, (name, len(graphs))
+    # slots built for 2, 3 and 4 members: three graphs, past the limit of 2; m4: none
+    assert len(graphs) == 3 and group._guard_skip.skipped == 4
+    assert group.members["m4"].slot == 0 and len(group._stacks.adapters) == 4

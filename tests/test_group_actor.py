@@ -321,3 +321,16 @@ def test_a_waiting_poll_gets_a_whole_read_back_window_at_once(actor, monkeypatch
         if steps:
             batches.append(steps)
     assert batches == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]], batches
+
+
+def test_the_actors_group_has_the_sweeps_capacity_in_slots(tiny):
+    """The group's slots are the sweep's capacity (max_concurrent_trials), also in the fresh
+    group a failed step leaves: a compiled group then builds them once, and trials join
+    and leave without a recompile (tests/test_group.py)."""
+    cfg = tiny(run_name="m0")
+    group = GroupActor(prepare_inputs(cfg, log=lambda *_: None), "cpu", report_every=2,
+                       orphan_timeout_s=600, slots=3)
+    assert group._group.slots == 3
+    with group._step_lock:
+        group._fail_all("a failed step")
+    assert group._group.slots == 3

@@ -210,3 +210,49 @@ def test_member_parameter_names_map_to_solo_names():
     assert solo_name(name, "member3") == "base_model.model.layers.0.q_proj.lora_A.default.weight"
     assert solo_name(name, "member4") == name  # another member's name stays as it is
     assert adapter_of("projector.net.0.weight") is None
+
+
+def test_slots_take_members_in_and_out_without_changing_the_stacks_shape():
+    """`LoraStacks` slots: an empty slot's rows get the base output only (no LoRA product)
+    and a zero gradient row; a member attached to a freed slot gets its own peft product
+    and gradients; a detached member keeps its weights in storage of its own. The stack
+    keeps its shape and identity throughout (a compiled forward's one input)."""
+    model = _peft_model([(4, 8), (4, 16), (4, 4)])  # one rank, three scalings
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, 5, IN, generator=g) for _ in ADAPTERS]
+    ref_out, ref_grads = _peft_reference(model, xs)
+    layers = vanilla_lora_layers(model, ADAPTERS)
+    with torch.no_grad():
+        model.base_model.set_adapter([])  # no adapter: the base output of each block
+        base = [model(x) for x in xs]
+        model.base_model.set_adapter(ADAPTERS)
+    stacks = LoraStacks(layers, ADAPTERS[:2], slots=3)  # member2 not in yet
+    flat = stacks.flat
+    route_blocks(layers, tuple((f"slot{k}", 3) for k in range(3)), stacks)
+
+    def forward_and_grads():
+        stacks.zero_grads()
+        out = model(torch.cat(xs))
+        out.pow(2).sum().backward()
+        return out.detach().split(3)
+
+    out = forward_and_grads()
+    torch.testing.assert_close(out[2], base[2], rtol=1e-6, atol=1e-6)  # slot 2 is empty
+    assert not stacks.flat.grad[2].any()
+    for k in range(2):
+        torch.testing.assert_close(out[k], ref_out[k], rtol=1e-5, atol=1e-6)
+
+    kept = {n: p.detach().clone() for n, p in _lora_params(model, ADAPTERS[0]).items()}
+    stacks.detach(0)  # member0 leaves ...
+    stacks.attach(2, ADAPTERS[2])  # ... member2 joins into the free slot 2
+    assert stacks.flat is flat and stacks.adapters == [None, ADAPTERS[1], ADAPTERS[2]]
+    for n, p in _lora_params(model, ADAPTERS[0]).items():
+        assert torch.equal(p, kept[n])
+        assert p.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+    out = forward_and_grads()
+    torch.testing.assert_close(out[0], base[0], rtol=1e-6, atol=1e-6)  # slot 0 now empty
+    assert not stacks.flat.grad[0].any()
+    for k in (1, 2):
+        torch.testing.assert_close(out[k], ref_out[k], rtol=1e-5, atol=1e-6)
+        for n, p in _lora_params(model, ADAPTERS[k]).items():
+            torch.testing.assert_close(p.grad, ref_grads[k][n], rtol=1e-4, atol=1e-6)

@@ -116,9 +116,9 @@ def block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     sizes = [n for _, n in blocks]
     if stacks is not None:  # equal blocks, equal shapes: the batched path
         stack_a, stack_b = stacks.views(index)
-        x = blocks_dropout(layer, names, sizes, x.to(stack_a.dtype))  # peft's cast, dropout
+        x = stacks.dropout(x.to(stack_a.dtype), sizes, layer.training)  # peft's cast
         xs = x.reshape(len(blocks), -1, x.shape[-1])  # a view, no copy
-        return bmm_lora(result, xs, stack_a, stack_b, block_scales(layer, names, xs),
+        return bmm_lora(result, xs, stack_a, stack_b, stacks.scales.to(xs.dtype),
                          weights_left=False).to(out_dtype)
     lora_a = [layer.lora_A[a].weight for a in names]
     lora_b = [layer.lora_B[a].weight for a in names]
@@ -152,6 +152,11 @@ def blocks_dropout(layer: nn.Module, names: list[str], sizes: list[int],
     if len({(type(d), getattr(d, "p", None), d.training) for d in mods}) == 1:
         return mods[0](x)
     return torch.cat([d(xb) for d, xb in zip(mods, x.split(sizes), strict=True)])
+
+
+def dropout_rate(layer: nn.Module, adapter: str) -> float:
+    """The LoRA dropout rate of `adapter` in a peft layer (0.0 where peft put an Identity)."""
+    return float(getattr(layer.lora_dropout[adapter], "p", 0.0))
 
 
 def equal_blocks(layer: nn.Module, names: list[str], sizes: list[int]) -> bool:
@@ -194,14 +199,22 @@ def route_blocks(layers: list[nn.Module], blocks: tuple[tuple[str, int], ...],
 
 
 class LoraStacks:
-    """Every member's LoRA weights held in one [K, N] parameter, the members in block order:
-    row k is member k's A and B weights of every layer, flattened one after the other.
-    Each layer reads [K, r, in] and [K, out, r] views of it (HFTA's fused layout), taken
-    inside the compiled graph.
+    """Every member's LoRA weights held in one [K, N] parameter, one row per slot: row k is
+    the weights of the member in slot k, its A and B of every layer flattened one after the
+    other. Each layer reads [K, r, in] and [K, out, r] views of it (HFTA's fused layout),
+    taken inside the compiled graph.
+
+    Slots (`slots`, K; default one per adapter given): a member is `attach`ed to a free slot
+    and `detach`ed when it leaves, which leaves every shape as it was, so a compiled forward
+    over the stacks keeps its graph when the group's make-up changes. An empty slot holds
+    zero weights and a zero scale (`scales`), so its rows get no LoRA product and its row of
+    the gradient is zero. The per-slot LoRA scalings (`scales`, a [K, 1, 1] tensor, not
+    Python floats the graph would bake in) and dropout rates (`rates`; a changed rate is a
+    new graph, as Dynamo guards it) are the members' own.
 
     The members' own parameters become views of their spans of a row, and their
-    gradients views of the same spans of the one gradient, kept for as long as the stacks
-    live (zeroed in place before each step, never set to None): their optimizers,
+    gradients views of the same spans of the one gradient, kept for as long as they are
+    attached (zeroed in place before each step, never set to None): their optimizers,
     checkpoints and weight files work on them unchanged. The shared forward reads the one
     parameter: one graph input and one gradient node for all LoRA weights of the group
     (at K=8 on the reference model, instead of 1,536 of each), and since a member's LoRA
@@ -218,44 +231,100 @@ class LoraStacks:
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str],
-                 compute_dtype: torch.dtype | None = None) -> None:
-        # Every member's weights have these shapes (`stackable` checked it).
+                 compute_dtype: torch.dtype | None = None, slots: int | None = None) -> None:
+        slots = len(adapters) if slots is None else slots
+        if not adapters or len(adapters) > slots:
+            raise ValueError(f"{len(adapters)} adapters for {slots} slots")
+        self.layers = layers
+        # Every member's weights have these shapes (`stackable` / `fits` check it).
         shapes = [getattr(layer, attr)[adapters[0]].weight.shape
                   for layer in layers for attr in ("lora_A", "lora_B")]
         offsets = [0]
         for shape in shapes:
             offsets.append(offsets[-1] + shape.numel())
-        self.adapters = list(adapters)
         self.spans = list(zip(offsets[:-1], shapes, strict=True))  # (offset, shape) per weight
         like = layers[0].lora_A[adapters[0]].weight
         # A Parameter, so a CUDA-graph forward takes it as a static input (no copy).
-        self.flat = nn.Parameter(torch.empty(len(adapters), offsets[-1], dtype=like.dtype,
+        self.flat = nn.Parameter(torch.zeros(slots, offsets[-1], dtype=like.dtype,
                                              device=like.device))
         self.flat.grad = torch.zeros_like(self.flat)  # backward adds into it in place
+        # A static input too (a Parameter without a gradient), updated in place.
+        self.scales = nn.Parameter(torch.zeros(slots, 1, 1, device=like.device),
+                                   requires_grad=False)
+        self.rates = [dropout_rate(layers[0], adapters[0])] * slots
         self.compute_dtype = compute_dtype if compute_dtype != like.dtype else None
         self.pieces: list[torch.Tensor] | None = None  # set during one forward (`split`)
-        self._params: list[nn.Parameter] = []
-        with torch.no_grad():
-            for k, adapter in enumerate(adapters):
-                weights = [getattr(layer, attr)[adapter].weight
-                           for layer in layers for attr in ("lora_A", "lora_B")]
-                for p, (off, shape) in zip(weights, self.spans, strict=True):
-                    span = slice(off, off + shape.numel())
-                    self.flat.data[k, span] = p.detach().reshape(-1)
-                    p.data = self.flat.data[k, span].view(shape)  # a view of its span
-                    p.grad = self.flat.grad[k, span].view(shape)
-                    self._params.append(p)
+        self.adapters: list[str | None] = [None] * slots  # who holds each slot
+        self._params: list[list[nn.Parameter]] = [[] for _ in range(slots)]
+        for k, adapter in enumerate(adapters):
+            self.attach(k, adapter)
 
     @staticmethod
-    def stackable(layers: list[nn.Module], adapters: list[str], sizes: list[int]) -> bool:
+    def stackable(layers: list[nn.Module], adapters: list[str], sizes: list[int],
+                  single: bool = False) -> bool:
         """Whether `layers` take the batched path for these blocks in every call: more than
-        one block, equal row counts, equal adapter shapes, and one dtype and device for
-        all LoRA weights (they share one tensor). LoRA dropout does not matter
-        (`blocks_dropout`)."""
+        one block (or one, with `single`), equal row counts, equal adapter shapes, and one
+        dtype and device for all LoRA weights (they share one tensor). LoRA dropout does
+        not matter (`dropout`)."""
         kinds = {(p.dtype, p.device) for layer in layers for attr in ("lora_A", "lora_B")
                  for p in (getattr(layer, attr)[a].weight for a in adapters)}
-        return len(adapters) > 1 and len(kinds) == 1 and all(
-            equal_blocks(layer, adapters, sizes) for layer in layers)
+        return (len(adapters) > 1 or (single and len(adapters) == 1)) and len(kinds) == 1 \
+            and all(equal_blocks(layer, adapters, sizes) for layer in layers)
+
+    def fits(self, adapter: str) -> bool:
+        """Whether `adapter`'s weights have the slots' shapes, dtype and device."""
+        weights = [getattr(layer, attr)[adapter].weight
+                   for layer in self.layers for attr in ("lora_A", "lora_B")]
+        return all(w.shape == shape and w.dtype == self.flat.dtype
+                   and w.device == self.flat.device
+                   for w, (_, shape) in zip(weights, self.spans, strict=True))
+
+    def free_slots(self) -> list[int]:
+        return [k for k, a in enumerate(self.adapters) if a is None]
+
+    def attach(self, slot: int, adapter: str) -> None:
+        """Put `adapter` in the empty `slot`: its weights are copied into the slot's row and
+        its parameters (the same objects: optimizers keep them) become views of it."""
+        if self.adapters[slot] is not None:
+            raise ValueError(f"slot {slot} holds {self.adapters[slot]!r}")
+        weights = [getattr(layer, attr)[adapter].weight
+                   for layer in self.layers for attr in ("lora_A", "lora_B")]
+        with torch.no_grad():
+            for p, (off, shape) in zip(weights, self.spans, strict=True):
+                span = slice(off, off + shape.numel())
+                self.flat.data[slot, span] = p.detach().reshape(-1)
+                p.data = self.flat.data[slot, span].view(shape)  # a view of its span
+                p.grad = self.flat.grad[slot, span].view(shape)
+            self.flat.grad[slot].zero_()
+            self.scales.data[slot] = float(self.layers[0].scaling[adapter])
+        self.rates[slot] = dropout_rate(self.layers[0], adapter)
+        self.adapters[slot] = adapter
+        self._params[slot] = weights
+
+    def detach(self, slot: int) -> None:
+        """Empty `slot`: its member's parameters get storage of their own again (same
+        values), and the slot's row and scale are zeroed, so its rows get no LoRA product
+        (whatever the member left there, a non-finite weight included)."""
+        with torch.no_grad():
+            for p in self._params[slot]:
+                p.data = p.data.clone()
+                p.grad = None
+            self.flat.data[slot].zero_()
+            self.flat.grad[slot].zero_()
+            self.scales.data[slot] = 0.0
+        self._params[slot] = []
+        self.adapters[slot] = None
+
+    def dropout(self, x: torch.Tensor, sizes: list[int], training: bool) -> torch.Tensor:
+        """Each slot's rows of `x` through its member's LoRA dropout rate: one call over all
+        rows when the rates agree (the usual sweep: dropout draws an independent mask per
+        element, so that is the per-slot calls in distribution), else one per slot."""
+        if not training or not any(self.rates):
+            return x
+        if len(set(self.rates)) == 1:
+            return F.dropout(x, self.rates[0], training=True)
+        return torch.cat([F.dropout(xb, p, training=True) if p else xb
+                          for p, xb in zip(self.rates, x.split(sizes), strict=True)])
 
     def split(self) -> list[torch.Tensor]:
         """Every layer's A [K, r, in] and B [K, out, r] weights in the compute dtype, in
@@ -282,20 +351,19 @@ class LoraStacks:
         self.flat.grad.zero_()
 
     def member_norms(self) -> torch.Tensor:
-        """[K]: the L2 norm of each member's LoRA gradients (device values, no sync)."""
+        """[K]: the L2 norm of each slot's LoRA gradients (device values, no sync)."""
         return torch.linalg.vector_norm(self.flat.grad, 2.0, dim=1)
 
     def scale_grads(self, factors: torch.Tensor) -> None:
-        """Multiply member k's LoRA gradients by factors[k] (its clip factor): one kernel."""
+        """Multiply slot k's LoRA gradients by factors[k] (its clip factor): one kernel."""
         self.flat.grad.mul_(factors.to(self.flat.grad.dtype).view(-1, 1))
 
     def release(self) -> None:
-        """Give every member's parameter back storage of its own (the group's make-up is
-        about to change; a removed member's span simply goes with the stack)."""
-        with torch.no_grad():
-            for p in self._params:
-                p.data = p.data.clone()
-                p.grad = None
+        """Give every member's parameter back storage of its own (the stacks are about to
+        be dropped)."""
+        for k, adapter in enumerate(self.adapters):
+            if adapter is not None:
+                self.detach(k)
 
 
 @contextmanager

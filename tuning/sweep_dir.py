@@ -8,6 +8,8 @@ Layout:
   trials/<trial_id>/    each trial's trainer run dir (metrics.jsonl, summary.json, ...)
   mlflow/               embedded MLflow store (unless mlflow.tracking_uri), journal
   report/               leaderboard.csv/.md, best_stable.yaml, advice.md, plots/
+Beside the sweeps, <storage_path>/compile_cache/ keeps a compiled shared group's
+artifacts (trainer/compile_cache.py), for every sweep of that storage.
 """
 
 from __future__ import annotations

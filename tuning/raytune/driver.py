@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from ray.tune.search import Searcher
 
 GROUP_STATS = "group_stats.json"  # where a shared group's step thread spent its time
+# Beside the sweeps of one storage (<storage_path>/compile_cache/): a compiled group's
+# artifacts, so a resumed sweep, or another sweep of the same shapes, starts warm.
+COMPILE_CACHE = "compile_cache"
 # PHASE2_GROUP_PROFILE=N[:WARM]: the shared group's actor writes a torch.profiler report of N
 # group steps, after WARM (default 20) without a compile, to GROUP_PROFILE in the sweep
 # directory (trainer.step_profile).
@@ -169,9 +172,10 @@ def build_trainable(cfg: SearchConfig, sweep_dir: Path, base: dict[str, Any],
                               num_cpus=cfg.resources.cpus_per_trial,
                               num_gpus=cfg.resources.gpus_per_trial,
                               orphan_timeout_s=cfg.resources.group_orphan_timeout_s,
-                              profile=profile)
-    compiled = ("; its forward is compiled: each new set of members compiles first (minutes "
-                "at reference scale; seconds for a set of a shape compiled before)"
+                              profile=profile, slots=cfg.max_concurrent_trials,
+                              compile_cache=str(sweep_dir.parent / COMPILE_CACHE))
+    compiled = (f"; its forward is compiled once for {cfg.max_concurrent_trials} member slots "
+                "(minutes at reference scale): trials join and leave without a recompile"
                 if compile_mode != "off" else "")
     print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
           f"over one copy of the frozen model ({cfg.resources.cpus_per_trial} CPU, "

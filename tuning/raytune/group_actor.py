@@ -50,11 +50,13 @@ GROUP_ACTOR_PREFIX = "phase2-group-"
 POLL_WAIT_S = 5.0  # a client's poll returns after this long even with nothing new
 RECENT_STEPS = 1000  # the short group steps the stats' median is taken over
 # A compiled group waits this long for paused members before stepping the others alone:
-# every different set of members stepped together is another graph to compile.
+# its forward runs every slot whoever steps (trainer.group), so a step of a subset costs
+# a whole step (and, for a group whose members cannot take fixed slots, a new graph).
 BARRIER_S = 10.0
 # Trials of a sweep join over a few seconds (each trial process starts, then joins): a
-# compiled group takes its first step with a new member only once no member has joined
-# for this long, so it compiles the whole make-up once instead of each one on the way.
+# compiled group takes its first step only once no member has joined for this long, so
+# its first graph holds them all. Once its slots are built a member joins into a free
+# slot without a compile, and the group steps on without waiting.
 JOIN_WAIT_S = 10.0
 # Reports a member may have made that its client has not yet returned from (module docstring);
 # 0 pauses it at every report, as a solo trial blocks in tune.report.
@@ -217,15 +219,21 @@ class GroupActor:
     """Owns one ``TrialGroup`` and steps it on a thread while members are active."""
 
     def __init__(self, inputs: Inputs, device: str | None, report_every: int,
-                 orphan_timeout_s: float, profile: tuple[str, int, int] | None = None) -> None:
+                 orphan_timeout_s: float, profile: tuple[str, int, int] | None = None,
+                 slots: int | None = None, compile_cache: str | None = None) -> None:
         """`profile`: (path, steps, warm): write a torch.profiler report of `steps` group
         steps, after `warm` without a compile, to path (trainer.step_profile; the sweep's
-        PHASE2_GROUP_PROFILE)."""
+        PHASE2_GROUP_PROFILE). `slots`: the group's capacity (the sweep's
+        max_concurrent_trials): a compiled group's forward runs that many member slots.
+        `compile_cache`: the directory of its compiled artifacts (trainer.compile_cache)."""
         from trainer.group import TrialGroup
         from trainer.step_profile import StepProfiler
 
-        self._inputs, self._device = inputs, device
-        self._group = TrialGroup(inputs, device=device, log=lambda *_: None)
+        self._inputs, self._device, self._slots = inputs, device, slots
+        self._cache = Path(compile_cache) if compile_cache else None
+        # The group's own log lines go to the actor's worker log: only its compile cache's.
+        self._group = TrialGroup(inputs, device=device, log=_cache_lines, slots=slots,
+                                 compile_cache=self._cache)
         self._report_every = max(1, report_every)
         self._orphan_s = orphan_timeout_s
         self._members: dict[str, _Member] = {}
@@ -378,7 +386,8 @@ class GroupActor:
             ready = [m for m in live if not self._members[m].paused]
             if not ready:
                 return [], 1.0, seen, "clients" if live else "empty"
-            if self._group.compiled and now - self._joined_at < JOIN_WAIT_S:
+            if (self._group.compiled and not self._group.fixed_slots
+                    and now - self._joined_at < JOIN_WAIT_S):
                 return [], 0.05, seen, "joining"  # more members may be on their way
             if len(ready) < len(live) and self._group.compiled:
                 # Members of one sweep reach their reports at the same steps: wait for
@@ -393,12 +402,12 @@ class GroupActor:
     def _step(self, ready: list[str]) -> None:
         """One group step of `ready` (the caller holds `_step_lock`, not `_lock`)."""
         makeup = tuple(sorted(ready))
-        if self._group.compiled and makeup != self._makeup:
+        if self._group.compiled and not self._group.fixed_slots and makeup != self._makeup:
             # For the actor's Ray worker log (the sweep runs Ray with log_to_driver off;
             # its console says a compiled group compiles): a new make-up is a new graph,
             # and its first step compiles for minutes at reference scale.
-            print(f"[group] stepping {len(ready)} members together (a new set compiles "
-                  "first)", flush=True)
+            print(f"[group] stepping {len(ready)} members together (the first step "
+                  "compiles; later members take free slots)", flush=True)
         self._makeup = makeup
         # The group stepped (a failed step replaces self._group) and its count before.
         group, started = self._group, time.monotonic()
@@ -441,7 +450,8 @@ class GroupActor:
         holds `_step_lock`."""
         from trainer.group import TrialGroup
 
-        fresh = TrialGroup(self._inputs, device=self._device, log=lambda *_: None)
+        fresh = TrialGroup(self._inputs, device=self._device, log=_cache_lines,
+                           slots=self._slots, compile_cache=self._cache)
         with self._lock:
             for member_id, member in self._members.items():
                 member.done = True
@@ -449,6 +459,13 @@ class GroupActor:
             self._members.clear()
             self._group = fresh
             self._wake()
+
+
+def _cache_lines(line: str) -> None:
+    """The group's log, in the actor: only whether it loaded or saved compiled artifacts
+    (the members' own lines go through their sinks)."""
+    if line.startswith("[compile cache]"):
+        print(line, flush=True)
 
 
 def describe_stats(stats: dict[str, Any]) -> str:
@@ -468,8 +485,11 @@ def describe_stats(stats: dict[str, Any]) -> str:
 
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
                       num_gpus: float, orphan_timeout_s: float,
-                      profile: tuple[str, int, int] | None = None) -> Any:
-    """Create the sweep's group actor (owned by the driver); returns its handle."""
+                      profile: tuple[str, int, int] | None = None,
+                      slots: int | None = None, compile_cache: str | None = None) -> Any:
+    """Create the sweep's group actor (owned by the driver); returns its handle.
+    `slots`: the group's capacity, the sweep's max_concurrent_trials; `compile_cache`: a
+    directory for its compiled artifacts, shared by the sweeps of one storage."""
     device = "cuda" if num_gpus > 0 else "cpu"
     cls = ray.remote(GroupActor)
     # max_concurrency: polls block (up to POLL_WAIT_S) in threads; one per member plus joins.
@@ -477,7 +497,7 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
     # from their checkpoints (FailureConfig), rejoining the new actor.
     return cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
                        max_concurrency=64, max_restarts=3).remote(
-        inputs, device, report_every, orphan_timeout_s, profile)
+        inputs, device, report_every, orphan_timeout_s, profile, slots, compile_cache)
 
 
 def run_group_member(config: dict[str, Any], *, base: dict[str, Any], opts: Any,
