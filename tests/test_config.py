@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import config_from_data, load_config
+from trainer.config import anchor_paths, config_from_data, load_config
 from trainer.errors import ConfigError
-from trainer.yaml_io import parse_yaml
+from trainer.yaml_io import load_yaml_file, parse_yaml
 
 # The seed's four examples, verbatim (phase2-differential-lr.md).
 SEED_AUTO = """\
@@ -207,6 +207,32 @@ def test_input_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     cfg = load_config(tmp_path / "cfg" / "run.yaml")
     assert cfg.data.manifest == tmp_path / "cfg" / "data" / "train.jsonl"
     assert cfg.output.root == tmp_path / "runs"  # outputs: relative to the working directory
+
+
+def test_phase1_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    # A Phase 1 of Hugging Face encoders or precomputed features, written beside the config:
+    # found from any working directory, like the manifest.
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "run.yaml").write_text(
+        "phase2:\n  epochs: 1\nphase1:\n  source: hf\n  image: {path: enc/clip}\n"
+        "  audio: {path: enc/whisper}\n  text: {path: enc/bert}\n"
+        "  aligner_path: enc/aligner.safetensors\n")
+    (cfg_dir / "feats.yaml").write_text(
+        "phase2:\n  epochs: 1\nphase1:\n  source: features\n"
+        "  features_path: feats.safetensors\n")
+    monkeypatch.chdir(tmp_path)
+    for name, want in (("run.yaml", {"image": "enc/clip", "audio": "enc/whisper",
+                                     "text": "enc/bert", "aligner": "enc/aligner.safetensors"}),
+                       ("feats.yaml", {"features": "feats.safetensors"})):
+        data = load_yaml_file(cfg_dir / name)
+        anchor_paths(data, cfg_dir)
+        p1 = data["phase1"]
+        got = {"image": p1.get("image", {}).get("path"), "audio": p1.get("audio", {}).get("path"),
+               "text": p1.get("text", {}).get("path"), "aligner": p1.get("aligner_path"),
+               "features": p1.get("features_path")}
+        for key, rel in want.items():
+            assert got[key] == str(cfg_dir.resolve() / rel), (name, key, got[key])
 
 
 def test_search_base_config_is_relative_to_search_yaml(tmp_path, monkeypatch):

@@ -375,8 +375,9 @@ def validation_problems(err: ValidationError, source: str, root: type[BaseModel]
 # relative to that file's directory (so a config works from any working directory);
 # given through --set, to the working directory. Output locations (output.root,
 # output.assets_dir) stay relative to the working directory: runs land where you run.
-INPUT_PATH_KEYS = ("phase1.bundle_path", "model.llm_path", "data.manifest",
-                   "data.eval_manifest")
+INPUT_PATH_KEYS = ("phase1.bundle_path", "phase1.image.path", "phase1.audio.path",
+                   "phase1.text.path", "phase1.aligner_path", "phase1.features_path",
+                   "model.llm_path", "data.manifest", "data.eval_manifest")
 
 
 def anchor_paths(data: dict[str, Any], base_dir: Path,
