@@ -80,6 +80,28 @@ def _member_adapters(group):
     return {adapter_of(n) for n, _ in group.llm.named_parameters()} - {None}
 
 
+
+def _count_group_graphs(monkeypatch) -> list:
+    """Make trainer.group's torch.compile trace eagerly through AOT autograd and return the
+    list its forward graphs are appended to (one per Dynamo compile)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    import trainer.group as group_mod
+
+    real_compile, graphs = torch.compile, []
+
+    def fake_compile(fn, mode, dynamic):
+        def count(gm, _):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        return real_compile(fn, dynamic=dynamic, backend=aot_autograd(
+            fw_compiler=count, bw_compiler=lambda gm, _: make_boxed_func(gm.forward)))
+
+    monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
+    return graphs
+
 def test_target_loss_equals_the_hf_causal_lm_loss(tiny):
     """Our loss (target rows only, chunked, no attention mask for right padding) equals
     HF's causal-LM loss over the masked batch; so does the static-shape variant that
@@ -640,21 +662,6 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
     into a freed slot add no compile. An empty slot is masked: every member, the one that
     joined late included, trains as the same config trained alone (a smaller batch too,
     right-filled to the slot's rows)."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    import trainer.group as group_mod
-
-    real_compile, graphs = torch.compile, []
-
-    def fake_compile(fn, mode, dynamic):
-        def count(gm, _):
-            graphs.append(gm)
-            return make_boxed_func(gm.forward)
-
-        return real_compile(fn, dynamic=dynamic, backend=aot_autograd(
-            fw_compiler=count, bw_compiler=lambda gm, _: make_boxed_func(gm.forward)))
-
     def break_weights(step, model):  # the member's own forward turns non-finite at step 3
         if step == 2:
             with torch.no_grad():
@@ -675,7 +682,7 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
         return c
 
     solo = {k: _solo(cfg("solo", k, False), hooks.get(k)) for k in specs}
-    monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
+    graphs = _count_group_graphs(monkeypatch)
     group = TrialGroup(prepare_inputs(cfg("slot", "a", True), _quiet), log=_quiet, slots=3)
     sinks = {k: MemorySink() for k in specs}
     for k in ("a", "nan", "asha"):
@@ -774,23 +781,8 @@ def test_a_compiled_group_past_its_slots_rebuilds_them_past_dynamos_recompile_li
     drops the old graph at each rebuild. Here the limit is 2 and the slots are built 3
     times: each build is compiled, each still steps with the guards skipped once warm,
     and a member taking a freed slot afterwards compiles nothing."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    import trainer.group as group_mod
-
     assert torch._dynamo.config.recompile_limit == 2
-    real_compile, graphs = torch.compile, []
-
-    def fake_compile(fn, mode, dynamic):
-        def count(gm, _):
-            graphs.append(gm)
-            return make_boxed_func(gm.forward)
-
-        return real_compile(fn, dynamic=dynamic, backend=aot_autograd(
-            fw_compiler=count, bw_compiler=lambda gm, _: make_boxed_func(gm.forward)))
-
-    monkeypatch.setattr(group_mod.torch, "compile", fake_compile)
+    graphs = _count_group_graphs(monkeypatch)
     spec = dict(SPECS["a"], batch_size=4, epochs=3)
     group = None
     for name in ("m0", "m1", "m2", "m3", "m4"):
