@@ -13,18 +13,16 @@ import pytest
 import yaml
 
 from tuning.analysis.advice import advise, tail_relative_drop
+from tuning.analysis.best_config import best_stable_config, write_best_stable_yaml, yaml_scalar
 from tuning.analysis.leaderboard import (
     CSV_COLUMNS,
-    best_stable_config,
     best_stable_record,
     best_stable_row,
     build_leaderboard,
     format_markdown,
     format_table,
-    write_best_stable_yaml,
     write_csv,
     write_markdown,
-    yaml_scalar,
 )
 from tuning.analysis.stability import StabilityRules, verdicts_for
 from tuning.analysis.trial_record import TrialRecord

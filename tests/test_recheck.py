@@ -17,12 +17,11 @@ from tuning.analysis.recheck import (
     STATUS_RECOMMENDED,
     RecheckTrial,
     explain_plan,
-    format_recheck,
     match_plan,
     recheck_plan,
     summarize,
-    write_recheck,
 )
+from tuning.analysis.recheck_report import format_recheck, write_recheck
 from tuning.analysis.stability import StabilityRules
 from tuning.analysis.trial_record import TrialRecord
 

@@ -8,23 +8,24 @@ whose mean loss is close to the best, the one that stayed stable most often.
 
 Workflow: ``recheck_plan`` -> run each ``RecheckTrial.config`` as a trial (FIFO, no early
 stopping) -> ``match_plan`` pairs the finished runs with the plan -> ``summarize`` ->
-``format_recheck`` / ``write_recheck``.
+``tuning.analysis.recheck_report`` lays the summary out.
+
+Longer than most modules (about 600 lines) because half of it is wording: every config's
+reason and the headline say *why* one config was recommended over another in the terms of
+the summary's own fields, and keeping that next to the rule it explains is what keeps the
+two in step.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from trainer.fsutil import atomic_write_text
-from tuning.analysis.leaderboard import PHASE2_KNOBS, build_leaderboard, csv_cell
+from tuning.analysis.leaderboard import PHASE2_KNOBS, build_leaderboard
 from tuning.analysis.stability import StabilityRules, fmt_num, verdict, verdicts_for
 from tuning.analysis.trial_record import (
     DEFAULT_LORA_LR_MULT,
@@ -300,7 +301,7 @@ def explain_plan(
     return (
         f"Re-checking {len(sources)} stable trial(s){short}: {', '.join(sources)} x "
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) x {len(factors)} LR factors "
-        f"({', '.join(_fx(f) for f in factors)}) = {len(plan)} runs"
+        f"({', '.join(factor_label(f) for f in factors)}) = {len(plan)} runs"
     )
 
 
@@ -359,7 +360,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _missing_record(trial: RecheckTrial) -> TrialRecord:
     return TrialRecord(
-        trial_id=f"{trial.source_trial}/seed{trial.seed}/{_fx(trial.lr_factor)}",
+        trial_id=f"{trial.source_trial}/seed{trial.seed}/{factor_label(trial.lr_factor)}",
         params=dict(trial.config),
         history=[],
         status="PENDING",
@@ -476,7 +477,8 @@ def _rank_key(entry: RecheckEntry) -> float:
 # --------------------------------------------------------------------------- wording
 
 
-def _fx(factor: float) -> str:
+def factor_label(factor: float) -> str:
+    """An LR factor as the report writes it: ``x1.5``."""
     return f"x{factor:g}"
 
 
@@ -490,7 +492,7 @@ def _failure_text(outcome: FactorOutcome) -> str:
         f"{_KIND_WORDS.get(kind, kind)} in {n}/{outcome.runs}"
         for kind, n in outcome.failures.most_common()
     ]
-    return f"{_fx(outcome.factor)} {' and '.join(parts)} seeds"
+    return f"{factor_label(outcome.factor)} {' and '.join(parts)} seeds"
 
 
 def _breaks(entry: RecheckEntry, neighbours_only: bool = False) -> str:
@@ -501,7 +503,8 @@ def _breaks(entry: RecheckEntry, neighbours_only: bool = False) -> str:
     return "; ".join(_failure_text(f) for f in broken)
 
 
-def _loss(value: float | None) -> str:
+def loss_label(value: float | None) -> str:
+    """A mean loss to four digits, ``-`` for none."""
     # Four digits like the leaderboard: configs 1% apart must not print the same number.
     return "-" if value is None else f"{value:.4g}"
 
@@ -510,11 +513,11 @@ def _loss_text(entry: RecheckEntry) -> str:
     if entry.mean_loss is None:
         return "no loss at x1"
     spread = "" if entry.std_loss is None else f" ± {fmt_num(entry.std_loss)}"
-    return f"mean loss {_loss(entry.mean_loss)}{spread} over {entry.seeds_at_1x} seeds at x1"
+    return f"mean loss {loss_label(entry.mean_loss)}{spread} over {entry.seeds_at_1x} seeds at x1"
 
 
 def _facts(entry: RecheckEntry) -> str:
-    span = ", ".join(_fx(f.factor) for f in entry.factors)
+    span = ", ".join(factor_label(f.factor) for f in entry.factors)
     text = f"stable in {entry.stable_runs}/{entry.total_runs} runs ({span}); {_loss_text(entry)}"
     if entry.early_stopped:
         text += f"; {entry.early_stopped} runs early-stopped (re-check with a fifo scheduler)"
@@ -530,7 +533,7 @@ def _entry_reason(
         why = (
             f"unstable at its own LR in {unstable}/{entry.runs_at_1x} seeds"
             if entry.runs_at_1x
-            else f"no runs at {_fx(1.0)}"
+            else f"no runs at {factor_label(1.0)}"
         )
         return f"not reproducible: {why}" + (f" ({breaks})" if breaks else "")
     if entry.recommended:
@@ -550,8 +553,8 @@ def _outside_text(entry: RecheckEntry, best: float | None, tol: float) -> str:
         return "outside tolerance"
     above = (entry.mean_loss - best) / abs(best)
     return (
-        f"mean loss {_loss(entry.mean_loss)} is {above:.1%} above the best mean "
-        f"{_loss(best)} (tolerance {tol:.0%})"
+        f"mean loss {loss_label(entry.mean_loss)} is {above:.1%} above the best mean "
+        f"{loss_label(best)} (tolerance {tol:.0%})"
     )
 
 
@@ -587,7 +590,7 @@ def _headline(
     return (
         f"Recommending trial {name} instead of the sweep's best trial {sweep_best}: "
         f"{_why_not(best_entry, chosen, best, tol)}. Trial {name}: {_facts(chosen)}, "
-        f"within {tol:.0%} of the best mean loss {_loss(best)}."
+        f"within {tol:.0%} of the best mean loss {loss_label(best)}."
     )
 
 
@@ -610,136 +613,9 @@ def _why_not(entry: RecheckEntry, chosen: RecheckEntry, best: float | None, tol:
         )
     return (
         f"{name} is as robust ({entry.stable_runs}/{entry.total_runs} stable) but its "
-        f"mean loss over seeds is higher ({_loss(entry.mean_loss)} vs "
-        f"{_loss(chosen.mean_loss)})"
+        f"mean loss over seeds is higher ({loss_label(entry.mean_loss)} vs "
+        f"{loss_label(chosen.mean_loss)})"
     )
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else fmt_num(value)
-
-
-# --------------------------------------------------------------------------- output
-
-
-def _headers(factors: Sequence[float]) -> list[str]:
-    return [
-        "sweep rank",
-        "trial",
-        "mean loss (x1)",
-        "std",
-        "stable runs",
-        *(f"stable {_fx(f)}" for f in factors),
-        "broke first",
-        "status",
-        "reason",
-    ]
-
-
-def _cells(entry: RecheckEntry, factors: Sequence[float]) -> list[str]:
-    by_factor = {f.factor: f for f in entry.factors}
-    per_factor = [f"{o.stable}/{o.runs}" if (o := by_factor.get(f)) else "-" for f in factors]
-    broke = entry.broke_first
-    return [
-        "-" if entry.source_rank is None else str(entry.source_rank),
-        entry.source_trial,
-        _loss(entry.mean_loss) + _partial(entry),
-        _num(entry.std_loss),
-        f"{entry.stable_runs}/{entry.total_runs}",
-        *per_factor,
-        "-" if broke is None else _fx(broke),
-        entry.status,
-        entry.reason,
-    ]
-
-
-def _partial(entry: RecheckEntry) -> str:
-    # A mean over only the seeds that stayed stable flatters the config; say so in the cell.
-    if entry.mean_loss is None or entry.reproducible:
-        return ""
-    return f" ({entry.seeds_at_1x}/{entry.runs_at_1x} seeds)"
-
-
-def format_recheck(summary: RecheckSummary) -> str:
-    """Markdown (readable as-is in a terminal): the headline, then one row per config."""
-    lines = ["## Robustness re-check", "", summary.message]
-    if summary.entries:
-        factors = summary.factors
-        headers = _headers(factors)
-        lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        for entry in summary.entries:
-            cells = [c.replace("|", "\\|") for c in _cells(entry, factors)]
-            lines.append("| " + " | ".join(cells) + " |")
-        tol = f"{summary.loss_tolerance:.0%}"
-        lines += [
-            "",
-            f"Candidates: stable in every seed at x1 and within {tol} of the best "
-            "mean loss; among those, the most stable runs, then the lower mean loss.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _csv_columns(factors: Sequence[float]) -> list[str]:
-    return [
-        "sweep_rank",
-        "trial_id",
-        "status",
-        "recommended",
-        "reproducible",
-        "within_tolerance",
-        "mean_loss",
-        "std_loss",
-        "seeds_at_1x",
-        "stable_runs",
-        "total_runs",
-        "margin",
-        "neighbours_stable",
-        "broke_first",
-        *(f"stable_x{f:g}" for f in factors),
-        "reason",
-    ]
-
-
-def _csv_values(entry: RecheckEntry, factors: Sequence[float]) -> list[Any]:
-    by_factor = {f.factor: f for f in entry.factors}
-    per_factor = [f"{o.stable}/{o.runs}" if (o := by_factor.get(f)) else None for f in factors]
-    return [
-        entry.source_rank,
-        entry.source_trial,
-        entry.status,
-        entry.recommended,
-        entry.reproducible,
-        entry.within_tolerance,
-        entry.mean_loss,
-        entry.std_loss,
-        entry.seeds_at_1x,
-        entry.stable_runs,
-        entry.total_runs,
-        entry.margin,
-        entry.neighbours_stable,
-        entry.broke_first,
-        *per_factor,
-        entry.reason,
-    ]
-
-
-def format_recheck_csv(summary: RecheckSummary) -> str:
-    """Machine-readable entries, full precision, empty cells for missing values."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    factors = summary.factors
-    writer.writerow(_csv_columns(factors))
-    for entry in summary.entries:
-        writer.writerow([csv_cell(v) for v in _csv_values(entry, factors)])
-    return buffer.getvalue()
-
-
-def write_recheck(
-    summary: RecheckSummary, path_md: str | Path, path_csv: str | Path
-) -> tuple[Path, Path]:
-    """Write the Markdown report and the CSV atomically; return both paths."""
-    md = atomic_write_text(path_md, format_recheck(summary))
-    return md, atomic_write_text(path_csv, format_recheck_csv(summary))
 
 
 __all__ = [
@@ -749,12 +625,11 @@ __all__ = [
     "RecheckSummary",
     "RecheckTrial",
     "explain_plan",
-    "format_recheck",
-    "format_recheck_csv",
+    "factor_label",
+    "loss_label",
     "match_plan",
     "recheck_plan",
     "scaled_config",
     "source_config",
     "summarize",
-    "write_recheck",
 ]

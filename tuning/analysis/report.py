@@ -15,6 +15,7 @@ from pathlib import Path
 from trainer.errors import ConfigError
 from trainer.fsutil import atomic_write_text
 from tuning.analysis.advice import advise
+from tuning.analysis.best_config import write_best_stable_yaml
 from tuning.analysis.importance import (
     compute_importance,
     format_importance,
@@ -25,7 +26,6 @@ from tuning.analysis.leaderboard import (
     best_stable_record,
     build_leaderboard,
     format_table,
-    write_best_stable_yaml,
     write_csv,
     write_markdown,
 )

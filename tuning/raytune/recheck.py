@@ -11,15 +11,9 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from trainer.inputs import Inputs
-from tuning.analysis.leaderboard import write_best_stable_yaml
-from tuning.analysis.recheck import (
-    explain_plan,
-    format_recheck,
-    match_plan,
-    recheck_plan,
-    summarize,
-    write_recheck,
-)
+from tuning.analysis.best_config import write_best_stable_yaml
+from tuning.analysis.recheck import explain_plan, match_plan, recheck_plan, summarize
+from tuning.analysis.recheck_report import format_recheck, write_recheck
 from tuning.analysis.report import Report, collect_records
 from tuning.raytune.driver import fit, with_resources
 from tuning.raytune.progress import ProgressCallback
