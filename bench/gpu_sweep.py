@@ -64,8 +64,9 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
             overrides: dict, keep: Path | None = None, report_every: int = 10,
             profile_group: str = "", lr_growth: float = 1.3, tokens_per_row: float = 0.0,
             space: dict | None = None, num_samples: int = 1, search_alg: str = "grid",
-            asha: tuple[int, float] | None = None) -> dict:
+            asha: tuple[int, float] | None = None, label: str = "") -> dict:
     arm, _, arm_steps = arm.partition(":")
+    label = label or arm  # file names under `keep`: a repeated arm (cold, warm) gets its own
     steps = int(arm_steps or steps)
     group, compiled = arm.startswith("g"), arm.endswith("c")
     k = int(arm.strip("gc"))
@@ -89,7 +90,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     path = work / f"search-{arm}.yaml"
     path.write_text(dump_yaml(search))
     t0 = time.perf_counter()
-    log = open(keep / f"{arm}-sweep.log", "w") if keep is not None else subprocess.DEVNULL  # noqa: SIM115
+    log = open(keep / f"{label}-sweep.log", "w") if keep is not None else subprocess.DEVNULL  # noqa: SIM115
     try:  # the sweep's output (and its trials' and the group actor's, through Ray)
         subprocess.run([sys.executable, "-m", "tuning.sweep", str(path), "--restart"],
                        cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
@@ -103,7 +104,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     for metrics in (work / "sweeps" / f"arm-{arm}" / "trials").glob("*/metrics.jsonl"):
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         if keep is not None:  # every trial's records in one file, for a closer look
-            with (keep / f"{arm}-metrics.jsonl").open("a") as f:
+            with (keep / f"{label}-metrics.jsonl").open("a") as f:
                 f.writelines(json.dumps({"trial": metrics.parent.name, **r}) + "\n"
                              for r in recs)
         done += len(recs)
@@ -129,8 +130,8 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         profile = (sweep_dir / "group_profile.txt").read_text()
         print(profile, flush=True)
         if keep is not None:
-            (keep / f"{arm}-group_profile.txt").write_text(profile)
-    return {"arm": arm, "k": k, "shared_group": group, "steps": steps, **row_stats,
+            (keep / f"{label}-group_profile.txt").write_text(profile)
+    return {"arm": arm, "label": label, "k": k, "shared_group": group, "steps": steps, **row_stats,
             "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
             "trial_steps": done,
             "trial_steps_per_s": round(done / wall, 2),
@@ -200,11 +201,16 @@ def main() -> None:
                                 device="cuda" if _has_cuda() else "cpu")
         flops, per_row = flops_per_token(cfg, inputs)
         rows = []
-        for arm in args.k.split(","):
-            rows.append(run_arm(args.config, work, arm.strip(), args.trials, args.steps,
+        arms = [arm.strip() for arm in args.k.split(",")]
+        for i, arm in enumerate(arms):
+            # The second run of an arm is the same sweep again (warm from the first's
+            # compile cache): its files are labelled ARM-2, ARM-3, ...
+            n = arms[:i + 1].count(arm)
+            label = arm.partition(":")[0] + (f"-{n}" if n > 1 else "")
+            rows.append(run_arm(args.config, work, arm, args.trials, args.steps,
                                 args.batch, overrides, args.keep_metrics, args.report_every,
                                 args.profile_group, args.lr_growth, per_row, args.space,
-                                args.num_samples, args.search, asha))
+                                args.num_samples, args.search, asha, label))
             _finish(rows, flops, args)  # each arm as it ends: a later one may time out
 
 
