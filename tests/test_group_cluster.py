@@ -7,7 +7,12 @@ the shared-storage rule holds (tuning.raytune.driver.check_shared_storage)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 from test_group_sweep import STEPS, assert_trains_as_alone
 from test_sweep import _mlflow_rows, _sweep, _write
@@ -19,22 +24,35 @@ pytestmark = pytest.mark.slow
 LRS = [0.001, 0.002, 0.003, 0.005]
 
 
-def test_two_groups_on_two_fake_gpus_each_train_their_own_members(tmp_path):
+def _cluster():
+    """A head and a second node, 2 CPUs and one fake GPU each."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 2, "resources": {"fake_gpu": 1}})
+    cluster.add_node(num_cpus=2, resources={"fake_gpu": 1})
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def _search(tmp_path: Path, address: str, steps: int = STEPS, **edit) -> Path:
+    """Two groups (auto: one per fake GPU) of two slots, four trials."""
+    path = _write(tmp_path, {
+        "sweep.name": "pergpu", "ray.num_cpus": None, "ray.address": address,
+        "resources.shared_group": True, "resources.groups": "auto",
+        "resources.trials_per_group": 2, "resources.group_resources": {"fake_gpu": 1},
+        **edit}, drop=("max_concurrent_trials",), space={"learning_rate": {"grid": LRS}})
+    data = load_yaml_file(path)
+    data["base"]["overrides"]["model.lora.dropout"] = 0.0  # bit-comparable with solo
+    data["base"]["overrides"]["phase2.total_training_steps"] = steps
+    path.write_text(dump_yaml(data))
+    return path
+
+
+def test_two_groups_on_two_fake_gpus_each_train_their_own_members(tmp_path):
+    cluster = _cluster()
     try:
-        cluster.add_node(num_cpus=2, resources={"fake_gpu": 1})
-        cluster.wait_for_nodes()
-        path = _write(tmp_path, {
-            "sweep.name": "pergpu", "ray.num_cpus": None, "ray.address": cluster.address,
-            "resources.shared_group": True, "resources.groups": "auto",
-            "resources.trials_per_group": 2, "resources.group_resources": {"fake_gpu": 1},
-        }, drop=("max_concurrent_trials",), space={"learning_rate": {"grid": LRS}})
-        data = load_yaml_file(path)
-        data["base"]["overrides"]["model.lora.dropout"] = 0.0  # bit-comparable with solo
-        path.write_text(dump_yaml(data))
+        path = _search(tmp_path, cluster.address)
         res = _sweep(path, cwd=tmp_path)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert "shared groups: 2 processes, each up to 2 trials" in res.stdout, res.stdout
@@ -64,3 +82,66 @@ def test_two_groups_on_two_fake_gpus_each_train_their_own_members(tmp_path):
     # a member of each group trains as it would alone
     for m in members:
         assert assert_trains_as_alone(sweep_dir / "trials" / min(m), tmp_path / "solo")
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _holder(path: Path) -> psutil.Process | None:
+    """The process that holds `path` open (a member's metrics.jsonl: its group's actor)."""
+    for p in psutil.process_iter():
+        try:
+            if any(f.path == str(path) for f in p.open_files()):
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_killed_group_restarts_and_its_trials_rejoin_from_their_checkpoints(tmp_path):
+    """A group's process dies mid-sweep: Ray restarts its actor in its bundle (empty), its
+    members' trials error and Tune retries them; each retried trial leaves every group,
+    rejoins one with a free slot, resumes from its checkpoint and trains as alone."""
+    steps, proc, log = 60, None, tmp_path / "sweep.log"
+    cluster = _cluster()
+    try:
+        path = _search(tmp_path, cluster.address, steps=steps,
+                       **{"trials.checkpoint_every": 6, "trials.max_failures": 2})
+        with log.open("w") as out:  # a file, not a pipe nobody reads while the test polls
+            proc = subprocess.Popen([sys.executable, "-m", "tuning.sweep", str(path)],
+                                    cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        trials = tmp_path / "sweeps" / "pergpu" / "trials"
+        victim, deadline = None, time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            for run_dir in sorted(trials.iterdir()) if trials.is_dir() else []:
+                if 8 <= len(_steps(run_dir)) <= steps - 20:
+                    victim = run_dir
+                    break
+            time.sleep(0.05)
+        assert victim is not None, "no trial past its first checkpoint in time"
+        actor = _holder(victim / "metrics.jsonl")
+        assert actor is not None and "GroupActor" in " ".join(actor.cmdline()), actor
+        actor.kill()
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        cluster.shutdown()
+    sweep_dir = tmp_path / "sweeps" / "pergpu"
+    index = json.loads((sweep_dir / "trials.json").read_text())
+    assert len(index) == 4 and all(v["status"] == "TERMINATED" for v in index.values()), index
+    attempts = {t: len((sweep_dir / "trials" / t / "placement.jsonl").read_text().splitlines())
+                for t in index}
+    assert attempts[victim.name] >= 2, attempts  # retried
+    rows = _mlflow_rows(sweep_dir / "mlflow" / "mlflow.db")
+    children = [r for r in rows["runs"] if r in rows["parent_of"]]
+    assert len(children) == 4 and all(s == "FINISHED" for s in rows["runs"].values())
+    assert all(sorted(rows["steps"][r]) == list(range(1, steps + 1)) for r in children)
+    for trial in index:
+        run_dir = sweep_dir / "trials" / trial
+        assert _steps(run_dir) == list(range(1, steps + 1)), trial
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["end_reason"] == "completed", (trial, summary)
+    assert assert_trains_as_alone(victim, tmp_path / "solo", steps)

@@ -103,13 +103,13 @@ def test_group_sweep_runs_every_trial_as_its_own_trial(group_sweep):
     assert stats["profile_report_s"] > 0, stats  # counted apart from the steps
 
 
-def assert_trains_as_alone(run_dir: Path, solo_root: Path) -> bool:
+def assert_trains_as_alone(run_dir: Path, solo_root: Path, steps: int = STEPS) -> bool:
     """Train a member's config.resolved.yaml alone (`python -m trainer`) and assert its
     records equal the member's; False (nothing run) for a member that stopped early (a
     NaN, or ASHA: the solo twin would run on)."""
     cfg = load_yaml_file(run_dir / "config.resolved.yaml")
     group_recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    if cfg["debug"]["inject_nan_at_step"] is not None or len(group_recs) < STEPS:
+    if cfg["debug"]["inject_nan_at_step"] is not None or len(group_recs) < steps:
         return False
     cfg["output"].update(root=str(solo_root), run_name=run_dir.name)
     solo_root.mkdir(parents=True, exist_ok=True)
