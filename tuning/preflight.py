@@ -77,8 +77,16 @@ def dry_run(loaded: Loaded) -> None:
           f"{' x grid' if trial_count(cfg) != cfg.num_samples else ''}), "
           f"{cfg.max_concurrent_trials} at a time, search {cfg.search.algorithm}, "
           f"scheduler {cfg.scheduler.type}")
-    print(f"each trial: {plan.total_steps} optimizer steps (base), "
-          f"{cfg.resources.cpus_per_trial} CPU, {cfg.resources.gpus_per_trial} GPU")
+    res = cfg.resources
+    if res.shared_group:
+        print(f"each trial: {plan.total_steps} optimizer steps (base), in one of "
+              f"{res.groups} shared group(s) of "
+              f"{res.trials_per_group or 'max_concurrent_trials / groups'} slots, each group "
+              f"{res.cpus_per_trial} CPU, {res.gpus_per_trial} GPU"
+              + (f", {res.group_resources}" if res.group_resources else ""))
+    else:
+        print(f"each trial: {plan.total_steps} optimizer steps (base), "
+              f"{res.cpus_per_trial} CPU, {res.gpus_per_trial} GPU")
     print("space:")
     for key, spec in cfg.space.items():
         print(f"  {space_key_path(key)}: {spec}")
