@@ -100,3 +100,14 @@ def test_storage_every_node_reads_passes_and_one_that_differs_is_named(tmp_path)
     line = problem.line()
     assert line.startswith(f"s.yaml: sweep.storage_path: {tmp_path} is not the driver's")
     assert "node(s) 10.0.0.2, 10.0.0.3:" in line and "every node mounts" in line
+
+
+def test_the_dry_run_says_how_many_groups_run_at_a_time(tmp_path, capsys):
+    from tuning.sweep import main as sweep_main
+
+    path = _write(tmp_path, {"resources.shared_group": True, "resources.groups": 2,
+                             "resources.trials_per_group": 3},
+                  drop=("max_concurrent_trials",))
+    assert sweep_main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 at a time" in out and "in one of 2 shared group(s) of 3 slots" in out, out
