@@ -19,7 +19,11 @@ Each arm runs `python -m tuning.sweep` end to end on a generated search.yaml (gr
 (`resources.shared_group: true`: one process, one copy of the frozen model, up to K trials
 stepped together, the whole GPU); a trailing `c` (`g8c`) compiles that arm's forward
 (`model.compile=reduce-overhead`: one graph for the group, or one per trial process),
-so that eager arms and a compiled one compare in one run.
+so that eager arms and a compiled one compare in one run. An arm `NgK` (`8g8c`) runs N such
+groups side by side, one per GPU (`resources.groups: N`, `trials_per_group: K`: N x K trials
+at a time; docs/shared-group.md), e.g. on an 8-GPU node:
+
+    python bench/gpu_sweep.py configs/reference.yaml --trials 64 --k 8g8c:400,g8c:400
 Shared inputs (demo assets at reference scale, the feature cache) are built before the
 first arm and reused. Reported per arm: wall time, aggregate trial-steps/s (all
 optimizer steps of all trials / wall), aggregate tokens/s and MFU from the trials' own
@@ -68,8 +72,11 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     arm, _, arm_steps = arm.partition(":")
     label = label or arm  # file names under `keep`: a repeated arm (cold, warm) gets its own
     steps = int(arm_steps or steps)
-    group, compiled = arm.startswith("g"), arm.endswith("c")
-    k = int(arm.strip("gc"))
+    groups_s, group, rest = arm.partition("g")  # "8g8c": 8 groups of 8; "g8": one group
+    compiled = arm.endswith("c")
+    groups = int(groups_s or 1) if group else 1
+    per_group = int(rest.rstrip("c")) if group else int(arm.rstrip("c"))
+    k = groups * per_group  # trials at a time
     if compiled:
         overrides = {**overrides, "model.compile": "reduce-overhead"}
     gpus = (1.0 if group else round(1.0 / k, 4)) if _has_cuda() else 0
@@ -84,7 +91,8 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         "search": {"algorithm": search_alg},
         "scheduler": ({"type": "asha", "grace_period": asha[0], "reduction_factor": asha[1],
                        "max_t": steps} if asha else {"type": "fifo"}),
-        "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus, "shared_group": group},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": gpus, "shared_group": bool(group),
+                      **({"groups": groups, "trials_per_group": per_group} if group else {})},
         "trials": {"report_every": report_every, "checkpoint_every": 0},
     }
     path = work / f"search-{arm}.yaml"
@@ -123,15 +131,18 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     if (sweep_dir / "group_stats.json").exists():  # a shared group: steps against waits
         stats = json.loads((sweep_dir / "group_stats.json").read_text())
         row_stats = {"group_stats": stats}
-        # The actor counts steps over 5 s as compiles (tuning.group_actor.GroupStats).
-        compile_s = stats["long_step_s"]
-        train_s = stats["step_s"] - stats["long_step_s"]
+        # The actor counts steps over 5 s as compiles (tuning.group_actor.GroupStats);
+        # groups side by side ({"groups": [...]}) overlap: the longest one's.
+        each = stats.get("groups", [stats])
+        compile_s = max(g["long_step_s"] for g in each)
+        train_s = max(g["step_s"] - g["long_step_s"] for g in each)
     if (sweep_dir / "group_profile.txt").exists():
         profile = (sweep_dir / "group_profile.txt").read_text()
         print(profile, flush=True)
         if keep is not None:
             (keep / f"{label}-group_profile.txt").write_text(profile)
-    return {"arm": arm, "label": label, "k": k, "shared_group": group, "steps": steps, **row_stats,
+    return {"arm": arm, "label": label, "k": k, "groups": groups, "shared_group": bool(group),
+            "steps": steps, **row_stats,
             "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
             "trial_steps": done,
             "trial_steps_per_s": round(done / wall, 2),
@@ -149,6 +160,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--k", default="1,4,g8",
                     help="arms: K = K processes with 1/K GPU each; gK = one shared group of K; "
+                         "NgK = N groups of K, one per GPU; "
                          "a trailing c compiles the arm (reduce-overhead); ARM:STEPS gives "
                          "that arm its own steps per trial (a compiled group needs many "
                          "steps for its steady state to outweigh its compile)")

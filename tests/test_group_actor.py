@@ -334,3 +334,24 @@ def test_the_actors_group_has_the_sweeps_capacity_in_slots(tiny):
     with group._step_lock:
         group._fail_all("a failed step")
     assert group._group.slots == 3
+
+
+def test_a_full_group_refuses_a_join_until_a_slot_is_free(tiny):
+    """`join` counts and adds under the step lock: a group of one slot takes one member,
+    says False to the next (the trial then tries another group, or waits), takes its
+    own member back (a retried trial), and the next one once the first has left."""
+    cfg = tiny(run_name="m0")
+    group = GroupActor(prepare_inputs(cfg, log=lambda *_: None), "cpu", report_every=2,
+                       orphan_timeout_s=600, slots=1)
+    data = {m: {**cfg.to_plain(), "output": {**cfg.to_plain()["output"], "run_name": m}}
+            for m in ("m0", "m1")}
+    assert group.join("m0", data["m0"], resume=False)
+    assert group.load() == 1 and group.load(but="m0") == 0
+    assert not group.join("m1", data["m1"], resume=False)
+    assert "m1" not in group._members
+    assert group.join("m0", data["m0"], resume=True)  # a retried trial replaces itself
+    group.leave("m0")
+    assert group.load() == 0
+    assert group.join("m1", data["m1"], resume=False)
+    assert group.stats()["members"] == ["m0", "m1"]
+    group.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -102,28 +103,35 @@ def test_group_sweep_runs_every_trial_as_its_own_trial(group_sweep):
     assert stats["profile_report_s"] > 0, stats  # counted apart from the steps
 
 
+def assert_trains_as_alone(run_dir: Path, solo_root: Path, steps: int = STEPS) -> bool:
+    """Train a member's config.resolved.yaml alone (`python -m trainer`) and assert its
+    records equal the member's; False (nothing run) for a member that stopped early (a
+    NaN, or ASHA: the solo twin would run on)."""
+    cfg = load_yaml_file(run_dir / "config.resolved.yaml")
+    group_recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if cfg["debug"]["inject_nan_at_step"] is not None or len(group_recs) < steps:
+        return False
+    cfg["output"].update(root=str(solo_root), run_name=run_dir.name)
+    solo_root.mkdir(parents=True, exist_ok=True)
+    solo_yaml = solo_root / f"{run_dir.name}.yaml"
+    solo_yaml.write_text(dump_yaml(cfg))
+    done = subprocess.run([sys.executable, "-m", "trainer", str(solo_yaml)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    solo = solo_root / run_dir.name / "metrics.jsonl"
+    solo_recs = [json.loads(x) for x in solo.read_text().splitlines()]
+    assert [r["step"] for r in group_recs] == [r["step"] for r in solo_recs]
+    for g, s in zip(group_recs, solo_recs, strict=True):
+        for key in ("loss", "grad_norm", "lr/projector", "lr/lora"):
+            assert g[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (run_dir, key, g)
+    return True
+
+
 def test_group_members_train_exactly_as_alone(group_sweep, tmp_path):
     tmp, res = group_sweep
     assert res.returncode == 0
-    compared = 0
-    for run_dir in sorted((tmp / "sweeps" / "group" / "trials").iterdir()):
-        cfg = load_yaml_file(run_dir / "config.resolved.yaml")
-        group_recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        if cfg["debug"]["inject_nan_at_step"] is not None or len(group_recs) < STEPS:
-            continue  # stopped early (NaN or ASHA): the solo twin would run on
-        cfg["output"].update(root=str(tmp_path / "solo"), run_name=run_dir.name)
-        solo_yaml = tmp_path / f"{run_dir.name}.yaml"
-        solo_yaml.write_text(dump_yaml(cfg))
-        done = subprocess.run([sys.executable, "-m", "trainer", str(solo_yaml)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        solo = tmp_path / "solo" / run_dir.name / "metrics.jsonl"
-        solo_recs = [json.loads(x) for x in solo.read_text().splitlines()]
-        assert [r["step"] for r in group_recs] == [r["step"] for r in solo_recs]
-        for g, s in zip(group_recs, solo_recs, strict=True):
-            for key in ("loss", "grad_norm", "lr/projector", "lr/lora"):
-                assert g[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (run_dir, key, g)
-        compared += 1
+    compared = sum(assert_trains_as_alone(run_dir, tmp_path / "solo")
+                   for run_dir in sorted((tmp / "sweeps" / "group" / "trials").iterdir()))
     assert compared >= 1  # ASHA keeps at least the best clean trial to the end
 
 

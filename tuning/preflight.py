@@ -15,7 +15,13 @@ from trainer.errors import ConfigError, Problem
 from trainer.group_rules import SHARED_KEYS
 from trainer.inputs import train_size
 from trainer.plan import plan_steps
-from tuning.search_config import Loaded, domain_problems, space_key_path, trial_count
+from tuning.search_config import (
+    Loaded,
+    SearchConfig,
+    domain_problems,
+    space_key_path,
+    trial_count,
+)
 from tuning.sweep_dir import resolve_sweep_dir
 
 
@@ -66,6 +72,21 @@ def group_problems(loaded: Loaded) -> list[Problem]:
     return problems
 
 
+def _at_a_time(cfg: SearchConfig) -> str:
+    """Trials at once: max_concurrent_trials, or (shared groups with trials_per_group)
+    groups x trials_per_group, capped by an explicit max_concurrent_trials; with
+    groups: auto the count is known only once Ray is up."""
+    res = cfg.resources
+    if not res.shared_group or res.trials_per_group is None:
+        return str(cfg.max_concurrent_trials)
+    if res.groups == "auto":
+        return f"(groups x {res.trials_per_group})"
+    n = res.groups * res.trials_per_group
+    if "max_concurrent_trials" in cfg.model_fields_set:
+        n = min(n, cfg.max_concurrent_trials)
+    return str(n)
+
+
 def dry_run(loaded: Loaded) -> None:
     """`--dry-run`: what the sweep would do (no Ray, nothing written); the LLM and LoRA
     targets checked on the meta device and every media file of the user's manifests opened
@@ -75,10 +96,18 @@ def dry_run(loaded: Loaded) -> None:
     print(f"sweep {cfg.sweep.name} -> {resolve_sweep_dir(loaded)}")
     print(f"trials: {trial_count(cfg)} ({cfg.num_samples} samples"
           f"{' x grid' if trial_count(cfg) != cfg.num_samples else ''}), "
-          f"{cfg.max_concurrent_trials} at a time, search {cfg.search.algorithm}, "
+          f"{_at_a_time(cfg)} at a time, search {cfg.search.algorithm}, "
           f"scheduler {cfg.scheduler.type}")
-    print(f"each trial: {plan.total_steps} optimizer steps (base), "
-          f"{cfg.resources.cpus_per_trial} CPU, {cfg.resources.gpus_per_trial} GPU")
+    res = cfg.resources
+    if res.shared_group:
+        print(f"each trial: {plan.total_steps} optimizer steps (base), in one of "
+              f"{res.groups} shared group(s) of "
+              f"{res.trials_per_group or 'max_concurrent_trials / groups'} slots, each group "
+              f"{res.cpus_per_trial} CPU, {res.gpus_per_trial} GPU"
+              + (f", {res.group_resources}" if res.group_resources else ""))
+    else:
+        print(f"each trial: {plan.total_steps} optimizer steps (base), "
+              f"{res.cpus_per_trial} CPU, {res.gpus_per_trial} GPU")
     print("space:")
     for key, spec in cfg.space.items():
         print(f"  {space_key_path(key)}: {spec}")

@@ -82,6 +82,34 @@ class Resources(_Strict):
     # gpus_per_trial GPUs in all, and each trial's own process only relays its reports.
     shared_group: bool = False
     group_orphan_timeout_s: float = Field(120.0, gt=0)  # a member nobody polls is dropped
+    # Shared groups side by side, one per GPU (docs/shared-group.md): each holds the
+    # resources above plus group_resources, pinned through a placement group bundle.
+    # "auto" = as many as the cluster holds of them (its GPUs, or group_resources'), 1 on
+    # a cluster without either.
+    groups: int | Literal["auto"] = Field(1)
+    # A group's capacity (its compiled forward's slots); null = max_concurrent_trials over
+    # the groups. Set, the sweep runs groups x trials_per_group trials at a time.
+    trials_per_group: int | None = Field(None, ge=1)
+    # Custom Ray resources each group also holds, e.g. {fake_gpu: 1} (the tests' stand-in
+    # for a GPU on CPU) or a node type's own resource.
+    group_resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1, or auto")
+        return v
+
+    @field_validator("group_resources")
+    @classmethod
+    def _group_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "cpu", "gpu", "memory"):
+                raise ValueError(f"{name}: set cpus_per_trial / gpus_per_trial instead")
+            if not amount > 0:
+                raise ValueError(f"{name}: {amount} must be > 0")
+        return v
 
 
 class Stopping(_Strict):
@@ -312,6 +340,7 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
         problems.append(Problem(src, "scheduler.grace_period",
                                 f"{cfg.scheduler.grace_period} > max_t {cfg.scheduler.max_t}",
                                 "lower grace_period or raise max_t"))
+    problems += _check_groups(src, cfg)
     if cfg.mlflow.tracking_uri and not cfg.mlflow.tracking_uri.startswith(
             ("http://", "https://", "sqlite:///", "postgresql://", "file:")):
         problems.append(Problem(src, "mlflow.tracking_uri", "unsupported URI scheme",
@@ -322,6 +351,25 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     if problems:
         raise ConfigError(problems)
     return Loaded(path, cfg, base_data, base, raw)
+
+
+def _check_groups(src: str, cfg: SearchConfig) -> list[Problem]:
+    """Group keys that only a shared group reads, and a concurrency no slot could take."""
+    res = cfg.resources
+    set_keys = [k for k in ("groups", "trials_per_group", "group_resources")
+                if k in res.model_fields_set and getattr(res, k) not in (1, None, {})]
+    if not res.shared_group:
+        return [Problem(src, f"resources.{k}", "applies only to a shared group",
+                        "set resources.shared_group: true, or remove it") for k in set_keys]
+    if (isinstance(res.groups, int) and res.trials_per_group is not None
+            and "max_concurrent_trials" in cfg.model_fields_set
+            and cfg.max_concurrent_trials > res.groups * res.trials_per_group):
+        return [Problem(src, "max_concurrent_trials",
+                        f"{cfg.max_concurrent_trials} > groups {res.groups} x trials_per_group "
+                        f"{res.trials_per_group}: trials would wait for a free slot",
+                        "leave max_concurrent_trials out (it is groups x trials_per_group), "
+                        "or raise trials_per_group")]
+    return []
 
 
 def trial_count(cfg: SearchConfig) -> int:

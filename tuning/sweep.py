@@ -92,11 +92,13 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         driver.init_ray(loaded, ray_log_level)
         clock.append(("Ray start", time.time()))
         trainable, group = driver.build_trainable(cfg, sweep_dir, loaded.base_data, inputs,
-                                                  opts, loaded.base.model.compile, profile)
+                                                  opts, loaded.base.model.compile, profile,
+                                                  src)
         index = driver.fit_sweep(
             loaded, sweep_dir, trainable,
             publish.sweep_callback(loaded, experiment, mlflow_dir, sweep_dir / SNAPSHOT),
-            total_steps=plan.total_steps, ray_log_level=ray_log_level, resume=resume)
+            total_steps=plan.total_steps, ray_log_level=ray_log_level, resume=resume,
+            groups=group)
         if group is not None:
             driver.close_group(group, sweep_dir)
         clock.append(("trials", time.time()))
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_sweep(loaded, resume_flag=args.resume, restart=args.restart,
                          recheck_k=args.recheck, ray_log_level=ray_log_level)
     except ConfigError as e:
+        shutdown_ray()  # a problem found after Ray started (the shared groups' resources)
         return _fail(e.lines())
     except OSError as e:
         where = _storage_of(args.config, args.overrides)

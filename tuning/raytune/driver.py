@@ -1,6 +1,7 @@
 """The sweep's Ray Tune driver: starting Ray, each trial's trainable with its resources (and
-the shared group's actor), the searcher and scheduler, one Tuner run or restore under our
-interrupt handling, and the shared group's closing figures."""
+the shared groups' actors, one per GPU, with the storage check they need), the searcher and
+scheduler, one Tuner run or restore under our interrupt handling, and the shared groups'
+closing figures."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +23,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
 from trainer.inputs import Inputs
 from tuning.analysis.report import TRIALS_INDEX
@@ -52,6 +57,12 @@ GROUP_PROFILE_ENV, GROUP_PROFILE = "PHASE2_GROUP_PROFILE", "group_profile.txt"
 # How long the shared group may take to close the runs of members whose clients left
 # (each writes its summary, weights and last checkpoint).
 GROUP_CLOSE_TIMEOUT_S = 300.0
+# How long the groups' placement group may take to be placed (the cluster holds its
+# resources, checked before: only other work can hold it back) ...
+GROUP_PLACEMENT_TIMEOUT_S = 300.0
+# ... and every node to answer the storage check (one tiny task each).
+STORAGE_PROBE_TIMEOUT_S = 60.0
+STORAGE_PROBE = ".storage_probe"  # in the sweep dir: what every node must read back
 
 
 def _searcher(loaded: Loaded) -> Searcher | None:
@@ -160,31 +171,173 @@ def group_profile(value: str | None, sweep_dir: Path) -> tuple[str, int, int] | 
     return str(sweep_dir / GROUP_PROFILE), int(steps), int(warm or 20)
 
 
+@dataclass(frozen=True)
+class GroupPlan:
+    """How a sweep's shared groups are laid out (``plan_groups``)."""
+
+    groups: int
+    slots: int  # per group: trials_per_group
+    concurrency: int  # Tune's max_concurrent_trials
+    bundle: dict[str, float]  # one group's Ray resources ("CPU", "GPU", custom ones)
+
+
+def plan_groups(cfg: SearchConfig, cluster: dict[str, float], src: str) -> GroupPlan:
+    """The groups, their slots and the sweep's concurrency, from ``resources`` and the
+    cluster's resources (``ray.cluster_resources()``); ConfigError when the cluster cannot
+    hold the groups (a placement group would wait for them forever)."""
+    res = cfg.resources
+    bundle = {"CPU": res.cpus_per_trial, "GPU": res.gpus_per_trial, **res.group_resources}
+    bundle = {k: v for k, v in bundle.items() if v > 0}
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
+    if res.groups == "auto":
+        # Groups are per accelerator: without one asked for (CPU only) a sweep is one group.
+        groups = fits if set(bundle) - {"CPU"} else 1
+        if groups < 1:
+            short = [f"{k} {v:g}" for k, v in bundle.items() if cluster.get(k, 0.0) < v]
+            raise ConfigError([Problem(src, "resources.groups", "auto: the Ray cluster has "
+                                       f"no room for one group ({', '.join(short)})",
+                                       "lower gpus_per_trial / group_resources, or add "
+                                       "nodes that have them")])
+    else:
+        groups = res.groups
+        for k, v in bundle.items():
+            if cluster.get(k, 0.0) + 1e-9 < groups * v:
+                raise ConfigError([Problem(
+                    src, "resources.groups", f"{groups} groups need {groups * v:g} {k} "
+                    f"({v:g} each), the Ray cluster has {cluster.get(k, 0.0):g}",
+                    "lower resources.groups, or set it to auto")])
+    if res.trials_per_group is None:  # max_concurrent_trials spread over the groups
+        slots, concurrency = math.ceil(cfg.max_concurrent_trials / groups), \
+            cfg.max_concurrent_trials
+    else:
+        slots = res.trials_per_group
+        concurrency = groups * slots
+        if "max_concurrent_trials" in cfg.model_fields_set:  # asked for fewer at once
+            concurrency = min(concurrency, cfg.max_concurrent_trials)
+    return GroupPlan(groups, slots, concurrency, bundle)
+
+
+def check_shared_storage(sweep_dir: Path, src: str) -> None:
+    """ConfigError unless every alive Ray node reads the driver's sweep dir.
+
+    A group writes its members' run dirs and checkpoints on its node and each member's
+    trial reports them from its own (Tune then persists them under the same storage), so
+    on a multi-node cluster ``sweep.storage_path`` must be one filesystem every node mounts.
+    The driver writes a fresh token there and a task on each node reads it back."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    probe = sweep_dir / STORAGE_PROBE
+    atomic_write_text(probe, token)
+    try:
+        read = ray.remote(num_cpus=0)(_read_token)
+        refs = [read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(str(probe)) for n in nodes]
+        seen = ray.get(refs, timeout=STORAGE_PROBE_TIMEOUT_S)
+    finally:
+        probe.unlink(missing_ok=True)
+    problem = storage_problem(sweep_dir, token, [
+        (n["NodeManagerAddress"], got) for n, got in zip(nodes, seen, strict=True)], src)
+    if problem is not None:
+        raise ConfigError([problem])
+
+
+def storage_problem(sweep_dir: Path, token: str, seen: list[tuple[str, str | None]],
+                    src: str) -> Problem | None:
+    """The storage check's verdict on what each node (its address) read back."""
+    blind = [address for address, got in seen if got != token]
+    if blind:
+        return Problem(
+            src, "sweep.storage_path", f"{sweep_dir} is not the driver's directory on Ray "
+            f"node(s) {', '.join(blind)}: shared groups on several nodes write run dirs and "
+            "checkpoints that trials on other nodes read",
+            "put it on a filesystem every node mounts (PHASE2_TUNE_STORAGE_PATH), or run "
+            "the sweep on one node")
+    return None
+
+
+def _read_token(path: str) -> str | None:
+    """On one node: the storage check's token as that node sees it (None: no file)."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+@dataclass
+class SharedGroups:
+    """The sweep's group actors, the placement group that pins them, and their plan."""
+
+    plan: GroupPlan
+    actors: list[Any] = field(default_factory=list)
+    placement: Any = None
+
+
+def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: Inputs,
+                 profile: tuple[str, int, int] | None) -> tuple[SharedGroups, list[str]]:
+    """Reserve one bundle per group (its CPUs, GPU, custom resources) in one placement
+    group, and start each group's actor in its bundle; the groups and the actors' names."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    res = cfg.resources
+    # PACK: groups fill a node's GPUs before the next node's (one process per GPU, Ray
+    # sets each actor's CUDA_VISIBLE_DEVICES to its bundle's GPU).
+    pg = placement_group([dict(plan.bundle)] * plan.groups, strategy="PACK")
+    if not pg.wait(GROUP_PLACEMENT_TIMEOUT_S):
+        remove_placement_group(pg)
+        raise RuntimeError(f"the shared groups' resources ({plan.groups} x {plan.bundle}) "
+                           f"were not free within {GROUP_PLACEMENT_TIMEOUT_S:.0f}s: other "
+                           "work holds them")
+    key = hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:16]
+    groups = SharedGroups(plan, placement=pg)
+    names = [group_actor_name(key, i) for i in range(plan.groups)]
+    for i, name in enumerate(names):
+        # A profile of the first group only: one report, not N racing for one file.
+        groups.actors.append(start_group_actor(
+            name, inputs, report_every=cfg.trials.report_every,
+            num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
+            orphan_timeout_s=res.group_orphan_timeout_s,
+            profile=profile if i == 0 else None, slots=plan.slots,
+            compile_cache=str(sweep_dir.parent / COMPILE_CACHE),
+            resources=dict(res.group_resources),
+            scheduling=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)))
+    return groups, names
+
+
 def build_trainable(cfg: SearchConfig, sweep_dir: Path, base: dict[str, Any],
                     inputs: Inputs, opts: TrialOptions, compile_mode: str,
-                    profile: tuple[str, int, int] | None) -> tuple[Any, Any]:
-    """The Tune trainable, and the shared group's actor when ``resources.shared_group``
-    (`profile`: its `group_profile`)."""
+                    profile: tuple[str, int, int] | None,
+                    src: str = "search.yaml") -> tuple[Any, SharedGroups | None]:
+    """The Tune trainable, and the shared groups when ``resources.shared_group``
+    (`profile`: the first group's `group_profile`; `src`: search.yaml, for errors)."""
     if not cfg.resources.shared_group:
         return with_resources(run_trial, cfg, base=base, inputs=inputs, opts=opts), None
-    name = group_actor_name(hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:16])
-    actor = start_group_actor(name, inputs, report_every=cfg.trials.report_every,
-                              num_cpus=cfg.resources.cpus_per_trial,
-                              num_gpus=cfg.resources.gpus_per_trial,
-                              orphan_timeout_s=cfg.resources.group_orphan_timeout_s,
-                              profile=profile, slots=cfg.max_concurrent_trials,
-                              compile_cache=str(sweep_dir.parent / COMPILE_CACHE))
-    compiled = (f"; its forward is compiled once for {cfg.max_concurrent_trials} member slots "
+    plan = plan_groups(cfg, ray.cluster_resources(), src)
+    check_shared_storage(sweep_dir, src)
+    groups, names = start_groups(cfg, plan, sweep_dir, inputs, profile)
+    compiled = (f"; its forward is compiled once for {plan.slots} member slots "
                 "(minutes at reference scale): trials join and leave without a recompile"
                 if compile_mode != "off" else "")
-    print(f"[sweep] shared group: up to {cfg.max_concurrent_trials} trials in one process "
-          f"over one copy of the frozen model ({cfg.resources.cpus_per_trial} CPU, "
-          f"{cfg.resources.gpus_per_trial} GPU){compiled}")
-    # A member's own process only relays reports: a token CPU share, no GPU.
+    res = cfg.resources
+    if plan.groups == 1:
+        print(f"[sweep] shared group: up to {plan.slots} trials in one process "
+              f"over one copy of the frozen model ({res.cpus_per_trial} CPU, "
+              f"{res.gpus_per_trial} GPU){compiled}")
+    else:
+        print(f"[sweep] shared groups: {plan.groups} processes, each up to {plan.slots} "
+              f"trials over its own copy of the frozen model ({plan.bundle} each), "
+              f"{plan.concurrency} trials at a time{compiled}")
+    # A member's own process only relays reports: a token CPU share, no GPU. It waits for
+    # a free slot as long as an orphan may hold one (and a minute for the leave's way).
     member = tune.with_resources(
-        tune.with_parameters(run_group_member, base=base, opts=opts, actor_name=name),
+        tune.with_parameters(run_group_member, base=base, opts=opts, actor_names=names,
+                             join_wait_s=res.group_orphan_timeout_s + 60.0),
         {"cpu": 0.01})
-    return member, actor
+    return member, groups
 
 
 def trial_options(cfg: SearchConfig, trials_dir: Path) -> TrialOptions:
@@ -199,16 +352,19 @@ def trial_options(cfg: SearchConfig, trials_dir: Path) -> TrialOptions:
 
 
 def fit_sweep(loaded: Loaded, sweep_dir: Path, trainable: Any, tracking: tune.Callback, *,
-              total_steps: int, ray_log_level: int, resume: bool) -> dict[str, Any]:
+              total_steps: int, ray_log_level: int, resume: bool,
+              groups: SharedGroups | None = None) -> dict[str, Any]:
     """The sweep's own Tuner: the space, the searcher and scheduler, `tracking` (the MLflow
-    callback) and the live table. Returns the trials' final statuses."""
+    callback) and the live table; as many trials at a time as `groups` have slots for.
+    Returns the trials' final statuses."""
     cfg = loaded.cfg
+    concurrent = groups.plan.concurrency if groups is not None else cfg.max_concurrent_trials
     return fit(
         sweep_dir, trainable,
         param_space=param_space(cfg.space),
         tune_config=tune.TuneConfig(
             metric=cfg.search.metric, mode="min", num_samples=cfg.num_samples,
-            max_concurrent_trials=cfg.max_concurrent_trials, search_alg=_searcher(loaded),
+            max_concurrent_trials=concurrent, search_alg=_searcher(loaded),
             scheduler=_scheduler(loaded, total_steps),
             time_budget_s=cfg.stopping.time_budget_s, reuse_actors=True),
         callbacks=[tracking, ProgressCallback(
@@ -219,19 +375,27 @@ def fit_sweep(loaded: Loaded, sweep_dir: Path, trainable: Any, tracking: tune.Ca
         resume=resume)
 
 
-def close_group(group: Any, sweep_dir: Path) -> None:
-    """After the trials: the shared group's figures to GROUP_STATS, its members' runs
-    closed, and the actor killed (its GPU memory freed for the recheck)."""
+def close_group(groups: SharedGroups, sweep_dir: Path) -> None:
+    """After the trials: the shared groups' figures to GROUP_STATS (one group's, or
+    ``{"groups": [...]}``), their members' runs closed, and the actors killed and their
+    placement group removed (the GPU memory freed for the recheck)."""
+    from ray.util.placement_group import remove_placement_group
+
     try:  # the figures only: a failure here must not keep the members open
-        stats = ray.get(group.stats.remote(), timeout=30)  # never waits for a step
-        atomic_write_text(sweep_dir / GROUP_STATS, json.dumps(stats, indent=2) + "\n")
-        print(f"[sweep] shared group: {describe_stats(stats)} "
-              f"(details: {sweep_dir / GROUP_STATS})")
+        stats = ray.get([g.stats.remote() for g in groups.actors], timeout=30)  # no step waits
+        data = stats[0] if len(stats) == 1 else {"groups": stats}
+        atomic_write_text(sweep_dir / GROUP_STATS, json.dumps(data, indent=2) + "\n")
+        for i, one in enumerate(stats):
+            which = "shared group" + (f" {i}" if len(stats) > 1 else "")
+            print(f"[sweep] {which}: {describe_stats(one)} (details: {sweep_dir / GROUP_STATS})")
     except Exception as e:
         print(f"[sweep] warning: no shared-group stats: {e}", file=sys.stderr)
     try:  # stopped trials' runs end even if their client's leave is still in flight
-        ray.get(group.close.remote(), timeout=GROUP_CLOSE_TIMEOUT_S)
+        ray.get([g.close.remote() for g in groups.actors], timeout=GROUP_CLOSE_TIMEOUT_S)
     except Exception as e:  # a dead or stuck actor: its runs stay as they are on disk
-        print(f"[sweep] warning: the shared group did not close its members: {e}",
+        print(f"[sweep] warning: a shared group did not close its members: {e}",
               file=sys.stderr)
-    ray.kill(group)  # every member finished; free its GPU memory for the recheck
+    for group in groups.actors:
+        ray.kill(group)  # every member finished; free its GPU memory for the recheck
+    if groups.placement is not None:
+        remove_placement_group(groups.placement)

@@ -24,9 +24,20 @@ A member whose client went away (stopped by Tune, or its worker died) is dropped
 first step compiles for minutes, holding the GIL for long stretches) does not count
 against the members' silence.
 
-Ownership: the driver creates the actor before ``Tuner.fit`` (a Ray actor dies with its
-owner, so a trial process must not own it); trials look it up by name. Trials must run on the
-actor's node (run dirs are local paths); on one machine this always holds.
+Ownership: the driver creates the actors before ``Tuner.fit`` (a Ray actor dies with its
+owner, so a trial process must not own it); trials look them up by name.
+
+One group per GPU (``resources.groups``): the driver starts N actors, each in its own bundle
+of one placement group (its GPU, or ``resources.group_resources``), each with K slots
+(``resources.trials_per_group``). A trial joins the least loaded group that has a free
+slot: ``join`` counts and adds under the actor's step lock, so two trials never take one
+slot, and a group that is full says so (``False``) and the trial tries the next one, and
+waits while every slot is taken (a stopped trial's ``leave`` may still be on its way). A
+retried or restored trial first leaves every group (its old member, wherever it was),
+then joins like any other, resuming from its checkpoint. Members' run dirs and
+checkpoints are paths under ``sweep.storage_path``, written by the group's node and read
+by the trial's: on a multi-node cluster that must be one filesystem every node mounts
+(the driver checks it: ``tuning.raytune.driver.check_shared_storage``).
 """
 
 from __future__ import annotations
@@ -61,10 +72,13 @@ JOIN_WAIT_S = 10.0
 # Reports a member may have made that its client has not yet returned from (module docstring);
 # 0 pauses it at every report, as a solo trial blocks in tune.report.
 REPORTS_AHEAD = 1
+# How often a trial that found every group's slots taken asks again.
+JOIN_RETRY_S = 1.0
 
 
-def group_actor_name(sweep_key: str) -> str:
-    return f"{GROUP_ACTOR_PREFIX}{sweep_key}"
+def group_actor_name(sweep_key: str, index: int = 0) -> str:
+    """The name of the sweep's `index`-th group actor (the first keeps the old name)."""
+    return f"{GROUP_ACTOR_PREFIX}{sweep_key}" + (f"-{index}" if index else "")
 
 
 @dataclass
@@ -251,17 +265,22 @@ class GroupActor:
         self._joined_at = 0.0  # when the newest member joined (time.monotonic)
         self._makeup: tuple[str, ...] = ()  # the members of the last group step
         self._stats = GroupStats()
+        self._joined: set[str] = set()  # every member that ever joined (group_stats.json)
         self._profiler = (StepProfiler(Path(profile[0]), profile[1], warm=profile[2],
                                        long_s=POLL_WAIT_S) if profile else None)
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
 
-    def join(self, member_id: str, cfg_data: dict[str, Any], resume: bool) -> None:
-        """Add (or, for a retried trial, replace) a member; errors raise in the caller."""
+    def join(self, member_id: str, cfg_data: dict[str, Any], resume: bool) -> bool:
+        """Add (or, for a retried trial, replace) a member; errors raise in the caller.
+        False (nothing changed) when all of the group's `slots` are taken by others: the
+        count and the add are one step under the step lock, so no two trials take a slot."""
         from trainer.config import config_from_data
 
         cfg = config_from_data(cfg_data, f"trial {member_id}")
         with self._step_lock:
+            if self._slots is not None and self.load(but=member_id) >= self._slots:
+                return False
             self._drop(member_id)  # a retried trial's old member, if still there
             member = _Member()
             sink = _QueueSink(member, self._lock, self._report_every)
@@ -271,10 +290,18 @@ class GroupActor:
             with self._lock:
                 self._failed.pop(member_id, None)  # a retry of a trial a failed step dropped
                 self._members[member_id] = member
+                self._joined.add(member_id)
                 self._joined_at = time.monotonic()
                 if self._stats.started is None:
                     self._stats.started = self._joined_at
                 self._wake()
+        return True
+
+    def load(self, but: str | None = None) -> int:
+        """The members training now (finished ones wait only for their last poll), other
+        than `but`: how many of the group's slots are taken."""
+        with self._lock:
+            return sum(not s.done for m, s in self._members.items() if m != but)
 
     def poll(self, member_id: str) -> tuple[list[tuple[str, Any]], bool]:
         """Events since the last poll (waits up to POLL_WAIT_S for one); and whether the
@@ -323,9 +350,11 @@ class GroupActor:
             self._drop(member_id)
 
     def stats(self) -> dict[str, Any]:
-        """Where the step thread's time went so far (``GroupStats``), as plain data."""
+        """Where the step thread's time went so far (``GroupStats``), as plain data, with
+        the members that ever joined and the Ray node the group ran on."""
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         with self._lock:
-            return self._stats.as_dict()
+            return {**self._stats.as_dict(), "members": sorted(self._joined), "node_id": node}
 
     def close(self) -> list[str]:
         """End every member still here (the sweep is over); the ones it ended.
@@ -486,31 +515,59 @@ def describe_stats(stats: dict[str, Any]) -> str:
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
                       num_gpus: float, orphan_timeout_s: float,
                       profile: tuple[str, int, int] | None = None,
-                      slots: int | None = None, compile_cache: str | None = None) -> Any:
-    """Create the sweep's group actor (owned by the driver); returns its handle.
-    `slots`: the group's capacity, the sweep's max_concurrent_trials; `compile_cache`: a
-    directory for its compiled artifacts, shared by the sweeps of one storage."""
+                      slots: int | None = None, compile_cache: str | None = None,
+                      resources: dict[str, float] | None = None,
+                      scheduling: Any = None) -> Any:
+    """Create one of the sweep's group actors (owned by the driver); returns its handle.
+    `slots`: the group's capacity (resources.trials_per_group); `compile_cache`: a
+    directory for its compiled artifacts, shared by the sweeps of one storage;
+    `resources`: custom Ray resources it also holds; `scheduling`: its Ray scheduling
+    strategy (the driver's: its bundle of the sweep's placement group)."""
     device = "cuda" if num_gpus > 0 else "cpu"
     cls = ray.remote(GroupActor)
     # max_concurrency: polls block (up to POLL_WAIT_S) in threads; one per member plus joins.
     # max_restarts: a crashed group comes back empty, its trials error and are retried
-    # from their checkpoints (FailureConfig), rejoining the new actor.
+    # from their checkpoints (FailureConfig), rejoining a group (a restart keeps its bundle).
     return cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
+                       resources=resources or None, scheduling_strategy=scheduling,
                        max_concurrency=64, max_restarts=3).remote(
         inputs, device, report_every, orphan_timeout_s, profile, slots, compile_cache)
 
 
+def join_group(actors: list[Any], member_id: str, cfg_data: dict[str, Any], resume: bool,
+               wait_s: float) -> Any:
+    """Join `member_id` to the least loaded of `actors` with a free slot; its handle.
+
+    With several groups a retried trial's old member may sit in any of them: it leaves
+    them all first (two members of one trial would write one run dir). Every slot taken
+    (a leaving trial's ``leave`` still on its way, an orphan not yet dropped): it asks
+    again every JOIN_RETRY_S, up to `wait_s`, then raises (Tune retries the trial)."""
+    if len(actors) > 1:
+        ray.get([a.leave.remote(member_id) for a in actors])
+    deadline = time.monotonic() + wait_s
+    while True:
+        loads = ray.get([a.load.remote() for a in actors])
+        for i in sorted(range(len(actors)), key=lambda i: (loads[i], i)):
+            if ray.get(actors[i].join.remote(member_id, cfg_data, resume)):
+                return actors[i]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"trial {member_id}: no shared group had a free slot for "
+                               f"{wait_s:.0f}s (loads {loads})")
+        time.sleep(JOIN_RETRY_S)
+
+
 def run_group_member(config: dict[str, Any], *, base: dict[str, Any], opts: Any,
-                     actor_name: str) -> None:
-    """Ray Tune function trainable: one trial as a member of the sweep's shared group."""
+                     actor_names: list[str], join_wait_s: float = 300.0) -> None:
+    """Ray Tune function trainable: one trial as a member of one of the sweep's shared
+    groups (`actor_names`; `join_wait_s`: how long it waits for a free slot)."""
     from tuning.raytune.trainable import RayReportSink, start_trial
 
     start = start_trial(config, base, opts)
     if start is None:
         return
     trial_id, run_dir, watchdog = start.trial_id, start.run_dir, start.watchdog
-    actor = ray.get_actor(actor_name)
-    ray.get(actor.join.remote(trial_id, start.data, start.resume))
+    actors = [ray.get_actor(name) for name in actor_names]
+    actor = join_group(actors, trial_id, start.data, start.resume, join_wait_s)
     watchdog.start()
     sink = RayReportSink(opts, run_dir, watchdog)
     finished = False
