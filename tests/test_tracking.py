@@ -29,16 +29,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from mlflow.tracking import MlflowClient
 
 from tuning.tracking.callback import MlflowSweepCallback
-from tuning.tracking.tracker import (
-    JOURNAL_FILE,
-    STATE_FILE,
-    SweepTracker,
-    TrackingError,
-    TrackingUnavailable,
-    classify_error,
-    flatten_params,
-    stringify_param,
-)
+from tuning.tracking.errors import TrackingError, TrackingUnavailable, classify_error
+from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.state import STATE_FILE
+from tuning.tracking.tracker import SweepTracker
+from tuning.tracking.values import flatten_params, stringify_param
 
 pytestmark = pytest.mark.integration
 

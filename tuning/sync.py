@@ -20,13 +20,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tuning.tracking.tracker import (
-    JOURNAL_FILE,
-    STATE_FILE,
-    SweepTracker,
-    TrackingError,
-    state_problem,
-)
+from tuning.tracking.errors import TrackingError
+from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.state import STATE_FILE, state_problem
+from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.writer import InboxBusy, replay_inbox
 
 

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ray.tune import Callback
 
-from tuning.tracking.tracker import FINAL_LOSS_METRIC, SweepTracker, trial_run_name
+from tuning.tracking.names import FINAL_LOSS_METRIC, trial_run_name
+from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.writer import BackgroundWriter
 
 if TYPE_CHECKING:
