@@ -34,6 +34,7 @@ from tuning.tracking.names import (
     TAG_SWEEP_UID,
     TAG_TRIAL_ID,
 )
+from tuning.tracking.records import metric_rows, nan_events_of, read_after
 from tuning.tracking.values import (
     MAX_PARAMS_TAGS_PER_BATCH,
     METRICS_PER_CHUNK,
@@ -88,6 +89,7 @@ class RunWriter:
             "start_trial": self._apply_start_trial,
             "params": self._apply_params,
             "metrics": self._apply_metrics,
+            "ship": self._apply_ship,
             "final_metrics": self._apply_final_metrics,
             "tags": self._apply_tags,
             "finish_trial": self._apply_finish_trial,
@@ -324,6 +326,19 @@ class RunWriter:
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
         trial["params_logged"] = True
         self._save_state()
+
+    def _apply_ship(self, op: dict[str, Any], report: ReplayReport) -> None:
+        # The watermark comes from the store's own tags and metric history first (a child
+        # run seen for the first time in this process), then the file is read above it.
+        trial_id = op["trial_id"]
+        self._ensure_child(trial_id, create=True)
+        watermark = int(self._trial_state(trial_id).get("watermark", 0))
+        records, count_before = read_after(Path(op["path"]), watermark)
+        if not records:
+            return
+        rows = metric_rows(trial_id, records, int(op.get("ts_ms", 0)))
+        events = nan_events_of(records, count_before)
+        self._apply_metrics({"trial_id": trial_id, "rows": rows, "events": events}, report)
 
     def _apply_metrics(self, op: dict[str, Any], report: ReplayReport) -> None:
         from mlflow.entities import Metric, RunTag

@@ -10,10 +10,16 @@ Why it looks like this:
   each child keeps a watermark (highest step logged), persisted in ``mlflow_state.json`` after every
   successful write and mirrored in the run's ``phase2tune.logged_through_step`` tag, so a record
   with ``step <= watermark`` is dropped even if the local state file was lost.
+* One durable copy of a step record. A sweep's records are in each trial's ``metrics.jsonl``
+  (the trainer's file); ``ship_metrics`` reads the file above the watermark, so nothing here
+  keeps records of its own. ``log_records`` takes records from the caller instead (tests, a
+  script logging without a run directory).
 * Outages never stop training. A write that fails with a connection error/timeout goes to an
   append-only, fsync'd journal (``mlflow_journal.jsonl``); later flushes retry it with backoff and
-  replay it in order. ``python -m tuning.sync SWEEP_DIR`` replays it after the fact. Every
-  operation is idempotent (watermarks, tag lookups, identical params), so replaying twice is safe.
+  replay it in order. For step records of a followed file the journal holds the request (the
+  trial and its file), at most one waiting per trial, and the replay reads the file again.
+  ``python -m tuning.sync SWEEP_DIR`` replays it after the fact. Every operation is idempotent
+  (watermarks, tag lookups, identical params), so replaying twice is safe.
 * Every HTTP wait is bounded through MLflow's own environment variables (checked in
   ``mlflow/environment_variables.py`` of mlflow 3.x: ``MLFLOW_HTTP_REQUEST_TIMEOUT``,
   ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``,
@@ -47,17 +53,10 @@ from tuning.tracking.errors import (
 )
 from tuning.tracking.journal import Journal, ReplayReport
 from tuning.tracking.provenance import runtime_tags
+from tuning.tracking.records import metric_rows, nan_event_rows
 from tuning.tracking.runs import RunWriter
 from tuning.tracking.state import LOCK_FILE, RECOVER_KEY, STATE_FILE, read_state, save_state
-from tuning.tracking.values import (
-    WALL_TIME_KEY,
-    clean_key,
-    finite_number,
-    flatten_params,
-    is_nonfinite,
-    step_time_ms,
-    tag_value,
-)
+from tuning.tracking.values import clean_key, finite_number, flatten_params, tag_value
 
 log = logging.getLogger(__name__)
 
@@ -314,40 +313,8 @@ class SweepTracker:
         logged as metrics: they set the ``first_nonfinite_step``/``first_nan_group`` tags and
         count into the ``nan_events`` tag. None means "not measured" and is simply skipped.
         """
-        rows: dict[int, dict[str, Any]] = {}
-        received = _now_ms()
-        for record in records:
-            try:
-                step = int(record["step"])
-            except (KeyError, TypeError, ValueError):
-                log.warning("trial %s: record without an integer step dropped", trial_id)
-                continue
-            if step in rows:  # a re-report inside one batch: identical values, keep the first
-                continue
-            metrics: dict[str, float] = {}
-            bad: list[str] = []
-            for key, value in record.items():
-                if key in ("step", WALL_TIME_KEY):
-                    continue
-                number = finite_number(value)
-                if number is not None:
-                    metrics[clean_key(key)] = number
-                elif is_nonfinite(value):
-                    bad.append(clean_key(key))
-            rows[step] = {"step": step, "ts": step_time_ms(record, received), "m": metrics,
-                          "bad": bad}
-        events = []
-        for event in nan_events:
-            try:
-                events.append(
-                    {
-                        "step": int(event["step"]),
-                        "where": str(event.get("where", "")),
-                        "groups": [str(g) for g in event.get("groups") or []],
-                    }
-                )
-            except (KeyError, TypeError, ValueError):
-                log.warning("trial %s: malformed nan event dropped: %r", trial_id, event)
+        rows = metric_rows(trial_id, records, _now_ms())
+        events = nan_event_rows(trial_id, nan_events)
         if not rows and not events:
             return
         with self._locked():
@@ -356,10 +323,21 @@ class SweepTracker:
                 {
                     "op": "metrics",
                     "trial_id": trial_id,
-                    "rows": [rows[s] for s in sorted(rows)],
-                    "events": sorted(events, key=lambda e: e["step"]),
+                    "rows": rows,
+                    "events": events,
                 }
             )
+
+    def ship_metrics(self, trial_id: str, path: Path) -> None:
+        """Log the step records in ``path`` (the trial's ``metrics.jsonl``) above the trial's
+        watermark, exactly once, like ``log_records`` (which takes them from the caller).
+
+        What it journals during an outage is this request, not the records: the replay reads
+        the file again. A request already waiting for the trial is not journaled twice.
+        """
+        with self._locked():
+            self._require_trial(trial_id)
+            self._submit({"op": "ship", "trial_id": trial_id, "path": str(Path(path).resolve())})
 
     def log_final_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
         """Per-trial results known only at the end (final loss, verdict as a number, ...).
@@ -558,7 +536,8 @@ class SweepTracker:
         if self.journal_path.exists():
             self.retry_journal()
             if self.journal_path.exists():  # order matters: queue behind what is waiting
-                self._journal.append(op)
+                if not _ship_waiting(self._journal.read(), op):
+                    self._journal.append(op)
                 return
         try:
             self._writer().apply(op, ReplayReport())
@@ -617,3 +596,14 @@ class SweepTracker:
         """How operations reach the store, over this tracker's current state (held lock)."""
         return RunWriter(self.client, self._state, self.tracking_uri, self.experiment_name,
                          self.artifact_location, self._save_state, self._reconciled)
+
+
+def _ship_waiting(journaled: list[dict[str, Any]], op: dict[str, Any]) -> bool:
+    """A ship request of the same trial and file is the trial's last journaled operation:
+    that one will read everything the file holds by then, so ``op`` adds nothing."""
+    if op.get("op") != "ship":
+        return False
+    for queued in reversed(journaled):
+        if queued.get("trial_id") == op["trial_id"]:
+            return queued.get("op") == "ship" and queued.get("path") == op["path"]
+    return False
