@@ -454,7 +454,7 @@ def test_metrics_file_is_shipped_exactly_once_across_an_outage(
     tracker.start_parent("sweep-m", {})
     run_id = tracker.start_trial("t0")
     write_metrics(run_dir, range(1, 11))
-    tracker.ship_metrics("t0", metrics)
+    tracker.ship_metrics("t0", metrics, 10)
     client = tracker.client
     assert steps_of(client, run_id, "loss") == list(range(1, 11))
 
@@ -465,10 +465,11 @@ def test_metrics_file_is_shipped_exactly_once_across_an_outage(
 
     monkeypatch.setattr(client, "log_batch", down)
     for high in (20, 30, 40):  # the trainer goes on; each report asks for a shipment
-        write_metrics(run_dir, range(high - 9, high + 1), nan_steps=(35,))
-        tracker.ship_metrics("t0", metrics)
+        # ... through the step it reported; the trainer recorded one more before stopping
+        write_metrics(run_dir, range(high - 9, high + 2), nan_steps=(35,))
+        tracker.ship_metrics("t0", metrics, high)
     with open(metrics, "a") as fh:  # a record the trainer is still writing: not read yet
-        fh.write('{"step": 41, "loss": 1.')
+        fh.write('{"step": 42, "loss": 1.')
     assert tracker.pending_operations() == 1  # one request stands for every later one
     held = "".join(p.read_text() for p in state.iterdir() if p.is_file())
     assert '"loss"' not in held  # no record copied out of the file
@@ -476,7 +477,7 @@ def test_metrics_file_is_shipped_exactly_once_across_an_outage(
     monkeypatch.setattr(client, "log_batch", real_log_batch)  # the store is back
     report = tracker.retry_journal(force=True)
     assert (report.applied, report.remaining, report.steps_logged) == (1, 0, 30)
-    tracker.ship_metrics("t0", metrics)  # again: nothing new, nothing twice
+    tracker.ship_metrics("t0", metrics, 40)  # again: nothing new, nothing twice
     assert steps_of(client, run_id, "epoch") == list(range(1, 41))
     assert steps_of(client, run_id, "loss") == [s for s in range(1, 41) if s != 35]
     tags = client.get_run(run_id).data.tags

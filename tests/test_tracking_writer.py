@@ -58,17 +58,17 @@ def test_merge_keeps_order_and_batches_consecutive_records() -> None:
 
 def test_merge_reads_each_trials_file_once_between_barriers() -> None:
     batch = [
-        (1, "ship_metrics", ["a", "/a/metrics.jsonl"]),
-        (2, "ship_metrics", ["b", "/b/metrics.jsonl"]),
-        (3, "ship_metrics", ["a", "/a/metrics.jsonl"]),
+        (1, "ship_metrics", ["a", "/a/metrics.jsonl", 10]),
+        (2, "ship_metrics", ["b", "/b/metrics.jsonl", 10]),
+        (3, "ship_metrics", ["a", "/a/metrics.jsonl", 20]),
         (4, "finish_trial", ["a", "FINISHED", {}]),
-        (5, "ship_metrics", ["b", "/b/metrics.jsonl"]),
+        (5, "ship_metrics", ["b", "/b/metrics.jsonl", 20]),
     ]
     assert _merge_records(batch) == [
-        ("ship_metrics", ["a", "/a/metrics.jsonl"]),
-        ("ship_metrics", ["b", "/b/metrics.jsonl"]),
+        ("ship_metrics", ["a", "/a/metrics.jsonl", 20]),  # one read, through the last report
+        ("ship_metrics", ["b", "/b/metrics.jsonl", 10]),
         ("finish_trial", ["a", "FINISHED", {}]),
-        ("ship_metrics", ["b", "/b/metrics.jsonl"]),
+        ("ship_metrics", ["b", "/b/metrics.jsonl", 20]),
     ]
 
 

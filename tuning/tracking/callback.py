@@ -253,8 +253,11 @@ class MlflowSweepCallback(Callback):
             self._end_reasons[trial_id] = str(result["end_reason"])
         # The records themselves are in the trial's metrics.jsonl already (written before
         # the report): the writer reads them from there above the watermark, so neither the
-        # inbox nor the outage journal holds a copy.
-        self._ship(trial)
+        # inbox nor the outage journal holds a copy. Only up to the reported step: a trial
+        # its scheduler stops may have recorded a step past its last result.
+        base = self._run_dir(trial)
+        if base is not None and isinstance(result.get("step"), int):
+            self._submit("ship_metrics", trial_id, str(base / METRICS_FILE), result["step"])
 
     @_never_raise
     def on_checkpoint(
@@ -284,7 +287,6 @@ class MlflowSweepCallback(Callback):
             # search algorithm); they have no child run.
             return
         self._ensure_trial(trial)
-        self._ship(trial)  # records written after the last report (none for a solo trial)
         self._log_run_dir_artifacts(trial)
         self._log_final(trial_id)
         # end_reason None at completion: a scheduler/stopper ended it before the trainer did.
@@ -296,7 +298,6 @@ class MlflowSweepCallback(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         trial_id = self._ensure_trial(trial)
-        self._ship(trial)
         self._log_run_dir_artifacts(trial)
         self._log_final(trial_id)
         tags: dict[str, Any] = {TAG_END_REASON: self._end_reasons.get(trial_id) or "error"}
@@ -387,11 +388,6 @@ class MlflowSweepCallback(Callback):
             candidate = Path(trial_path) / base if trial_path else None
             base = candidate if candidate is not None and candidate.exists() else base.resolve()
         return base
-
-    def _ship(self, trial: Trial) -> None:
-        base = self._run_dir(trial)
-        if base is not None:  # the tracker drops steps it stored already
-            self._submit("ship_metrics", str(trial.trial_id), str(base / METRICS_FILE))
 
     def _log_run_dir_artifacts(self, trial: Trial) -> None:
         trial_id = str(trial.trial_id)

@@ -334,6 +334,7 @@ class RunWriter:
         self._ensure_child(trial_id, create=True)
         watermark = int(self._trial_state(trial_id).get("watermark", 0))
         records, count_before = read_after(Path(op["path"]), watermark)
+        records = [r for r in records if int(r["step"]) <= int(op["through"])]
         if not records:
             return
         rows = metric_rows(trial_id, records, int(op.get("ts_ms", 0)))

@@ -26,9 +26,12 @@ Why it looks like this:
   ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER``; they are read per request, so setting them late works).
 
 The module's neighbours do the rest: ``runs`` applies each operation to the store,
-``journal`` keeps the outage journal, ``state`` the state file, ``values`` cleans values and
+``records`` reads step records from a trial's ``metrics.jsonl``, ``journal`` keeps the outage
+journal, ``state`` the state file, ``store`` opens the store, ``values`` cleans values and
 keys, ``names`` holds the tag names, ``errors`` classifies failures, ``provenance`` says what
-produced a run.
+produced a run. What is left here (about 550 lines) is one class: its public operations and
+the lock, state and journal flow they all share; split further, one class would be spread
+over files.
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ from typing import Any, Literal
 
 from tuning.tracking.errors import (
     TrackingError,
-    TrackingUnavailable,
     bound_http_waits,
     classify_error,
     short_reason,
@@ -56,6 +58,7 @@ from tuning.tracking.provenance import runtime_tags
 from tuning.tracking.records import metric_rows, nan_event_rows
 from tuning.tracking.runs import RunWriter
 from tuning.tracking.state import LOCK_FILE, RECOVER_KEY, STATE_FILE, read_state, save_state
+from tuning.tracking.store import artifact_location, check_reachable, create_embedded_store
 from tuning.tracking.values import clean_key, finite_number, flatten_params, tag_value
 
 log = logging.getLogger(__name__)
@@ -135,10 +138,8 @@ class SweepTracker:
 
     @property
     def artifact_location(self) -> str | None:
-        """Local stores keep artifacts beside the state; a server picks its own location."""
-        if self.tracking_uri.startswith(("http://", "https://", "databricks")):
-            return None
-        return (self.state_dir / "mlartifacts").as_uri()
+        """Where runs of this store keep artifacts (None: the server decides)."""
+        return artifact_location(self.tracking_uri, self.state_dir)
 
     @property
     def client(self) -> Any:
@@ -147,76 +148,18 @@ class SweepTracker:
             from mlflow.tracking import MlflowClient
 
             if self.embedded:
-                self._create_store_atomically()
+                create_embedded_store(self.state_dir / "mlflow.db", self.artifact_location)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
-
-    def _create_store_atomically(self) -> None:
-        """Create the embedded SQLite schema in a side file, then link it into place.
-
-        MLflow migrates a new SQLite file in many steps; a driver killed in between leaves a
-        half-migrated ``mlflow.db`` that every later open refuses ("table _alembic_tmp_...
-        already exists"). ``os.link`` publishes the finished file only if none exists yet, so
-        two processes racing here both end up on one complete store.
-        """
-        db = self.state_dir / "mlflow.db"
-        if db.exists():
-            return
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        side = self.state_dir / f".mlflow.db.init-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            store = SqlAlchemyStore(f"sqlite:///{side}", self.artifact_location)
-            store.engine.dispose()
-            with contextlib.suppress(FileExistsError):  # another process was first: use its
-                os.link(side, db)
-        finally:
-            side.unlink(missing_ok=True)
 
     @property
     def last_outage(self) -> str | None:
         """Reason of the latest failed write, None once the journal drained."""
         return self._last_outage
 
-    # ------------------------------------------------------------------ reachability
-
     def check_reachable(self) -> None:
         """Fail in well under 10 s with ``TrackingUnavailable`` when the store cannot be used."""
-        if self.tracking_uri.startswith(("http://", "https://")):
-            from mlflow.utils.credentials import get_default_host_creds
-            from mlflow.utils.rest_utils import http_request
-
-            probe_timeout = max(1.0, min(self.timeout_s / 2, 5.0))
-            try:
-                response = http_request(
-                    get_default_host_creds(self.tracking_uri),
-                    "/api/2.0/mlflow/experiments/search",
-                    "POST",
-                    max_retries=0,
-                    backoff_factor=0,
-                    backoff_jitter=0,
-                    timeout=probe_timeout,
-                    raise_on_status=False,
-                    json={"max_results": 1},
-                )
-            except Exception as exc:
-                raise TrackingUnavailable(self._unreachable_text(short_reason(exc))) from exc
-            if response.status_code != 200:
-                reason = f"HTTP {response.status_code} {response.text.strip()[:200]}"
-                raise TrackingUnavailable(self._unreachable_text(reason))
-            return
-        try:
-            self.client.search_experiments(max_results=1)
-        except Exception as exc:
-            raise TrackingUnavailable(
-                f"MLflow tracking store {self.tracking_uri} unusable: {short_reason(exc)}"
-            ) from exc
-
-    def _unreachable_text(self, reason: str) -> str:
-        return (
-            f"MLflow tracking server {self.tracking_uri} unreachable: {reason}; "
-            "start it or set mlflow.on_unreachable: continue"
-        )
+        check_reachable(self.tracking_uri, self.timeout_s, lambda: self.client)
 
     # ------------------------------------------------------------------ public API
 
@@ -328,16 +271,20 @@ class SweepTracker:
                 }
             )
 
-    def ship_metrics(self, trial_id: str, path: Path) -> None:
+    def ship_metrics(self, trial_id: str, path: Path, through: int) -> None:
         """Log the step records in ``path`` (the trial's ``metrics.jsonl``) above the trial's
-        watermark, exactly once, like ``log_records`` (which takes them from the caller).
+        watermark up to step ``through``, exactly once, like ``log_records`` (which takes
+        them from the caller).
 
-        What it journals during an outage is this request, not the records: the replay reads
-        the file again. A request already waiting for the trial is not journaled twice.
+        ``through`` is the last step the trial reported: a trainer may have recorded a step
+        or two more before its scheduler stopped it, and those were never results.
+        What this journals during an outage is the request, not the records: the replay reads
+        the file again. A request already waiting for the trial is extended, not repeated.
         """
         with self._locked():
             self._require_trial(trial_id)
-            self._submit({"op": "ship", "trial_id": trial_id, "path": str(Path(path).resolve())})
+            self._submit({"op": "ship", "trial_id": trial_id,
+                          "path": str(Path(path).resolve()), "through": int(through)})
 
     def log_final_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
         """Per-trial results known only at the end (final loss, verdict as a number, ...).
@@ -536,7 +483,10 @@ class SweepTracker:
         if self.journal_path.exists():
             self.retry_journal()
             if self.journal_path.exists():  # order matters: queue behind what is waiting
-                if not _ship_waiting(self._journal.read(), op):
+                journaled = self._journal.read()
+                if _extend_waiting_ship(journaled, op):
+                    self._journal.rewrite(journaled)
+                else:
                     self._journal.append(op)
                 return
         try:
@@ -598,12 +548,16 @@ class SweepTracker:
                          self.artifact_location, self._save_state, self._reconciled)
 
 
-def _ship_waiting(journaled: list[dict[str, Any]], op: dict[str, Any]) -> bool:
-    """A ship request of the same trial and file is the trial's last journaled operation:
-    that one will read everything the file holds by then, so ``op`` adds nothing."""
+def _extend_waiting_ship(journaled: list[dict[str, Any]], op: dict[str, Any]) -> bool:
+    """When the trial's last journaled operation is a ship request for the same file, raise
+    its ``through`` to ``op``'s (True): it reads the file when replayed, so one request per
+    trial stands for every later report, and the journal stays small during an outage."""
     if op.get("op") != "ship":
         return False
     for queued in reversed(journaled):
         if queued.get("trial_id") == op["trial_id"]:
-            return queued.get("op") == "ship" and queued.get("path") == op["path"]
+            if queued.get("op") != "ship" or queued.get("path") != op["path"]:
+                return False
+            queued["through"] = max(int(queued.get("through", 0)), op["through"])
+            return True
     return False

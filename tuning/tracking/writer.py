@@ -286,7 +286,7 @@ def _merge_records(batch: list[tuple[int, str, list[Any]]]) -> list[tuple[str, l
     ``ship_metrics`` one per trial and file (order kept otherwise)."""
     out: list[tuple[str, list[Any]]] = []
     run: dict[str, tuple[dict[int, Mapping[str, Any]], list[Any]]] = {}
-    ships: dict[tuple[str, str], None] = {}  # a dict: insertion-ordered, each key once
+    ships: dict[tuple[str, str], int] = {}  # (trial, file) -> the highest step asked for
 
     def close_run() -> None:
         for trial_id, (records, events) in run.items():
@@ -295,12 +295,14 @@ def _merge_records(batch: list[tuple[int, str, list[Any]]]) -> list[tuple[str, l
                 out.append(("log_records", [trial_id, ordered[i:i + MAX_MERGED_RECORDS],
                                             events if i == 0 else []]))
         run.clear()
-        out.extend(("ship_metrics", [trial_id, path]) for trial_id, path in ships)
+        out.extend(("ship_metrics", [trial_id, path, through])
+                   for (trial_id, path), through in ships.items())
         ships.clear()
 
     for _, method, args in batch:
         if method == "ship_metrics":
-            ships[(str(args[0]), str(args[1]))] = None
+            key = (str(args[0]), str(args[1]))
+            ships[key] = max(ships.get(key, 0), int(args[2]))
             continue
         if method != "log_records":
             close_run()
