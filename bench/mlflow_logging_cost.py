@@ -167,7 +167,7 @@ def push_through_callback(state_dir: Path, tracking_uri: str | None,
             run_dir = run_dirs[trial.trial_id]
             with open(run_dir / "metrics.jsonl", "a") as fh:  # the trainer's JsonlSink
                 fh.writelines(json.dumps(r, default=str) + "\n" for r in batch)
-            result = {"step": batch[-1]["step"], "records": batch, "new_nan_events": [],
+            result = {"step": batch[-1]["step"], "last_loss": batch[-1]["loss"],
                       "resolved_params": params, "end_reason": "completed" if last else None,
                       "run_dir": str(run_dir)}
             timed("on_trial_result", iteration=1, trials=bench_trials, trial=trial,

@@ -551,16 +551,11 @@ def result_for(
 ) -> dict[str, Any]:
     steps = list(steps)
     records = [record(s, nan=s in nan_steps) for s in steps]
-    events = [
-        {"step": s, "where": "loss", "groups": ["projector", "lora"]}
-        for s in nan_steps
-        if s in steps
-    ]
-    write_metrics(run_dir, steps, nan_steps)
+    write_metrics(run_dir, steps, nan_steps)  # the trainer records a step before reporting it
+    finite = [r for r in records if math.isfinite(r["loss"])]
     result = {
         "step": steps[-1],
-        "records": records,
-        "new_nan_events": events,
+        "last_loss": finite[-1]["loss"] if finite else None,
         "resolved_params": resolved_params(lr),
         "end_reason": end_reason,
         "run_dir": str(run_dir),
@@ -785,8 +780,7 @@ def _phase2_like_trainable(config: dict[str, Any]) -> None:
         write_metrics(run_dir, steps)  # the trainer records a step before reporting it
         result = {
             "step": last,
-            "records": [record(s) for s in steps],
-            "new_nan_events": [],
+            "last_loss": record(last)["loss"],
             "resolved_params": params,
             "end_reason": end_reason,
             "run_dir": str(run_dir),

@@ -240,11 +240,10 @@ class MlflowSweepCallback(Callback):
             self._params_done.add(trial_id)
         last = self._last_results.setdefault(trial_id, {})
         last.update(step=result.get("step"), nan_events=result.get("nan_events"))
-        for record in result.get("records") or ():
+        for key in ("loss", "eval_loss"):
             # The trainer's own numbers, not the report's (a mean, worst_loss after a NaN).
-            for key in ("loss", "eval_loss"):
-                if record.get(key) is not None:
-                    last[key] = record[key]
+            if result.get(f"last_{key}") is not None:
+                last[key] = result[f"last_{key}"]
         run_dir = result.get("run_dir")
         if run_dir and self._run_dirs.get(trial_id) != str(run_dir):
             self._run_dirs[trial_id] = str(run_dir)
