@@ -32,6 +32,7 @@ last result it had caught up. Exits 0 whatever the result.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -151,6 +152,10 @@ def push_through_callback(state_dir: Path, tracking_uri: str | None,
     busy_setup = callback.writer.busy_seconds
     for trial in bench_trials:
         timed("on_trial_start", iteration=0, trials=bench_trials, trial=trial)
+    run_dirs = {t.trial_id: state_dir.parent / "runs" / t.trial_id for t in bench_trials}
+    for run_dir in run_dirs.values():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     t_start = time.perf_counter()
     next_at = t_start
     for i in range(0, len(records), report_every):
@@ -159,8 +164,12 @@ def push_through_callback(state_dir: Path, tracking_uri: str | None,
         next_at += pace_s
         time.sleep(max(0.0, next_at - time.perf_counter()))  # the trial computing its steps
         for trial in bench_trials:
-            result = {"step": batch[-1]["step"], "records": batch, "new_nan_events": [],
-                      "resolved_params": params, "end_reason": "completed" if last else None}
+            run_dir = run_dirs[trial.trial_id]
+            with open(run_dir / "metrics.jsonl", "a") as fh:  # the trainer's JsonlSink
+                fh.writelines(json.dumps(r, default=str) + "\n" for r in batch)
+            result = {"step": batch[-1]["step"], "last_loss": batch[-1]["loss"],
+                      "resolved_params": params, "end_reason": "completed" if last else None,
+                      "run_dir": str(run_dir)}
             timed("on_trial_result", iteration=1, trials=bench_trials, trial=trial,
                   result=result)
             if checkpoint_every and any(r["step"] % checkpoint_every == 0 for r in batch):

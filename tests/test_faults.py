@@ -358,7 +358,8 @@ def test_driver_killed_inside_a_metrics_batch_logs_each_step_once(tmp_path, monk
     """What scenario 1 hit once in three runs (4 duplicated steps), made deterministic."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from tuning.tracking.tracker import TAG_LOGGED_THROUGH, SweepTracker
+    from tuning.tracking.names import TAG_LOGGED_THROUGH
+    from tuning.tracking.tracker import SweepTracker
 
     records = [{"step": s, "loss": 1.0 / s} for s in range(1, 9)]
     tracker = SweepTracker(None, "exp", tmp_path)

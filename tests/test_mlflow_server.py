@@ -24,7 +24,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.tracking import MlflowClient
 
-from tuning.tracking.tracker import JOURNAL_FILE, SweepTracker, TrackingUnavailable
+from tuning.tracking.errors import TrackingUnavailable
+from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.tracker import SweepTracker
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 A small sweep is written with SweepTracker into a SQLite store, ``mlflow server`` serves it on
 127.0.0.1, and Chromium (Debian's /usr/bin/chromium driven by the ``playwright`` package; no
-``playwright install``) opens the link the sweep prints (``tuning.tracking.tracker.runs_link``) and
+``playwright install``) opens the link the sweep prints (``tuning.tracking.names.runs_link``) and
 checks: it lands on the "Model training" runs page, not the GenAI overview; the trials are
 listed under their swept values and the parent run is not among them; a per-step loss chart is
 drawn. Then one run's page shows its params and its loss chart. Screenshots go to
@@ -22,7 +22,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from test_mlflow_server import MlflowServer, free_port
 
-from tuning.tracking.tracker import SweepTracker, runs_link, trial_run_name
+from tuning.tracking.names import runs_link, trial_run_name
+from tuning.tracking.tracker import SweepTracker
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,9 @@ from mlflow.tracking import MlflowClient
 from trainer.errors import ConfigError
 from trainer.yaml_io import dump_yaml, load_yaml_file
 from tuning.search_config import load_search
-from tuning.tracking.tracker import JOURNAL_FILE, STATE_FILE, SweepTracker
+from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.state import STATE_FILE
+from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.writer import INBOX_FILE, replay_inbox
 
 SMOKE = ROOT / "configs" / "smoke.yaml"

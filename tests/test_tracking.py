@@ -29,16 +29,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from mlflow.tracking import MlflowClient
 
 from tuning.tracking.callback import MlflowSweepCallback
-from tuning.tracking.tracker import (
-    JOURNAL_FILE,
-    STATE_FILE,
-    SweepTracker,
-    TrackingError,
-    TrackingUnavailable,
-    classify_error,
-    flatten_params,
-    stringify_param,
-)
+from tuning.tracking.errors import TrackingError, TrackingUnavailable, classify_error
+from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.state import STATE_FILE
+from tuning.tracking.tracker import SweepTracker
+from tuning.tracking.values import flatten_params, stringify_param
 
 pytestmark = pytest.mark.integration
 
@@ -444,6 +439,70 @@ def test_outage_then_recovery_in_process(
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_metrics_file_is_shipped_exactly_once_across_an_outage(
+    store_uri: str, experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep's path for step records: the trial's metrics.jsonl, read above the watermark.
+    Records the trainer appends while the store is down arrive once it is back, each step
+    once, and neither the journal nor anything else in the state directory holds a copy."""
+    import requests
+
+    state = tmp_path / "state"
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    tracker = new_tracker(store_uri, experiment, state)
+    tracker.start_parent("sweep-m", {})
+    run_id = tracker.start_trial("t0")
+    write_metrics(run_dir, range(1, 11))
+    tracker.ship_metrics("t0", metrics, 10)
+    client = tracker.client
+    assert steps_of(client, run_id, "loss") == list(range(1, 11))
+
+    real_log_batch = client.log_batch
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(client, "log_batch", down)
+    for high in (20, 30, 40):  # the trainer goes on; each report asks for a shipment
+        # ... through the step it reported; the trainer recorded one more before stopping
+        write_metrics(run_dir, range(high - 9, high + 2), nan_steps=(35,))
+        tracker.ship_metrics("t0", metrics, high)
+    with open(metrics, "a") as fh:  # a record the trainer is still writing: not read yet
+        fh.write('{"step": 42, "loss": 1.')
+    assert tracker.pending_operations() == 1  # one request stands for every later one
+    held = "".join(p.read_text() for p in state.iterdir() if p.is_file())
+    assert '"loss"' not in held  # no record copied out of the file
+
+    monkeypatch.setattr(client, "log_batch", real_log_batch)  # the store is back
+    report = tracker.retry_journal(force=True)
+    assert (report.applied, report.remaining, report.steps_logged) == (1, 0, 30)
+    tracker.ship_metrics("t0", metrics, 40)  # again: nothing new, nothing twice
+    assert steps_of(client, run_id, "epoch") == list(range(1, 41))
+    assert steps_of(client, run_id, "loss") == [s for s in range(1, 41) if s != 35]
+    tags = client.get_run(run_id).data.tags
+    assert (tags["first_nonfinite_step"], tags["first_nan_group"]) == ("35", "projector,lora")
+    assert tags["phase2tune.logged_through_step"] == "40"
+
+
+def test_nan_events_are_read_from_the_trainers_counter() -> None:
+    from tuning.tracking.records import nan_events_of
+
+    rows = [{"step": 1, "loss": 2.0, "grad_norm/projector": 1.0, "grad_norm/lora": 1.0,
+             "nan_events": 1},
+            {"step": 2, "loss": 2.0, "grad_norm/projector": None, "grad_norm/lora": 0.5,
+             "nan_events": 2},
+            {"step": 3, "loss": None, "grad_norm/projector": None, "grad_norm/lora": None,
+             "nan_events": 3},
+            {"step": 4, "loss": 1.5, "grad_norm/projector": 1.0, "grad_norm/lora": 1.0,
+             "nan_events": 3}]
+    # counted from the record before the first one read (step 1's event is stored already)
+    assert nan_events_of(rows[1:], count_before=1) == [
+        {"step": 2, "where": "grad", "groups": ["projector"]},
+        {"step": 3, "where": "loss", "groups": ["projector", "lora"]},
+    ]
+
+
 def test_rejected_operation_does_not_block(store_uri: str, experiment: str, tmp_path: Path) -> None:
     """A value the store refuses for good goes to the rejected file, not into a retry loop."""
     tracker = new_tracker(store_uri, experiment, tmp_path / "state")
@@ -492,15 +551,11 @@ def result_for(
 ) -> dict[str, Any]:
     steps = list(steps)
     records = [record(s, nan=s in nan_steps) for s in steps]
-    events = [
-        {"step": s, "where": "loss", "groups": ["projector", "lora"]}
-        for s in nan_steps
-        if s in steps
-    ]
+    write_metrics(run_dir, steps, nan_steps)  # the trainer records a step before reporting it
+    finite = [r for r in records if math.isfinite(r["loss"])]
     result = {
         "step": steps[-1],
-        "records": records,
-        "new_nan_events": events,
+        "last_loss": finite[-1]["loss"] if finite else None,
         "resolved_params": resolved_params(lr),
         "end_reason": end_reason,
         "run_dir": str(run_dir),
@@ -509,6 +564,31 @@ def result_for(
     }
     trial.last_result = result
     return result
+
+
+def write_metrics(run_dir: Path, steps: Iterable[int], nan_steps: tuple[int, ...] = ()) -> None:
+    """What the trainer's JsonlSink leaves in ``run_dir/metrics.jsonl`` once it has recorded
+    ``steps``: the records before the first of them kept (a resumed run truncates to its
+    checkpoint), NaN/inf as null, the NaN-event counter cumulative. A NaN step is a loss
+    event in both groups. The file is replaced whole, so a reader never sees half of it."""
+    steps = list(steps)
+    path = Path(run_dir) / "metrics.jsonl"
+    kept = []
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if json.loads(line)["step"] < steps[0]]
+    lines = []
+    for step in steps:
+        rec = record(step, nan=step in nan_steps,
+                     nan_count=sum(1 for s in nan_steps if s <= step))
+        if step in nan_steps:
+            rec["grad_norm/lora"] = None
+        lines.append(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v)
+                                 else v for k, v in rec.items()}, allow_nan=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept + lines))
+    os.replace(tmp, path)
 
 
 def make_callback(store_uri: str, experiment: str, tmp_path: Path, **kw: Any) -> Any:
@@ -697,10 +777,10 @@ def _phase2_like_trainable(config: dict[str, Any]) -> None:
         end_reason = "completed" if last == total else None
         if end_reason:
             (run_dir / "trainable.safetensors").write_bytes(b"\0" * 32)
+        write_metrics(run_dir, steps)  # the trainer records a step before reporting it
         result = {
             "step": last,
-            "records": [record(s) for s in steps],
-            "new_nan_events": [],
+            "last_loss": record(last)["loss"],
             "resolved_params": params,
             "end_reason": end_reason,
             "run_dir": str(run_dir),

@@ -56,18 +56,34 @@ def test_merge_keeps_order_and_batches_consecutive_records() -> None:
     assert [r["step"] for r in merged[4][1][1]] == [2]  # after the barrier, not merged back
 
 
+def test_merge_reads_each_trials_file_once_between_barriers() -> None:
+    batch = [
+        (1, "ship_metrics", ["a", "/a/metrics.jsonl", 10]),
+        (2, "ship_metrics", ["b", "/b/metrics.jsonl", 10]),
+        (3, "ship_metrics", ["a", "/a/metrics.jsonl", 20]),
+        (4, "finish_trial", ["a", "FINISHED", {}]),
+        (5, "ship_metrics", ["b", "/b/metrics.jsonl", 20]),
+    ]
+    assert _merge_records(batch) == [
+        ("ship_metrics", ["a", "/a/metrics.jsonl", 20]),  # one read, through the last report
+        ("ship_metrics", ["b", "/b/metrics.jsonl", 10]),
+        ("finish_trial", ["a", "FINISHED", {}]),
+        ("ship_metrics", ["b", "/b/metrics.jsonl", 20]),
+    ]
+
+
 def test_hooks_return_while_mlflow_is_blocked(tmp_path: Path, monkeypatch) -> None:
     """on_trial_result must return while the store is stuck; the writes land afterwards."""
     gate = threading.Event()
     entered = threading.Event()
-    original = SweepTracker.log_records
+    original = SweepTracker.ship_metrics
 
     def stuck(self, *args: Any, **kwargs: Any) -> None:
         entered.set()
         assert gate.wait(60), "the test never released the store"
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SweepTracker, "log_records", stuck)
+    monkeypatch.setattr(SweepTracker, "ship_metrics", stuck)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     callback = make_callback(tmp_path / "state", uri)
     callback.setup()
@@ -80,7 +96,9 @@ def test_hooks_return_while_mlflow_is_blocked(tmp_path: Path, monkeypatch) -> No
     assert not gate.is_set()  # every hook above returned although MLflow had not answered
     assert callback.writer.pending() > 0
     inbox = (tmp_path / "state" / INBOX_FILE).read_text().splitlines()
-    assert sum('"log_records"' in line for line in inbox) == 6  # all of it durable already
+    assert sum('"ship_metrics"' in line for line in inbox) == 6  # all of it durable already
+    # ... as a request to read the trial's metrics.jsonl: the records are in the file only
+    assert not any('"loss"' in line for line in inbox)
     gate.set()
     trial.status = "TERMINATED"
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
@@ -110,8 +128,9 @@ CHILD = textwrap.dedent("""
     from tuning.tracking.callback import MlflowSweepCallback
     from tuning.tracking.tracker import SweepTracker
 
-    # The store takes the runs but never the metrics: they are still in the inbox at the kill.
-    SweepTracker.log_records = lambda *a, **k: time.sleep(3600)
+    # The store takes the runs but never the metrics: their requests are still in the inbox
+    # at the kill (the records themselves in the trial's metrics.jsonl).
+    SweepTracker.ship_metrics = lambda *a, **k: time.sleep(3600)
     callback = MlflowSweepCallback(tracking_uri={uri!r}, experiment_name="exp",
                                    state_dir={state!r}, sweep_name="sweep")
     callback.setup()
@@ -122,7 +141,7 @@ CHILD = textwrap.dedent("""
         result = result_for(trial, range(low, low + 10), {runs!r}, 1e-3)
         callback.on_trial_result(iteration=1, trials=[trial], trial=trial, result=result)
     callback.on_checkpoint(iteration=1, trials=[trial], trial=trial, checkpoint=None)
-    callback.flush(timeout=2)  # the writer is stuck inside log_records: times out
+    callback.flush(timeout=2)  # the writer is stuck inside ship_metrics: times out
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 
@@ -135,7 +154,7 @@ def _killed_driver(tmp_path: Path) -> tuple[Path, str]:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert '"log_records"' in (state / INBOX_FILE).read_text()
+    assert '"ship_metrics"' in (state / INBOX_FILE).read_text()
     return state, uri
 
 

@@ -89,3 +89,18 @@ def storage_error_line(exc: OSError, where: str | Path, then: str) -> str | None
     if exc.errno in DISK_FULL:
         return f"{where}: the disk is full{file}; free space there, then {then}"
     return f"{where}: cannot write{file}: {exc.strerror or exc}; fix the location, then {then}"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a create or rename inside directory `path` durable; harmless where directories
+    cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -2,10 +2,11 @@
 
 SWEEP_DIR is the tracker's state directory (the one holding ``mlflow_state.json``,
 ``mlflow_inbox.jsonl`` and ``mlflow_journal.jsonl``). The inbox (operations a killed driver had
-received but not written yet) is applied first, then the outage journal. The tracking URI and
-experiment come from the state file; ``--tracking-uri`` sends the replay to another store
-instead (run ids are kept per store, so nothing from the original store is reused there).
-Replaying is idempotent.
+received but not written yet) is applied first, then the outage journal. Step records are in
+neither: both name the trial's ``metrics.jsonl``, which is read again above the watermark.
+The tracking URI and experiment come from the state file; ``--tracking-uri`` sends the replay
+to another store instead (run ids are kept per store, so nothing from the original store is
+reused there). Replaying is idempotent.
 
 Exit status: 0 journal empty afterwards, 1 the store is still unreachable (the journal is kept),
 2 SWEEP_DIR is not a sweep state directory.
@@ -20,13 +21,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tuning.tracking.tracker import (
-    JOURNAL_FILE,
-    STATE_FILE,
-    SweepTracker,
-    TrackingError,
-    state_problem,
-)
+from tuning.tracking.errors import TrackingError
+from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.state import STATE_FILE, state_problem
+from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.writer import InboxBusy, replay_inbox
 
 

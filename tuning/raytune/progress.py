@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from tuning.tracking.tracker import short_key, short_value
+from tuning.tracking.names import short_key, short_value
 
 # ANSI/VT100: move the cursor N lines up, to column 0, and clear from there to the end of
 # the screen, so the next drawing replaces the last one.

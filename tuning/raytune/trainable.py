@@ -1,9 +1,11 @@
 """The Ray Tune trial: a thin adapter around `trainer.train`.
 
-Sampled config in (merged into the base Phase 2 config), per-step metrics out
-through `tune.report` every `report_every` steps (all step records travel in the
-report, so none is lost), checkpoints through Ray's checkpoint API. A non-finite
-loss never reaches a scheduler or searcher: it is replaced by `worst_loss`.
+Sampled config in (merged into the base Phase 2 config), a result through
+`tune.report` every `report_every` steps, checkpoints through Ray's checkpoint API.
+A result carries what the scheduler and the live table read, not the step records:
+those are in the run's metrics.jsonl (written before the report), which the MLflow
+callback follows. A non-finite loss never reaches a scheduler or searcher: it is
+replaced by `worst_loss`.
 """
 
 from __future__ import annotations
@@ -99,8 +101,9 @@ class RayReportSink:
         from ray import tune
 
         last = self.pending[-1] if self.pending else {}
-        events = self._new_events()
-        self.events_seen += len(events)
+        # the trainer's cumulative NaN-event counter (each record carries it)
+        self.events_seen = max([self.events_seen,
+                                *(r.get("nan_events", 0) for r in self.pending)])
         if "eval_loss" in last:
             ev = last["eval_loss"]
             self.last_eval = ev if ev is not None and math.isfinite(ev) else self.opts.worst_loss
@@ -113,8 +116,10 @@ class RayReportSink:
             "nan_events": last.get("nan_events", self.events_seen),
             "unstable": int(self.events_seen > 0 or (summary is not None and
                                                      summary.status != "completed")),
-            "records": [{k: finite_or_none(v) for k, v in r.items()} for r in self.pending],
-            "new_nan_events": events,
+            # The trainer's own last numbers for MLflow's final/* metrics (``loss`` above is
+            # a mean, worst_loss after a NaN).
+            "last_loss": self._last_finite("loss"),
+            "last_eval_loss": self._last_finite("eval_loss"),
             "resolved_params": self.params,
             "end_reason": summary.end_reason if summary else None,
             "run_dir": str(self.run_dir),
@@ -127,21 +132,13 @@ class RayReportSink:
             ckpt = Checkpoint.from_directory(str(checkpoint))
         tune.report(result, checkpoint=ckpt)
 
-    def _new_events(self) -> list[dict[str, Any]]:
-        """NaN events of the pending records: a step whose record raised the count."""
-        out = []
-        prev = self.events_seen
-        for r in self.pending:
-            if r.get("nan_events", 0) > prev:
-                prev = r["nan_events"]
-                groups = [g for g in ("projector", "lora")
-                          if r.get(f"grad_norm/{g}") is None
-                          or not math.isfinite(r[f"grad_norm/{g}"])]
-                loss = r.get("loss")
-                finite_loss = loss is not None and math.isfinite(loss)
-                out.append({"step": r["step"], "where": "grad" if finite_loss else "loss",
-                            "groups": groups})
-        return out
+    def _last_finite(self, key: str) -> float | None:
+        """The latest finite ``key`` of the pending records (None: none had one)."""
+        for r in reversed(self.pending):
+            value = finite_or_none(r.get(key))
+            if value is not None:
+                return value
+        return None
 
     def close(self, summary: RunSummary) -> None:
         self.watchdog.stop()

@@ -1,11 +1,13 @@
 """Ray Tune callback that is the sweep's single MLflow writer.
 
-Trials never talk to MLflow: they ``tune.report`` a result every N optimizer steps holding all
-per-step records since their last report. This callback runs in the Ray driver and hands every
-operation to a ``BackgroundWriter`` (``tuning.tracking.writer``): the hook appends it to an
-inbox file and returns, one writer thread applies it through a ``SweepTracker`` in merged
-batches. A trial blocked in ``tune.report`` waits for the hook, so the hook must not wait for
-MLflow (bench/mlflow_logging_cost.py measures both sides).
+Trials never talk to MLflow: they write each step's record to their run's ``metrics.jsonl``
+and ``tune.report`` a result every N optimizer steps. This callback runs in the Ray driver and
+hands every operation to a ``BackgroundWriter`` (``tuning.tracking.writer``): the hook appends
+it to an inbox file and returns, one writer thread applies it through a ``SweepTracker`` in
+merged batches. For step records the operation is "ship what the trial's ``metrics.jsonl``
+holds above the watermark": the file is their one durable copy. A trial blocked in
+``tune.report`` waits for the hook, so the hook must not wait for MLflow
+(bench/mlflow_logging_cost.py measures both sides).
 
 Pickling: ``Tuner`` pickles its ``RunConfig`` -- callbacks included -- into ``tuner.pkl`` when it
 is constructed (ray/tune/impl/tuner_internal.py, ``TunerInternal.__init__`` ->
@@ -28,7 +30,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ray.tune import Callback
 
-from tuning.tracking.tracker import FINAL_LOSS_METRIC, SweepTracker, trial_run_name
+from tuning.tracking.names import FINAL_LOSS_METRIC, trial_run_name
+from tuning.tracking.records import METRICS_FILE
+from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.writer import BackgroundWriter
 
 if TYPE_CHECKING:
@@ -236,21 +240,23 @@ class MlflowSweepCallback(Callback):
             self._params_done.add(trial_id)
         last = self._last_results.setdefault(trial_id, {})
         last.update(step=result.get("step"), nan_events=result.get("nan_events"))
-        for record in result.get("records") or ():
+        for key in ("loss", "eval_loss"):
             # The trainer's own numbers, not the report's (a mean, worst_loss after a NaN).
-            for key in ("loss", "eval_loss"):
-                if record.get(key) is not None:
-                    last[key] = record[key]
+            if result.get(f"last_{key}") is not None:
+                last[key] = result[f"last_{key}"]
         run_dir = result.get("run_dir")
         if run_dir and self._run_dirs.get(trial_id) != str(run_dir):
             self._run_dirs[trial_id] = str(run_dir)
             self._submit("set_trial_tags", trial_id, {TAG_RUN_DIR: str(run_dir)})
         if result.get("end_reason"):
             self._end_reasons[trial_id] = str(result["end_reason"])
-        records = [dict(r) for r in result.get("records") or ()]
-        events = [dict(e) for e in result.get("new_nan_events") or ()]
-        if records or events:  # the tracker checks steps and drops re-reported ones
-            self._submit("log_records", trial_id, records, events)
+        # The records themselves are in the trial's metrics.jsonl already (written before
+        # the report): the writer reads them from there above the watermark, so neither the
+        # inbox nor the outage journal holds a copy. Only up to the reported step: a trial
+        # its scheduler stops may have recorded a step past its last result.
+        base = self._run_dir(trial)
+        if base is not None and isinstance(result.get("step"), int):
+            self._submit("ship_metrics", trial_id, str(base / METRICS_FILE), result["step"])
 
     @_never_raise
     def on_checkpoint(
@@ -365,14 +371,14 @@ class MlflowSweepCallback(Callback):
             "final/steps": last.get("step"),
         }, int(last["step"]))
 
-    def _log_run_dir_artifacts(self, trial: Trial) -> None:
-        trial_id = str(trial.trial_id)
-        run_dir = self._run_dirs.get(trial_id)
+    def _run_dir(self, trial: Trial) -> Path | None:
+        """The trial's trainer run directory as the driver sees it (None before a report)."""
+        run_dir = self._run_dirs.get(str(trial.trial_id))
         if run_dir is None:
             last = getattr(trial, "last_result", None) or {}
             run_dir = last.get("run_dir") if isinstance(last, Mapping) else None
         if not run_dir:
-            return
+            return None
         base = Path(run_dir)
         if not base.is_absolute():
             # Ray workers chdir into the trial directory, so a relative run_dir is relative to
@@ -380,6 +386,13 @@ class MlflowSweepCallback(Callback):
             trial_path = getattr(trial, "local_path", None)
             candidate = Path(trial_path) / base if trial_path else None
             base = candidate if candidate is not None and candidate.exists() else base.resolve()
+        return base
+
+    def _log_run_dir_artifacts(self, trial: Trial) -> None:
+        trial_id = str(trial.trial_id)
+        base = self._run_dir(trial)
+        if base is None:
+            return
         for name in RUN_DIR_ARTIFACTS:
             path = base / name
             if path.is_file():

@@ -14,12 +14,10 @@ from tuning.analysis.report import Report
 from tuning.analysis.stability import STABLE_KINDS
 from tuning.search_config import Loaded, SearchConfig
 from tuning.tracking.callback import MlflowSweepCallback
-from tuning.tracking.tracker import (
-    JOURNAL_FILE,
-    SweepTracker,
-    TrackingUnavailable,
-    runs_link,
-)
+from tuning.tracking.errors import TrackingUnavailable
+from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.names import runs_link
+from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.writer import INBOX_FILE, InboxBusy, replay_inbox
 
 MLFLOW_UI_PORT = 5000  # the port the printed `mlflow ui` command and link use

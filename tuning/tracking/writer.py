@@ -11,10 +11,12 @@ Nothing lost, nothing twice:
 
 * Every operation is appended to ``mlflow_inbox.jsonl`` (write + flush, so it survives a SIGKILL
   of the driver; ``sync_to_disk`` fsyncs it, which the callback does before Ray commits a trial
-  checkpoint) before it is queued.
+  checkpoint) before it is queued. A trial's step records are not among them: the callback
+  submits ``ship_metrics`` (the trial and its ``metrics.jsonl``), and the records stay in that
+  file, which the trainer wrote before it reported.
 * The writer applies operations in submission order through ``SweepTracker`` (watermarks,
   outage journal, bounded waits: all unchanged), merging consecutive record operations into
-  one batch per trial.
+  one batch per trial and consecutive shipments into one read per trial.
 * Once everything submitted has been applied, the inbox is emptied. A driver that died with a
   non-empty inbox leaves it to the next one (or to ``python -m tuning.sync``), which replays it
   before anything else. Replay is safe: the tracker's operations are idempotent in sequence
@@ -48,7 +50,8 @@ INBOX_LOCK_FILE = ".mlflow_inbox.lock"
 # The tracker methods an inbox line may name (anything else in the file is outside damage).
 OPERATIONS = frozenset({
     "start_parent", "start_trial", "log_params", "set_trial_tags", "set_parent_tags",
-    "log_records", "log_final_metrics", "log_artifact", "finish_trial", "finish_parent",
+    "log_records", "ship_metrics", "log_final_metrics", "log_artifact", "finish_trial",
+    "finish_parent",
 })
 # Records of several results are merged into one tracker call up to this many steps per trial:
 # fewer, larger MLflow transactions (the per-call cost dominates small batches).
@@ -279,9 +282,11 @@ class BackgroundWriter:
 
 
 def _merge_records(batch: list[tuple[int, str, list[Any]]]) -> list[tuple[str, list[Any]]]:
-    """Consecutive ``log_records`` operations become one per trial (order kept otherwise)."""
+    """Consecutive ``log_records`` operations become one per trial, consecutive
+    ``ship_metrics`` one per trial and file (order kept otherwise)."""
     out: list[tuple[str, list[Any]]] = []
     run: dict[str, tuple[dict[int, Mapping[str, Any]], list[Any]]] = {}
+    ships: dict[tuple[str, str], int] = {}  # (trial, file) -> the highest step asked for
 
     def close_run() -> None:
         for trial_id, (records, events) in run.items():
@@ -290,8 +295,15 @@ def _merge_records(batch: list[tuple[int, str, list[Any]]]) -> list[tuple[str, l
                 out.append(("log_records", [trial_id, ordered[i:i + MAX_MERGED_RECORDS],
                                             events if i == 0 else []]))
         run.clear()
+        out.extend(("ship_metrics", [trial_id, path, through])
+                   for (trial_id, path), through in ships.items())
+        ships.clear()
 
     for _, method, args in batch:
+        if method == "ship_metrics":
+            key = (str(args[0]), str(args[1]))
+            ships[key] = max(ships.get(key, 0), int(args[2]))
+            continue
         if method != "log_records":
             close_run()
             out.append((method, args))
