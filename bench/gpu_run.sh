@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
-if ! python3 -c "import pydantic, ray, mlflow" 2>/dev/null && [ -d .whl ]; then
-  if ! PYTHONPATH=/tmp/site python3 -c "import pydantic, ray, mlflow" 2>/dev/null; then
+if ! python3 -c "import pydantic, ray, mlflow, soundfile, soxr" 2>/dev/null && [ -d .whl ]; then
+  if ! PYTHONPATH=/tmp/site python3 -c "import pydantic, ray, mlflow, soundfile, soxr" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     tar xJf .whl/ray-slim.tar.xz -C /tmp/site
   fi  # else installed by an earlier call on this machine
