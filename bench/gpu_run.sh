@@ -8,7 +8,7 @@
 # --k), steps per trial, time limit and trials (default 8); SWEEP_LR_GROWTH: its grid's LR
 # ratio; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
 # BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend.
-# Installs the wheel bundle of ../shared/tools/gpu-bundle.sh (.whl/) when the host lacks
+# Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr`; carry .whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
 set -uo pipefail
