@@ -8,7 +8,7 @@
 # --k), steps per trial, time limit and trials (default 8); SWEEP_LR_GROWTH: its grid's LR
 # ratio; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
 # BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend.
-# Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr`; carry .whl/) when the host lacks
+# Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
 set -uo pipefail
@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
-if ! python3 -c "import pydantic, ray, mlflow, soundfile, soxr" 2>/dev/null && [ -d .whl ]; then
-  if ! PYTHONPATH=/tmp/site python3 -c "import pydantic, ray, mlflow, soundfile, soxr" 2>/dev/null; then
+if ! python3 -c "import pydantic, ray, mlflow, soundfile, soxr, optuna" 2>/dev/null && [ -d .whl ]; then
+  if ! PYTHONPATH=/tmp/site python3 -c "import pydantic, ray, mlflow, soundfile, soxr, optuna" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     tar xJf .whl/ray-slim.tar.xz -C /tmp/site
   fi  # else installed by an earlier call on this machine
