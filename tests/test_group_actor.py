@@ -152,6 +152,32 @@ def test_a_compiled_group_waits_for_members_still_joining(actor, monkeypatch):
     assert calls[0] == ("m0", "m1"), calls
 
 
+def test_a_compiled_group_whose_slots_are_all_taken_steps_without_the_join_wait(
+        tiny, monkeypatch):
+    """No trial can join a group whose every slot is taken: its first step does not wait
+    JOIN_WAIT_S for one (10 s of every sweep on a GPU, run 25). The first join's LLM load
+    and the actor's start to it are in the stats."""
+    import tuning.raytune.group_actor as actor_mod
+    from trainer.group import TrialGroup
+
+    cfg = tiny(run_name="m0")
+    group = GroupActor(prepare_inputs(cfg, log=lambda *_: None), "cpu", report_every=2,
+                       orphan_timeout_s=600, slots=2)
+    monkeypatch.setattr(TrialGroup, "compiled", property(lambda self: True))
+    monkeypatch.setattr(actor_mod, "JOIN_WAIT_S", 600.0)
+    calls = _recorded_steps(group, monkeypatch)
+    _join(group, cfg, "m0")
+    time.sleep(1.0)  # one slot free: the group waits for a second member
+    assert not calls
+    _join(group, cfg, "m1")
+    _wait(lambda: calls, timeout=60.0)  # both slots taken: it steps at once
+    assert calls[0] == ("m0", "m1"), calls
+    stats = group.stats()
+    assert stats["wait_s"]["joining"] < 30.0, stats
+    assert 0 < stats["first_join_s"] <= stats["to_first_member_s"], stats
+    assert "first member in" in actor_mod.describe_stats(stats)
+
+
 def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     """A compiled group's first step compiles for minutes, longer than orphan_timeout_s,
     while every client's poll waits on the actor: after it, the members are still members

@@ -66,8 +66,9 @@ RECENT_STEPS = 1000  # the short group steps the stats' median is taken over
 BARRIER_S = 10.0
 # Trials of a sweep join over a few seconds (each trial process starts, then joins): a
 # compiled group takes its first step only once no member has joined for this long, so
-# its first graph holds them all. Once its slots are built a member joins into a free
-# slot without a compile, and the group steps on without waiting.
+# its first graph holds them all, or at once when every one of its `slots` is taken (no
+# trial can join before a member leaves). Once its slots are built a member joins into a
+# free slot without a compile, and the group steps on without waiting.
 JOIN_WAIT_S = 10.0
 # Reports a member may have made that its client has not yet returned from (module docstring);
 # 0 pauses it at every report, as a solo trial blocks in tune.report.
@@ -190,6 +191,10 @@ class GroupStats:
         ("clients", "barrier", "joining", "empty"), 0.0))
     pauses: int = 0  # a member paused until its client polled again ...
     paused_s: float = 0.0  # ... for this long in all (the clients' round trips)
+    # The actor's start and its first member's join, which loads the frozen LLM onto the
+    # device: what a sweep spends before its group's first step, apart from the waits.
+    created: float = field(default_factory=time.monotonic)
+    first_join_s: float = 0.0
     started: float | None = None  # the first member's join: the figures start there
     waiting: tuple[str, float] | None = None  # the wait in progress: why, since when
 
@@ -226,6 +231,10 @@ class GroupStats:
             "busy_fraction": round(self.step_s / wall, 3),
             "pauses": self.pauses,
             "pause_ms_mean": round(1e3 * self.paused_s / max(1, self.pauses), 1),
+            # from the actor's start to its first member in (trial processes starting,
+            # then the first join's LLM load, first_join_s of it)
+            "to_first_member_s": round((self.started or now) - self.created, 3),
+            "first_join_s": round(self.first_join_s, 3),
         }
 
 
@@ -279,6 +288,7 @@ class GroupActor:
 
         cfg = config_from_data(cfg_data, f"trial {member_id}")
         with self._step_lock:
+            began = time.monotonic()
             if self._slots is not None and self.load(but=member_id) >= self._slots:
                 return False
             self._drop(member_id)  # a retried trial's old member, if still there
@@ -294,6 +304,7 @@ class GroupActor:
                 self._joined_at = time.monotonic()
                 if self._stats.started is None:
                     self._stats.started = self._joined_at
+                    self._stats.first_join_s = self._joined_at - began
                 self._wake()
         return True
 
@@ -415,7 +426,8 @@ class GroupActor:
             ready = [m for m in live if not self._members[m].paused]
             if not ready:
                 return [], 1.0, seen, "clients" if live else "empty"
-            if (self._group.compiled and not self._group.fixed_slots
+            full = self._slots is not None and len(live) >= self._slots
+            if (self._group.compiled and not self._group.fixed_slots and not full
                     and now - self._joined_at < JOIN_WAIT_S):
                 return [], 0.05, seen, "joining"  # more members may be on their way
             if len(ready) < len(live) and self._group.compiled:
@@ -509,7 +521,9 @@ def describe_stats(stats: dict[str, Any]) -> str:
             f"({100 * stats['sync_fraction']:.0f}% of it waiting for the device){compiles}; "
             "stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
-            f"{waits or 'nothing'}{pauses}")
+            f"{waits or 'nothing'}{pauses}; first member in "
+            f"{stats['to_first_member_s']:.0f}s after the group's start (its join "
+            f"{stats['first_join_s']:.0f}s)")
 
 
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
