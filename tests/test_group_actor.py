@@ -178,6 +178,20 @@ def test_a_compiled_group_whose_slots_are_all_taken_steps_without_the_join_wait(
     assert "first member in" in actor_mod.describe_stats(stats)
 
 
+def test_the_actor_loads_the_shared_llm_before_its_first_member_joins(tiny):
+    """Given the sweep's base config, the actor loads the frozen LLM as it starts (while a
+    sweep's trial processes start), so the first join only adds its member; a member then
+    trains as with the load in its join."""
+    cfg = tiny(run_name="m0")
+    group = GroupActor(prepare_inputs(cfg, log=lambda *_: None), "cpu", report_every=2,
+                       orphan_timeout_s=600, shared_config=cfg.to_plain())
+    _wait(lambda: group.stats()["preload_s"] > 0)
+    assert group._group.llm is None and group._group._lm is not None  # loaded, no member
+    member, steps = _join_until_paused(group, cfg, "m0")
+    assert steps == [1, 2, 3, 4] and member.reports, steps
+    assert group.stats()["first_join_s"] > 0
+
+
 def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     """A compiled group's first step compiles for minutes, longer than orphan_timeout_s,
     while every client's poll waits on the actor: after it, the members are still members

@@ -304,23 +304,7 @@ class TrialGroup:
         if problems:
             raise ConfigError(problems)
         t0 = time.perf_counter()
-        if self._lm is None:
-            tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
-            lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
-            cast_untargeted_linears(lm, cfg.model.lora.target_modules, frozen_dtype(cfg))
-            problems = io_lora_problems(lm, cfg, source)
-            if problems:
-                raise ConfigError(problems)
-            self._lm, self._tokenizer = lm, tokenizer
-            self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
-            if cfg.model.compile != "off":
-                # One compiled forward (and, with reduce-overhead, one CUDA graph) for the
-                # group's slots: batches keep the split's full length and a fixed target
-                # capacity, and the slots fix the rows (`_seat`).
-                self._compiled = torch.compile(stacked_rows_losses, mode=cfg.model.compile,
-                                               dynamic=False)
-                if cfg.model.skip_compile_guards:
-                    self._guard_skip = GuardSkip()
+        self.load_shared_llm(cfg, source)
         train_split, eval_split, plan, run_dir = prepare_run_dir(
             cfg, self.inputs, self._tokenizer, resume=resume, source=source)
         # Every member trains on the same split (one data config per group): one copy.
@@ -345,6 +329,31 @@ class TrialGroup:
                  else None)
         self.members[member_id] = Member(member_id, adapter, run, state, out, t0,
                                          time.perf_counter(), guard, report_due)
+
+    def load_shared_llm(self, cfg: TrainConfig, source: str = "config") -> None:
+        """Load the frozen LLM the members share onto the device (and set up its compiled
+        forward), once; `cfg` (the first member's, or the sweep's base config: they agree
+        on every shared key) fixes the group's shared keys. A sweep's group actor calls it
+        as it starts, so the load overlaps the trial processes' start; else the first
+        member's join does."""
+        if self._lm is not None:
+            return
+        tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
+        lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
+        cast_untargeted_linears(lm, cfg.model.lora.target_modules, frozen_dtype(cfg))
+        problems = io_lora_problems(lm, cfg, source)
+        if problems:
+            raise ConfigError(problems)
+        self._lm, self._tokenizer = lm, tokenizer
+        self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
+        if cfg.model.compile != "off":
+            # One compiled forward (and, with reduce-overhead, one CUDA graph) for the
+            # group's slots: batches keep the split's full length and a fixed target
+            # capacity, and the slots fix the rows (`_seat`).
+            self._compiled = torch.compile(stacked_rows_losses, mode=cfg.model.compile,
+                                           dynamic=False)
+            if cfg.model.skip_compile_guards:
+                self._guard_skip = GuardSkip()
 
     def remove_member(self, member_id: str, end_reason: str = "stopped") -> RunSummary:
         """End a member from outside (e.g. an ASHA stop): weights, summary, memory freed.

@@ -277,9 +277,11 @@ class SharedGroups:
 
 
 def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: Inputs,
-                 profile: tuple[str, int, int] | None) -> tuple[SharedGroups, list[str]]:
+                 profile: tuple[str, int, int] | None, base: dict[str, Any] | None = None,
+                 ) -> tuple[SharedGroups, list[str]]:
     """Reserve one bundle per group (its CPUs, GPU, custom resources) in one placement
-    group, and start each group's actor in its bundle; the groups and the actors' names."""
+    group, and start each group's actor in its bundle; the groups and the actors' names.
+    `base`: the trials' base config, each actor loads the shared LLM with as it starts."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -304,7 +306,8 @@ def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: In
             profile=profile if i == 0 else None, slots=plan.slots,
             compile_cache=str(sweep_dir.parent / COMPILE_CACHE),
             resources=dict(res.group_resources),
-            scheduling=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)))
+            scheduling=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            shared_config=base))
     return groups, names
 
 
@@ -318,7 +321,7 @@ def build_trainable(cfg: SearchConfig, sweep_dir: Path, base: dict[str, Any],
         return with_resources(run_trial, cfg, base=base, inputs=inputs, opts=opts), None
     plan = plan_groups(cfg, ray.cluster_resources(), src)
     check_shared_storage(sweep_dir, src)
-    groups, names = start_groups(cfg, plan, sweep_dir, inputs, profile)
+    groups, names = start_groups(cfg, plan, sweep_dir, inputs, profile, base)
     compiled = (f"; its forward is compiled once for {plan.slots} member slots "
                 "(minutes at reference scale): trials join and leave without a recompile"
                 if compile_mode != "off" else "")

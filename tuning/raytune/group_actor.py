@@ -194,6 +194,7 @@ class GroupStats:
     # The actor's start and its first member's join, which loads the frozen LLM onto the
     # device: what a sweep spends before its group's first step, apart from the waits.
     created: float = field(default_factory=time.monotonic)
+    preload_s: float = 0.0  # the LLM loaded ahead, as the actor starts (0: by the first join)
     first_join_s: float = 0.0
     started: float | None = None  # the first member's join: the figures start there
     waiting: tuple[str, float] | None = None  # the wait in progress: why, since when
@@ -231,9 +232,10 @@ class GroupStats:
             "busy_fraction": round(self.step_s / wall, 3),
             "pauses": self.pauses,
             "pause_ms_mean": round(1e3 * self.paused_s / max(1, self.pauses), 1),
-            # from the actor's start to its first member in (trial processes starting,
-            # then the first join's LLM load, first_join_s of it)
+            # from the actor's start to its first member in: the trial processes starting,
+            # and the shared LLM's load, ahead (preload_s) or in the first join
             "to_first_member_s": round((self.started or now) - self.created, 3),
+            "preload_s": round(self.preload_s, 3),
             "first_join_s": round(self.first_join_s, 3),
         }
 
@@ -243,16 +245,20 @@ class GroupActor:
 
     def __init__(self, inputs: Inputs, device: str | None, report_every: int,
                  orphan_timeout_s: float, profile: tuple[str, int, int] | None = None,
-                 slots: int | None = None, compile_cache: str | None = None) -> None:
+                 slots: int | None = None, compile_cache: str | None = None,
+                 shared_config: dict[str, Any] | None = None) -> None:
         """`profile`: (path, steps, warm): write a torch.profiler report of `steps` group
         steps, after `warm` without a compile, to path (trainer.step_profile; the sweep's
         PHASE2_GROUP_PROFILE). `slots`: the group's capacity (the sweep's
         max_concurrent_trials): a compiled group's forward runs that many member slots.
-        `compile_cache`: the directory of its compiled artifacts (trainer.compile_cache)."""
+        `compile_cache`: the directory of its compiled artifacts (trainer.compile_cache).
+        `shared_config`: the sweep's base trial config: the step thread loads the frozen
+        LLM with it before any member joins, while the trial processes start."""
         from trainer.group import TrialGroup
         from trainer.step_profile import StepProfiler
 
         self._inputs, self._device, self._slots = inputs, device, slots
+        self._shared_config = shared_config
         self._cache = Path(compile_cache) if compile_cache else None
         # The group's own log lines go to the actor's worker log: only its compile cache's.
         self._group = TrialGroup(inputs, device=device, log=_cache_lines, slots=slots,
@@ -396,7 +402,24 @@ class GroupActor:
         with self._lock:
             self._wake()
 
+    def _preload(self) -> None:
+        """Load the shared LLM before the first join (the caller holds `_step_lock`). A
+        failure is only logged: the first join loads it again and its trial gets the error."""
+        from trainer.config import config_from_data
+
+        began = time.monotonic()
+        try:
+            cfg = config_from_data(self._shared_config, "the sweep's base trial config")
+            self._group.load_shared_llm(cfg, "the sweep's base trial config")
+        except Exception:  # the first join reports it, in the trial's own words
+            print(f"[group] loading the shared LLM ahead failed; the first join loads it:\n"
+                  f"{traceback.format_exc()}", flush=True)
+        self._stats.preload_s = time.monotonic() - began
+
     def _loop(self) -> None:
+        if self._shared_config is not None:
+            with self._step_lock:
+                self._preload()
         while True:
             with self._step_lock:
                 ready, wait_s, seen, why = self._plan_step()
@@ -522,8 +545,8 @@ def describe_stats(stats: dict[str, Any]) -> str:
             "stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
             f"{waits or 'nothing'}{pauses}; first member in "
-            f"{stats['to_first_member_s']:.0f}s after the group's start (its join "
-            f"{stats['first_join_s']:.0f}s)")
+            f"{stats['to_first_member_s']:.0f}s after the group's start (LLM loaded ahead in "
+            f"{stats['preload_s']:.0f}s, the join {stats['first_join_s']:.0f}s)")
 
 
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
@@ -531,12 +554,14 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
                       profile: tuple[str, int, int] | None = None,
                       slots: int | None = None, compile_cache: str | None = None,
                       resources: dict[str, float] | None = None,
-                      scheduling: Any = None) -> Any:
+                      scheduling: Any = None,
+                      shared_config: dict[str, Any] | None = None) -> Any:
     """Create one of the sweep's group actors (owned by the driver); returns its handle.
     `slots`: the group's capacity (resources.trials_per_group); `compile_cache`: a
     directory for its compiled artifacts, shared by the sweeps of one storage;
     `resources`: custom Ray resources it also holds; `scheduling`: its Ray scheduling
-    strategy (the driver's: its bundle of the sweep's placement group)."""
+    strategy (the driver's: its bundle of the sweep's placement group); `shared_config`:
+    the sweep's base trial config, to load the shared LLM with as the actor starts."""
     device = "cuda" if num_gpus > 0 else "cpu"
     cls = ray.remote(GroupActor)
     # max_concurrency: polls block (up to POLL_WAIT_S) in threads; one per member plus joins.
@@ -545,7 +570,8 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
     return cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
                        resources=resources or None, scheduling_strategy=scheduling,
                        max_concurrency=64, max_restarts=3).remote(
-        inputs, device, report_every, orphan_timeout_s, profile, slots, compile_cache)
+        inputs, device, report_every, orphan_timeout_s, profile, slots, compile_cache,
+        shared_config)
 
 
 def join_group(actors: list[Any], member_id: str, cfg_data: dict[str, Any], resume: bool,
