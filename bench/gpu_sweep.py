@@ -79,7 +79,10 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     k = groups * per_group  # trials at a time
     if compiled:
         overrides = {**overrides, "model.compile": "reduce-overhead"}
-    gpus = (1.0 if group else round(1.0 / k, 4)) if _has_cuda() else 0
+    # A group holds a whole GPU, or its share when there are more groups than GPUs (2g4c
+    # on one card: two groups of 4 side by side on it, 0.5 GPU each).
+    gpus = ((min(1.0, round(_gpu_count() / groups, 4)) if group else round(1.0 / k, 4))
+            if _has_cuda() else 0)
     search = {
         "sweep": {"name": f"arm-{arm}", "storage_path": str(work / "sweeps")},
         "base": {"config": str(config.resolve()), "overrides": {
@@ -261,6 +264,12 @@ def flops_per_token(cfg, inputs) -> tuple[int, float]:
     rows = len(run.train)
     text = run.train.batch(torch.arange(rows))["attention_mask"].sum().item()
     return 4 * counts.frozen + 6 * counts.trainable, text / rows + run.prefix_tokens
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _has_cuda() -> bool:
