@@ -35,6 +35,7 @@ from tuning.tracking.names import (
     TAG_TRIAL_ID,
 )
 from tuning.tracking.records import metric_rows, nan_events_of, read_after
+from tuning.tracking.state import store_section, trial_section
 from tuning.tracking.values import (
     MAX_PARAMS_TAGS_PER_BATCH,
     METRICS_PER_CHUNK,
@@ -74,12 +75,10 @@ class RunWriter:
         self._reconciled = reconciled
 
     def _store(self) -> dict[str, Any]:
-        store = self._state["stores"].setdefault(self._store_key, {})
-        store.setdefault("trials", {})
-        return store
+        return store_section(self._state, self._store_key)
 
     def _trial_state(self, trial_id: str) -> dict[str, Any]:
-        return self._store()["trials"].setdefault(trial_id, {})
+        return trial_section(self._state, self._store_key, trial_id)
 
     def apply(self, op: dict[str, Any], report: ReplayReport) -> None:
         """Write one operation (any error of the store propagates: the caller journals it)."""
