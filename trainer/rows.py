@@ -3,7 +3,8 @@
 Its one job: given each member's rows (`Rows`: its projector, adapter, features and
 tokens), run them all through the shared LLM at once, each row block through its own
 adapter, and return each member's own mean target loss. `trainer.group` builds the rows
-and steps the members; `MemberView` (a member seen as a solo model) runs its rows alone.
+and steps the members; `trainer.group_member.MemberView` (a member seen as a solo model)
+runs its rows alone.
 """
 
 from __future__ import annotations
