@@ -327,8 +327,8 @@ def test_group_rows_equal_solo_with_variable_prefixes(assets_dir, tmp_path):
     """A trial group's shared forward gives each member the loss of its solo forward, with
     prefixes of different lengths."""
     from trainer.data import prefix_features
-    from trainer.group import Rows, rows_losses
     from trainer.model import Phase2Model, Projector, add_lora, load_llm
+    from trainer.rows import Rows, rows_losses
 
     inputs = prepare_inputs(config_from_data(tiny_data(tmp_path, assets_dir)), **QUIET)
     llm = add_lora(load_llm(inputs.llm_dir), 4, 8.0, 0.0, ["q_proj", "v_proj"]).eval()

@@ -8,9 +8,9 @@ model, each row routed to its own adapter).
 
 How one group step works (`TrialGroup.step`):
   * every active member draws its own micro-batch (its seed's epoch order, its batch size);
-  * the rows are concatenated (text right-padded to the longest: with causal attention
-    right padding changes nothing at the real positions), each member's prefix coming from
-    its own projector;
+  * the rows are concatenated (`trainer.rows`; text right-padded to the longest: with
+    causal attention right padding changes nothing at the real positions), each member's
+    prefix coming from its own projector;
   * ONE forward through the shared LLM, every LoRA layer adding each row block's own
     adapter (`trainer.multilora`);
   * a loss per member over ITS target tokens only (`trainer.model.target_losses`, the
@@ -20,10 +20,10 @@ How one group step works (`TrialGroup.step`):
   * then per member the solo run's own optimizer step (`trainer.step.optimizer_step`) and
     bookkeeping (`trainer.loop.finish_step`: policy, record, eval, checkpoint).
 
-Each member is a solo `Run` around a `MemberView`: a `Phase2Model` whose parameters are
-named exactly as in a solo run (its adapter shows up as peft's "default"), so a member's
-checkpoints and `trainable.safetensors` load into a solo model, and a solo `--resume` can
-continue a group member (and vice versa).
+Each member is a solo `Run` around a `MemberView` (`trainer.group_member`): a
+`Phase2Model` whose parameters are named exactly as in a solo run (its adapter shows up as
+peft's "default"), so a member's checkpoints and `trainable.safetensors` load into a solo
+model, and a solo `--resume` can continue a group member (and vice versa).
 
 Exactness: with LoRA and projector dropout at 0 a member trains as the same config
 trained alone, up to float rounding (tests/test_group.py pins this). With dropout > 0
@@ -45,9 +45,11 @@ shape and compiles nothing (docs/shared-group.md says what an empty slot costs).
 raised inside a step ends the whole group, as it would end a solo run's process; every
 member then resumes from its own checkpoints.
 
-Over 500 lines because `TrialGroup` is one object: its membership, the shared
-forward/backward and its members' read-back windows all act on the same routed layers,
-stacks and compiled graph.
+Over 600 lines because `TrialGroup`, about 540 of them, is one object: its membership,
+the shared forward/backward and its members' read-back windows all act on the same routed
+layers, stacks and compiled graph. What stands apart from it lives elsewhere: the shared
+forward over the members' rows in `trainer.rows`, the member classes in
+`trainer.group_member`.
 """
 
 from __future__ import annotations
@@ -56,12 +58,10 @@ import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.compile_cache import CompileCache, artifact_key
@@ -69,37 +69,29 @@ from trainer.compile_guards import GuardSkip
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX, place_features, to_device
 from trainer.errors import ConfigError
+from trainer.group_member import Member, MemberView
 from trainer.group_rules import group_problems, io_lora_problems
 from trainer.inputs import Inputs, prepare_inputs
 from trainer.llm import prepare_llm
 from trainer.loop import WINDOW_MAX_S, StepTally, flush_window, scale_for_backward
-from trainer.metrics import MetricsSink, MultiSink, RunSummary
+from trainer.metrics import MetricsSink, RunSummary
 from trainer.model import (
-    Phase2Model,
     Projector,
-    batch_targets,
     cast_untargeted_linears,
-    causal_lm,
-    final_hidden,
     load_llm,
     lora_config,
     low_precision_dtype,
-    prefix_embeds,
-    prefix_gaps,
-    target_losses,
 )
 from trainer.multilora import (
     LoraStacks,
-    adapter_blocks,
     adapter_of,
     route_blocks,
-    solo_name,
     vanilla_lora_layers,
 )
 from trainer.plan import needs_host
+from trainer.rows import Rows, rows_losses, stacked_rows_losses
 from trainer.run import (
     AfterBackward,
-    Run,
     assemble_run,
     close_run,
     debug_hook,
@@ -121,108 +113,6 @@ from trainer.step import (
     measure,
     read_back,
 )
-
-
-@dataclass
-class Rows:
-    """One member's share of a shared forward (right-padded rows)."""
-
-    projector: Projector
-    adapter: str
-    features: torch.Tensor
-    input_ids: torch.Tensor
-    labels: torch.Tensor  # [b, t]: on the CPU, on the device for a compiled forward
-
-
-def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    return F.pad(t, (0, length - t.shape[1]), value=value)
-
-
-def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list[torch.Tensor]:
-    """One forward of every part's rows through `llm`; each part's mean target loss.
-
-    `routed`: a compiled group's forward: the parts' adapters are routed already
-    (`route_blocks`), labels are on the device and the targets static (`text_targets`).
-    """
-    lm = causal_lm(llm)
-    length = max(p.input_ids.shape[1] for p in parts)
-    embeds, gaps, blocks = [], [], []
-    for p in parts:
-        # Padding ids are never attended by a real position (final_hidden): any id will do.
-        embeds.append(prefix_embeds(p.projector, lm.get_input_embeddings(), p.features,
-                                    _pad_right(p.input_ids, length, 0)))
-        gaps.append(prefix_gaps(p.features, length))
-        blocks.append((p.adapter, p.features.shape[0]))
-    if routed:
-        hidden = final_hidden(lm, torch.cat(embeds), torch.cat(gaps))
-    else:
-        with adapter_blocks(llm, blocks):
-            hidden = final_hidden(lm, torch.cat(embeds), torch.cat(gaps))
-    blocks, start = [], 0
-    for p in parts:  # each member's loss over its own rows and target tokens only
-        blocks.append((start, batch_targets(_pad_right(p.labels, length, IGNORE_INDEX),
-                                            p.features.shape[1], routed, hidden.device)))
-        start += p.features.shape[0]
-    return target_losses(hidden, blocks, lm.get_output_embeddings())
-
-
-def stacked_rows_losses(llm: nn.Module, parts: list[Rows],
-                        stacks: LoraStacks | None) -> list[torch.Tensor]:
-    """A compiled group's forward (`rows_losses`, routed): with `stacks`, its layers read
-    the weights `stacks.split` makes once for this forward."""
-    if stacks is None:
-        return rows_losses(llm, parts, routed=True)
-    stacks.pieces = stacks.split()
-    try:
-        return rows_losses(llm, parts, routed=True)
-    finally:
-        stacks.pieces = None
-
-
-class MemberView(Phase2Model):
-    """One member seen as a solo `Phase2Model`.
-
-    Its forward runs its rows through the shared LLM and its own adapter, and its
-    parameters carry solo names: its projector, the frozen base weights and its own
-    LoRA weights under peft's "default" name; other members' adapters are invisible.
-    So the solo optimizer groups, checkpoints, weight files and fault hooks work on it
-    unchanged.
-    """
-
-    def __init__(self, projector: Projector, llm: nn.Module, adapter: str) -> None:
-        super().__init__(projector, llm)
-        self.adapter = adapter
-
-    def forward(self, features: torch.Tensor, input_ids: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        rows = Rows(self.projector, self.adapter, features, input_ids, labels)
-        return rows_losses(self.llm, [rows])[0]
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
-            owner = adapter_of(name)
-            if owner is None:
-                yield name, p
-            elif owner == self.adapter:
-                yield solo_name(name, self.adapter), p
-
-
-@dataclass
-class Member:
-    """A trial training in the group: its solo `Run`/`State` plus its sinks and clocks."""
-
-    member_id: str
-    adapter: str
-    run: Run
-    state: State
-    sink: MultiSink
-    t0: float
-    t_last: float
-    guard: DeviceGuard | None = None  # the device NaN guard of runs that use it
-    report_due: Callable[[int], bool] | None = None  # see TrialGroup.add_member
-    pending: list[PendingStep] = field(default_factory=list)  # launched, not read back yet
-    slot: int | None = None  # its row of a compiled group's LoRA stacks (TrialGroup._seat)
 
 
 class TrialGroup:

@@ -10,10 +10,9 @@ Workflow: ``recheck_plan`` -> run each ``RecheckTrial.config`` as a trial (FIFO,
 stopping) -> ``match_plan`` pairs the finished runs with the plan -> ``summarize`` ->
 ``tuning.analysis.recheck_report`` lays the summary out.
 
-Longer than most modules (about 600 lines) because half of it is wording: every config's
-reason and the headline say *why* one config was recommended over another in the terms of
-the summary's own fields, and keeping that next to the rule it explains is what keeps the
-two in step.
+The words are in ``tuning.analysis.recheck_wording``: every config's reason and the
+headline say *why* one config was recommended over another in the terms of the summary's
+own fields, so a change to the rule here wants a look at its explanation there.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuning.analysis.leaderboard import PHASE2_KNOBS, build_leaderboard
-from tuning.analysis.stability import StabilityRules, fmt_num, verdict, verdicts_for
+from tuning.analysis.recheck_wording import entry_reason, factor_label, headline, is_one
+from tuning.analysis.stability import StabilityRules, verdict, verdicts_for
 from tuning.analysis.trial_record import (
     DEFAULT_LORA_LR_MULT,
     DEFAULT_PROJECTOR_LR_MULT,
@@ -46,15 +46,6 @@ _GROUPS = (("projector", DEFAULT_PROJECTOR_LR_MULT), ("lora", DEFAULT_LORA_LR_MU
 _DERIVED_RTOL = 1e-6
 # Matching a finished run to its plan entry: the values went through YAML and back.
 _MATCH_RTOL = 1e-9
-
-# How a verdict kind reads in "x1.5 went NaN in 2/3 seeds".
-_KIND_WORDS = {
-    "nan": "went NaN",
-    "diverged": "diverged",
-    "high_grad_norm": "had exploding gradients",
-    "failed": "failed",
-    "incomplete": "did not finish",
-}
 
 STATUS_RECOMMENDED = "recommended"
 STATUS_WITHIN = "within tolerance"
@@ -120,7 +111,7 @@ class RecheckEntry:
     @property
     def neighbours_stable(self) -> bool:
         """Every run away from x1 (all seeds) stayed stable."""
-        return not any(f.broke for f in self.factors if not _is_one(f.factor))
+        return not any(f.broke for f in self.factors if not is_one(f.factor))
 
     @property
     def broke_first(self) -> float | None:
@@ -204,7 +195,7 @@ def _check_plan_args(top_k: int, seeds: Sequence[int], factors: Sequence[float])
         problems.append(f"lr_factors must be finite and > 0, got {list(factors)}")
     elif len(set(factors)) != len(factors):
         problems.append(f"lr_factors repeat a value: {list(factors)}")
-    elif not any(_is_one(f) for f in factors):
+    elif not any(is_one(f) for f in factors):
         # summarize() ranks configs by their loss at their own LR, so x1 must be run.
         problems.append(f"lr_factors must include 1.0, got {list(factors)}")
     if problems:
@@ -397,8 +388,8 @@ def summarize(
     if chosen is not None:
         chosen.recommended = True
     for entry in entries:
-        entry.reason = _entry_reason(entry, best_mean, loss_tolerance, chosen)
-    message = _headline(entries, chosen, sweep_best, best_mean, loss_tolerance)
+        entry.reason = entry_reason(entry, best_mean, loss_tolerance, chosen)
+    message = headline(entries, chosen, sweep_best, best_mean, loss_tolerance)
     name = chosen.source_trial if chosen else None
     return RecheckSummary(entries, name, sweep_best, loss_tolerance, message, best_mean)
 
@@ -417,7 +408,7 @@ def _entry(
         early += int(v.stable and v.early_stopped)
         if not v.stable:
             outcome.failures[v.kind] += 1
-        if _is_one(trial.lr_factor):
+        if is_one(trial.lr_factor):
             runs_at_1x += 1
             # v.final_loss is smoothed_final_loss(record, rules.smoothing_window).
             if v.stable and v.final_loss is not None:
@@ -474,150 +465,6 @@ def _rank_key(entry: RecheckEntry) -> float:
     return math.inf if entry.source_rank is None else entry.source_rank
 
 
-# --------------------------------------------------------------------------- wording
-
-
-def factor_label(factor: float) -> str:
-    """An LR factor as the report writes it: ``x1.5``."""
-    return f"x{factor:g}"
-
-
-def _is_one(factor: float) -> bool:
-    return math.isclose(factor, 1.0, rel_tol=1e-9)
-
-
-def _failure_text(outcome: FactorOutcome) -> str:
-    """E.g. "x1.5 went NaN in 2/3 seeds and diverged in 1/3"."""
-    parts = [
-        f"{_KIND_WORDS.get(kind, kind)} in {n}/{outcome.runs}"
-        for kind, n in outcome.failures.most_common()
-    ]
-    return f"{factor_label(outcome.factor)} {' and '.join(parts)} seeds"
-
-
-def _breaks(entry: RecheckEntry, neighbours_only: bool = False) -> str:
-    # Nearest-to-x1 first: the closest cliff is the one that matters.
-    broken = sorted((f for f in entry.factors if f.broke), key=lambda f: abs(math.log(f.factor)))
-    if neighbours_only:
-        broken = [f for f in broken if not _is_one(f.factor)]
-    return "; ".join(_failure_text(f) for f in broken)
-
-
-def loss_label(value: float | None) -> str:
-    """A mean loss to four digits, ``-`` for none."""
-    # Four digits like the leaderboard: configs 1% apart must not print the same number.
-    return "-" if value is None else f"{value:.4g}"
-
-
-def _loss_text(entry: RecheckEntry) -> str:
-    if entry.mean_loss is None:
-        return "no loss at x1"
-    spread = "" if entry.std_loss is None else f" ± {fmt_num(entry.std_loss)}"
-    return f"mean loss {loss_label(entry.mean_loss)}{spread} over {entry.seeds_at_1x} seeds at x1"
-
-
-def _facts(entry: RecheckEntry) -> str:
-    span = ", ".join(factor_label(f.factor) for f in entry.factors)
-    text = f"stable in {entry.stable_runs}/{entry.total_runs} runs ({span}); {_loss_text(entry)}"
-    if entry.early_stopped:
-        text += f"; {entry.early_stopped} runs early-stopped (re-check with a fifo scheduler)"
-    return text
-
-
-def _entry_reason(
-    entry: RecheckEntry, best: float | None, tol: float, chosen: RecheckEntry | None
-) -> str:
-    breaks = _breaks(entry)
-    if not entry.reproducible:
-        unstable = entry.runs_at_1x - entry.seeds_at_1x
-        why = (
-            f"unstable at its own LR in {unstable}/{entry.runs_at_1x} seeds"
-            if entry.runs_at_1x
-            else f"no runs at {factor_label(1.0)}"
-        )
-        return f"not reproducible: {why}" + (f" ({breaks})" if breaks else "")
-    if entry.recommended:
-        lead = "recommended: most robust within tolerance"
-    elif not entry.within_tolerance:
-        lead = _outside_text(entry, best, tol)
-    elif chosen is not None and entry.margin < chosen.margin:
-        lead = f"sits next to a cliff: {breaks}" if breaks else "less robust"
-    else:
-        other = chosen.source_trial if chosen else "?"
-        lead = f"as robust, but its mean loss is higher than trial {other}'s"
-    return f"{lead}; {_facts(entry)}" + (f"; {breaks}" if breaks and "cliff" not in lead else "")
-
-
-def _outside_text(entry: RecheckEntry, best: float | None, tol: float) -> str:
-    if entry.mean_loss is None or not best:
-        return "outside tolerance"
-    above = (entry.mean_loss - best) / abs(best)
-    return (
-        f"mean loss {loss_label(entry.mean_loss)} is {above:.1%} above the best mean "
-        f"{loss_label(best)} (tolerance {tol:.0%})"
-    )
-
-
-def _headline(
-    entries: Sequence[RecheckEntry],
-    chosen: RecheckEntry | None,
-    sweep_best: str | None,
-    best: float | None,
-    tol: float,
-) -> str:
-    if chosen is None:
-        return (
-            f"No recommendation: none of the {len(entries)} re-checked configs was stable "
-            "in every seed at its own learning rate. Lower the learning rate or add "
-            "clipping, and re-check."
-        )
-    name = chosen.source_trial
-    if sweep_best == name:
-        caveat = _breaks(chosen)
-        if caveat:
-            return (
-                f"Trial {name}, the sweep's best, stays the pick with a caveat: {caveat}; "
-                f"no config within {tol:.0%} of the best mean loss was more robust. "
-                f"Trial {name}: {_facts(chosen)}."
-            )
-        return f"Trial {name}, the sweep's best, holds up: {_facts(chosen)}."
-    if sweep_best is None:
-        return (
-            f"Recommending trial {name} (the sweep's best trial was not re-checked): "
-            f"{_facts(chosen)}."
-        )
-    best_entry = next(e for e in entries if e.source_trial == sweep_best)
-    return (
-        f"Recommending trial {name} instead of the sweep's best trial {sweep_best}: "
-        f"{_why_not(best_entry, chosen, best, tol)}. Trial {name}: {_facts(chosen)}, "
-        f"within {tol:.0%} of the best mean loss {loss_label(best)}."
-    )
-
-
-def _why_not(entry: RecheckEntry, chosen: RecheckEntry, best: float | None, tol: float) -> str:
-    """Why the sweep's best trial lost, in the terms a reader would check first."""
-    name = f"trial {entry.source_trial}"
-    if not entry.reproducible:
-        return f"{name} is {entry.reason}"
-    if not entry.within_tolerance:
-        return (
-            f"{name}'s sweep loss looks like seed luck: over "
-            f"{entry.seeds_at_1x} seeds its {_outside_text(entry, best, tol)}"
-        )
-    if entry.margin < chosen.margin:
-        cliff = _breaks(entry, neighbours_only=True) or _breaks(entry)
-        return (
-            f"{name} sits next to a cliff: {cliff} (stable in "
-            f"{entry.stable_runs}/{entry.total_runs} re-check runs vs "
-            f"{chosen.stable_runs}/{chosen.total_runs})"
-        )
-    return (
-        f"{name} is as robust ({entry.stable_runs}/{entry.total_runs} stable) but its "
-        f"mean loss over seeds is higher ({loss_label(entry.mean_loss)} vs "
-        f"{loss_label(chosen.mean_loss)})"
-    )
-
-
 __all__ = [
     "DEFAULT_LR_FACTORS",
     "FactorOutcome",
@@ -625,8 +472,6 @@ __all__ = [
     "RecheckSummary",
     "RecheckTrial",
     "explain_plan",
-    "factor_label",
-    "loss_label",
     "match_plan",
     "recheck_plan",
     "scaled_config",

@@ -35,6 +35,7 @@ from tuning.tracking.names import (
     TAG_TRIAL_ID,
 )
 from tuning.tracking.records import metric_rows, nan_events_of, read_after
+from tuning.tracking.state import store_section, trial_section
 from tuning.tracking.values import (
     MAX_PARAMS_TAGS_PER_BATCH,
     METRICS_PER_CHUNK,
@@ -74,12 +75,10 @@ class RunWriter:
         self._reconciled = reconciled
 
     def _store(self) -> dict[str, Any]:
-        store = self._state["stores"].setdefault(self._store_key, {})
-        store.setdefault("trials", {})
-        return store
+        return store_section(self._state, self._store_key)
 
     def _trial_state(self, trial_id: str) -> dict[str, Any]:
-        return self._store()["trials"].setdefault(trial_id, {})
+        return trial_section(self._state, self._store_key, trial_id)
 
     def apply(self, op: dict[str, Any], report: ReplayReport) -> None:
         """Write one operation (any error of the store propagates: the caller journals it)."""
@@ -133,6 +132,20 @@ class RunWriter:
         self._save_state()
         return experiment_id
 
+    def _find_run(self, experiment_id: str, tags: Mapping[str, str],
+                  newest: bool | None = None) -> Any | None:
+        """The first run of the experiment that carries every one of ``tags`` (None: none).
+        ``newest``: True, the latest started first; False, the earliest; None, in the
+        store's own order (for tags that only one run carries)."""
+        found = self.client.search_runs(
+            [experiment_id],
+            " AND ".join(f"tags.`{key}` = '{search_quote(value)}'" for key, value in tags.items()),
+            max_results=1,
+            order_by=None if newest is None else [
+                f"attributes.start_time {'DESC' if newest else 'ASC'}"],
+        )
+        return found[0] if found else None
+
     def _ensure_parent(self) -> str:
         store = self._store()
         if store.get("parent_run_id"):
@@ -142,14 +155,9 @@ class RunWriter:
         if sweep.get("uid") is None:
             self._recover_sweep_uid(experiment_id)
         # A crash between create_run and the state save leaves a parent we can find again.
-        found = self.client.search_runs(
-            [experiment_id],
-            f"tags.`{TAG_SWEEP_UID}` = '{search_quote(sweep['uid'])}' "
-            f"AND tags.`{TAG_ROLE}` = 'parent'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
+        found = self._find_run(experiment_id, {TAG_SWEEP_UID: sweep["uid"], TAG_ROLE: "parent"})
+        if found is not None:
+            run_id = found.info.run_id
         else:
             run = self.client.create_run(
                 experiment_id,
@@ -170,18 +178,13 @@ class RunWriter:
         """After the state was lost: this sweep's uid is the one on the newest parent run of
         its name in the experiment (a new uid when there is none: nothing was stored yet)."""
         sweep = self._state["sweep"]
-        found = self.client.search_runs(
-            [experiment_id],
-            f"tags.`{TAG_SWEEP}` = '{search_quote(sweep['name'])}' "
-            f"AND tags.`{TAG_ROLE}` = 'parent'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-        uid = found[0].data.tags.get(TAG_SWEEP_UID) if found else None
+        found = self._find_run(experiment_id, {TAG_SWEEP: sweep["name"], TAG_ROLE: "parent"},
+                               newest=True)
+        uid = found.data.tags.get(TAG_SWEEP_UID) if found is not None else None
         sweep["uid"] = uid or uuid.uuid4().hex
         if uid:
             print(f"[mlflow] recovered sweep {sweep['name']!r}: parent run "
-                  f"{found[0].info.run_id} (uid {uid}) from its tags", file=sys.stderr,
+                  f"{found.info.run_id} (uid {uid}) from its tags", file=sys.stderr,
                   flush=True)
         self._save_state()
 
@@ -190,16 +193,14 @@ class RunWriter:
         sweep is the newest parent run of the experiment. Left unset when the store cannot
         say (the caller's TrackingError follows)."""
         try:
-            found = self.client.search_runs(
-                [self._ensure_experiment()], f"tags.`{TAG_ROLE}` = 'parent'", max_results=1,
-                order_by=["attributes.start_time DESC"])
+            found = self._find_run(self._ensure_experiment(), {TAG_ROLE: "parent"}, newest=True)
         except Exception as exc:  # unreachable: nothing to adopt now
             log.warning("cannot look up the sweep's parent run: %s", short_reason(exc))
             return
-        if found and found[0].data.tags.get(TAG_SWEEP) and found[0].data.tags.get(TAG_SWEEP_UID):
-            tags = found[0].data.tags
+        tags = found.data.tags if found is not None else {}
+        if tags.get(TAG_SWEEP) and tags.get(TAG_SWEEP_UID):
             self._state["sweep"] = {"name": tags[TAG_SWEEP], "uid": tags[TAG_SWEEP_UID]}
-            self._store()["parent_run_id"] = found[0].info.run_id
+            self._store()["parent_run_id"] = found.info.run_id
             self._save_state()
 
     def _reopen_if_terminated(self, run_id: str) -> None:
@@ -248,16 +249,11 @@ class RunWriter:
             return trial["run_id"]
         parent_id = self._ensure_parent()
         experiment_id = self._ensure_experiment()
-        found = self.client.search_runs(
-            [experiment_id],
-            f"tags.`{TAG_TRIAL_ID}` = '{search_quote(trial_id)}' "
-            f"AND tags.`{TAG_PARENT_RUN_ID}` = '{search_quote(parent_id)}'",
-            max_results=1,
-            order_by=["attributes.start_time ASC"],
-        )
-        if found:
-            run_id = found[0].info.run_id
-            self._reconcile(trial_id, found[0].data.tags, run_id)
+        found = self._find_run(
+            experiment_id, {TAG_TRIAL_ID: trial_id, TAG_PARENT_RUN_ID: parent_id}, newest=False)
+        if found is not None:
+            run_id = found.info.run_id
+            self._reconcile(trial_id, found.data.tags, run_id)
         elif create:
             spec = self._state["trials"].get(trial_id, {})
             run = self.client.create_run(

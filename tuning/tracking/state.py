@@ -85,3 +85,19 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def store_section(state: dict[str, Any], store_key: str) -> dict[str, Any]:
+    """The part of ``state`` that belongs to the tracking store ``store_key`` (its URI),
+    created empty on first use."""
+    # Run ids and watermarks belong to one tracking store; replaying into another store
+    # (tuning.sync --tracking-uri) must not reuse them.
+    store = state["stores"].setdefault(store_key, {})
+    store.setdefault("trials", {})
+    return store
+
+
+def trial_section(state: dict[str, Any], store_key: str, trial_id: str) -> dict[str, Any]:
+    """What ``state`` keeps about ``trial_id`` in the store ``store_key`` (its run id,
+    watermark, ...), created empty on first use."""
+    return store_section(state, store_key)["trials"].setdefault(trial_id, {})

@@ -57,7 +57,15 @@ from tuning.tracking.journal import Journal, ReplayReport
 from tuning.tracking.provenance import runtime_tags
 from tuning.tracking.records import metric_rows, nan_event_rows
 from tuning.tracking.runs import RunWriter
-from tuning.tracking.state import LOCK_FILE, RECOVER_KEY, STATE_FILE, read_state, save_state
+from tuning.tracking.state import (
+    LOCK_FILE,
+    RECOVER_KEY,
+    STATE_FILE,
+    read_state,
+    save_state,
+    store_section,
+    trial_section,
+)
 from tuning.tracking.store import artifact_location, check_reachable, create_embedded_store
 from tuning.tracking.values import clean_key, finite_number, flatten_params, tag_value
 
@@ -437,14 +445,10 @@ class SweepTracker:
         save_state(self.state_path, self._state)
 
     def _store(self) -> dict[str, Any]:
-        # Run ids and watermarks belong to one tracking store; replaying into another store
-        # (tuning.sync --tracking-uri) must not reuse them.
-        store = self._state["stores"].setdefault(self.tracking_uri, {})
-        store.setdefault("trials", {})
-        return store
+        return store_section(self._state, self.tracking_uri)
 
     def _trial_state(self, trial_id: str) -> dict[str, Any]:
-        return self._store()["trials"].setdefault(trial_id, {})
+        return trial_section(self._state, self.tracking_uri, trial_id)
 
     def _require_sweep(self) -> None:
         if not self._state.get("sweep") and self._state.get(RECOVER_KEY):
