@@ -71,11 +71,14 @@ def test_two_groups_on_two_fake_gpus_each_train_their_own_members(tmp_path):
     groups = json.loads((sweep_dir / "group_stats.json").read_text())["groups"]
     assert len(groups) == 2 and groups[0]["node_id"] != groups[1]["node_id"], groups
     members = [set(g["members"]) for g in groups]
-    assert [len(m) for m in members] == [2, 2] and not members[0] & members[1], members
+    # Each group took members of its own, at most its 2 slots at a time. How the 4 split is
+    # the trials' timing: a trial joins the least loaded group, and a tiny eager member
+    # may finish and free its slot before a group still loading its LLM takes another
+    # (2 + 2 alone, 3 + 1 on a loaded machine).
+    assert all(members) and not members[0] & members[1], members
     assert members[0] | members[1] == set(index)
-    # each trained its own two members' steps (whether side by side or one after the
-    # other is the trials' start times': a tiny eager group steps without waiting)
-    assert [g["member_steps"] for g in groups] == [2 * STEPS, 2 * STEPS], groups
+    # each trained exactly its own members' steps
+    assert [g["member_steps"] for g in groups] == [len(m) * STEPS for m in members], groups
     for trial in index:
         summary = json.loads((sweep_dir / "trials" / trial / "summary.json").read_text())
         assert summary["end_reason"] == "completed", (trial, summary)
