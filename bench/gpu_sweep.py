@@ -32,7 +32,7 @@ after the first quarter: compilation and warm-up excluded), the steady aggregate
 (bench/gpu_trainer.py's formula: tokens/s x (4 x frozen + 6 x trainable params of one
 trial) / `--peak-tflops`), the ratios of aggregate trial-steps/s and of steady tokens/s
 to the one-at-a-time arm (`1`, else the first), and for a shared group its actor's
-`group_stats.json` (time stepping against waiting, and why: tuning.raytune.group_actor.GroupStats).
+`group_stats.json` (time stepping against waiting, and why: tuning.raytune.group_stats.GroupStats).
 
 End to end, per arm: `tokens` (every recorded trial step's rows x the split's mean tokens
 per row, prefix included), `compile_s` and `train_s` (a shared group: its actor's steps
@@ -134,7 +134,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     if (sweep_dir / "group_stats.json").exists():  # a shared group: steps against waits
         stats = json.loads((sweep_dir / "group_stats.json").read_text())
         row_stats = {"group_stats": stats}
-        # The actor counts steps over 5 s as compiles (tuning.group_actor.GroupStats);
+        # The actor counts steps over 5 s as compiles (tuning.raytune.group_stats.GroupStats);
         # groups side by side ({"groups": [...]}) overlap: the longest one's.
         each = stats.get("groups", [stats])
         compile_s = max(g["long_step_s"] for g in each)

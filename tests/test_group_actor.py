@@ -159,6 +159,7 @@ def test_a_compiled_group_whose_slots_are_all_taken_steps_without_the_join_wait(
     and the actor's start to it are in the stats."""
     import tuning.raytune.group_actor as actor_mod
     from trainer.group import TrialGroup
+    from tuning.raytune.group_stats import describe_stats
 
     cfg = tiny(run_name="m0")
     group = GroupActor(prepare_inputs(cfg, log=lambda *_: None), "cpu", report_every=2,
@@ -175,7 +176,7 @@ def test_a_compiled_group_whose_slots_are_all_taken_steps_without_the_join_wait(
     stats = group.stats()
     assert stats["wait_s"]["joining"] < 30.0, stats
     assert 0 < stats["first_join_s"] <= stats["to_first_member_s"], stats
-    assert "first member in" in actor_mod.describe_stats(stats)
+    assert "first member in" in describe_stats(stats)
 
 
 def test_the_actor_loads_the_shared_llm_before_its_first_member_joins(tiny):
@@ -295,7 +296,7 @@ def test_close_ends_every_member_whose_client_never_left(actor):
 def test_stats_say_where_the_step_thread_spent_its_time(actor):
     """A member paused at its second unreported report: the step thread waits for its
     client ("clients"), and the pause's length is counted once the client acks."""
-    from tuning.raytune.group_actor import describe_stats
+    from tuning.raytune.group_stats import describe_stats
 
     group, cfg = actor
     member, steps = _join_until_paused(group, cfg, "m0")
@@ -323,7 +324,7 @@ def test_stats_say_where_the_step_thread_spent_its_time(actor):
 def test_the_median_step_is_the_steady_one():
     """The mean of the short steps carries the slow first steps after a compile; the
     median of the latest short steps does not, and drops the oldest past RECENT_STEPS."""
-    from tuning.raytune.group_actor import RECENT_STEPS, GroupStats
+    from tuning.raytune.group_stats import RECENT_STEPS, GroupStats
 
     st = GroupStats(started=time.monotonic())
     durations = [3.0, 2.0, 1.5] + [0.04] * 20  # recording the CUDA graphs, then steady

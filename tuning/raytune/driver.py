@@ -29,12 +29,8 @@ from trainer.inputs import Inputs
 from tuning.analysis.report import TRIALS_INDEX
 from tuning.raytune import disk_full
 from tuning.raytune.checkpoint_pruner import CheckpointPruner, prune_experiment
-from tuning.raytune.group_actor import (
-    describe_stats,
-    group_actor_name,
-    run_group_member,
-    start_group_actor,
-)
+from tuning.raytune.group_actor import group_actor_name, run_group_member, start_group_actor
+from tuning.raytune.group_stats import describe_stats
 from tuning.raytune.interrupt import INTERRUPT
 from tuning.raytune.progress import ProgressCallback
 from tuning.raytune.space import param_space

@@ -1,0 +1,111 @@
+"""A shared group's figures: where its step thread spent its time (steps, compiles, waits
+and why, the time before its first member), for ``group_stats.json`` and the sweep's closing
+line. The actor (``tuning.raytune.group_actor``) fills a ``GroupStats``; nothing here needs
+Ray."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+LONG_STEP_S = 5.0  # a group step longer than this is counted as a compile
+RECENT_STEPS = 1000  # the short group steps the stats' median is taken over
+
+
+@dataclass
+class GroupStats:
+    """Where the actor's step thread spent its time: what a sweep prints at its end and
+    writes to ``group_stats.json``, so that a slow group says whether it was its steps or
+    its waits (and for whom) that were slow."""
+
+    group_steps: int = 0
+    # Optimizer steps launched, summed over members: with the steps a NaN stop found
+    # later in its read-back window (no-ops on the device, never recorded) among them.
+    member_steps: int = 0
+    step_s: float = 0.0  # in TrialGroup.step (forward, backward, optimizers, read-backs)
+    long_steps: int = 0  # steps over LONG_STEP_S: a compiled group's compiles
+    long_step_s: float = 0.0
+    # The latest short steps' durations, for the median: the mean of the short steps
+    # carries the first ones after a compile (CUDA graph recording, 1-5 s each), which in
+    # a 300-step sweep raise it from the steady ~37 ms to ~50 (runs 16-20, H200).
+    recent_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    # Of step_s, waiting in read-backs for the device to finish the launched work: most of
+    # it says the device bounds the group. Little of it says less: with CUDA graphs a host
+    # that runs ahead blocks in its launches once the GPU's queue is full (a GPU-bound group
+    # can read near 0: docs/shared-group.md).
+    sync_s: float = 0.0
+    profile_report_s: float = 0.0  # writing PHASE2_GROUP_PROFILE's report (not in step_s)
+    # The step thread waiting, by why: every live member paused for its client's report
+    # ("clients"), a compiled group holding for paused members (BARRIER_S, "barrier") or
+    # for members still joining (JOIN_WAIT_S, "joining"), or no member at all ("empty").
+    wait_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("clients", "barrier", "joining", "empty"), 0.0))
+    pauses: int = 0  # a member paused until its client polled again ...
+    paused_s: float = 0.0  # ... for this long in all (the clients' round trips)
+    # The actor's start and its first member's join, which loads the frozen LLM onto the
+    # device: what a sweep spends before its group's first step, apart from the waits.
+    created: float = field(default_factory=time.monotonic)
+    preload_s: float = 0.0  # the LLM loaded ahead, as the actor starts (0: by the first join)
+    first_join_s: float = 0.0
+    started: float | None = None  # the first member's join: the figures start there
+    waiting: tuple[str, float] | None = None  # the wait in progress: why, since when
+
+    def begin_wait(self, why: str) -> None:
+        if self.started is not None:
+            self.waiting = (why, time.monotonic())
+
+    def end_wait(self) -> None:
+        if self.waiting is not None:
+            why, since = self.waiting
+            self.wait_s[why] += time.monotonic() - since
+            self.waiting = None
+
+    def as_dict(self) -> dict[str, Any]:
+        now = time.monotonic()
+        wall = max(now - (self.started or now), 1e-9)
+        waits = dict(self.wait_s)
+        if self.waiting is not None:  # counted so far
+            waits[self.waiting[0]] += now - self.waiting[1]
+        warm = self.group_steps - self.long_steps
+        return {
+            "wall_s": round(wall, 3), "group_steps": self.group_steps,
+            "member_steps": self.member_steps,
+            "members_per_step": round(self.member_steps / max(1, self.group_steps), 2),
+            "step_s": round(self.step_s, 3),
+            "step_ms_mean": round(1e3 * (self.step_s - self.long_step_s) / max(1, warm), 2),
+            "step_ms_median": round(1e3 * statistics.median(self.recent_s), 2)
+            if self.recent_s else 0.0,
+            "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
+            "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
+            "sync_fraction": round(self.sync_s / max(self.step_s - self.long_step_s, 1e-9), 4),
+            "profile_report_s": round(self.profile_report_s, 3),
+            "wait_s": {k: round(v, 3) for k, v in waits.items()},
+            "busy_fraction": round(self.step_s / wall, 3),
+            "pauses": self.pauses,
+            "pause_ms_mean": round(1e3 * self.paused_s / max(1, self.pauses), 1),
+            # from the actor's start to its first member in: the trial processes starting,
+            # and the shared LLM's load, ahead (preload_s) or in the first join
+            "to_first_member_s": round((self.started or now) - self.created, 3),
+            "preload_s": round(self.preload_s, 3),
+            "first_join_s": round(self.first_join_s, 3),
+        }
+
+
+def describe_stats(stats: dict[str, Any]) -> str:
+    """One console line of ``GroupStats.as_dict()``: the group's steps, then its waits."""
+    waits = ", ".join(f"{why} {s:.0f}s" for why, s in stats["wait_s"].items() if s >= 0.5)
+    compiles = (f"; {stats['long_steps']} steps over {LONG_STEP_S:.0f}s (compiles) took "
+                f"{stats['long_step_s']:.0f}s" if stats["long_steps"] else "")
+    pauses = (f"; members paused {stats['pauses']} times for their clients' reports, "
+              f"{stats['pause_ms_mean']:.0f} ms on average" if stats["pauses"] else "")
+    return (f"{stats['group_steps']} group steps of {stats['members_per_step']} members, "
+            f"{stats['step_ms_mean']:.1f} ms each, median {stats['step_ms_median']:.1f} ms "
+            f"({100 * stats['sync_fraction']:.0f}% of it waiting for the device){compiles}; "
+            "stepping "
+            f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
+            f"{waits or 'nothing'}{pauses}; first member in "
+            f"{stats['to_first_member_s']:.0f}s after the group's start (LLM loaded ahead in "
+            f"{stats['preload_s']:.0f}s, the join {stats['first_join_s']:.0f}s)")
