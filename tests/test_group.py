@@ -289,6 +289,9 @@ def test_a_nan_stays_in_its_member(tiny, sync):
     assert (ev.step, ev.where, ev.action) == (3, "loss", "stopped")
     assert math.isnan(sinks["stop"].records[-1]["loss"])
     assert sinks["clean"].summary.nan_events == []
+    # A member's records carry its own events (trainer.loop.finish_step), as a solo run's do.
+    for k in specs:
+        assert sinks[k].nan_events == sinks[k].summary.nan_events == solo[k].nan_events, k
     for k in specs:  # NaN rows and NaN gradients did not reach any other member
         _assert_same_steps(solo[k].records, sinks[k].records, k)
     clean = _weights(tiny().output.root / "group-clean")

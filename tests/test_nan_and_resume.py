@@ -81,6 +81,45 @@ def test_skip_policy_aborts_after_n_in_a_row(tiny, sync):
 
 
 @GUARDS
+def test_each_step_record_carries_its_nan_event_with_the_policys_action(tiny, sync):
+    """The event travels in its step's record (issue 24): in metrics.jsonl as strict JSON,
+    None on clean steps, and MemorySink hands the NanEvent objects back."""
+    from trainer.metrics import nan_event_of
+
+    cfg = tiny(epochs=2, nan_policy="skip", max_consecutive_nan=3)
+    cfg.output.sync_every = sync
+    summary, sink = _run(cfg, _poison(2, "lora", until=100))
+    lines = (cfg.output.root / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["nan_event"] is None
+    assert [r["nan_event"] for r in records[1:]] == [
+        {"step": s, "where": "grad", "groups": ["lora"], "action": a, "fp16_overflow": False}
+        for s, a in ((2, "skipped"), (3, "skipped"), (4, "aborted"))]
+    assert [nan_event_of(r) for r in records[1:]] == summary.nan_events
+    assert sink.nan_events == summary.nan_events  # the NanEvent objects, equal by value
+    assert sink.nan_events[0] is not summary.nan_events[0]  # a copy, not the State's
+
+
+@GUARDS
+def test_a_stopping_loss_event_is_in_its_record(tiny, sync):
+    def break_weights(step, model):
+        if step == 2:
+            with torch.no_grad():
+                model.projector.net[0].weight.fill_(float("inf"))
+
+    cfg = tiny(epochs=1, nan_policy="stop")
+    cfg.output.sync_every = sync
+    summary, sink = _run(cfg, break_weights)
+    last = json.loads((cfg.output.root / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and last["loss"] is None
+    event = last["nan_event"]
+    assert (event["step"], event["where"], event["action"]) == (3, "loss", "stopped")
+    assert event["groups"] == summary.nan_events[0].groups
+    assert [r["nan_event"] for r in sink.records[:-1]] == [None, None]
+
+
+@GUARDS
 def test_non_finite_loss_is_a_loss_event(tiny, sync):
     def break_weights(step, model):
         if step == 2:

@@ -503,6 +503,71 @@ def test_nan_events_are_read_from_the_trainers_counter() -> None:
     ]
 
 
+def test_nan_events_are_the_records_own_events() -> None:
+    """A record that carries its event (``nan_event``, issue 24) is read as it is: exact
+    groups and action, no event on a clean step whatever the counter before it said, and
+    an older record without the key in the same file still gets its rebuilt event."""
+    from tuning.tracking.records import metric_rows, nan_events_of
+
+    def rec(step: int, count: int, event: dict[str, Any] | None, **values: Any) -> dict[str, Any]:
+        base = {"step": step, "loss": 2.0, "grad_norm/projector": 1.0, "grad_norm/lora": 1.0,
+                "nan_events": count, "nan_event": event}
+        return base | values
+
+    stopped = {"step": 3, "where": "loss", "groups": ["lora"], "action": "stopped",
+               "fp16_overflow": False}
+    old_format = {"step": 1, "loss": 2.0, "grad_norm/projector": None, "grad_norm/lora": 1.0,
+                  "nan_events": 1}
+    rows = [old_format,
+            # the counter is 2 while count_before said 1 (e.g. an earlier record lost): the
+            # record says the step was clean, so no event is made up from the counter
+            rec(2, 2, None),
+            # the event names only lora though both norms are missing: the trainer's groups
+            rec(3, 3, stopped, loss=None, **{"grad_norm/projector": None,
+                                             "grad_norm/lora": None})]
+    assert nan_events_of(rows, count_before=0) == [
+        {"step": 1, "where": "grad", "groups": ["projector"]},  # rebuilt: no nan_event key
+        stopped,
+    ]
+    # a garbled event is skipped (warned), not a crash; the counter is not consulted for it
+    assert nan_events_of([rec(4, 4, {"where": "grad"})], count_before=3) == []
+    # the event is no metric: neither a value nor a non-finite tag
+    for row in metric_rows("t0", rows, 0):
+        assert "nan_event" not in row["m"] and "nan_event" not in row["bad"]
+
+
+def test_a_trainers_nan_event_names_the_first_nan_group(
+    store_uri: str, experiment: str, tmp_path: Path, tiny: Any
+) -> None:
+    """A real run's metrics.jsonl with a NaN step: the MLflow tags come from the event the
+    record carries (edited below so that its null values alone would name another group)."""
+    from trainer.loop import train
+    from trainer.metrics import MemorySink
+
+    cfg = tiny(epochs=1, nan_policy="skip")
+    cfg.debug.inject_nan_at_step = 3
+    cfg.debug.inject_nan_group = "lora"
+    train(cfg, MemorySink(), console=False, log=lambda *_: None)
+    metrics = cfg.output.root / "run" / "metrics.jsonl"
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert records[2]["nan_event"] == {"step": 3, "where": "grad", "groups": ["lora"],
+                                       "action": "skipped", "fp16_overflow": False}
+    assert records[2]["grad_norm/lora"] is None
+    # The tags must follow the event, not the nulls: give the projector's norm a null too.
+    records[2]["grad_norm/projector"] = None
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    tracker = new_tracker(store_uri, experiment, tmp_path / "state")
+    tracker.start_parent("sweep-nanev", {})
+    run_id = tracker.start_trial("t0")
+    tracker.ship_metrics("t0", metrics, records[-1]["step"])
+    tags = tracker.client.get_run(run_id).data.tags
+    assert (tags["first_nonfinite_step"], tags["first_nan_group"]) == ("3", "lora")
+    assert tags["nan_events"] == "1"
+    assert "nan_event" not in tracker.client.get_run(run_id).data.metrics
+    assert steps_of(tracker.client, run_id, "loss") == [r["step"] for r in records]
+
+
 def test_rejected_operation_does_not_block(store_uri: str, experiment: str, tmp_path: Path) -> None:
     """A value the store refuses for good goes to the rejected file, not into a retry loop."""
     tracker = new_tracker(store_uri, experiment, tmp_path / "state")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -185,6 +185,10 @@ def finish_step(run: Run, state: State, step: int, record: dict[str, Any],
     stop = apply_policy(run.cfg.phase2, state, event, record["loss"], diverged)
     state.step = step
     record["nan_events"] = len(state.nan_events)
+    # The event itself, after apply_policy set its action (skipped/stopped/aborted): sinks
+    # and the MLflow shipper read it as it is instead of rebuilding it from the counter and
+    # the null gradient norms. A copy: the record must not change with the State's event.
+    record["nan_event"] = asdict(event) if event is not None else None
     record["samples_per_s"] = record.pop("_samples") / dt
     record["tokens_per_s"] = record.pop("_tokens") / dt
     last = stop is not None or step == run.plan.total_steps

@@ -7,8 +7,12 @@ One record per optimizer step, keys (NaN/inf may appear as floats here; each sin
 decides how to store them, JSON writes them as null):
     step, epoch, loss, grad_norm, grad_norm/projector, grad_norm/lora,
     lr/projector, lr/lora, clipped (0/1), skipped (0/1), nan_events (cumulative),
-    samples_per_s, tokens_per_s, wall_time (Unix seconds when the step's record was
-    made), and eval_loss on evaluation steps.
+    nan_event (the step's NaN/inf event as a plain dict, `asdict(NanEvent)`, with the
+    policy's action; None on a clean step), samples_per_s, tokens_per_s, wall_time (Unix
+    seconds when the step's record was made), and eval_loss on evaluation steps.
+
+`nan_event` is the one value that is not a number: sinks that only take numbers (Tune
+results, MLflow metrics) skip it, and `nan_event_of` turns it back into a `NanEvent`.
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 STEP_KEYS = (
     "step", "epoch", "loss", "grad_norm", "grad_norm/projector", "grad_norm/lora",
-    "lr/projector", "lr/lora", "clipped", "skipped", "nan_events", "samples_per_s",
-    "tokens_per_s", "wall_time",
+    "lr/projector", "lr/lora", "clipped", "skipped", "nan_events", "nan_event",
+    "samples_per_s", "tokens_per_s", "wall_time",
 )
 
 
@@ -35,6 +40,24 @@ class NanEvent:
     groups: list[str]  # optimizer groups whose gradient was non-finite, in group order
     action: str  # "skipped", "stopped" or "aborted"
     fp16_overflow: bool = False
+
+
+def nan_event_of(record: Mapping[str, Any]) -> NanEvent | None:
+    """The NaN/inf event a step record carries (its ``nan_event``), None for a clean step.
+
+    Records written before the key existed have none either: a reader that must know
+    about their events rebuilds them from the ``nan_events`` counter (tuning's shipper
+    does). Raises TypeError/ValueError on a ``nan_event`` that is not an event's fields.
+    """
+    data = record.get("nan_event")
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise TypeError(f"nan_event is not a mapping: {data!r}")
+    known = {f.name for f in fields(NanEvent)}
+    event = NanEvent(**{k: v for k, v in data.items() if k in known})
+    event.groups = list(event.groups)  # a copy: the record's list stays the record's
+    return event
 
 
 @dataclass
@@ -95,6 +118,11 @@ class MemorySink:
         self.records.append(dict(metrics))
         if checkpoint is not None:
             self.checkpoints.append((step, checkpoint))
+
+    @property
+    def nan_events(self) -> list[NanEvent]:
+        """The NaN/inf events of the records received, in step order of arrival."""
+        return [e for r in self.records if (e := nan_event_of(r)) is not None]
 
     def close(self, summary: RunSummary) -> None:
         self.summary = summary

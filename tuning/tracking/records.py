@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from trainer.metrics import nan_event_of
 from tuning.tracking.values import (
     WALL_TIME_KEY,
     clean_key,
@@ -106,16 +107,25 @@ def read_after(path: Path, watermark: int) -> tuple[list[dict[str, Any]], int]:
 
 def nan_events_of(records: Sequence[Mapping[str, Any]], count_before: int
                   ) -> list[dict[str, Any]]:
-    """The NaN events of trainer records: a step whose cumulative ``nan_events`` rose.
+    """The NaN events of trainer records, as dicts with ``step``, ``where`` and ``groups``
+    (and ``action``, ``fp16_overflow`` when the record carried its event).
 
-    The record holds NaN/inf as null (strict JSON), so the event's groups are those whose
-    gradient norm is missing, and it is a loss event when the loss is missing too.
+    A record with a ``nan_event`` key carries its step's event itself (None: a clean step):
+    taken as it is, so the groups, ``where`` and the policy's action are the trainer's own.
+    A record without the key was written before the trainer put the event in its record (a
+    resumed sweep may read such a ``metrics.jsonl``): its event is rebuilt as before, from a
+    step whose cumulative ``nan_events`` rose. That record holds NaN/inf as null (strict
+    JSON), so the rebuilt event's groups are those whose gradient norm is missing, and it is
+    a loss event when the loss is missing too.
     """
     events = []
     seen = count_before
     for record in records:
         count = _count(record, seen)
-        if count > seen:
+        event = _carried_event(record) if "nan_event" in record else None
+        if event is not None:
+            events.append(event)
+        elif "nan_event" not in record and count > seen:
             loss = record.get("loss")
             finite_loss = isinstance(loss, numbers.Real) and math.isfinite(loss)
             groups = [g for g in GRAD_GROUPS if not _finite(record.get(f"grad_norm/{g}"))]
@@ -123,6 +133,21 @@ def nan_events_of(records: Sequence[Mapping[str, Any]], count_before: int
                            "groups": groups})
         seen = max(seen, count)
     return events
+
+
+def _carried_event(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The event a record carries (``trainer.metrics.nan_event_of``) as a dict; None for a
+    clean step or a garbled event (warned: the step's null values still become tags)."""
+    try:
+        event = nan_event_of(record)
+    except (TypeError, ValueError):
+        log.warning("step %s: unreadable nan_event %r skipped", record.get("step"),
+                    record.get("nan_event"))
+        return None
+    if event is None:
+        return None
+    return {"step": int(record["step"]), "where": event.where, "groups": list(event.groups),
+            "action": event.action, "fp16_overflow": event.fp16_overflow}
 
 
 def _count(record: Mapping[str, Any], default: int) -> int:
