@@ -19,6 +19,7 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,11 @@ def nan_events_of(records: Sequence[Mapping[str, Any]], count_before: int
     seen = count_before
     for record in records:
         count = _count(record, seen)
-        event = _carried_event(record) if "nan_event" in record else None
-        if event is not None:
-            events.append(event)
-        elif "nan_event" not in record and count > seen:
+        if "nan_event" in record:
+            event = _carried_event(record)
+            if event is not None:
+                events.append(event)
+        elif count > seen:
             loss = record.get("loss")
             finite_loss = isinstance(loss, numbers.Real) and math.isfinite(loss)
             groups = [g for g in GRAD_GROUPS if not _finite(record.get(f"grad_norm/{g}"))]
@@ -146,8 +148,7 @@ def _carried_event(record: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     if event is None:
         return None
-    return {"step": int(record["step"]), "where": event.where, "groups": list(event.groups),
-            "action": event.action, "fp16_overflow": event.fp16_overflow}
+    return {**asdict(event), "step": int(record["step"])}
 
 
 def _count(record: Mapping[str, Any], default: int) -> int:
