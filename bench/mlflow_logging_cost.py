@@ -190,16 +190,16 @@ def push_through_callback(state_dir: Path, tracking_uri: str | None,
 
 
 def verify(tracker: Any, trial_id: str, steps: list[int]) -> str:
-    """Read back the loss history of one child: every step exactly once, nothing journaled."""
+    """Read back the loss history of one child: every step exactly once, nothing pending."""
     run_id = tracker.run_id_of(trial_id)
     if run_id is None:
-        return "FAILED: no child run (writes were journaled; is the store reachable?)"
+        return "FAILED: no child run (writes are pending; is the store reachable?)"
     history = tracker.client.get_metric_history(run_id, "loss")
     logged = sorted(m.step for m in history)
     pending = tracker.pending_operations()
     ok = logged == sorted(steps) and pending == 0
     return (f"{'ok' if ok else 'MISMATCH'}: {len(logged)} loss points for {len(steps)} steps, "
-            f"{pending} journaled operation(s)")
+            f"{pending} pending operation(s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,14 @@
 """SweepTracker against a real ``mlflow server`` over HTTP (127.0.0.1 only).
 
 A sweep is logged through the REST API; the server is stopped mid-way (writes must spool to the
-journal quickly and training must not wait), restarted, and ``python -m tuning.sync`` replays
-the journal. Reachability checks must fail fast against a closed port and stay bounded against
+pending quickly and training must not wait), restarted, and ``python -m tuning.sync`` writes
+what is pending. Reachability checks must fail fast against a closed port and stay bounded against
 a socket that accepts but never answers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow.tracking import MlflowClient
 
 from tuning.tracking.errors import TrackingUnavailable
-from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.pending import PENDING_FILE
 from tuning.tracking.tracker import SweepTracker
 
 pytestmark = pytest.mark.slow
@@ -174,11 +175,11 @@ def test_sweep_over_http_survives_server_outage(tmp_path: Path) -> None:
             for low in range(1, 51, 10):
                 tracker.log_records(trial, [record(s) for s in range(low, low + 10)])
         # On a loaded machine a write may outlast its read timeout while the server is still
-        # up, and it is journaled with everything after it. Drain that first, so the outage
-        # below starts from an empty journal and its count is the outage's alone.
+        # up, and it stays pending with everything after it. Write that first, so the outage
+        # below starts with nothing pending and its count is the outage's alone.
         deadline = time.monotonic() + 60
         while tracker.pending_operations() and time.monotonic() < deadline:
-            tracker.retry_journal(force=True)
+            tracker.catch_up(force=True)
         assert tracker.pending_operations() == 0
         client = MlflowClient(server.url)
         assert loss_steps(client, tracker.run_id_of("t0")) == list(range(1, 51))
@@ -193,7 +194,7 @@ def test_sweep_over_http_survives_server_outage(tmp_path: Path) -> None:
         tracker.finish_parent("FINISHED")
         assert time.monotonic() - started < 15, "writes during an outage must not block"
         assert tracker.pending_operations() == 7
-        assert (state / JOURNAL_FILE).is_file()
+        assert len(json.loads((state / PENDING_FILE).read_text())["ops"]) == 7
         with pytest.raises(TrackingUnavailable):
             tracker.check_reachable()
 
@@ -207,7 +208,7 @@ def test_sweep_over_http_survives_server_outage(tmp_path: Path) -> None:
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         assert sync.returncode == 0, sync.stdout + sync.stderr
-        assert "replayed 7 operation(s)" in sync.stdout
+        assert "wrote 7 pending operation(s)" in sync.stdout
         assert tracker.pending_operations() == 0
 
         experiment_id = client.get_experiment_by_name("http-sweep").experiment_id
@@ -241,7 +242,7 @@ def test_check_reachable_fails_fast_on_closed_port(tmp_path: Path) -> None:
 
 def test_silent_server_is_bounded(tmp_path: Path) -> None:
     """A socket that accepts connections (kernel backlog) but never answers: the probe gives up
-    in under 10 s, and a write costs about timeout_s before it is journaled."""
+    in under 10 s, and a write costs about timeout_s before it is left pending."""
     with closing(socket.socket()) as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
@@ -257,5 +258,5 @@ def test_silent_server_is_bounded(tmp_path: Path) -> None:
         assert tracker.start_parent("silent", {}) is None
         tracker.start_trial("t0")
         tracker.log_records("t0", [record(1)])
-        assert time.monotonic() - started < 10  # one bounded wait, then backoff + journal
+        assert time.monotonic() - started < 10  # one bounded wait, then backoff, pending
         assert tracker.pending_operations() == 3

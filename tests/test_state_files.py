@@ -2,7 +2,7 @@
 with a warning line) or stops with one line naming the file and the fix. Never a traceback,
 never a finished trial's steps lost.
 
-mlflow_state.json, the MLflow journal and inbox, trials.json, a trial's summary.json,
+mlflow_state.json, the MLflow pending document, trials.json, a trial's summary.json,
 search.snapshot.yaml and Ray's checkpoints are covered here; the trainer's own checkpoints in
 tests/test_nan_and_resume.py::test_truncated_newest_checkpoint_falls_back_to_the_previous.
 The same damage in a real SIGKILLed sweep: tests/test_faults.py::
@@ -23,10 +23,9 @@ from mlflow.tracking import MlflowClient
 from trainer.errors import ConfigError
 from trainer.yaml_io import dump_yaml, load_yaml_file
 from tuning.search_config import load_search
-from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.pending import PENDING_FILE
 from tuning.tracking.state import STATE_FILE
 from tuning.tracking.tracker import SweepTracker
-from tuning.tracking.writer import INBOX_FILE, replay_inbox
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
 GARBAGE = bytes(range(256)) * 4  # not UTF-8, NUL bytes included
@@ -75,7 +74,8 @@ def test_damaged_mlflow_state_keeps_one_parent_and_every_step(store_uri, tmp_pat
     assert again.start_parent("sweep-a", {"x": 1}) == parent
     assert again.start_trial("t0", "trial_0") == run0
     again.log_records("t0", [record(s) for s in range(21, 61)])  # re-reported from step 21
-    # t1's start_trial was only in the lost state (an inbox replays its records like this)
+    # t1's start_trial was only in the lost state (a killed driver's pending records are
+    # written like this)
     again.log_records("t1", [record(s) for s in range(5, 21)])
     again.finish_trial("t1", "FINISHED")
 
@@ -115,10 +115,10 @@ def test_sync_replays_a_sweep_whose_state_is_damaged(tmp_path, capsys, damage):
     tracker.start_parent("sweep-s", {})
     run0 = tracker.start_trial("t0", "trial_0")
     tracker.close()
-    (state / STATE_FILE).write_bytes(DAMAGE[damage])
     # what a killed driver left unwritten: steps 1-5 of t0
-    line = json.dumps({"m": "log_records", "a": ["t0", [record(s) for s in range(1, 6)]]})
-    (state / INBOX_FILE).write_text(line + "\n")
+    SweepTracker(None, "synced", state, apply_now=False).log_records(
+        "t0", [record(s) for s in range(1, 6)])
+    (state / STATE_FILE).write_bytes(DAMAGE[damage])
     assert sync_main([str(state)]) == 0
     out = capsys.readouterr().out
     assert "unreadable or incomplete" in out and "experiment 'synced'" in out
@@ -134,24 +134,22 @@ def test_sync_without_a_state_or_store_says_what_to_pass(tmp_path, capsys):
     assert len(out) == 1 and "--tracking-uri URI --experiment NAME" in out[0]
 
 
-# ------------------------------------------------------------------ journal and inbox
+# ------------------------------------------------------------------ pending operations
 
 
-def test_garbled_journal_and_inbox_lines_are_skipped_not_fatal(store_uri, tmp_path, caplog):
+def test_a_damaged_pending_document_is_kept_aside_not_fatal(store_uri, tmp_path, caplog):
     state = tmp_path / "mlflow"
-    tracker = SweepTracker(store_uri, "journal", state, timeout_s=4.0)
+    tracker = SweepTracker(store_uri, "pending", state, timeout_s=4.0)
     tracker.start_parent("sweep-j", {})
     run0 = tracker.start_trial("t0", "trial_0")
-    good = {"op": "metrics", "trial_id": "t0", "rows": {}, "ts_ms": 1}
-    (state / JOURNAL_FILE).write_bytes(GARBAGE + b"\n" + b"[1, 2]\n"
-                                       + json.dumps(good).encode() + b"\n")
-    assert tracker.pending_operations() == 1  # the readable operation, kept
-    inbox = json.dumps({"m": "log_records", "a": ["t0", [record(s) for s in (1, 2)]]})
-    (state / INBOX_FILE).write_bytes(GARBAGE + b"\n" + inbox.encode() + b"\n")
-    assert replay_inbox(tracker) == 1
+    (state / PENDING_FILE).write_bytes(GARBAGE)
+    assert tracker.pending_operations() == 0  # nothing readable was pending
+    (aside,) = state.glob(f"{PENDING_FILE}.damaged-*")
+    assert aside.read_bytes() == GARBAGE  # kept for a human, byte for byte
+    assert "is unreadable" in caplog.text
+    tracker.log_records("t0", [record(s) for s in (1, 2)])  # the tracker goes on
     assert steps(MlflowClient(store_uri), run0) == [1, 2]
-    assert "torn journal line skipped" in caplog.text
-    assert "unreadable inbox line skipped" in caplog.text
+    assert tracker.pending_operations() == 0
 
 
 # ------------------------------------------------------------------ trials.json, summary.json

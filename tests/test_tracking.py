@@ -3,7 +3,7 @@
 What must hold: one parent and one child per trial, the same param names on every child,
 metric steps exactly as reported (no gaps, no duplicates) even across a restore, non-finite
 values as tags and never as metrics, no RUNNING run left after an interrupt, and an outage
-journal that ``python -m tuning.sync`` replays into a live store.
+pending document that ``python -m tuning.sync`` writes into a live store.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from tuning.tracking.callback import MlflowSweepCallback
 from tuning.tracking.errors import TrackingError, TrackingUnavailable, classify_error
-from tuning.tracking.journal import JOURNAL_FILE
+from tuning.tracking.pending import PENDING_FILE
 from tuning.tracking.state import STATE_FILE
 from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.values import flatten_params, stringify_param
@@ -329,13 +329,14 @@ def test_sync_kill_running_after_driver_death(
     tracker.start_trial("t0")
     assert main([str(state), "--kill-running"]) == 0
     out = capsys.readouterr().out
-    assert "replayed 0 operation(s)" in out and "KILLED" in out
+    assert "wrote 0 pending operation(s)" in out and "KILLED" in out
     client = tracker.client
     assert client.get_run(parent).info.status == "KILLED"
     assert client.get_run(tracker.run_id_of("t0")).info.status == "KILLED"
 
 
-def test_journal_spool_then_sync_replay(store_uri: str, experiment: str, tmp_path: Path) -> None:
+def test_outage_keeps_operations_pending_then_sync_writes_them(
+        store_uri: str, experiment: str, tmp_path: Path) -> None:
     state = tmp_path / "state"
     dead = f"http://127.0.0.1:{closed_port()}"
     tracker = SweepTracker(dead, experiment, state, timeout_s=4.0)
@@ -348,7 +349,7 @@ def test_journal_spool_then_sync_replay(store_uri: str, experiment: str, tmp_pat
     )
     artifact = tmp_path / "config.resolved.yaml"
     artifact.write_text("learning_rate: 0.0001\n")
-    assert tracker.start_parent("sweep-f", {"n": 2}) is None  # journaled, training goes on
+    assert tracker.start_parent("sweep-f", {"n": 2}) is None  # pending, training goes on
     for trial in ("t0", "t1"):
         assert tracker.start_trial(trial, f"trial_{trial}") is None
         tracker.log_params(trial, resolved_params(1e-4))
@@ -358,10 +359,13 @@ def test_journal_spool_then_sync_replay(store_uri: str, experiment: str, tmp_pat
         tracker.finish_trial(trial, "FINISHED", {"end_reason": "completed"})
     tracker.finish_parent("FINISHED")
     assert time.monotonic() - started < 20  # refused connections fail fast
-    journal = state / JOURNAL_FILE
-    lines = journal.read_text().splitlines()
-    assert len(lines) == tracker.pending_operations() == 1 + 2 * 6 + 1
-    assert all(json.loads(line)["op"] for line in lines)
+    pending = json.loads((state / PENDING_FILE).read_text())["ops"]
+    # One entry per kind and run: the parent's start and finish, per trial its start,
+    # params, records (the two overlapping calls in one entry), artifact and finish.
+    assert len(pending) == tracker.pending_operations() == 1 + 2 * 5 + 1
+    (rows,) = [op["rows"] for op in pending.values() if op["op"] == "metrics"
+               and op["trial_id"] == "t0"]
+    assert [row["step"] for row in rows] == list(range(1, 51))
 
     def sync(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -379,14 +383,14 @@ def test_journal_spool_then_sync_replay(store_uri: str, experiment: str, tmp_pat
 
     still_dead = sync(str(state), "--timeout", "2")
     assert still_dead.returncode == 1, still_dead.stdout + still_dead.stderr
-    assert "unreachable" in still_dead.stdout and journal.exists()
+    assert "unreachable" in still_dead.stdout and tracker.pending_operations() == 12
 
     done = sync(str(state), "--tracking-uri", store_uri)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "replayed 14 operation(s)" in done.stdout
-    assert not journal.exists()
+    assert "wrote 12 pending operation(s)" in done.stdout
+    assert tracker.pending_operations() == 0
     again = sync(str(state), "--tracking-uri", store_uri)  # idempotent: nothing left to do
-    assert again.returncode == 0 and "replayed 0 operation(s)" in again.stdout
+    assert again.returncode == 0 and "wrote 0 pending operation(s)" in again.stdout
 
     client = MlflowClient(store_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -405,8 +409,8 @@ def test_journal_spool_then_sync_replay(store_uri: str, experiment: str, tmp_pat
 def test_outage_then_recovery_in_process(
     store_uri: str, experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The store drops out mid-sweep and comes back: the tracker journals, keeps order, and
-    drains its own journal on a later call once the backoff has passed."""
+    """The store drops out mid-sweep and comes back: the tracker keeps what fails pending,
+    keeps order, and writes it on a later call once the backoff has passed."""
     import requests
 
     tracker = new_tracker(store_uri, experiment, tmp_path / "state")
@@ -431,8 +435,8 @@ def test_outage_then_recovery_in_process(
     assert client.get_run(run_id).info.status == "RUNNING"
 
     monkeypatch.setattr(client, "log_batch", real_log_batch)  # the store is back
-    assert tracker.retry_journal().applied == 0  # still inside the backoff window
-    report = tracker.retry_journal(force=True)
+    assert tracker.catch_up().applied == 0  # still inside the backoff window
+    report = tracker.catch_up(force=True)
     assert (report.applied, report.remaining, report.steps_logged) == (2, 0, 10)
     assert tracker.pending_operations() == 0 and tracker.last_outage is None
     assert steps_of(client, run_id, "loss") == list(range(1, 21))
@@ -444,7 +448,7 @@ def test_metrics_file_is_shipped_exactly_once_across_an_outage(
 ) -> None:
     """The sweep's path for step records: the trial's metrics.jsonl, read above the watermark.
     Records the trainer appends while the store is down arrive once it is back, each step
-    once, and neither the journal nor anything else in the state directory holds a copy."""
+    once, and nothing pending nor anything else in the state directory holds a copy."""
     import requests
 
     state = tmp_path / "state"
@@ -475,7 +479,7 @@ def test_metrics_file_is_shipped_exactly_once_across_an_outage(
     assert '"loss"' not in held  # no record copied out of the file
 
     monkeypatch.setattr(client, "log_batch", real_log_batch)  # the store is back
-    report = tracker.retry_journal(force=True)
+    report = tracker.catch_up(force=True)
     assert (report.applied, report.remaining, report.steps_logged) == (1, 0, 30)
     tracker.ship_metrics("t0", metrics, 40)  # again: nothing new, nothing twice
     assert steps_of(client, run_id, "epoch") == list(range(1, 41))
@@ -576,7 +580,7 @@ def test_rejected_operation_does_not_block(store_uri: str, experiment: str, tmp_
     tracker.log_artifact("t0", tmp_path / "missing.bin")
     tracker.log_records("t0", [record(1)])
     assert tracker.pending_operations() == 0
-    rejected = (tmp_path / "state" / "mlflow_journal.rejected.jsonl").read_text().splitlines()
+    rejected = (tmp_path / "state" / "mlflow_rejected.jsonl").read_text().splitlines()
     assert [json.loads(line)["op"] for line in rejected] == ["artifact"]
     assert steps_of(tracker.client, run_id, "loss") == [1]
 

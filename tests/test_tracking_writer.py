@@ -1,12 +1,13 @@
 """The sweep callback's background MLflow writer (tuning.tracking.writer).
 
 Hooks must not wait for MLflow (a trial blocked in tune.report waits for them), and moving the
-writes to a thread must not lose or duplicate anything: operations are applied in order,
-and what a killed driver had received but not written is replayed from the inbox.
+writes to a thread must not lose or duplicate anything: operations are written in order, and
+what a killed driver had been told but not written is written from the pending document.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -21,14 +22,10 @@ from conftest import ROOT
 from test_tracking import FakeTrial, children, result_for, steps_of
 
 from tuning.tracking.callback import MlflowSweepCallback
+from tuning.tracking.pending import PENDING_FILE
+from tuning.tracking.runs import RunWriter
 from tuning.tracking.tracker import SweepTracker
-from tuning.tracking.writer import (
-    INBOX_FILE,
-    BackgroundWriter,
-    InboxBusy,
-    _merge_records,
-    replay_inbox,
-)
+from tuning.tracking.writer import BackgroundWriter
 
 pytestmark = pytest.mark.integration
 
@@ -39,51 +36,19 @@ def make_callback(state_dir: Path, uri: str) -> MlflowSweepCallback:
     return pickle.loads(pickle.dumps(callback))  # as Tuner.restore hands it back
 
 
-def test_merge_keeps_order_and_batches_consecutive_records() -> None:
-    batch = [
-        (1, "start_trial", ["a", "a", {}]),
-        (2, "log_records", ["a", [{"step": 1}, {"step": 2}], []]),
-        (3, "log_records", ["b", [{"step": 1}], [{"step": 1, "where": "loss"}]]),
-        (4, "log_records", ["a", [{"step": 2}, {"step": 3}], []]),  # step 2 re-reported
-        (5, "finish_trial", ["a", "FINISHED", {}]),
-        (6, "log_records", ["b", [{"step": 2}], []]),
-    ]
-    merged = _merge_records(batch)
-    assert [m for m, _ in merged] == ["start_trial", "log_records", "log_records",
-                                      "finish_trial", "log_records"]
-    assert merged[1][1][0] == "a" and [r["step"] for r in merged[1][1][1]] == [1, 2, 3]
-    assert merged[2][1][0] == "b" and merged[2][1][2] == [{"step": 1, "where": "loss"}]
-    assert [r["step"] for r in merged[4][1][1]] == [2]  # after the barrier, not merged back
-
-
-def test_merge_reads_each_trials_file_once_between_barriers() -> None:
-    batch = [
-        (1, "ship_metrics", ["a", "/a/metrics.jsonl", 10]),
-        (2, "ship_metrics", ["b", "/b/metrics.jsonl", 10]),
-        (3, "ship_metrics", ["a", "/a/metrics.jsonl", 20]),
-        (4, "finish_trial", ["a", "FINISHED", {}]),
-        (5, "ship_metrics", ["b", "/b/metrics.jsonl", 20]),
-    ]
-    assert _merge_records(batch) == [
-        ("ship_metrics", ["a", "/a/metrics.jsonl", 20]),  # one read, through the last report
-        ("ship_metrics", ["b", "/b/metrics.jsonl", 10]),
-        ("finish_trial", ["a", "FINISHED", {}]),
-        ("ship_metrics", ["b", "/b/metrics.jsonl", 20]),
-    ]
-
-
 def test_hooks_return_while_mlflow_is_blocked(tmp_path: Path, monkeypatch) -> None:
     """on_trial_result must return while the store is stuck; the writes land afterwards."""
     gate = threading.Event()
     entered = threading.Event()
-    original = SweepTracker.ship_metrics
+    original = RunWriter.apply
 
-    def stuck(self, *args: Any, **kwargs: Any) -> None:
-        entered.set()
-        assert gate.wait(60), "the test never released the store"
-        original(self, *args, **kwargs)
+    def stuck(self, op: dict[str, Any], report: Any) -> None:
+        if op["op"] == "ship":  # the store takes the runs, then hangs on the first records
+            entered.set()
+            assert gate.wait(60), "the test never released the store"
+        original(self, op, report)
 
-    monkeypatch.setattr(SweepTracker, "ship_metrics", stuck)
+    monkeypatch.setattr(RunWriter, "apply", stuck)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     callback = make_callback(tmp_path / "state", uri)
     callback.setup()
@@ -95,10 +60,12 @@ def test_hooks_return_while_mlflow_is_blocked(tmp_path: Path, monkeypatch) -> No
     assert entered.wait(60)
     assert not gate.is_set()  # every hook above returned although MLflow had not answered
     assert callback.writer.pending() > 0
-    inbox = (tmp_path / "state" / INBOX_FILE).read_text().splitlines()
-    assert sum('"ship_metrics"' in line for line in inbox) == 6  # all of it durable already
-    # ... as a request to read the trial's metrics.jsonl: the records are in the file only
-    assert not any('"loss"' in line for line in inbox)
+    text = (tmp_path / "state" / PENDING_FILE).read_text()
+    ships = [op for op in json.loads(text)["ops"].values() if op["op"] == "ship"]
+    # All six reports durable already, as one request to read the trial's metrics.jsonl
+    # through the last reported step: the records are in that file only.
+    assert len(ships) == 1 and ships[0]["through"] == 60
+    assert '"loss"' not in text
     gate.set()
     trial.status = "TERMINATED"
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
@@ -107,18 +74,29 @@ def test_hooks_return_while_mlflow_is_blocked(tmp_path: Path, monkeypatch) -> No
     run_id = callback.tracker.run_id_of("t0001")
     assert steps_of(client, run_id, "loss") == list(range(1, 61))
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert (tmp_path / "state" / INBOX_FILE).read_text() == ""  # emptied once all applied
+    assert callback.tracker.pending_operations() == 0  # every entry removed once written
 
 
-def test_one_owner_per_inbox(tmp_path: Path) -> None:
+def test_a_second_tracker_beside_a_live_writer_writes_what_is_pending_once(
+        tmp_path: Path) -> None:
+    """A ``tuning.sync`` beside a live driver: both work from the one pending document."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    writer = BackgroundWriter(lambda: SweepTracker(uri, "exp", tmp_path), tmp_path)
-    try:
-        with pytest.raises(InboxBusy):
-            replay_inbox(SweepTracker(uri, "exp", tmp_path))
-    finally:
-        assert writer.close(10)
-    assert replay_inbox(SweepTracker(uri, "exp", tmp_path)) == 0  # free again, nothing left
+    writer = BackgroundWriter(lambda: SweepTracker(uri, "exp", tmp_path, apply_now=False),
+                              tmp_path, retry_idle_s=3600)
+    with pytest.raises(ValueError, match="apply_now=False"):
+        BackgroundWriter(lambda: SweepTracker(uri, "exp", tmp_path), tmp_path)
+    other = SweepTracker(uri, "exp", tmp_path)
+    other.start_parent("sweep", {"n": 1})  # written by this tracker at once
+    writer.submit("start_trial", "t0", "trial zero", {})
+    writer.submit("set_trial_tags", "t0", {"a": "1"})
+    assert writer.close(60)
+    other.set_trial_tags("t0", {"b": "2"})
+    run = other.client.get_run(other.run_id_of("t0"))
+    assert run.info.run_name == "trial zero"
+    assert run.data.tags["a"] == "1" and run.data.tags["b"] == "2"
+    assert other.pending_operations() == 0
+    experiment_id = other.client.get_experiment_by_name("exp").experiment_id
+    assert len(children(other.client, experiment_id, other.parent_run_id)) == 1
 
 
 CHILD = textwrap.dedent("""
@@ -126,11 +104,11 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_tracking import FakeTrial, result_for
     from tuning.tracking.callback import MlflowSweepCallback
-    from tuning.tracking.tracker import SweepTracker
+    from tuning.tracking.runs import RunWriter
 
-    # The store takes the runs but never the metrics: their requests are still in the inbox
-    # at the kill (the records themselves in the trial's metrics.jsonl).
-    SweepTracker.ship_metrics = lambda *a, **k: time.sleep(3600)
+    # The store takes the runs but never the metrics: their request is still pending at the
+    # kill (the records themselves in the trial's metrics.jsonl).
+    RunWriter._apply_ship = lambda *a, **k: time.sleep(3600)
     callback = MlflowSweepCallback(tracking_uri={uri!r}, experiment_name="exp",
                                    state_dir={state!r}, sweep_name="sweep")
     callback.setup()
@@ -154,11 +132,11 @@ def _killed_driver(tmp_path: Path) -> tuple[Path, str]:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert '"ship_metrics"' in (state / INBOX_FILE).read_text()
+    assert '"ship"' in (state / PENDING_FILE).read_text()
     return state, uri
 
 
-def test_inbox_of_a_killed_driver_is_replayed_by_the_next_driver(tmp_path: Path) -> None:
+def test_what_a_killed_driver_left_pending_is_written_by_the_next_driver(tmp_path: Path) -> None:
     state, uri = _killed_driver(tmp_path)
     restored = make_callback(state, uri)  # the rerun of the same command
     restored.setup()
@@ -176,21 +154,22 @@ def test_inbox_of_a_killed_driver_is_replayed_by_the_next_driver(tmp_path: Path)
     runs = children(client, experiment_id, tracker.parent_run_id)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert steps_of(client, runs[0].info.run_id, "loss") == list(range(1, 31))  # each once
-    assert (state / INBOX_FILE).read_text() == ""
+    assert tracker.pending_operations() == 0
 
 
-def test_inbox_of_a_killed_driver_is_replayed_by_tuning_sync(tmp_path: Path) -> None:
+def test_what_a_killed_driver_left_pending_is_written_by_tuning_sync(tmp_path: Path) -> None:
     state, uri = _killed_driver(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "tuning.sync", str(state), "--kill-running"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "not written, applied" in proc.stdout
+    assert "with 1 operation(s)" in proc.stdout  # the one ship request
+    assert "wrote 1 pending operation(s) [ship x1]" in proc.stdout
     tracker = SweepTracker(uri, "exp", state)
     client = tracker.client
     run_id = tracker.run_id_of("t0001")
     assert steps_of(client, run_id, "loss") == list(range(1, 21))
     assert client.get_run(run_id).info.status == "KILLED"  # nothing left RUNNING
-    assert (state / INBOX_FILE).read_text() == ""
+    assert tracker.pending_operations() == 0
 
 
 class _Killed(BaseException):

@@ -1,15 +1,15 @@
-"""Replay a sweep's MLflow outage journal: ``python -m tuning.sync SWEEP_DIR``.
+"""Write what a sweep left pending in MLflow: ``python -m tuning.sync SWEEP_DIR``.
 
-SWEEP_DIR is the tracker's state directory (the one holding ``mlflow_state.json``,
-``mlflow_inbox.jsonl`` and ``mlflow_journal.jsonl``). The inbox (operations a killed driver had
-received but not written yet) is applied first, then the outage journal. Step records are in
-neither: both name the trial's ``metrics.jsonl``, which is read again above the watermark.
-The tracking URI and experiment come from the state file; ``--tracking-uri`` sends the replay
-to another store instead (run ids are kept per store, so nothing from the original store is
-reused there). Replaying is idempotent.
+SWEEP_DIR is the tracker's state directory (the one holding ``mlflow_state.json`` and
+``mlflow_pending.json``): what a killed driver had been told and not written, and what an
+outage held back, in the order it was asked for. Step records are not in it: a ship request
+names the trial's ``metrics.jsonl``, which is read again above the watermark. The tracking
+URI and experiment come from the state file; ``--tracking-uri`` writes to another store
+instead (run ids are kept per store, so nothing from the original store is reused there).
+Writing again is idempotent, and safe beside a live driver (both take the same locks).
 
-Exit status: 0 journal empty afterwards, 1 the store is still unreachable (the journal is kept),
-2 SWEEP_DIR is not a sweep state directory.
+Exit status: 0 nothing pending afterwards, 1 the store is still unreachable (what is pending
+is kept), 2 SWEEP_DIR is not a sweep state directory.
 """
 
 from __future__ import annotations
@@ -22,19 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tuning.tracking.errors import TrackingError
-from tuning.tracking.journal import JOURNAL_FILE
 from tuning.tracking.state import STATE_FILE, state_problem
 from tuning.tracking.tracker import SweepTracker
-from tuning.tracking.writer import InboxBusy, replay_inbox
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tuning.sync",
-        description="Replay the MLflow journal a sweep wrote while the tracking server was down.",
+        description="Write what a sweep left pending in MLflow (a killed driver, an outage).",
     )
     parser.add_argument("sweep_dir", type=Path, help="state directory with mlflow_state.json")
-    parser.add_argument("--tracking-uri", help="replay into this store instead of the sweep's")
+    parser.add_argument("--tracking-uri", help="write to this store instead of the sweep's")
     parser.add_argument(
         "--kill-running",
         action="store_true",
@@ -76,19 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tracking_uri = args.tracking_uri or (None if embedded else stored_uri)
     tracker = SweepTracker(tracking_uri, experiment_name, sweep_dir, timeout_s=args.timeout)
-    try:  # operations a killed driver had received but not written: first, in their order
-        applied = replay_inbox(tracker)
-    except InboxBusy as exc:
-        print(f"tuning.sync: {exc}; let it finish (or stop it) and run tuning.sync again")
-        return 1
-    if applied:
-        print(f"inbox: {applied} operation(s) a stopped driver had not written, applied")
-    journal = sweep_dir / JOURNAL_FILE
     waiting = tracker.pending_operations()
     print(f"store: {tracker.tracking_uri} (experiment {experiment_name!r})")
-    print(f"journal: {journal} with {waiting} operation(s)")
+    print(f"pending: {tracker.pending_path} with {waiting} operation(s)")
     try:
-        report = tracker.retry_journal(force=True)
+        report = tracker.catch_up(force=True)
     except TrackingError as exc:
         print(f"tuning.sync: {exc}")
         return 1
@@ -100,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracker.kill_running()
         left = tracker.pending_operations()
         if left:
-            print(f"kill-running journaled, store unreachable: {tracker.last_outage}")
+            print(f"kill-running left pending, store unreachable: {tracker.last_outage}")
             return 1
         print("marked the sweep's RUNNING runs KILLED")
     parent = tracker.parent_run_id

@@ -2,9 +2,9 @@
 
 Trials never talk to MLflow: they write each step's record to their run's ``metrics.jsonl``
 and ``tune.report`` a result every N optimizer steps. This callback runs in the Ray driver and
-hands every operation to a ``BackgroundWriter`` (``tuning.tracking.writer``): the hook appends
-it to an inbox file and returns, one writer thread applies it through a ``SweepTracker`` in
-merged batches. For step records the operation is "ship what the trial's ``metrics.jsonl``
+hands every operation to a ``BackgroundWriter`` (``tuning.tracking.writer``): the hook records
+it in the sweep's pending document and returns, one writer thread writes it through a
+``SweepTracker``. For step records the operation is "ship what the trial's ``metrics.jsonl``
 holds above the watermark": the file is their one durable copy. A trial blocked in
 ``tune.report`` waits for the hook, so the hook must not wait for MLflow
 (bench/mlflow_logging_cost.py measures both sides).
@@ -68,13 +68,13 @@ class MlflowSweepCallback(Callback):
     Args:
         tracking_uri: MLflow tracking URI; None = embedded SQLite store in ``state_dir``.
         experiment_name: MLflow experiment (created if missing).
-        state_dir: where ``mlflow_state.json`` / the outage journal live; keep it with the
+        state_dir: where ``mlflow_state.json`` / the pending operations live; keep it with the
             Ray experiment so ``Tuner.restore`` finds the same parent run and watermarks.
         sweep_name: the parent run's name and ``phase2tune.sweep`` tag.
         parent_params / parent_artifacts / parent_tags: logged on the parent run.
         timeout_s: bound on one MLflow write's HTTP wait (see ``SweepTracker``).
         drain_timeout_s: at the sweep's end, wait this long for the writer to catch up; what
-            is left stays in the inbox for the next run or ``python -m tuning.sync``.
+            is left stays pending for the next run or ``python -m tuning.sync``.
     """
 
     def __init__(
@@ -144,6 +144,7 @@ class MlflowSweepCallback(Callback):
                     self.experiment_name,
                     Path(self.state_dir),
                     timeout_s=self.timeout_s,
+                    apply_now=False,
                 ),
                 Path(self.state_dir),
             )
@@ -251,8 +252,8 @@ class MlflowSweepCallback(Callback):
         if result.get("end_reason"):
             self._end_reasons[trial_id] = str(result["end_reason"])
         # The records themselves are in the trial's metrics.jsonl already (written before
-        # the report): the writer reads them from there above the watermark, so neither the
-        # inbox nor the outage journal holds a copy. Only up to the reported step: a trial
+        # the report): the writer reads them from there above the watermark, so nothing
+        # pending holds a copy. Only up to the reported step: a trial
         # its scheduler stops may have recorded a step past its last result.
         base = self._run_dir(trial)
         if base is not None and isinstance(result.get("step"), int):
@@ -263,8 +264,8 @@ class MlflowSweepCallback(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any
     ) -> None:
         # Once Ray commits a trial checkpoint, a restore will not re-report the steps before it,
-        # so those steps must be durable before the next experiment snapshot: they are in the
-        # inbox already; fsync it (one fsync per checkpoint, not per result).
+        # so the request to ship them must be durable before the next experiment snapshot: it
+        # is pending already; fsync that (one fsync per checkpoint, not per result).
         self.writer.sync_to_disk()
 
     @_never_raise
@@ -336,15 +337,14 @@ class MlflowSweepCallback(Callback):
         left = writer.pending()
         if left:
             log.info("waiting for %d MLflow operation(s) to be written", left)
-        drained = writer.close(self.drain_timeout_s)
+        writer.close(self.drain_timeout_s)
         tracker = writer.tracker
         pending = tracker.pending_operations()
-        if not drained or pending:
+        if pending:
             log.warning(
-                "MLflow writes left at sweep end (%s): %d in the inbox, %d in the outage "
-                "journal; replay with: python -m tuning.sync %s",
+                "MLflow writes left at sweep end (%s): %d operation(s) pending; write them "
+                "with: python -m tuning.sync %s",
                 tracker.last_outage or "writer still busy",
-                writer.pending(),
                 pending,
                 self.state_dir,
             )

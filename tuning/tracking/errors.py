@@ -32,7 +32,7 @@ def bound_http_waits(timeout_s: float) -> None:
 
     One attempt waits at most ``timeout_s / 2`` for connect and for each read, with one quick
     retry (urllib3 sleeps 0 s before a first retry), so a dead or silent server costs one write
-    about ``timeout_s``; the journal then takes over. MLflow's defaults (120 s, 7 retries with
+    about ``timeout_s``; the operation then stays pending. MLflow's defaults (120 s, 7 retries with
     exponential backoff) would freeze the Ray driver loop for minutes.
     """
     per_attempt = max(1, int(timeout_s // 2))  # the variable is parsed as int
@@ -57,9 +57,10 @@ def _error_chain(exc: BaseException) -> list[BaseException]:
 def classify_error(exc: BaseException) -> Literal["outage", "server", "permanent"]:
     """How a failed MLflow call should be treated.
 
-    outage: no answer (refused, reset, timeout, DNS, SQLite locked/unopenable) -> journal, retry.
-    server: the server answered with a retryable error (5xx, rate limit) -> journal, retry a few
-        times, then reject.
+    outage: no answer (refused, reset, timeout, DNS, SQLite locked/unopenable) -> stays
+        pending, retried.
+    server: the server answered with a retryable error (5xx, rate limit) -> stays pending,
+        retried a few times, then rejected.
     permanent: the store refused the request itself (bad value, deleted run) -> reject, log.
     """
     import requests

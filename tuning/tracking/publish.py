@@ -4,7 +4,6 @@ the runs afterwards, the runs marked KILLED after an interrupt, and where to loo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -15,10 +14,8 @@ from tuning.analysis.stability import STABLE_KINDS
 from tuning.search_config import Loaded, SearchConfig
 from tuning.tracking.callback import MlflowSweepCallback
 from tuning.tracking.errors import TrackingUnavailable
-from tuning.tracking.journal import JOURNAL_FILE
 from tuning.tracking.names import runs_link
 from tuning.tracking.tracker import SweepTracker
-from tuning.tracking.writer import INBOX_FILE, InboxBusy, replay_inbox
 
 MLFLOW_UI_PORT = 5000  # the port the printed `mlflow ui` command and link use
 
@@ -50,12 +47,10 @@ def sweep_callback(loaded: Loaded, experiment: str, mlflow_dir: Path, snapshot: 
 
 
 def driver_tracker(cfg: SearchConfig, experiment: str, mlflow_dir: Path) -> SweepTracker:
-    """The driver's own MLflow handle, after Tune's callback is done writing."""
-    tracker = SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
-                           timeout_s=cfg.mlflow.timeout_s)
-    with contextlib.suppress(InboxBusy):  # busy: the callback's writer still owns it
-        replay_inbox(tracker)  # what the callback's writer had not written when it stopped
-    return tracker
+    """The driver's own MLflow handle, after Tune's callback is done writing (what it left
+    pending is written by this handle's first write, before anything newer)."""
+    return SweepTracker(cfg.mlflow.tracking_uri, experiment, mlflow_dir,
+                        timeout_s=cfg.mlflow.timeout_s)
 
 
 def kill_runs(cfg: SearchConfig, experiment: str, mlflow_dir: Path) -> None:
@@ -84,12 +79,10 @@ def publish_report(cfg: SearchConfig, experiment: str, mlflow_dir: Path, report:
     """Verdict tags and a ``final/stable`` metric on each child run; the report files on the
     parent run. Returns the MLflow UI link to the sweep's runs (None before any write) and
     the line that says what became of MLflow writes left over from an outage (None when
-    there were none): the callback's warning about them is stale once this driver replayed
+    there were none): the callback's warning about them is stale once this driver wrote
     them."""
-    inbox = mlflow_dir / INBOX_FILE
-    had_backlog = (mlflow_dir / JOURNAL_FILE).exists() or (
-        inbox.exists() and inbox.stat().st_size > 0)
     tracker = driver_tracker(cfg, experiment, mlflow_dir)
+    had_backlog = tracker.pending_operations() > 0
     last_step = {r.trial_id: r.history[-1]["step"] for r in report.records if r.history}
     try:
         for trial_id, kind in report.verdicts.items():
@@ -112,12 +105,12 @@ def publish_report(cfg: SearchConfig, experiment: str, mlflow_dir: Path, report:
         link = runs_link(base, experiment_id, tracker.sweep_uid) if experiment_id else None
         if not had_backlog:
             return link, None
-        left = tracker.retry_journal(force=True).remaining
+        left = tracker.catch_up(force=True).remaining
     finally:
         tracker.close()
     if left:
-        return link, (f"MLflow: {left} write(s) still in the outage journal "
-                      f"({tracker.last_outage}); replay with: python -m tuning.sync {mlflow_dir}")
+        return link, (f"MLflow: {left} write(s) still pending ({tracker.last_outage}); "
+                      f"write them with: python -m tuning.sync {mlflow_dir}")
     return link, ("MLflow: the writes held back during the outage are all stored now "
                   "(nothing left for tuning.sync)")
 

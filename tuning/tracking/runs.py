@@ -1,12 +1,12 @@
 """The writes themselves: each tracker operation applied to the MLflow store.
 
-``SweepTracker`` decides *when* an operation is written (now, or from the outage journal
+``SweepTracker`` decides *when* an operation is written (now, or from what is pending
 later); ``RunWriter`` is *how*: find or create the experiment, the sweep's parent run and a
 trial's child run (by their tags, so a lost state or a crash between a create and the state
 save never makes a second one), and the nine ``_apply_*`` writers, one per operation kind.
 Every writer is idempotent in sequence (watermarks drop stored steps, params and tags are
 identical, starts and finishes reapplied in their order end in the same state), which is
-what makes replaying a journal or an inbox safe.
+what makes writing a pending operation again safe.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from tuning.tracking.errors import TrackingError, classify_error, short_reason
-from tuning.tracking.journal import ReplayReport
 from tuning.tracking.names import (
     EXPERIMENT_KIND_TAG,
     TAG_FIRST_NAN_GROUP,
@@ -34,6 +33,7 @@ from tuning.tracking.names import (
     TAG_SWEEP_UID,
     TAG_TRIAL_ID,
 )
+from tuning.tracking.pending import ReplayReport
 from tuning.tracking.records import metric_rows, nan_events_of, read_after
 from tuning.tracking.state import store_section, trial_section
 from tuning.tracking.values import (
@@ -81,7 +81,7 @@ class RunWriter:
         return trial_section(self._state, self._store_key, trial_id)
 
     def apply(self, op: dict[str, Any], report: ReplayReport) -> None:
-        """Write one operation (any error of the store propagates: the caller journals it)."""
+        """Write one operation (any error of the store propagates: the operation stays pending)."""
         kind = op.get("op")
         handler = {
             "start_parent": self._apply_start_parent,
@@ -97,7 +97,7 @@ class RunWriter:
             "kill_running": self._apply_kill_running,
         }.get(kind)
         if handler is None:
-            raise TrackingError(f"unknown journal operation {kind!r}")
+            raise TrackingError(f"unknown tracker operation {kind!r}")
         handler(op, report)
 
     def _ensure_experiment(self) -> str:
@@ -189,14 +189,10 @@ class RunWriter:
         self._save_state()
 
     def adopt_newest_parent(self) -> None:
-        """A rebuilt state used before any start_parent (tuning.sync, an inbox replay): the
-        sweep is the newest parent run of the experiment. Left unset when the store cannot
-        say (the caller's TrackingError follows)."""
-        try:
-            found = self._find_run(self._ensure_experiment(), {TAG_ROLE: "parent"}, newest=True)
-        except Exception as exc:  # unreachable: nothing to adopt now
-            log.warning("cannot look up the sweep's parent run: %s", short_reason(exc))
-            return
+        """A rebuilt state used before any start_parent (tuning.sync, a pending operation of
+        a killed driver): the sweep is the newest parent run of the experiment. Left unset
+        when the store has none; an unreachable store raises (the operation stays pending)."""
+        found = self._find_run(self._ensure_experiment(), {TAG_ROLE: "parent"}, newest=True)
         tags = found.data.tags if found is not None else {}
         if tags.get(TAG_SWEEP) and tags.get(TAG_SWEEP_UID):
             self._state["sweep"] = {"name": tags[TAG_SWEEP], "uid": tags[TAG_SWEEP_UID]}

@@ -14,23 +14,26 @@ Why it looks like this:
   (the trainer's file); ``ship_metrics`` reads the file above the watermark, so nothing here
   keeps records of its own. ``log_records`` takes records from the caller instead (tests, a
   script logging without a run directory).
-* Outages never stop training. A write that fails with a connection error/timeout goes to an
-  append-only, fsync'd journal (``mlflow_journal.jsonl``); later flushes retry it with backoff and
-  replay it in order. For step records of a followed file the journal holds the request (the
-  trial and its file), at most one waiting per trial, and the replay reads the file again.
-  ``python -m tuning.sync SWEEP_DIR`` replays it after the fact. Every operation is idempotent
-  (watermarks, tag lookups, identical params), so replaying twice is safe.
+* Asked for, then written. Every operation first goes to the state directory's pending
+  document (``tuning.tracking.pending``: one keyed entry per kind and run, so a ship request
+  for a trial is one entry however many reports ask; durable before the call returns), then
+  is written and removed from it. A write that fails with a connection error/timeout leaves
+  it there; later calls retry with backoff, in the order things were asked for, and
+  ``python -m tuning.sync SWEEP_DIR`` writes what is left after the fact. Every operation is
+  idempotent (watermarks, tag lookups, identical params), so writing one twice is safe.
+  A tracker built with ``apply_now=False`` only records (the driver's hooks must not wait
+  for MLflow) and leaves the writing to ``catch_up`` on another thread.
 * Every HTTP wait is bounded through MLflow's own environment variables (checked in
   ``mlflow/environment_variables.py`` of mlflow 3.x: ``MLFLOW_HTTP_REQUEST_TIMEOUT``,
   ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``,
   ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER``; they are read per request, so setting them late works).
 
 The module's neighbours do the rest: ``runs`` applies each operation to the store,
-``records`` reads step records from a trial's ``metrics.jsonl``, ``journal`` keeps the outage
-journal, ``state`` the state file, ``store`` opens the store, ``values`` cleans values and
+``records`` reads step records from a trial's ``metrics.jsonl``, ``pending`` keeps what is
+not written yet, ``state`` the state file, ``store`` opens the store, ``values`` cleans values and
 keys, ``names`` holds the tag names, ``errors`` classifies failures, ``provenance`` says what
-produced a run. What is left here (about 550 lines) is one class: its public operations and
-the lock, state and journal flow they all share; split further, one class would be spread
+produced a run. What is left here (over 500 lines) is one class: its public operations and
+the lock, state and pending flow they all share; split further, one class would be spread
 over files.
 """
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -53,7 +57,7 @@ from tuning.tracking.errors import (
     classify_error,
     short_reason,
 )
-from tuning.tracking.journal import Journal, ReplayReport
+from tuning.tracking.pending import PendingOps, ReplayReport
 from tuning.tracking.provenance import runtime_tags
 from tuning.tracking.records import metric_rows, nan_event_rows
 from tuning.tracking.runs import RunWriter
@@ -63,6 +67,7 @@ from tuning.tracking.state import (
     STATE_FILE,
     read_state,
     save_state,
+    state_problem,
     store_section,
     trial_section,
 )
@@ -71,10 +76,10 @@ from tuning.tracking.values import clean_key, finite_number, flatten_params, tag
 
 log = logging.getLogger(__name__)
 
-# Journal retry backoff (seconds) after a failed write; doubles up to the cap.
+# Retry backoff (seconds) after a failed write; doubles up to the cap.
 _BACKOFF_START_S = 2.0
 _BACKOFF_MAX_S = 60.0
-# A journaled operation that got an error *answer* (HTTP 5xx) this many times is rejected:
+# A pending operation that got an error *answer* (HTTP 5xx) this many times is rejected:
 # the server is up, so it is this operation that is wrong. Connection errors never count.
 _MAX_SERVER_ERROR_ATTEMPTS = 5
 
@@ -89,10 +94,12 @@ def _now_ms() -> int:
 class SweepTracker:
     """Typed, outage-tolerant wrapper over ``mlflow.tracking.MlflowClient`` for one sweep.
 
-    All public methods are safe to call while the store is down: the operation is journaled and
-    the call returns. They raise only ``TrackingError`` for misuse (e.g. trial operations before
-    ``start_parent``). Thread-safe within a process, and serialised across processes through a
-    file lock in ``state_dir`` (the driver and ``python -m tuning.sync`` may overlap).
+    All public methods are safe to call while the store is down: the operation stays pending
+    and the call returns. They raise only ``TrackingError`` for misuse (e.g. trial operations
+    before ``start_parent``). Thread-safe within a process, and serialised across processes
+    through file locks in ``state_dir`` (the driver and ``python -m tuning.sync`` may overlap).
+    With ``apply_now=False`` the operations are only recorded (in microseconds to a
+    millisecond, never waiting on the store or on a write in progress); ``catch_up`` writes.
     """
 
     def __init__(
@@ -102,6 +109,7 @@ class SweepTracker:
         state_dir: Path,
         *,
         timeout_s: float = 10.0,
+        apply_now: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +119,7 @@ class SweepTracker:
         )
         self.experiment_name = experiment_name
         self.timeout_s = float(timeout_s)
+        self.apply_now = apply_now
         bound_http_waits(self.timeout_s)
         self._client: Any = None
         self._rlock = threading.RLock()
@@ -122,7 +131,7 @@ class SweepTracker:
         self._next_retry_at = 0.0
         self._backoff_s = _BACKOFF_START_S
         self._last_outage: str | None = None
-        self._journal = Journal(self.state_dir)
+        self._pending = PendingOps(self.state_dir)
         with self._locked():
             if not self._state.get("experiment_name"):
                 self._state["experiment_name"] = experiment_name
@@ -137,12 +146,12 @@ class SweepTracker:
         return self.state_dir / STATE_FILE
 
     @property
-    def journal_path(self) -> Path:
-        return self._journal.path
+    def pending_path(self) -> Path:
+        return self._pending.path
 
     @property
     def rejected_path(self) -> Path:
-        return self._journal.rejected_path
+        return self._pending.rejected_path
 
     @property
     def artifact_location(self) -> str | None:
@@ -162,7 +171,7 @@ class SweepTracker:
 
     @property
     def last_outage(self) -> str | None:
-        """Reason of the latest failed write, None once the journal drained."""
+        """Reason of the latest failed write, None once everything pending was written."""
         return self._last_outage
 
     def check_reachable(self) -> None:
@@ -180,32 +189,30 @@ class SweepTracker:
     ) -> str | None:
         """Create (or, for a restored sweep, reuse) the sweep's parent run; return its id.
 
-        Returns None when the store is unreachable (the creation waits in the journal). One
-        state_dir holds exactly one sweep: a different ``sweep_name`` there is an error.
+        Returns None when the store is unreachable (the creation stays pending), or before
+        ``catch_up`` with ``apply_now=False``. One state_dir holds exactly one sweep: a
+        different ``sweep_name`` there is an error.
         """
-        with self._locked():
-            sweep = self._state.get("sweep")
-            if sweep and sweep["name"] != sweep_name:
-                raise TrackingError(
-                    f"{self.state_dir} already tracks sweep {sweep['name']!r}, "
-                    f"not {sweep_name!r}; use a fresh state directory per sweep"
-                )
-            if not sweep:
-                # The uid (not the name) identifies the parent: sweep names get reused. A
-                # state rebuilt after damage takes the uid of the parent found by name
-                # (_ensure_parent), so the sweep keeps its one parent.
-                uid = None if self._state.get(RECOVER_KEY) else uuid.uuid4().hex
-                self._state["sweep"] = {"name": sweep_name, "uid": uid}
-                self._save_state()
-            op = {
-                "op": "start_parent",
-                "params": flatten_params(params),
-                "artifacts": [str(Path(p).resolve()) for p in artifacts],
-                "tags": {clean_key(k): tag_value(v) for k, v in (tags or {}).items()},
-                "runtime_tags": runtime_tags(),
-            }
-            self._submit(op)
-            return self._store().get("parent_run_id")
+        known = self._sweep_name()
+        if known is not None and known != sweep_name:
+            raise TrackingError(
+                f"{self.state_dir} already tracks sweep {known!r}, "
+                f"not {sweep_name!r}; use a fresh state directory per sweep"
+            )
+        self._submit({
+            "op": "start_parent",
+            "sweep_name": sweep_name,
+            # The uid (not the name) identifies the parent: sweep names get reused. Used only
+            # by the first start that is written; a state rebuilt after damage takes the uid
+            # of the parent found by name (_ensure_parent), so the sweep keeps its one parent.
+            "uid": uuid.uuid4().hex,
+            "params": flatten_params(params),
+            "artifacts": [str(Path(p).resolve()) for p in artifacts],
+            "tags": {clean_key(k): tag_value(v) for k, v in (tags or {}).items()},
+            "runtime_tags": runtime_tags(),
+        })
+        # Recording only: the state lock may be held by a write in progress.
+        return self.parent_run_id if self.apply_now else None
 
     @property
     def sweep_uid(self) -> str | None:
@@ -227,18 +234,11 @@ class SweepTracker:
     def start_trial(
         self, trial_id: str, run_name: str | None = None, tags: Mapping[str, Any] | None = None
     ) -> str | None:
-        """Create or reuse the child run of ``trial_id``; return its id (None while journaled)."""
-        with self._locked():
-            self._require_sweep()
-            spec = self._state.setdefault("trials", {}).setdefault(trial_id, {})
-            spec["run_name"] = run_name or spec.get("run_name") or trial_id
-            spec["tags"] = {
-                **spec.get("tags", {}),
-                **{clean_key(k): tag_value(v) for k, v in (tags or {}).items()},
-            }
-            self._save_state()
-            self._submit({"op": "start_trial", "trial_id": trial_id})
-            return self._trial_state(trial_id).get("run_id")
+        """Create or reuse the child run of ``trial_id``; return its id (None while pending)."""
+        self._require_sweep()
+        self._submit({"op": "start_trial", "trial_id": trial_id, "run_name": run_name,
+                      "tags": {clean_key(k): tag_value(v) for k, v in (tags or {}).items()}})
+        return self.run_id_of(trial_id) if self.apply_now else None
 
     def run_id_of(self, trial_id: str) -> str | None:
         with self._locked():
@@ -246,11 +246,8 @@ class SweepTracker:
 
     def log_params(self, trial_id: str, params: Mapping[str, Any]) -> None:
         """Log the trial's resolved knobs once (stringified; None -> "none")."""
-        with self._locked():
-            self._require_trial(trial_id)
-            if self._trial_state(trial_id).get("params_logged"):
-                return
-            self._submit({"op": "params", "trial_id": trial_id, "params": flatten_params(params)})
+        self._require_trial(trial_id)
+        self._submit({"op": "params", "trial_id": trial_id, "params": flatten_params(params)})
 
     def log_records(
         self,
@@ -268,16 +265,8 @@ class SweepTracker:
         events = nan_event_rows(trial_id, nan_events)
         if not rows and not events:
             return
-        with self._locked():
-            self._require_trial(trial_id)
-            self._submit(
-                {
-                    "op": "metrics",
-                    "trial_id": trial_id,
-                    "rows": rows,
-                    "events": events,
-                }
-            )
+        self._require_trial(trial_id)
+        self._submit({"op": "metrics", "trial_id": trial_id, "rows": rows, "events": events})
 
     def ship_metrics(self, trial_id: str, path: Path, through: int) -> None:
         """Log the step records in ``path`` (the trial's ``metrics.jsonl``) above the trial's
@@ -286,13 +275,12 @@ class SweepTracker:
 
         ``through`` is the last step the trial reported: a trainer may have recorded a step
         or two more before its scheduler stopped it, and those were never results.
-        What this journals during an outage is the request, not the records: the replay reads
-        the file again. A request already waiting for the trial is extended, not repeated.
+        What waits during an outage is the request, not the records: writing it reads the
+        file again. A request already waiting for the trial is extended, not repeated.
         """
-        with self._locked():
-            self._require_trial(trial_id)
-            self._submit({"op": "ship", "trial_id": trial_id,
-                          "path": str(Path(path).resolve()), "through": int(through)})
+        self._require_trial(trial_id)
+        self._submit({"op": "ship", "trial_id": trial_id,
+                      "path": str(Path(path).resolve()), "through": int(through)})
 
     def log_final_metrics(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
         """Per-trial results known only at the end (final loss, verdict as a number, ...).
@@ -305,10 +293,9 @@ class SweepTracker:
                  if (n := finite_number(v)) is not None}
         if not clean:
             return
-        with self._locked():
-            self._require_trial(trial_id)
-            self._submit({"op": "final_metrics", "trial_id": trial_id, "metrics": clean,
-                          "step": int(step)})
+        self._require_trial(trial_id)
+        self._submit({"op": "final_metrics", "trial_id": trial_id, "metrics": clean,
+                      "step": int(step)})
 
     def watermark(self, trial_id: str) -> int:
         """Highest optimizer step stored for the trial in this tracking store (0 if none)."""
@@ -318,16 +305,14 @@ class SweepTracker:
     def set_trial_tags(self, trial_id: str, tags: Mapping[str, Any]) -> None:
         if not tags:
             return
-        with self._locked():
-            self._require_trial(trial_id)
-            self._submit({"op": "tags", "trial_id": trial_id, "tags": self._clean_tags(tags)})
+        self._require_trial(trial_id)
+        self._submit({"op": "tags", "trial_id": trial_id, "tags": self._clean_tags(tags)})
 
     def set_parent_tags(self, tags: Mapping[str, Any]) -> None:
         if not tags:
             return
-        with self._locked():
-            self._require_sweep()
-            self._submit({"op": "tags", "trial_id": None, "tags": self._clean_tags(tags)})
+        self._require_sweep()
+        self._submit({"op": "tags", "trial_id": None, "tags": self._clean_tags(tags)})
 
     def finish_trial(
         self, trial_id: str, status: RunEndStatus, tags: Mapping[str, Any] | None = None
@@ -335,70 +320,52 @@ class SweepTracker:
         """Terminate the trial's child run with FINISHED, FAILED or KILLED."""
         if status not in _END_STATUSES:
             raise TrackingError(f"status must be one of {_END_STATUSES}, not {status!r}")
-        with self._locked():
-            self._require_trial(trial_id)
-            self._submit(
-                {
-                    "op": "finish_trial",
-                    "trial_id": trial_id,
-                    "status": status,
-                    "tags": self._clean_tags(tags or {}),
-                    "end_ms": _now_ms(),
-                }
-            )
+        self._require_trial(trial_id)
+        self._submit({"op": "finish_trial", "trial_id": trial_id, "status": status,
+                      "tags": self._clean_tags(tags or {}), "end_ms": _now_ms()})
 
     def finish_parent(self, status: RunEndStatus, tags: Mapping[str, Any] | None = None) -> None:
         if status not in _END_STATUSES:
             raise TrackingError(f"status must be one of {_END_STATUSES}, not {status!r}")
-        with self._locked():
-            self._require_sweep()
-            self._submit(
-                {
-                    "op": "finish_parent",
-                    "status": status,
-                    "tags": self._clean_tags(tags or {}),
-                    "end_ms": _now_ms(),
-                }
-            )
+        self._require_sweep()
+        self._submit({"op": "finish_parent", "status": status,
+                      "tags": self._clean_tags(tags or {}), "end_ms": _now_ms()})
 
     def kill_running(self) -> None:
         """Mark every RUNNING child of this sweep, and the parent, KILLED (on interrupt)."""
-        with self._locked():
-            if not self._state.get("sweep"):
-                return
-            self._submit({"op": "kill_running", "end_ms": _now_ms()})
+        if self._sweep_name() is None and not self._state.get(RECOVER_KEY):
+            return
+        self._submit({"op": "kill_running", "end_ms": _now_ms()})
 
     def log_artifact(
         self, trial_id: str | None, path: Path, artifact_path: str | None = None
     ) -> None:
         """Upload a file (or directory) to the trial's run, or to the parent when None."""
-        with self._locked():
-            if trial_id is None:
-                self._require_sweep()
-            else:
-                self._require_trial(trial_id)
-            self._submit(
-                {
-                    "op": "artifact",
-                    "trial_id": trial_id,
-                    "path": str(Path(path).resolve()),
-                    "artifact_path": artifact_path,
-                }
-            )
+        if trial_id is None:
+            self._require_sweep()
+        else:
+            self._require_trial(trial_id)
+        self._submit({"op": "artifact", "trial_id": trial_id, "path": str(Path(path).resolve()),
+                      "artifact_path": artifact_path})
 
     def pending_operations(self) -> int:
-        """Operations waiting in the journal."""
-        with self._locked():
-            return len(self._journal.read())
+        """Operations asked for and not written yet."""
+        return self._pending.count()
 
-    def retry_journal(self, force: bool = False) -> ReplayReport:
-        """Replay the journal if its backoff elapsed (or ``force``); cheap when it is empty."""
+    def sync_to_disk(self) -> None:
+        """fsync what is pending: it survives a machine crash too, not only a process's."""
+        self._pending.sync()
+
+    def catch_up(self, force: bool = False) -> ReplayReport:
+        """Write what is pending, in the order it was asked for, unless a failed write's
+        backoff has not elapsed (``force`` ignores it); cheap when nothing is pending."""
         with self._locked():
-            if not self.journal_path.exists():
+            if not self._pending.count():
+                self._note_success()
                 return ReplayReport()
             if not force and time.monotonic() < self._next_retry_at:
-                return ReplayReport(remaining=len(self._journal.read()), error=self._last_outage)
-            return self._replay_locked()
+                return ReplayReport(remaining=self._pending.count(), error=self._last_outage)
+            return self._write_pending()
 
     def close(self) -> None:
         """Drop the client (its SQLAlchemy engine/HTTP session). The tracker can be reused."""
@@ -438,8 +405,8 @@ class SweepTracker:
 
     def _has_history(self) -> bool:
         """Something in state_dir says this sweep wrote to its store before (the state file
-        is lost). Not the inbox: a new sweep's driver fills it before its first tracker."""
-        return self.journal_path.exists() or (self.state_dir / "mlflow.db").exists()
+        is lost): a new sweep's tracker saves its state before anything is asked for."""
+        return self._pending.exists() or (self.state_dir / "mlflow.db").exists()
 
     def _save_state(self) -> None:
         save_state(self.state_path, self._state)
@@ -450,26 +417,49 @@ class SweepTracker:
     def _trial_state(self, trial_id: str) -> dict[str, Any]:
         return trial_section(self._state, self.tracking_uri, trial_id)
 
+    def _sweep_name(self) -> str | None:
+        """The sweep this state directory tracks: written, or asked for (None: neither).
+        Read without the state lock, which a write in progress may hold for seconds."""
+        if self._state.get("sweep"):
+            return str(self._state["sweep"]["name"])
+        for op in self._pending.entries():
+            if op["op"] == "start_parent":
+                return str(op["sweep_name"])
+        sweep = self._state_on_disk().get("sweep")
+        return str(sweep["name"]) if sweep else None
+
+    def _state_on_disk(self) -> dict[str, Any]:
+        """The state file as another process may have saved it since this one last read it
+        (saved atomically, so readable without the lock; never assigned to ``_state``, which
+        a write in progress may be changing); empty when unreadable."""
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) and state_problem(state) is None else {}
+
     def _require_sweep(self) -> None:
-        if not self._state.get("sweep") and self._state.get(RECOVER_KEY):
-            self._writer().adopt_newest_parent()
-        if not self._state.get("sweep"):
+        # A state rebuilt after damage finds its parent when the next operation is written.
+        if self._sweep_name() is None and not self._state.get(RECOVER_KEY):
             raise TrackingError("start_parent() must be called before anything else")
 
     def _require_trial(self, trial_id: str) -> None:
         self._require_sweep()
-        if trial_id not in self._state["trials"]:
-            if self._state.get(RECOVER_KEY):  # its start_trial was recorded in the lost state
-                self._state["trials"][trial_id] = {"run_name": trial_id, "tags": {}}
-                self._save_state()
-                return
+        if self._state.get(RECOVER_KEY):
+            return  # its start_trial may have been recorded in the lost state
+        if trial_id in self._state.get("trials", {}):
+            return
+        if any(op["op"] == "start_trial" and op.get("trial_id") == trial_id
+               for op in self._pending.entries()):
+            return
+        if trial_id not in self._state_on_disk().get("trials", {}):
             raise TrackingError(f"start_trial({trial_id!r}) was not called")
 
     @staticmethod
     def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
         return {clean_key(k): tag_value(v) for k, v in tags.items() if v is not None}
 
-    # ------------------------------------------------------------------ journal
+    # ------------------------------------------------------------------ pending operations
 
     def _note_failure(self, exc: BaseException) -> None:
         self._last_outage = short_reason(exc)
@@ -482,67 +472,72 @@ class SweepTracker:
         self._backoff_s = _BACKOFF_START_S
 
     def _submit(self, op: dict[str, Any]) -> None:
-        """Apply now, or journal when the store is down / older operations still wait."""
+        """Record ``op`` as pending (durable on return), then write it unless recording only."""
         op.setdefault("ts_ms", _now_ms())
-        if self.journal_path.exists():
-            self.retry_journal()
-            if self.journal_path.exists():  # order matters: queue behind what is waiting
-                journaled = self._journal.read()
-                if _extend_waiting_ship(journaled, op):
-                    self._journal.rewrite(journaled)
-                else:
-                    self._journal.append(op)
-                return
-        try:
-            self._writer().apply(op, ReplayReport())
-        except Exception as exc:
-            kind = classify_error(exc)
-            if kind == "permanent":
-                self._journal.reject(op, exc)
-                return
-            if self._last_outage is None:
-                log.warning(
-                    "MLflow write failed (%s); journaling to %s and retrying with backoff",
-                    short_reason(exc),
-                    self.journal_path,
-                )
-            if kind == "server":
-                op["server_errors"] = 1
-            self._note_failure(exc)
-            self._journal.append(op)
-        else:
-            self._note_success()
+        self._pending.add(op)
+        if self.apply_now:
+            self.catch_up()
 
-    def _replay_locked(self) -> ReplayReport:
+    def _write_pending(self) -> ReplayReport:
+        """Write the pending entries in order (lock held); stop at the first that fails for
+        an outage or a retryable server error: what follows it waits behind it."""
         report = ReplayReport()
-        ops = self._journal.read()
-        for index, op in enumerate(ops):
+        for op in self._pending.entries():
             try:
-                self._writer().apply(op, report)
+                self._apply(op, report)
             except Exception as exc:
                 kind = classify_error(exc)
+                errors = (self._pending.note_server_error(op["key"], op["seq"])
+                          if kind == "server" else 0)
                 if kind == "permanent" or (
-                    kind == "server"
-                    and op.get("server_errors", 0) + 1 >= _MAX_SERVER_ERROR_ATTEMPTS
-                ):
-                    self._journal.reject(op, exc)
+                        kind == "server" and errors >= _MAX_SERVER_ERROR_ATTEMPTS):
+                    self._pending.reject(op, exc)
                     report.rejected += 1
                     continue
-                if kind == "server":
-                    op["server_errors"] = op.get("server_errors", 0) + 1
+                if self._last_outage is None:
+                    log.warning("MLflow write failed (%s); kept in %s and retried with backoff",
+                                short_reason(exc), self.pending_path)
                 self._note_failure(exc)
-                rest = ops[index:]
-                self._journal.rewrite(rest)
-                report.remaining = len(rest)
+                report.remaining = self._pending.count()
                 report.error = self._last_outage
                 return report
+            self._pending.done(op["key"], op["seq"])
             report.applied += 1
-            report.ops[op.get("op", "?")] += 1
-        self._journal.rewrite([])
+            report.ops[op["op"]] += 1
         self._note_success()
-        if ops:
-            log.info("MLflow journal replayed: %s", report.summary())
+        report.remaining = self._pending.count()
         return report
+
+    def _apply(self, op: dict[str, Any], report: ReplayReport) -> None:
+        """Write one operation: what its start fixes in the state first, then the store."""
+        kind = op["op"]
+        if kind == "start_parent":
+            sweep = self._state.get("sweep")
+            if sweep and sweep["name"] != op["sweep_name"]:
+                raise TrackingError(f"{self.state_dir} already tracks sweep {sweep['name']!r}, "
+                                    f"not {op['sweep_name']!r}")
+            if not sweep:
+                uid = None if self._state.get(RECOVER_KEY) else op["uid"]
+                self._state["sweep"] = {"name": op["sweep_name"], "uid": uid}
+                self._save_state()
+        elif not self._state.get("sweep"):
+            if self._state.get(RECOVER_KEY):
+                self._writer().adopt_newest_parent()
+            if not self._state.get("sweep"):
+                raise TrackingError(f"{kind} before the sweep's start_parent was written")
+        trials = self._state.setdefault("trials", {})
+        trial_id = op.get("trial_id")
+        if kind == "start_trial":
+            spec = trials.setdefault(trial_id, {})
+            spec["run_name"] = op.get("run_name") or spec.get("run_name") or trial_id
+            spec["tags"] = {**spec.get("tags", {}), **op.get("tags", {})}
+            self._save_state()
+        elif trial_id is not None and trial_id not in trials:
+            if not self._state.get(RECOVER_KEY):
+                raise TrackingError(f"{kind} for trial {trial_id!r}, which was never started")
+            trials[trial_id] = {"run_name": trial_id, "tags": {}}
+            self._save_state()
+        self._writer().apply(op, report)
 
     # ------------------------------------------------------------------ applying operations
 
@@ -551,17 +546,3 @@ class SweepTracker:
         return RunWriter(self.client, self._state, self.tracking_uri, self.experiment_name,
                          self.artifact_location, self._save_state, self._reconciled)
 
-
-def _extend_waiting_ship(journaled: list[dict[str, Any]], op: dict[str, Any]) -> bool:
-    """When the trial's last journaled operation is a ship request for the same file, raise
-    its ``through`` to ``op``'s (True): it reads the file when replayed, so one request per
-    trial stands for every later report, and the journal stays small during an outage."""
-    if op.get("op") != "ship":
-        return False
-    for queued in reversed(journaled):
-        if queued.get("trial_id") == op["trial_id"]:
-            if queued.get("op") != "ship" or queued.get("path") != op["path"]:
-                return False
-            queued["through"] = max(int(queued.get("through", 0)), op["through"])
-            return True
-    return False
