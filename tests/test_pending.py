@@ -97,8 +97,42 @@ def test_durable_and_shared_between_instances(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert PendingOps(tmp_path).count() == 160
-    doc = json.loads((tmp_path / PENDING_FILE).read_text())
-    assert sorted(op["seq"] for op in doc["ops"].values()) == list(range(1, 161))
+    assert sorted(op["seq"] for op in PendingOps(tmp_path).entries()) == list(range(1, 161))
+
+
+def test_changes_are_appended_and_compacted_and_read_by_another_handle(tmp_path: Path) -> None:
+    driver, sync = PendingOps(tmp_path), PendingOps(tmp_path)
+    driver.add(ship("a", 1))
+    assert sync.entries()[0]["through"] == 1
+    for step in range(2, 400):  # a long trial: its one entry changes at every report
+        driver.add(ship("a", step))
+        if step == 200:
+            (seen,) = sync.entries()  # reads only what was appended since it last looked
+            assert seen["through"] == 200
+    lines = (tmp_path / PENDING_FILE).read_text().splitlines()
+    assert len(lines) <= 4 * 1 + 64 + 1  # compacted, never a line per report forever
+    (left,) = sync.entries()
+    assert left["through"] == 399
+    sync.done(left["key"], left["seq"])
+    assert driver.count() == 0  # the driver sees the other handle's removal
+    lines = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
+    assert lines[-1] in ({"del": left["key"]}, {"seq": left["seq"]})  # appended or compacted
+    driver.add(ship("b", 1))
+    assert PendingOps(tmp_path).entries()[0]["seq"] > left["seq"]  # seq never runs back
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_change_starts_its_own(
+        tmp_path: Path) -> None:
+    pending = PendingOps(tmp_path)
+    pending.add(ship("a", 5))
+    with open(tmp_path / PENDING_FILE, "a") as fh:
+        fh.write('{"set": "ship|a", "e": {"op": "sh')  # a crash mid-append
+    fresh = PendingOps(tmp_path)
+    assert [e["through"] for e in fresh.entries()] == [5]
+    fresh.add(ship("b", 7))
+    assert {e["trial_id"]: e["through"] for e in PendingOps(tmp_path).entries()} == {
+        "a": 5, "b": 7}
+    assert len(list(tmp_path.glob(f"{PENDING_FILE}.damaged-*"))) == 1
 
 
 def test_a_rejected_operation_is_kept_for_a_human_and_no_longer_pending(tmp_path: Path) -> None:

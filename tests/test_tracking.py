@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from tuning.tracking.callback import MlflowSweepCallback
 from tuning.tracking.errors import TrackingError, TrackingUnavailable, classify_error
-from tuning.tracking.pending import PENDING_FILE
+from tuning.tracking.pending import PendingOps
 from tuning.tracking.state import STATE_FILE
 from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.values import flatten_params, stringify_param
@@ -359,11 +359,11 @@ def test_outage_keeps_operations_pending_then_sync_writes_them(
         tracker.finish_trial(trial, "FINISHED", {"end_reason": "completed"})
     tracker.finish_parent("FINISHED")
     assert time.monotonic() - started < 20  # refused connections fail fast
-    pending = json.loads((state / PENDING_FILE).read_text())["ops"]
+    pending = PendingOps(state).entries()
     # One entry per kind and run: the parent's start and finish, per trial its start,
     # params, records (the two overlapping calls in one entry), artifact and finish.
     assert len(pending) == tracker.pending_operations() == 1 + 2 * 5 + 1
-    (rows,) = [op["rows"] for op in pending.values() if op["op"] == "metrics"
+    (rows,) = [op["rows"] for op in pending if op["op"] == "metrics"
                and op["trial_id"] == "t0"]
     assert [row["step"] for row in rows] == list(range(1, 51))
 

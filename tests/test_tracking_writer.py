@@ -7,7 +7,6 @@ what a killed driver had been told but not written is written from the pending d
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
@@ -22,7 +21,7 @@ from conftest import ROOT
 from test_tracking import FakeTrial, children, result_for, steps_of
 
 from tuning.tracking.callback import MlflowSweepCallback
-from tuning.tracking.pending import PENDING_FILE
+from tuning.tracking.pending import PENDING_FILE, PendingOps
 from tuning.tracking.runs import RunWriter
 from tuning.tracking.tracker import SweepTracker
 from tuning.tracking.writer import BackgroundWriter
@@ -61,7 +60,7 @@ def test_hooks_return_while_mlflow_is_blocked(tmp_path: Path, monkeypatch) -> No
     assert not gate.is_set()  # every hook above returned although MLflow had not answered
     assert callback.writer.pending() > 0
     text = (tmp_path / "state" / PENDING_FILE).read_text()
-    ships = [op for op in json.loads(text)["ops"].values() if op["op"] == "ship"]
+    ships = [op for op in PendingOps(tmp_path / "state").entries() if op["op"] == "ship"]
     # All six reports durable already, as one request to read the trial's metrics.jsonl
     # through the last reported step: the records are in that file only.
     assert len(ships) == 1 and ships[0]["through"] == 60

@@ -371,6 +371,7 @@ class SweepTracker:
         """Drop the client (its SQLAlchemy engine/HTTP session). The tracker can be reused."""
         with self._rlock:
             self._client = None
+        self._pending.close()
 
     # ------------------------------------------------------------------ state & locking
 
