@@ -7,7 +7,7 @@ Layout:
   ray/                  Ray Tune's experiment state, checkpoints and results
   trials/<trial_id>/    each trial's trainer run dir (metrics.jsonl, summary.json, ...)
   mlflow/               embedded MLflow store (unless mlflow.tracking_uri), its state
-                        and what is not written to it yet (mlflow_pending.json)
+                        and what is not written to it yet (mlflow_pending.jsonl)
   report/               leaderboard.csv/.md, best_stable.yaml, advice.md, plots/
 Beside the sweeps, <storage_path>/compile_cache/ keeps a compiled shared group's
 artifacts (trainer/compile_cache.py), for every sweep of that storage.

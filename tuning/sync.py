@@ -1,7 +1,7 @@
 """Write what a sweep left pending in MLflow: ``python -m tuning.sync SWEEP_DIR``.
 
 SWEEP_DIR is the tracker's state directory (the one holding ``mlflow_state.json`` and
-``mlflow_pending.json``): what a killed driver had been told and not written, and what an
+``mlflow_pending.jsonl``): what a killed driver had been told and not written, and what an
 outage held back, in the order it was asked for. Step records are not in it: a ship request
 names the trial's ``metrics.jsonl``, which is read again above the watermark. The tracking
 URI and experiment come from the state file; ``--tracking-uri`` writes to another store
