@@ -608,12 +608,12 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
             group.add_member(k, c, sinks[mode][k])
         group.step()
         if mode == "off":
-            assert group._stacks is None  # eager groups stack per call, as before
+            assert group.slot_table.stacks is None  # eager groups stack per call, as before
         else:
-            stacks = group._stacks
-            assert stacks is not None and len(stacks.spans) == 2 * len(group._routed_layers)
+            stacks = group.slot_table.stacks
+            assert stacks is not None and len(stacks.spans) == 2 * len(group.slot_table.layers)
             stack_a, _ = stacks.views(0)
-            layer = group._routed_layers[0]
+            layer = group.slot_table.layers[0]
             for i, m in enumerate(group.members.values()):
                 weight = layer.lora_A[m.adapter].weight
                 for mine, flat in ((weight, stacks.flat), (weight.grad, stacks.flat.grad)):
@@ -634,8 +634,8 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
         while group.members:
             group.step()
         if mode != "off":  # every slot empty at the end, the stacks still there
-            assert group._stacks.adapters == [None] * 3
-            assert not group._stacks.flat.detach().any()
+            assert group.slot_table.stacks.adapters == [None] * 3
+            assert not group.slot_table.stacks.flat.detach().any()
         assert [e.step for e in sinks[mode]["a"].summary.nan_events] == [2]
         assert not sinks[mode]["b"].summary.nan_events + sinks[mode]["c"].summary.nan_events
         roots[mode] = cfgs["a"].output.root
@@ -694,7 +694,7 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
     assert len(graphs) == 1 and group.fixed_slots
     freed = {group.members[k].slot for k in ("nan", "asha")}
     # Each slot's projector weights stay at the addresses a CUDA graph recorded.
-    addresses = [[q.data_ptr() for q in f.parameters()] for f in group._fillers]
+    addresses = [[q.data_ptr() for q in f.parameters()] for f in group.slot_table.fillers]
     group.step(only=["a"])  # the others wait for their clients
     ended = {}
     for _ in range(3):
@@ -757,8 +757,8 @@ def test_compiled_group_with_lora_dropout_stays_on_stacked_weights(tiny, monkeyp
                 if isinstance(m, torch.nn.Dropout):
                     m.p = 1.0
         group.step()
-        assert group._stacks is not None  # the batched path, dropout and all
-        lora_grads[all_dropped] = group._stacks.flat.grad.abs().sum().item()
+        assert group.slot_table.stacks is not None  # the batched path, dropout and all
+        lora_grads[all_dropped] = group.slot_table.stacks.flat.grad.abs().sum().item()
         proj = [p.grad for m in group.members.values() for p in m.run.groups["projector"]]
         assert all(g is not None and g.abs().sum() > 0 for g in proj)
         if all_dropped:
@@ -805,4 +805,4 @@ def test_a_compiled_group_past_its_slots_rebuilds_them_past_dynamos_recompile_li
         assert len(graphs) == before + built, (name, len(graphs))
     # slots built for 2, 3 and 4 members: three graphs, past the limit of 2; m4: none
     assert len(graphs) == 3 and group._guard_skip.skipped == 4
-    assert group.members["m4"].slot == 0 and len(group._stacks.adapters) == 4
+    assert group.members["m4"].slot == 0 and len(group.slot_table.stacks.adapters) == 4

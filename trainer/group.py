@@ -40,22 +40,20 @@ optimizer steps stay eager, with the device guard, read back together once per w
 over K fixed slots (`slots`, the group's capacity): the members' LoRA weights are rows of
 one stacked tensor (`trainer.multilora.LoraStacks`: one gradient for the whole group, all
 members' LoRA norms and clipping in one kernel each), every slot runs as many rows, and an
-empty slot is masked (`_seat`, `_slot_parts`), so a member leaving or joining changes no
-shape and compiles nothing (docs/shared-group.md says what an empty slot costs). Anything
-raised inside a step ends the whole group, as it would end a solo run's process; every
-member then resumes from its own checkpoints.
+empty slot is masked (`trainer.group_slots.SlotTable`), so a member leaving or joining
+changes no shape and compiles nothing (docs/shared-group.md says what an empty slot
+costs). Anything raised inside a step ends the whole group, as it would end a solo run's
+process; every member then resumes from its own checkpoints.
 
-Over 600 lines because `TrialGroup`, about 540 of them, is one object: its membership,
-the shared forward/backward and its members' read-back windows all act on the same routed
-layers, stacks and compiled graph. What stands apart from it lives elsewhere: the shared
-forward over the members' rows in `trainer.rows`, the member classes in
-`trainer.group_member`.
+What stands apart from `TrialGroup` lives elsewhere: which slot of the LoRA stacks each
+member of a compiled group holds, and the routing of the LoRA layers to them, in
+`trainer.group_slots`; the shared forward over the members' rows in `trainer.rows`; the
+member classes in `trainer.group_member`; who may share a group in `trainer.group_rules`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 import warnings
 from collections.abc import Callable, Collection
@@ -64,13 +62,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.compile_cache import CompileCache, artifact_key
+from trainer.compile_cache import CompileCache
 from trainer.compile_guards import GuardSkip
 from trainer.config import TrainConfig
-from trainer.data import IGNORE_INDEX, place_features, to_device
+from trainer.data import place_features, to_device
 from trainer.errors import ConfigError
 from trainer.group_member import Member, MemberView
 from trainer.group_rules import group_problems, io_lora_problems
+from trainer.group_slots import SlotTable
 from trainer.inputs import Inputs, prepare_inputs
 from trainer.llm import prepare_llm
 from trainer.loop import WINDOW_MAX_S, StepTally, flush_window, scale_for_backward
@@ -82,12 +81,7 @@ from trainer.model import (
     lora_config,
     low_precision_dtype,
 )
-from trainer.multilora import (
-    LoraStacks,
-    adapter_of,
-    route_blocks,
-    vanilla_lora_layers,
-)
+from trainer.multilora import LoraStacks, adapter_of
 from trainer.plan import needs_host
 from trainer.rows import Rows, rows_losses, stacked_rows_losses
 from trainer.run import (
@@ -127,11 +121,7 @@ class TrialGroup:
         slots' artifacts are kept (`trainer.compile_cache`): loaded before the slots'
         first compile, saved after it, so the next group of the same shapes starts warm."""
         self.inputs = inputs
-        self.slots = slots
-        self.compile_cache_dir = compile_cache
-        self.compile_cache: CompileCache | None = None  # the current slots' artifacts
-        self._cache_open = False  # the slots were (re)built: their artifacts to load
-        self._cache_save = False  # their first step compiled: artifacts to save
+        self.slot_table = SlotTable(slots, compile_cache, log)  # compiled: who sits where
         self.device = resolve_device(device)
         self.log = log
         self.members: dict[str, Member] = {}
@@ -144,20 +134,18 @@ class TrialGroup:
         self.sync_s = 0.0  # time spent waiting in read-backs (for stats)
         self._live_adapters: set[str] = set()  # adapters whose LoRA weights must train
         self._compiled: Callable[..., list[torch.Tensor]] | None = None  # model.compile
-        self._routed: tuple[tuple[str, int], ...] | None = None  # blocks route_blocks set
-        self._routed_layers: list[nn.Module] | None = None  # their layers (None: per-row)
-        self._stacks: LoraStacks | None = None  # the routed make-up's stacked LoRA weights
         self._guard_skip: GuardSkip | None = None  # compiled, model.skip_compile_guards
-        self._routings = 0  # how many times the LoRA layers were routed (make-up changes)
-        self._makeups = 0  # members seated or unseated in the slots (for the guard skip)
-        self._slotted = False  # the routing is over fixed slots (`_seat`), not the make-up
-        self._slot_rows = 0  # rows per slot: the largest batch size of the seated members
-        self._fillers: list[Projector] = []  # per slot: the projector of its empty rows
-        # Per slot: the storage its projector's parameters live in, whoever holds it
-        # (`_bind_projector`), so a CUDA-graph forward finds them at the same addresses.
-        self._slot_weights: list[list[torch.Tensor]] = []
-        self._filler_rows: dict[int, Rows] = {}  # per slot: its empty rows, made once
         self._device_features: dict[tuple[str, ...], torch.Tensor] = {}  # by split rows
+
+    @property
+    def slots(self) -> int | None:
+        """The group's capacity K (None: the members present at the first compiled step)."""
+        return self.slot_table.capacity
+
+    @property
+    def compile_cache(self) -> CompileCache | None:
+        """The compiled slots' artifacts on disk (None: none kept, or not compiled yet)."""
+        return self.slot_table.cache
 
     @property
     def compiled(self) -> bool:
@@ -169,7 +157,7 @@ class TrialGroup:
         """Whether a member joining or leaving keeps the compiled graph (the forward runs
         over fixed slots; False before the first compiled step, and for members whose
         LoRA layers cannot be stacked, whose every make-up is a graph of its own)."""
-        return self._compiled is not None and self._slotted
+        return self._compiled is not None and self.slot_table.fixed
 
     @property
     def llm(self) -> nn.Module | None:
@@ -239,7 +227,7 @@ class TrialGroup:
         if cfg.model.compile != "off":
             # One compiled forward (and, with reduce-overhead, one CUDA graph) for the
             # group's slots: batches keep the split's full length and a fixed target
-            # capacity, and the slots fix the rows (`_seat`).
+            # capacity, and the slots fix the rows (`trainer.group_slots`).
             self._compiled = torch.compile(stacked_rows_losses, mode=cfg.model.compile,
                                            dynamic=False)
             if cfg.model.skip_compile_guards:
@@ -326,17 +314,21 @@ class TrialGroup:
         steps = [(m.pending[-1].step if m.pending else m.state.step) + 1 for m in active]
         accum = self._ref.phase2.gradient_accumulation_steps  # one value per group
         tallies = [StepTally(torch.zeros((), device=self.device), accum) for _ in active]
-        static = self._route(active)  # compiled: the LoRA routing is set (slots or make-up)
-        if self._stacks is None:
+        # Compiled: the LoRA routing is set (slots or make-up) before the batches are cut.
+        static = self._compiled is not None and self.slot_table.route(
+            self._peft, list(self.members.values()), active,
+            low_precision_dtype(self._ref.phase2.precision))
+        stacks = self.slot_table.stacks
+        if stacks is None:
             for m in active:
                 m.run.optimizer.zero_grad(set_to_none=True)
         else:  # the LoRA gradients are views of the stacks' gradients, zeroed in place
             for m in active:
                 for p in m.run.groups["projector"]:
                     p.grad = None
-            for filler in self._fillers:  # empty slots' gradients: computed, never used
+            for filler in self.slot_table.fillers:  # empty slots': computed, never used
                 filler.zero_grad(set_to_none=True)
-            self._stacks.zero_grads()
+            stacks.zero_grads()
         dev = self.device
         for j in range(accum):
             batches = [m.run.train.batch(m.run.micro_batch(s - 1, j), trim=not static)
@@ -348,18 +340,17 @@ class TrialGroup:
                           to_device(b["labels"], dev) if static else b["labels"])
                      for m, b in zip(active, batches, strict=True)]
             with active[0].run.autocast():  # one precision per group
-                if static and self._slotted:
-                    slotted = self._slot_parts(active, parts)
-                    if self._cache_open:
-                        self._open_compile_cache(slotted)
+                if static and self.slot_table.fixed:
+                    slotted = self.slot_table.slot_parts(active, parts)
+                    self.slot_table.open_cache(slotted, self._ref, self._lm, self.device)
                     with self._skip_guards(slotted, active):
-                        out = self._compiled(self._peft, slotted, self._stacks)
+                        out = self._compiled(self._peft, slotted, stacks)
                     # An empty (or waiting) slot's loss is left out of the sum below: its
                     # rows get no gradient and reach no member.
                     losses = [out[m.slot] for m in active]
                 elif static:
                     with self._skip_guards(parts, active):
-                        losses = self._compiled(self._peft, parts, self._stacks)
+                        losses = self._compiled(self._peft, parts, stacks)
                 else:
                     losses = rows_losses(self._peft, parts)
             # Members' parameters are disjoint: the gradient of the sum w.r.t. a member's
@@ -369,214 +360,40 @@ class TrialGroup:
             total.backward()
             for m, tally, b, loss in zip(active, tallies, batches, losses, strict=True):
                 tally.add(m.run, b, loss)
-        if self._cache_save:  # forward and backward have compiled: keep what they made
-            self._cache_save = False
-            try:
-                self.compile_cache.save()
-            except OSError as e:  # a full or read-only store costs the next start, not this
-                self.log(f"[group] warning: compiled artifacts not saved: {e}")
+        self.slot_table.save_cache()  # after the slots' first compiled step only
         measured: list[Measured | None] = [None] * len(active)
-        if self._stacks is not None and all(m.guard is not None for m in active):
-            measured = self._measure_stacked(active, tallies, steps)
+        if stacks is not None and all(m.guard is not None for m in active):
+            measured = self._measure_stacked(stacks, active, tallies, steps)
         return [tally.step(m.run, m.guard, s, mk) for m, tally, s, mk
                 in zip(active, tallies, steps, measured, strict=True)]
 
-    def _measure_stacked(self, active: list[Member], tallies: list[StepTally],
-                         steps: list[int]) -> list[Measured]:
+    def _measure_stacked(self, stacks: LoraStacks, active: list[Member],
+                         tallies: list[StepTally], steps: list[int]) -> list[Measured]:
         """The fault hooks, norms and clipping of device-guarded members on stacked LoRA
         weights, for all of them at once: every member's LoRA gradient norm in one
         reduction and their clipping in one multiply (per member, those are a launch per
         LoRA tensor: host time that bounds a group step). Each member's `Measured` then
         goes to its own optimizer step."""
-        slots = [self._stacks.adapters.index(m.adapter) for m in active]  # their rows
+        slots = [stacks.adapters.index(m.adapter) for m in active]  # their rows
         for m, s in zip(active, steps, strict=True):
             if m.run.after_backward is not None:  # may change gradients: before the norms
                 m.run.after_backward(s, m.run.model)
-        lora = self._stacks.member_norms()
+        lora = stacks.member_norms()
         measured = [measure(m.run.parts.clip, t.loss,
                             [group_norm(m.run.parts, "projector"), lora[k]])
                     for k, m, t in zip(slots, active, tallies, strict=True)]
         if any(mk.factor is not None for mk in measured):
             one = torch.ones((), device=self.device)
-            factors = [one] * len(self._stacks.adapters)  # slots not stepped: unscaled
+            factors = [one] * len(stacks.adapters)  # slots not stepped: unscaled
             for k, mk in zip(slots, measured, strict=True):
                 if mk.factor is not None:
                     factors[k] = mk.factor
-            self._stacks.scale_grads(torch.stack(factors))
+            stacks.scale_grads(torch.stack(factors))
             for m, mk in zip(active, measured, strict=True):
                 clip_grads(m.run.parts.grads(("projector",)), mk.factor)
         return measured
 
     # ------------------------------------------------------------------ internals
-
-    def _route(self, active: list[Member]) -> bool:
-        """For a compiled group, route every LoRA layer: to fixed slots (`_seat`), else to
-        the active members' row blocks, once per make-up (not per step); whether the
-        compiled forward applies (False: not compiled, or a layer needs peft's per-row
-        path, which runs eager)."""
-        if self._compiled is None:
-            return False
-        if self._seat():
-            return True
-        # Every micro-batch of a member holds exactly batch_size rows (plan_steps drops
-        # incomplete ones), so the make-up fixes the blocks.
-        blocks = tuple((m.adapter, m.run.plan.batch_size) for m in active)
-        if blocks != self._routed:
-            # A new make-up is a new graph (its routing objects and stacks are new, and
-            # the old ones never come back: adapter names are not reused). Drop the old
-            # graphs first: Dynamo keeps at most `recompile_limit` (8) per function and
-            # then runs it eagerly for good, which a sweep's ninth make-up would reach,
-            # and their CUDA graphs hold memory. Inductor's on-disk cache is kept.
-            torch.compiler.reset()
-            self._routings += 1
-            self._unstack()
-            adapters = [a for a, _ in blocks]
-            self._routed_layers = vanilla_lora_layers(self._peft, adapters)
-            if self._routed_layers is not None:
-                if LoraStacks.stackable(self._routed_layers, adapters, [n for _, n in blocks]):
-                    self._stacks = LoraStacks(self._routed_layers, adapters,
-                                              low_precision_dtype(self._ref.phase2.precision))
-                route_blocks(self._routed_layers, blocks, self._stacks)
-            self._routed = blocks
-        return self._routed_layers is not None
-
-    def _seat(self) -> bool:
-        """Give every member a slot of the LoRA stacks, so that the compiled forward runs
-        over the same K slots of the same rows whoever holds them (one graph for the
-        group's life); whether it could (False: some member's LoRA layers need peft's own
-        path, or their shapes differ: the forward then routes each make-up).
-
-        A new member takes a free slot. The slots are (re)built, which compiles, only at
-        the first compiled step, when no slot is free (more members than `slots`), or
-        when a member does not fit them (a larger batch, another LoRA rank).
-        """
-        members = list(self.members.values())
-        st = self._stacks
-        if self._slotted and st is not None:
-            new = [m for m in members if m.slot is None]
-            free = st.free_slots()
-            if len(new) <= len(free) and all(
-                    m.run.plan.batch_size <= self._slot_rows and st.fits(m.adapter)
-                    and self._projector_fits(m) for m in new) and vanilla_lora_layers(
-                        self._peft, [m.adapter for m in new]) is not None:
-                for m, k in zip(new, free, strict=False):
-                    st.attach(k, m.adapter)
-                    self._bind_projector(k, m)
-                self._makeups += bool(new)
-                return True
-        adapters = [m.adapter for m in members]
-        layers = vanilla_lora_layers(self._peft, adapters)
-        rows = max(m.run.plan.batch_size for m in members)
-        if layers is None or not LoraStacks.stackable(layers, adapters, [rows] * len(members),
-                                                      single=True):
-            return False
-        torch.compiler.reset()  # the old slots' graph never comes back
-        self._routings += 1
-        self._unstack()
-        k = max(self.slots or 0, len(members))
-        if self.slots is not None and k > self.slots:
-            self.log(f"[group] {len(members)} members for {self.slots} slots: "
-                     f"rebuilding {k} slots (a new graph)")
-        self._stacks = LoraStacks(layers, adapters,
-                                  low_precision_dtype(self._ref.phase2.precision), slots=k)
-        self._slot_rows, self._routed_layers = rows, layers
-        # Each slot's projector weights live in storage of the slot's own, zero while it
-        # is empty; each empty slot runs its own copy of a projector over it (distinct
-        # objects: one shared by several slots would be an aliased graph input, another
-        # graph), with the members' module attributes (dropout, train mode) Dynamo guards.
-        like = members[0].run.model.projector
-        self._slot_weights = [[torch.zeros_like(q) for q in like.parameters()]
-                              for _ in range(k)]
-        self._fillers = []
-        for weights in self._slot_weights:
-            filler = copy.deepcopy(like)
-            for q, w in zip(filler.parameters(), weights, strict=True):
-                q.data = w
-            self._fillers.append(filler)
-        self._filler_rows = {}
-        for i, m in enumerate(members):
-            self._bind_projector(i, m)
-        route_blocks(layers, tuple((f"slot{i}", rows) for i in range(k)), self._stacks)
-        self._slotted, self._routed = True, None
-        self._cache_open = self.compile_cache_dir is not None
-        return True
-
-    def _open_compile_cache(self, parts: list[Rows]) -> None:
-        """Before the slots' first compile: their artifacts' file, keyed by what fixes the
-        graph (the slots' input shapes, the model and the group's config), loaded if a
-        group of the same shapes saved it before; saved after this step otherwise."""
-        self._cache_open = False
-        ref = self._ref.to_plain()
-        model = {k: v for k, v in ref["model"].items() if k != "llm_path"}  # shapes, not paths
-        key = artifact_key({
-            "inputs": [(list(t.shape), str(t.dtype)) for p in parts
-                       for t in (p.features, p.input_ids, p.labels)],
-            "projector": [list(q.shape) for q in parts[0].projector.parameters()],
-            "lora_rates": self._stacks.rates, "llm": self._lm.config.to_dict(),
-            "model": model, "precision": ref["phase2"]["precision"],
-            "device": str(self.device)})
-        self.compile_cache = CompileCache(self.compile_cache_dir, key, self.log)
-        if not self.compile_cache.load():
-            self._cache_save = True
-
-    def _projector_fits(self, m: Member) -> bool:
-        return all(q.shape == w.shape and q.dtype == w.dtype and q.device == w.device
-                   for q, w in zip(m.run.model.projector.parameters(), self._slot_weights[0],
-                                   strict=True))
-
-    def _bind_projector(self, slot: int, m: Member) -> None:
-        """Seat `m` in `slot` for its projector: its weights are copied into the slot's
-        storage and its parameters (the same objects: its optimizer keeps them) take that
-        storage. A CUDA-graph forward reads its static inputs (parameters) at the addresses
-        it recorded: a new member's own tensors would make it record again at every
-        make-up change, and keep every recording."""
-        with torch.no_grad():
-            for q, w in zip(m.run.model.projector.parameters(), self._slot_weights[slot],
-                            strict=True):
-                w.copy_(q.detach())
-                q.data = w
-        m.slot = slot
-
-    def _unbind_projector(self, m: Member) -> None:
-        """`m` leaves its slot: its projector gets storage of its own (same values), and
-        the slot's storage is zeroed (what the member left there, non-finite included)."""
-        with torch.no_grad():
-            for q, w in zip(m.run.model.projector.parameters(), self._slot_weights[m.slot],
-                            strict=True):
-                q.data = q.data.clone()
-                w.zero_()
-
-    def _slot_parts(self, active: list[Member], parts: list[Rows]) -> list[Rows]:
-        """The compiled forward's input: one block of `_slot_rows` rows per slot, in slot
-        order. A member's block is its rows, right-filled with rows that have no target;
-        an empty slot's (or a waiting member's) is the slot's filler rows: zero features
-        through the slot's filler projector (zero weights when empty; a waiting member's
-        own), token 0 everywhere, all of it a target (its loss is never used, but finite:
-        a 0/0 mean would make its zero gradient NaN)."""
-        by_slot = {m.slot: p for m, p in zip(active, parts, strict=True)}
-        like, rows = parts[0], self._slot_rows
-        out = []
-        for k in range(len(self._stacks.adapters)):
-            p = by_slot.get(k)
-            if p is None:
-                filler = self._filler_rows.get(k)
-                if filler is None or filler.input_ids.shape[1] != like.input_ids.shape[1]:
-                    filler = self._filler_rows[k] = Rows(
-                        self._fillers[k], "",
-                        like.features.new_zeros(rows, *like.features.shape[1:]),
-                        like.input_ids.new_zeros(rows, like.input_ids.shape[1]),
-                        like.labels.new_zeros(rows, like.labels.shape[1]))
-                out.append(filler)
-                continue
-            n = rows - p.features.shape[0]
-            if n:
-                p = Rows(p.projector, p.adapter,
-                         torch.cat([p.features, p.features.new_zeros(n, *p.features.shape[1:])]),
-                         torch.cat([p.input_ids, p.input_ids.new_zeros(n, p.input_ids.shape[1])]),
-                         torch.cat([p.labels, p.labels.new_full((n, p.labels.shape[1]),
-                                                                IGNORE_INDEX)]))
-            out.append(p)
-        return out
 
     def _skip_guards(self, parts: list[Rows], active: list[Member]
                      ) -> contextlib.AbstractContextManager:
@@ -588,19 +405,8 @@ class TrialGroup:
         if self._guard_skip is None:
             return contextlib.nullcontext()
         tensors = [t for p in parts for t in (p.features, p.input_ids, p.labels)]
-        key = (self._routings, self._makeups, tuple(m.slot for m in active))
-        return self._guard_skip.around(self._peft, *tensors, key=key)
-
-    def _unstack(self) -> None:
-        if self._stacks is not None:
-            self._stacks.release()
-            self._stacks = None
-        for m in self.members.values():
-            if self._slotted and m.slot is not None:
-                self._unbind_projector(m)
-            m.slot = None
-        self._slotted = False
-        self._fillers, self._filler_rows, self._slot_weights = [], {}, []
+        return self._guard_skip.around(self._peft, *tensors,
+                                       key=self.slot_table.call_key(active))
 
     def _new_view(self, cfg: TrainConfig, adapter: str, align_dim: int) -> MemberView:
         """A new adapter + projector with the solo run's initial weights, bit for bit."""
@@ -648,14 +454,7 @@ class TrialGroup:
         # of the group: a finished trial's memory goes back to the members still training.
         m.run.optimizer.zero_grad(set_to_none=True)
         m.run.optimizer.state.clear()
-        if self._slotted:  # its slot (if it had one yet) is free for the next member
-            if m.slot is not None:
-                self._stacks.detach(m.slot)
-                self._unbind_projector(m)
-                self._makeups += 1
-        elif self._stacks is not None:  # the make-up changes: rebuilt at the next step
-            self._unstack()
-            self._routed = None
+        self.slot_table.leave(m, list(self.members.values()))
         self._delete_adapter(m.adapter)
         return summary
 

@@ -66,4 +66,4 @@ class Member:
     guard: DeviceGuard | None = None  # the device NaN guard of runs that use it
     report_due: Callable[[int], bool] | None = None  # see TrialGroup.add_member
     pending: list[PendingStep] = field(default_factory=list)  # launched, not read back yet
-    slot: int | None = None  # its row of a compiled group's LoRA stacks (TrialGroup._seat)
+    slot: int | None = None  # its row of a compiled group's LoRA stacks (group_slots.SlotTable)
