@@ -24,6 +24,10 @@ A member whose client went away (stopped by Tune, or its worker died) is dropped
 first step compiles for minutes, holding the GIL for long stretches) does not count
 against the members' silence.
 
+Over 500 lines because the actor, its member queue (``_QueueSink``, the pacing above) and
+the trial-side client (``join_group``, ``run_group_member``) are the two ends of one
+protocol: join, poll, leave; the numbers it reports are in ``group_stats``.
+
 Ownership: the driver creates the actors before ``Tuner.fit`` (a Ray actor dies with its
 owner, so a trial process must not own it); trials look them up by name.
 
