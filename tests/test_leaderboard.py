@@ -14,11 +14,9 @@ import yaml
 
 from tuning.analysis.advice import advise, tail_relative_drop
 from tuning.analysis.best_config import best_stable_config, write_best_stable_yaml, yaml_scalar
-from tuning.analysis.leaderboard import (
+from tuning.analysis.leaderboard import best_stable_record, best_stable_row, build_leaderboard
+from tuning.analysis.leaderboard_table import (
     CSV_COLUMNS,
-    best_stable_record,
-    best_stable_row,
-    build_leaderboard,
     format_markdown,
     format_table,
     write_csv,

@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
 from trainer.fsutil import atomic_write_bytes
-from tuning.analysis.leaderboard import knob_text
+from tuning.analysis.leaderboard_table import knob_text
 from tuning.analysis.stability import KINDS, Verdict, index_verdicts
 from tuning.analysis.trial_record import TrialRecord, finite_or_none, swept_values
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.fsutil import atomic_write_text
-from tuning.analysis.leaderboard import csv_cell
+from tuning.analysis.leaderboard_table import csv_cell
 from tuning.analysis.recheck import RecheckEntry, RecheckSummary
 from tuning.analysis.recheck_wording import factor_label, loss_label
 from tuning.analysis.stability import fmt_num

@@ -22,13 +22,8 @@ from tuning.analysis.importance import (
     plot_importance,
     write_importance_json,
 )
-from tuning.analysis.leaderboard import (
-    best_stable_record,
-    build_leaderboard,
-    format_table,
-    write_csv,
-    write_markdown,
-)
+from tuning.analysis.leaderboard import best_stable_record, build_leaderboard
+from tuning.analysis.leaderboard_table import format_table, write_csv, write_markdown
 from tuning.analysis.plots import (
     plot_grad_norms,
     plot_loss_curves,
