@@ -74,11 +74,11 @@ def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list
 def stacked_rows_losses(llm: nn.Module, parts: list[Rows],
                         stacks: LoraStacks | None) -> list[torch.Tensor]:
     """A compiled group's forward (`rows_losses`, routed): with `stacks`, its layers read
-    the weights `stacks.split` makes once for this forward."""
+    the weights `stacks.split` makes once for this forward (`LoraStacks.lend`)."""
     if stacks is None:
         return rows_losses(llm, parts, routed=True)
-    stacks.pieces = stacks.split()
+    stacks.lend(stacks.split())
     try:
         return rows_losses(llm, parts, routed=True)
     finally:
-        stacks.pieces = None
+        stacks.lend(None)
