@@ -355,3 +355,30 @@ def test_the_scope_is_one_value_per_group_and_part_of_the_compile_cache_key(
         with pytest.raises(ConfigError, match=r"model\.compile_scope"):
             group.add_member("other", other, MemorySink())
     assert files[0] != files[1] and all(f.is_file() for f in files) and len(saved) == 2
+
+
+@pytest.mark.integration
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_rebuilt_slots_compile_their_blocks_again_past_dynamos_recompile_limit(scope_cfg,
+                                                                               graphs):
+    """A group without a set capacity rebuilds its slots when a member finds none free
+    (tests/test_group.py, for the whole forward); with `compile_scope: layers` each
+    rebuild drops the blocks' old graph too, so the third build, past Dynamo's limit of 2
+    graphs per block code, still compiles (rather than running its blocks eagerly), and
+    a member taking a freed slot compiles nothing."""
+    group, counts = None, []
+    for name in ("m0", "m1", "m2", "m3", "m4"):
+        cfg = scope_cfg(name, 2, "layers", **dict(SPECS["a"], total_training_steps=30))
+        if group is None:
+            group = TrialGroup(prepare_inputs(cfg, _quiet), log=_quiet)
+        group.add_member(name, cfg, MemorySink())
+        if name == "m0":
+            continue
+        if name == "m4":
+            group.remove_member("m0")
+        before = graphs()
+        for _ in range(3):  # compiles (or not), then a full check, then skips the check
+            group.step()
+        counts.append(graphs() - before)
+    assert counts == [1, 1, 1, 0], counts  # slots for 2, 3 and 4 members; m4 takes m0's
+    assert group._guard_skip.skipped == 4 and group.members["m4"].slot == 0
