@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha slots kernels
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha slots scopes kernels
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -8,6 +8,9 @@
 # --k), steps per trial, time limit and trials (default 8); SWEEP_LR_GROWTH: its grid's LR
 # ratio; SWEEP_PROFILE=N[:WARM]: its shared group profiles N warm group steps;
 # BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend.
+# COMPILE_SCOPE=model|layers: model.compile_scope of the compiled stages (compiled groupc
+# sweepall e2enan e2easha; their JSON names get -$COMPILE_SCOPE); unset: the config's.
+# SCOPE_K: the scopes stage's group size (default 8).
 # Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -26,6 +29,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a "$OUT/gpu.txt"
 ref=(configs/reference.yaml --set demo.num_examples=64 --set phase2.warmup_steps=5)
+scope=${COMPILE_SCOPE:+--set model.compile_scope=$COMPILE_SCOPE}  # unquoted below: 0 or 2 words
+sfx=${COMPILE_SCOPE:+-$COMPILE_SCOPE}
 stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
@@ -35,8 +40,8 @@ for stage in ${stages[@]}; do
         --arms naive,trainer --json "$OUT/trainer.json" ;;
     compiled)  # naive loop vs the trainer with CUDA graphs, seed batch
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 2 --text-len 128 \
-        --arms naive,trainer --steps ${COMPILED_STEPS:-50} --set model.compile=reduce-overhead --guard-compare --adamw-compare ${PROFILE:+--profile} \
-        --json "$OUT/compiled.json" ;;
+        --arms naive,trainer --steps ${COMPILED_STEPS:-50} --set model.compile=reduce-overhead $scope --guard-compare --adamw-compare ${PROFILE:+--profile} \
+        --json "$OUT/compiled$sfx.json" ;;
     big)       # 16 x 512 text tokens, compiled
       timeout 400 python3 bench/gpu_trainer.py "${ref[@]}" --batch 16 --text-len 512 \
         --arms trainer --set model.compile=default ${PROFILE:+--profile} --json "$OUT/big.json" ;;
@@ -55,8 +60,8 @@ for stage in ${stages[@]}; do
     groupc)    # shared-weight groups, the shared forward compiled with CUDA graphs
       TORCH_LOGS=recompiles timeout 500 python3 bench/gpu_group.py "${ref[@]}" --k ${GROUP_K:-1,8,32} --steps 30 \
         --sync ${GROUP_SYNC:-10} ${GROUP_PROFILE:+--profile $GROUP_PROFILE} \
-        --set model.compile=reduce-overhead ${GROUP_DROPOUT:+--set model.lora.dropout=$GROUP_DROPOUT} \
-        --json "$OUT/groupc.json" ;;
+        --set model.compile=reduce-overhead $scope ${GROUP_DROPOUT:+--set model.lora.dropout=$GROUP_DROPOUT} \
+        --json "$OUT/groupc$sfx.json" ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
         --k 1,g8 --json "$OUT/sweep.json" ;;
@@ -65,27 +70,31 @@ for stage in ${stages[@]}; do
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} ${SWEEP_LR_GROWTH:+--lr-growth $SWEEP_LR_GROWTH} \
-        --k ${SWEEP_ARMS:-1,8,g8c} --json "$OUT/sweepall.json" --keep-metrics "$OUT/sweepall-metrics" \
+        --k ${SWEEP_ARMS:-1,8,g8c} $scope --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
     e2enan)    # issue 21 (a), end to end: 8 trials, LR 1e-4..1e-1 x clip none/1.0 (some hit
                # NaN), one compiled group of 8 slots; run twice: cold, then warm from the
                # compile cache the first left in the storage
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400,g8c:400 \
         --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
-                  "gradient_clip_val": {"grid": [null, 1.0]}}' \
-        --json "$OUT/e2enan.json" --keep-metrics "$OUT/e2enan-metrics" ;;
+                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope \
+        --json "$OUT/e2enan$sfx.json" --keep-metrics "$OUT/e2enan$sfx-metrics" ;;
     e2easha)   # issue 21 (b): 16 trials under ASHA (grace 100, reduction 3, max 1,000
                # steps) through one compiled group of 8 slots
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 \
         --num-samples 16 --search random --asha 100,3 \
-        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' \
-        --json "$OUT/e2easha.json" --keep-metrics "$OUT/e2easha-metrics" ;;
+        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope \
+        --json "$OUT/e2easha$sfx.json" --keep-metrics "$OUT/e2easha$sfx-metrics" ;;
     slots)     # a compiled group (tiny demo, CUDA graphs): members leave and join without
                # a compile; a second process starts warm from the first's compile cache
       rm -rf /tmp/slots && TORCHINDUCTOR_CACHE_DIR=/tmp/slots-ind1 timeout 280 python3 \
         bench/slot_compile.py configs/phase2.yaml --device cuda --work /tmp/slots --label cold &&
         TORCHINDUCTOR_CACHE_DIR=/tmp/slots-ind2 timeout 280 python3 \
         bench/slot_compile.py configs/phase2.yaml --device cuda --work /tmp/slots --label warm ;;
+    scopes)    # issue 21: a compiled group's cold start (compile + first step) and steady
+               # step, whole forward compiled against each decoder block, a process each
+      timeout 590 python3 bench/compile_scope.py "${ref[@]}" --k ${SCOPE_K:-8} \
+        --json "$OUT/scopes.json" ;;
     kernels)   # the group's LoRA/attention kernel forms and one member's AdamW host time
       timeout 200 python3 bench/lora_kernels.py --json "$OUT/lora_kernels.json" &&
         timeout 60 python3 bench/adamw_step.py --json "$OUT/adamw_step.json" ;;

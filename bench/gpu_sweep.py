@@ -146,8 +146,9 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
             (keep / f"{label}-group_profile.txt").write_text(profile)
     return {"arm": arm, "label": label, "k": k, "groups": groups, "shared_group": bool(group),
             "steps": steps, **row_stats,
-            "compile": overrides.get("model.compile", "off"), "wall_s": round(wall, 1),
-            "trial_steps": done,
+            "compile": overrides.get("model.compile", "off"),
+            "compile_scope": overrides.get("model.compile_scope", "model"),
+            "wall_s": round(wall, 1), "trial_steps": done,
             "trial_steps_per_s": round(done / wall, 2),
             "tokens": round(done * step_tokens), "compile_s": round(compile_s, 1),
             "train_s": round(train_s, 1), "compile_fraction": round(compile_s / wall, 3),

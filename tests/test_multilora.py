@@ -126,12 +126,12 @@ def test_stacked_weights_give_each_member_its_peft_product():
     route_blocks(layers, blocks, stacks)
     for use_split in (False, True):
         stacks.zero_grads()
-        stacks.pieces = stacks.split() if use_split else None
+        stacks.lend(stacks.split() if use_split else None)
         out = model(torch.cat(xs))
         for k, o in enumerate(out.detach().split(3)):
             torch.testing.assert_close(o, ref_out[k], rtol=1e-5, atol=1e-6)
         out.pow(2).sum().backward()
-        stacks.pieces = None
+        stacks.lend(None)
         for adapter, ref in zip(ADAPTERS, ref_grads, strict=True):
             for n, p in _lora_params(model, adapter).items():
                 torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6)

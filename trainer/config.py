@@ -195,6 +195,8 @@ class Model(_Strict):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
     # the model's forward (reduce-overhead: CUDA graphs); the first steps pay the compile time
+    compile_scope: Literal["model", "layers"] = "model"  # model.compile over the whole forward,
+    # or each LLM decoder block (one graph for all identical blocks), the rest eager
     skip_compile_guards: bool = True  # a compiled forward skips TorchDynamo's guard check
     # (~2 ms of host time a call) on calls that repeat a warmed-up signature
     # (trainer.compile_guards); false checks every call

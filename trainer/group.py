@@ -64,6 +64,7 @@ from torch import nn
 
 from trainer.compile_cache import CompileCache
 from trainer.compile_guards import GuardSkip
+from trainer.compile_scope import compile_forward
 from trainer.config import TrainConfig
 from trainer.data import place_features, to_device
 from trainer.errors import ConfigError
@@ -228,8 +229,8 @@ class TrialGroup:
             # One compiled forward (and, with reduce-overhead, one CUDA graph) for the
             # group's slots: batches keep the split's full length and a fixed target
             # capacity, and the slots fix the rows (`trainer.group_slots`).
-            self._compiled = torch.compile(stacked_rows_losses, mode=cfg.model.compile,
-                                           dynamic=False)
+            self._compiled = compile_forward(stacked_rows_losses, lm, cfg.model.compile,
+                                             cfg.model.compile_scope)
             if cfg.model.skip_compile_guards:
                 self._guard_skip = GuardSkip()
 

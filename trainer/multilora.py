@@ -18,8 +18,8 @@ load either way.
 
 from __future__ import annotations
 
-import functools
 import re
+import types
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -97,7 +97,7 @@ def bmm_lora(result: torch.Tensor, xs: torch.Tensor, stack_a: torch.Tensor,
 
 
 def block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
-                        stacks: LoraStacks | None, index: int, x: torch.Tensor,
+                        stacks: LoraStacks | None, x: torch.Tensor,
                         *args: Any, **kwargs: Any) -> torch.Tensor:
     """A peft LoRA Linear over a batch whose rows come in contiguous per-adapter blocks.
 
@@ -107,15 +107,15 @@ def block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     usual sweep), all members' LoRA products are two batched matmuls whatever the group
     size: the launch count no longer grows with the number of members. `stacks`: the
     blocks' weights held in one tensor (`LoraStacks`, for blocks that
-    `LoraStacks.stackable` accepted), this layer's being its `index`-th A and B views,
-    read instead of the members' parameters.
+    `LoraStacks.stackable` accepted), this layer's A and B views of it read instead of
+    the members' parameters.
     """
     result = layer.base_layer(x, *args, **kwargs)
     out_dtype = result.dtype
     names = [a for a, _ in blocks]
     sizes = [n for _, n in blocks]
     if stacks is not None:  # equal blocks, equal shapes: the batched path
-        stack_a, stack_b = stacks.views(index)
+        stack_a, stack_b = stacks.layer_views(layer)
         x = stacks.dropout(x.to(stack_a.dtype), sizes, layer.training)  # peft's cast
         xs = x.reshape(len(blocks), -1, x.shape[-1])  # a view, no copy
         return bmm_lora(result, xs, stack_a, stack_b, stacks.scales.to(xs.dtype),
@@ -187,15 +187,30 @@ def vanilla_lora_layers(llm: nn.Module, adapters: Collection[str]) -> list[nn.Mo
     return vanilla if len(vanilla) == len(layers) else None
 
 
+def routed_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any,
+                        **kwargs: Any) -> torch.Tensor:
+    """A routed LoRA layer's forward (`route_blocks`): `block_lora_forward` with the
+    routing the layer holds (`lora_route`: its blocks and stacks)."""
+    blocks, stacks = self.lora_route
+    return block_lora_forward(self, blocks, stacks, x, *args, **kwargs)
+
+
 def route_blocks(layers: list[nn.Module], blocks: tuple[tuple[str, int], ...],
                  stacks: LoraStacks | None = None) -> None:
     """Make each block of rows (adapter, row count), in order, take its own adapter in
     every one of `layers` until routed otherwise: an instance attribute shadows the
     class's forward. A compiled forward sees the same routing objects step after step
     (so it recompiles only when the blocks change). With `stacks`, each layer computes
-    from its stacked weights."""
-    for i, m in enumerate(layers):
-        m.forward = functools.partial(block_lora_forward, m, blocks, stacks, i)
+    from its stacked weights.
+
+    Every layer gets the same function and the same routing objects, and nothing that
+    names the layer (no index, no per-layer object): Dynamo guards on what a traced
+    forward reads, so a per-layer constant would make a compiled decoder block
+    (`model.compile_scope: layers`) one graph per layer instead of one for all. A
+    layer's own stacked weights reach it as tensors it holds (`LoraStacks.lend`)."""
+    for m in layers:
+        m.lora_route = (blocks, stacks)
+        m.forward = types.MethodType(routed_lora_forward, m)
 
 
 class LoraStacks:
@@ -221,13 +236,13 @@ class LoraStacks:
     gradients are one contiguous row, the group takes every member's LoRA gradient norm
     in one reduction and clips them all in one multiply (`member_norms`, `scale_grads`).
 
-    Inside the shared forward the layers read `pieces`, which `split` makes once per
-    forward: the stack cast once to the compute dtype (`compute_dtype`: autocast's, None
-    for fp32), then split. Slicing the fp32 stack per layer instead made autograd sum 192
-    zero-padded slice gradients, which Inductor fuses into one kernel testing every slice
-    at every element (a visible share of the group step in the profile of
-    docs/performance.md), against one concatenation and one cast here; the per-layer
-    casts of the slices go too.
+    Inside the shared forward the layers read the pieces that `split` makes once per
+    forward (`lend` hands each layer its own): the stack cast once to the compute dtype
+    (`compute_dtype`: autocast's, None for fp32), then split. Slicing the fp32 stack per
+    layer instead made autograd sum 192 zero-padded slice gradients, which Inductor fuses
+    into one kernel testing every slice at every element (a visible share of the group
+    step in the profile of docs/performance.md), against one concatenation and one cast
+    here; the per-layer casts of the slices go too.
     """
 
     def __init__(self, layers: list[nn.Module], adapters: list[str],
@@ -253,7 +268,7 @@ class LoraStacks:
                                    requires_grad=False)
         self.rates = [dropout_rate(layers[0], adapters[0])] * slots
         self.compute_dtype = compute_dtype if compute_dtype != like.dtype else None
-        self.pieces: list[torch.Tensor] | None = None  # set during one forward (`split`)
+        self.lend(None)
         self.adapters: list[str | None] = [None] * slots  # who holds each slot
         self._params: list[list[nn.Parameter]] = [[] for _ in range(slots)]
         for k, adapter in enumerate(adapters):
@@ -335,11 +350,27 @@ class LoraStacks:
         return [t.view(k, *shape) for t, (_, shape)
                 in zip(flat.split(sizes, dim=1), self.spans, strict=True)]
 
+    def lend(self, pieces: list[torch.Tensor] | None) -> None:
+        """Hand every layer its A and B of `pieces` (`split`, for one forward) as a
+        tensor attribute of its own (`lora_stacked`); None takes them back. Attributes,
+        not `pieces[2 * index]` read by layer index: a compiled decoder block reads them
+        as its inputs, the same code for every layer (`route_blocks`)."""
+        for i, layer in enumerate(self.layers):
+            layer.lora_stacked = (None if pieces is None
+                                  else (pieces[2 * i], pieces[2 * i + 1]))
+
+    def layer_views(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s stacked A and B: what it was lent for this forward, else `views`."""
+        if layer.lora_stacked is not None:
+            return layer.lora_stacked
+        return self.views(self.layers.index(layer))
+
     def views(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `index`-th layer's stacked A [K, r, in] and B [K, out, r] weights: this
-        forward's `pieces` when set, else slices of the stack."""
-        if self.pieces is not None:
-            return self.pieces[2 * index], self.pieces[2 * index + 1]
+        """The `index`-th layer's stacked A [K, r, in] and B [K, out, r] weights: what it
+        was lent for this forward (`lend`), else slices of the stack."""
+        lent = self.layers[index].lora_stacked
+        if lent is not None:
+            return lent
         k = self.flat.shape[0]
         out = []
         for off, shape in self.spans[2 * index : 2 * index + 2]:
@@ -377,13 +408,13 @@ def adapter_blocks(llm: nn.Module, blocks: list[tuple[str, int]]) -> Iterator[No
         with adapter_rows(llm, names):
             yield
         return
-    saved = [m.__dict__.get("forward") for m in vanilla]
+    saved = [(m.__dict__.get("forward"), m.__dict__.get("lora_route")) for m in vanilla]
     route_blocks(vanilla, tuple(blocks))
     try:
         yield
     finally:
-        for m, forward in zip(vanilla, saved, strict=True):
+        for m, (forward, route) in zip(vanilla, saved, strict=True):
             if forward is None:
-                del m.forward
+                del m.forward, m.lora_route
             else:
-                m.forward = forward
+                m.forward, m.lora_route = forward, route

@@ -61,7 +61,11 @@ def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list
     if routed:
         hidden = final_hidden(lm, torch.cat(embeds), torch.cat(gaps))
     else:
-        with adapter_blocks(llm, blocks):
+        # Eager, as with a whole compiled forward, also where the decoder blocks are
+        # compiled (`model.compile_scope: layers`): a member's own forward (its eval) and
+        # peft's per-row path route every call anew, over trimmed rows, which would trace
+        # a graph per routing and length.
+        with adapter_blocks(llm, blocks), torch.compiler.set_stance("force_eager"):
             hidden = final_hidden(lm, torch.cat(embeds), torch.cat(gaps))
     blocks, start = [], 0
     for p in parts:  # each member's loss over its own rows and target tokens only
@@ -74,11 +78,11 @@ def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list
 def stacked_rows_losses(llm: nn.Module, parts: list[Rows],
                         stacks: LoraStacks | None) -> list[torch.Tensor]:
     """A compiled group's forward (`rows_losses`, routed): with `stacks`, its layers read
-    the weights `stacks.split` makes once for this forward."""
+    the weights `stacks.split` makes once for this forward (`LoraStacks.lend`)."""
     if stacks is None:
         return rows_losses(llm, parts, routed=True)
-    stacks.pieces = stacks.split()
+    stacks.lend(stacks.split())
     try:
         return rows_losses(llm, parts, routed=True)
     finally:
-        stacks.pieces = None
+        stacks.lend(None)

@@ -25,6 +25,7 @@ import torch
 from trainer.bundle import Phase1Bundle, load_bundle
 from trainer.checkpoint import latest_readable, load_trainable, set_rng_state, trainable_state
 from trainer.compile_guards import GuardSkip
+from trainer.compile_scope import compile_forward
 from trainer.config import TrainConfig
 from trainer.data import Split, epoch_order, place_features
 from trainer.errors import ConfigError, Problem
@@ -235,9 +236,9 @@ def build_run(cfg: TrainConfig, inputs: Inputs, *, resume: bool = False, device:
     run = assemble_run(cfg, plan, model, train_split, eval_split, bundle, dev, run_dir, prefix,
                        log)
     if m.compile != "off":
-        # Compile the bound forward, not the module: parameter names (and so the optimizer
-        # groups and checkpoints) stay as they are.
-        model.forward = torch.compile(model.forward, mode=m.compile, dynamic=False)
+        # Compile the bound forward (or its decoder blocks in place), not the module:
+        # parameter names (and so the optimizer groups and checkpoints) stay as they are.
+        model.forward = compile_forward(model.forward, model.llm, m.compile, m.compile_scope)
         model.static_loss = True  # one graph: full-length rows, a fixed target capacity
         if m.skip_compile_guards:
             run.guard_skip = GuardSkip()

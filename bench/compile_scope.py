@@ -1,0 +1,90 @@
+"""A compiled trial group's cold start in each `model.compile_scope`: the whole shared
+forward compiled ("model") against each decoder block compiled ("layers").
+
+    python bench/compile_scope.py configs/reference.yaml --k 8        # on a GPU
+    OMP_NUM_THREADS=1 python bench/compile_scope.py configs/phase2.yaml --tiny --k 2 \
+        --mode default --set demo.llm.num_hidden_layers=8              # on a CPU
+
+Each scope runs in a process of its own (`bench/gpu_group.py`: K members of the config
+with synthetic text of `--text-len` tokens, every member's batch `--batch` rows) with an
+empty Inductor cache of its own, so both compiles are cold. Reported per scope: the
+process's wall time, the group's first step (its compile, CUDA graph recordings and the
+step itself) and its steady step time; then the ratios layers / model. `--tiny` runs the
+test suite's seconds-long demo (a 2-layer LLM: `--set demo.llm.num_hidden_layers=N` for
+more) instead of the config's data and LLM. On a CPU shared with other work, one OpenMP
+thread keeps the steady step from swinging with the others' load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCOPES = ("model", "layers")
+TINY = ["demo.num_examples=48", "demo.llm.pretrain_steps=100", "data.eval_fraction=0.25",
+        "output.log_every=1000", "phase2.warmup_steps=2", "phase2.batch_size=4"]
+
+
+def run_scope(args: argparse.Namespace, scope: str, work: Path) -> dict:
+    """One scope's cold group in a process of its own: its gpu_group.py row, and wall."""
+    out = work / f"{scope}.json"
+    sets = [*(TINY if args.tiny else []), f"model.compile={args.mode}",
+            f"model.compile_scope={scope}", *args.overrides]
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_group.py"), str(args.config),
+           "--k", str(args.k), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch", str(args.batch), "--text-len", str(args.text_len), "--sync", "1",
+           "--json", str(out), *[a for s in sets for a in ("--set", s)]]
+    if args.device:
+        cmd += ["--device", args.device]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{scope}")}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"[{scope}] gpu_group.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    row = json.loads(out.read_text())["rows"][0]
+    result = {"scope": scope, "process_wall_s": round(wall, 1),
+              "first_step_s": row["first_step_s"], "group_step_ms": row["group_step_ms"],
+              "peak_mem_gib": row["peak_mem_gib"]}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--k", type=int, default=8, help="members (slots) of the group")
+    ap.add_argument("--mode", default="reduce-overhead", help="model.compile (CPU: default)")
+    ap.add_argument("--scopes", default=",".join(SCOPES))
+    ap.add_argument("--steps", type=int, default=10, help="timed steady steps")
+    ap.add_argument("--warmup", type=int, default=3, help="steps before them, the first too")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--text-len", type=int, default=128)
+    ap.add_argument("--device", default="", help="gpu_group.py's default: cuda if present")
+    ap.add_argument("--tiny", action="store_true", help="the test suite's tiny demo")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="KEY=VALUE config override for both scopes")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {s: run_scope(args, s, Path(tmp)) for s in args.scopes.split(",")}
+    summary = {"k": args.k, "mode": args.mode, "rows": list(rows.values())}
+    if set(SCOPES) <= set(rows):
+        model, layers = rows["model"], rows["layers"]
+        summary["ratio_layers_over_model"] = {
+            key: round(layers[key] / model[key], 3) if model[key] else None
+            for key in ("process_wall_s", "first_step_s", "group_step_ms")}
+        print(json.dumps(summary["ratio_layers_over_model"]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""What `model.compile` compiles (`model.compile_scope`): the whole forward, or each block.
+
+"model": the whole forward is one graph (a solo run's `Phase2Model.forward`, a group's
+`trainer.rows.stacked_rows_losses` over all its slots): projector, every decoder block,
+the LM head and the loss fused and, with `reduce-overhead`, replayed as one CUDA graph.
+Its cold compile traces and compiles every block of the LLM, one after the other, though
+they are the same code.
+
+"layers" (regional compilation, PyTorch's recipe for cold-start time): each decoder
+block of the LLM (`decoder_blocks`) is compiled in place and the rest stays eager
+(embedding, projector, final norm, LM head and loss; a group's slot bookkeeping).
+Dynamo lifts a block's parameters as graph inputs instead of baking them in as
+constants, so the first block's graph serves every identical block: one block is
+compiled, not all of them, whatever the layer count. The price is paid per step: each
+block call is a guard check (skipped with the whole forward's once warm,
+`trainer.compile_guards`) and, with `reduce-overhead`, a CUDA graph of its own; nothing
+fuses across blocks or into the loss.
+
+A block's graph is shared only if nothing it reads names the layer (Dynamo guards on
+what a trace reads): a group's routed LoRA layers hold the same routing and read their
+own stacked weights as tensors (`trainer.multilora.route_blocks`, `LoraStacks.lend`).
+
+`nn.Module.compile` compiles a block in place: parameter and state-dict names stay as
+they are, so optimizer groups, checkpoints and weight files are those of an eager run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from trainer.model import causal_lm
+
+F = TypeVar("F", bound=Callable)
+
+SCOPES = ("model", "layers")
+
+
+def decoder_blocks(llm: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a transformers causal LM (peft-wrapped or not), in order:
+    the longest `nn.ModuleList` of one module type (`model.layers` for Llama/Qwen2,
+    `transformer.h` for GPT-2), preferring the types transformers itself names as blocks
+    (`_no_split_modules`). Raises ValueError naming the model when it has none."""
+    lm = causal_lm(llm)
+    lists = [m for m in lm.modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+    named = set(getattr(lm, "_no_split_modules", None) or ())
+    preferred = [m for m in lists if type(m[0]).__name__ in named]
+    found = preferred or lists
+    if not found:
+        raise ValueError(
+            f"model.compile_scope=layers: no decoder blocks found in {type(lm).__name__} "
+            "(no nn.ModuleList of one module type); set model.compile_scope=model")
+    return list(max(found, key=len))
+
+
+def compile_blocks(llm: nn.Module, mode: str) -> int:
+    """Compile every decoder block of `llm` in place (static shapes); how many."""
+    blocks = decoder_blocks(llm)
+    for block in blocks:
+        block.compile(mode=mode, dynamic=False)
+    return len(blocks)
+
+
+def compile_forward(forward: F, llm: nn.Module, mode: str, scope: str) -> F:
+    """`forward` (a function whose decoder runs through `llm`) as `model.compile` makes it:
+    compiled whole ("model", static shapes), or left eager with every decoder block of
+    `llm` compiled in place ("layers")."""
+    if scope == "model":
+        return torch.compile(forward, mode=mode, dynamic=False)
+    if scope != "layers":
+        raise ValueError(f"model.compile_scope must be one of {SCOPES}, not {scope!r}")
+    compile_blocks(llm, mode)
+    return forward
