@@ -283,7 +283,7 @@ def test_a_group_compiled_by_layers_trains_as_the_eager_group(scope_cfg, graphs)
             assert group.compiled == (scope is not None)
             if scope is not None:
                 counts[layers] = graphs() - before
-                assert group.fixed_slots and group._stacks is not None
+                assert group.fixed_slots and group.slot_table.stacks is not None
                 # the blocks, each once, and not the shared forward around them
                 assert graphs.blocks() == ["Qwen2DecoderLayer"] * layers
                 assert len(graphs.compiled) == layers
