@@ -7,12 +7,12 @@ trace and guards, no Inductor), each forward graph counted.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_data
+from test_group import assert_same_steps
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -34,7 +34,6 @@ from trainer.model import add_lora, causal_lm, final_hidden
 
 RTOL, ATOL = 1e-5, 1e-6
 LAYERS = (2, 4)  # the layer counts compared: the graph count must not follow them
-COMPARED = ("loss", "grad_norm", "grad_norm/projector", "grad_norm/lora", "eval_loss")
 
 
 def _quiet(*_):
@@ -206,16 +205,6 @@ def scope_cfg(tmp_path, assets_dir, llm_dirs):
     return make
 
 
-def _assert_same_steps(ref, got, who):
-    assert [r["step"] for r in got] == [r["step"] for r in ref], who
-    for a, b in zip(ref, got, strict=True):
-        for key in COMPARED:
-            assert (key in a) == (key in b), (who, a["step"], key)
-            if key in a and not (isinstance(a[key], float) and math.isnan(a[key])):
-                assert b[key] == pytest.approx(a[key], rel=RTOL, abs=ATOL), (
-                    who, a["step"], key, a[key], b[key])
-
-
 def _solo(cfg) -> list[dict]:
     sink = MemorySink()
     train(cfg, sink, console=False, log=_quiet)
@@ -242,7 +231,7 @@ def test_a_solo_run_compiled_by_layers_trains_as_the_eager_run(scope_cfg, graphs
         counts[layers] = graphs() - before
         assert graphs.blocks() == ["Qwen2DecoderLayer"] * layers  # nothing else compiled
         graphs.compiled.clear()
-        _assert_same_steps(ref, got, layers)
+        assert_same_steps(ref, got, layers)
         assert any("eval_loss" in r for r in got)
         names = [set(load_file(str(c.output.root / c.output.run_name
                                    / "trainable.safetensors"))) for c in cfgs.values()]
@@ -290,7 +279,7 @@ def test_a_group_compiled_by_layers_trains_as_the_eager_group(scope_cfg, graphs)
                 graphs.compiled.clear()
             torch.compiler.reset()
         for k in SPECS:
-            _assert_same_steps(sinks[None][k].records, sinks["layers"][k].records, (layers, k))
+            assert_same_steps(sinks[None][k].records, sinks["layers"][k].records, (layers, k))
             assert any("eval_loss" in r for r in sinks["layers"][k].records)
     assert counts[2] == counts[4] == 1, counts
 
@@ -324,8 +313,8 @@ def test_members_leaving_and_joining_a_group_compiled_by_layers_add_no_graph(sco
         group.step()
     assert graphs() == 1  # every make-up above ran the first graph
     for k in ("a", "b", "late"):
-        _assert_same_steps(solo[k], sinks[k].records, k)
-    _assert_same_steps(solo["asha"][:2], sinks["asha"].records, "asha")
+        assert_same_steps(solo[k], sinks[k].records, k)
+    assert_same_steps(solo["asha"][:2], sinks["asha"].records, "asha")
 
 
 def test_the_scope_is_one_value_per_group_and_part_of_the_compile_cache_key(

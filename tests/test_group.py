@@ -55,7 +55,7 @@ def _solo(cfg, hook=None, resume=False):
     return sink
 
 
-def _assert_same_steps(solo, grouped, who):
+def assert_same_steps(solo, grouped, who):
     """Every step's record of a group member equals the solo run's (names the member)."""
     assert [r["step"] for r in grouped] == [r["step"] for r in solo], who
     for s, g in zip(solo, grouped, strict=True):
@@ -234,7 +234,7 @@ def test_members_train_exactly_as_they_train_alone(tiny, sync):
     assert len({round(x, 6) for x in firsts}) == 3, firsts
     root = group_cfgs["a"].output.root
     for k in SPECS:
-        _assert_same_steps(solo[k].records, sinks[k].records, k)
+        assert_same_steps(solo[k].records, sinks[k].records, k)
         run_dir = root / f"group-{k}"
         assert sorted(p.name for p in run_dir.iterdir()) == [
             "checkpoints", "config.resolved.yaml", "metrics.jsonl", "summary.json",
@@ -293,7 +293,7 @@ def test_a_nan_stays_in_its_member(tiny, sync):
     for k in specs:
         assert sinks[k].nan_events == sinks[k].summary.nan_events == solo[k].nan_events, k
     for k in specs:  # NaN rows and NaN gradients did not reach any other member
-        _assert_same_steps(solo[k].records, sinks[k].records, k)
+        assert_same_steps(solo[k].records, sinks[k].records, k)
     clean = _weights(tiny().output.root / "group-clean")
     assert all(torch.isfinite(t).all() for t in clean.values())
 
@@ -328,7 +328,7 @@ def test_removed_member_ends_cleanly_and_frees_its_adapter(tiny, monkeypatch):
     assert sum(p.numel() for p in group.llm.parameters()) < before
     while group.members:
         group.step()
-    _assert_same_steps(solo.records, sinks["keep"].records, "keep")
+    assert_same_steps(solo.records, sinks["keep"].records, "keep")
 
 
 def test_device_guarded_members_are_read_back_a_window_at_a_time(tiny, monkeypatch):
@@ -363,7 +363,7 @@ def test_device_guarded_members_are_read_back_a_window_at_a_time(tiny, monkeypat
     solo = _solo(solo_c)
     while group.members:
         group.step()
-    _assert_same_steps(solo.records, sinks["c"].records, "c")
+    assert_same_steps(solo.records, sinks["c"].records, "c")
 
 
 @pytest.mark.parametrize(("key", "change"), [
@@ -422,7 +422,7 @@ def test_resume_continues_a_member_like_an_uninterrupted_run(tiny):
         run_dir = cfgs[k].output.root / f"cut-{k}"
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in lines] == [r["step"] for r in straight[k].records]
-        _assert_same_steps(straight[k].records, lines, k)
+        assert_same_steps(straight[k].records, lines, k)
 
 
 def test_members_with_dropout_still_learn(tiny):
@@ -449,7 +449,7 @@ def test_fp16_members_keep_their_own_loss_scale(tiny):
     sinks = [MemorySink(), MemorySink()]
     train_group(cfgs, sinks, inputs=prepare_inputs(cfgs[0], _quiet), log=_quiet)
     for k, sink in zip(specs, sinks, strict=True):
-        _assert_same_steps(solo[k].records, sink.records, k)
+        assert_same_steps(solo[k].records, sink.records, k)
     assert any(r["skipped"] for s in sinks for r in s.records)  # the overflow path ran
 
 
@@ -495,10 +495,10 @@ def test_members_of_equal_batch_size_take_the_batched_lora_path_and_match_solo(t
     # bmm rounds differently from two F.linear calls: the first step agrees to RTOL (a leak
     # would not), later steps drift by float rounding only (measured < 2e-5).
     for k in specs:
-        _assert_same_steps(solo[k].records[:1], sinks[k].records[:1], k)
+        assert_same_steps(solo[k].records[:1], sinks[k].records[:1], k)
     monkeypatch.setattr(sys.modules[__name__], "RTOL", 1e-4)
     for k in specs:
-        _assert_same_steps(solo[k].records, sinks[k].records, k)
+        assert_same_steps(solo[k].records, sinks[k].records, k)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -553,7 +553,7 @@ def test_compiled_group_forward_matches_the_eager_group(tiny, monkeypatch, preci
     for k in specs:
         eager, compiled = sinks["off"][k].records, sinks["reduce-overhead"][k].records
         if precision == "fp32":
-            _assert_same_steps(eager, compiled, k)
+            assert_same_steps(eager, compiled, k)
         else:  # bf16 rounds differently once the graph is traced: same run, looser match
             assert [r["step"] for r in compiled] == [r["step"] for r in eager]
             for a, b in zip(eager, compiled, strict=True):
@@ -649,7 +649,7 @@ def test_compiled_group_of_equal_members_trains_on_stacked_lora_weights(tiny, mo
         assert not [n for n in names if "lora_A" in n or "lora_B" in n], names
     assert stack_users == [[1]], stack_users
     for k in specs:
-        _assert_same_steps(sinks["off"][k].records, sinks["reduce-overhead"][k].records, k)
+        assert_same_steps(sinks["off"][k].records, sinks["reduce-overhead"][k].records, k)
         eager = _weights(roots["off"] / f"stack-off-{k}")
         stacked = _weights(roots["reduce-overhead"] / f"stack-reduce-overhead-{k}")
         assert set(eager) == set(stacked)
@@ -714,10 +714,10 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
 
     monkeypatch.setattr(sys.modules[__name__], "RTOL", 1e-4)  # stacked bmm's rounding
     for k in ("a", "nan", "late"):
-        _assert_same_steps(solo[k].records, sinks[k].records, k)
+        assert_same_steps(solo[k].records, sinks[k].records, k)
     asha = sinks["asha"].records
     assert [r["step"] for r in asha] == [1, 2, 3, 4]
-    _assert_same_steps(solo["asha"].records[:4], asha, "asha")
+    assert_same_steps(solo["asha"].records[:4], asha, "asha")
 
 
 @pytest.mark.parametrize("rates", [(0.1, 0.1), (0.1, 0.3)])
