@@ -22,7 +22,12 @@ from transformers import (
     Qwen2Config,
 )
 
-from trainer.compile_scope import compile_blocks, compile_forward, decoder_blocks
+from trainer.compile_scope import (
+    compile_blocks,
+    compile_forward,
+    decoder_blocks,
+    eager_blocks,
+)
 from trainer.config import config_from_data
 from trainer.demo_assets import build_char_tokenizer
 from trainer.errors import ConfigError
@@ -170,6 +175,25 @@ def test_every_block_runs_one_graph_whatever_the_layer_count(graphs, routed):
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=ATOL)
         assert graphs() - before == 1, (layers, graphs() - before)
         torch.compiler.reset()
+
+
+def test_eager_blocks_runs_one_models_blocks_eager_and_leaves_the_others_compiled(graphs):
+    """A group's eager path (a member's eval) runs its own compiled blocks eagerly and no
+    one else's: per model, not a process-wide stance that two threads (two groups in one
+    process) could leave in force for everything after them."""
+    torch.manual_seed(0)
+    mine, other = (AutoModelForCausalLM.from_config(_qwen2(2)) for _ in range(2))
+    for lm in (mine, other):
+        assert compile_blocks(lm, "default") == 2
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with eager_blocks(mine):
+        before = graphs()
+        final_hidden(mine, x)
+        assert graphs() == before  # mine: eager, nothing traced
+        final_hidden(other, x)
+        assert graphs() == before + 1  # the other model's blocks: still compiled
+    final_hidden(mine, x)  # restored: mine compiles (the same block graph, its own guards)
+    assert all(b._compiled_call_impl is not None for b in decoder_blocks(mine))
 
 
 # ------------------------------------------------------------------ training runs

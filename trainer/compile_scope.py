@@ -26,7 +26,8 @@ they are, so optimizer groups, checkpoints and weight files are those of an eage
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -75,3 +76,27 @@ def compile_forward(forward: F, llm: nn.Module, mode: str, scope: str) -> F:
         raise ValueError(f"model.compile_scope must be one of {SCOPES}, not {scope!r}")
     compile_blocks(llm, mode)
     return forward
+
+
+@contextlib.contextmanager
+def eager_blocks(llm: nn.Module) -> Iterator[None]:
+    """Run `llm`'s blocks compiled in place (`compile_blocks`) eagerly inside the context:
+    a group's per-call routings (a member's eval, peft's per-row path) would trace a graph
+    per routing and length. Per model, not `torch.compiler.set_stance("force_eager")`:
+    a stance is one for the whole process, and two threads entering and leaving theirs
+    out of order (two groups in one process) leave the last one restored in force."""
+    # `nn.Module.compile` keeps the compiled call in `_compiled_call_impl` (torch 2.x),
+    # which `Module.__call__` takes when set; without it the block runs its forward.
+    try:
+        blocks = decoder_blocks(llm)
+    except ValueError:  # no blocks: nothing was compiled in place
+        blocks = []
+    held = [(b, b._compiled_call_impl) for b in blocks
+            if getattr(b, "_compiled_call_impl", None) is not None]
+    for block, _ in held:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, compiled in held:
+            block._compiled_call_impl = compiled

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.compile_scope import eager_blocks
 from trainer.data import IGNORE_INDEX
 from trainer.model import (
     Projector,
@@ -65,7 +66,7 @@ def rows_losses(llm: nn.Module, parts: list[Rows], routed: bool = False) -> list
         # compiled (`model.compile_scope: layers`): a member's own forward (its eval) and
         # peft's per-row path route every call anew, over trimmed rows, which would trace
         # a graph per routing and length.
-        with adapter_blocks(llm, blocks), torch.compiler.set_stance("force_eager"):
+        with adapter_blocks(llm, blocks), eager_blocks(llm):
             hidden = final_hidden(lm, torch.cat(embeds), torch.cat(gaps))
     blocks, start = [], 0
     for p in parts:  # each member's loss over its own rows and target tokens only
