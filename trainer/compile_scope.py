@@ -27,6 +27,7 @@ they are, so optimizer groups, checkpoints and weight files are those of an eage
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -38,6 +39,11 @@ from trainer.model import causal_lm
 F = TypeVar("F", bound=Callable)
 
 SCOPES = ("model", "layers")
+
+# The blocks `compile_blocks` compiled, per causal LM: `eager_blocks` runs on every step of
+# an uncompiled group (its whole forward is the eager path), so it must not search the
+# model's modules for blocks there.
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def decoder_blocks(llm: nn.Module) -> list[nn.Module]:
@@ -63,6 +69,7 @@ def compile_blocks(llm: nn.Module, mode: str) -> int:
     blocks = decoder_blocks(llm)
     for block in blocks:
         block.compile(mode=mode, dynamic=False)
+    _COMPILED[causal_lm(llm)] = blocks
     return len(blocks)
 
 
@@ -87,12 +94,8 @@ def eager_blocks(llm: nn.Module) -> Iterator[None]:
     out of order (two groups in one process) leave the last one restored in force."""
     # `nn.Module.compile` keeps the compiled call in `_compiled_call_impl` (torch 2.x),
     # which `Module.__call__` takes when set; without it the block runs its forward.
-    try:
-        blocks = decoder_blocks(llm)
-    except ValueError:  # no blocks: nothing was compiled in place
-        blocks = []
-    held = [(b, b._compiled_call_impl) for b in blocks
-            if getattr(b, "_compiled_call_impl", None) is not None]
+    held = [(b, b._compiled_call_impl) for b in _COMPILED.get(causal_lm(llm), ())
+            if b._compiled_call_impl is not None]
     for block, _ in held:
         block._compiled_call_impl = None
     try:
