@@ -59,9 +59,9 @@ class BackgroundWriter:
 
     def __init__(self, tracker_factory: Callable[[], SweepTracker], state_dir: Path,
                  retry_idle_s: float = RETRY_IDLE_S) -> None:
-        self._factory = tracker_factory
-        self._tracker: SweepTracker | None = None
-        self._tracker_lock = threading.Lock()
+        self.tracker = tracker_factory()  # read from it after ``drain()``
+        if self.tracker.apply_now:
+            raise ValueError("BackgroundWriter needs a tracker built with apply_now=False")
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._retry_idle_s = retry_idle_s
@@ -78,16 +78,6 @@ class BackgroundWriter:
             self._wake.set()
         self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self._thread.start()
-
-    @property
-    def tracker(self) -> SweepTracker:
-        """The tracker (built by the constructor). Read from it after ``drain()``."""
-        with self._tracker_lock:
-            if self._tracker is None:
-                self._tracker = self._factory()
-                if self._tracker.apply_now:
-                    raise ValueError("BackgroundWriter needs a tracker built with apply_now=False")
-            return self._tracker
 
     @property
     def busy_seconds(self) -> float:
@@ -132,9 +122,8 @@ class BackgroundWriter:
         self._wake.set()
         self._thread.join(timeout=5.0)
         left = self.pending()
-        if self._tracker is not None:
-            self._tracker.sync_to_disk()
-            self._tracker.close()
+        self.tracker.sync_to_disk()
+        self.tracker.close()
         return drained and not left
 
     # ------------------------------------------------------------------ the writer thread
