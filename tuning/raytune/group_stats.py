@@ -80,7 +80,9 @@ class GroupStats:
             if self.recent_s else 0.0,
             "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
             "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
-            "sync_fraction": round(self.sync_s / max(self.step_s - self.long_step_s, 1e-9), 4),
+            # 4 significant digits, not places: a CPU's read-backs are ~1e-5 of its steps, not 0
+            "sync_fraction": float(
+                f"{self.sync_s / max(self.step_s - self.long_step_s, 1e-9):.4g}"),
             "profile_report_s": round(self.profile_report_s, 3),
             "wait_s": {k: round(v, 3) for k, v in waits.items()},
             "busy_fraction": round(self.step_s / wall, 3),
