@@ -104,9 +104,12 @@ def test_a_second_group_of_the_same_shapes_loads_what_the_first_saved(tiny, monk
     monkeypatch.setattr(cache_mod.torch.compiler, "load_cache_artifacts", load)
     store = tmp_path / "compile_cache"
     groups = []
-    for name in ("first", "second"):
+    for name in ("first", "second", "moved"):
         cfg = tiny(run_name=name)
         cfg.model.compile = "reduce-overhead"
+        if name == "moved":  # the same LLM from another directory: the same graph
+            (llm_dir,) = cfg.assets_dir.glob("llm-*")
+            cfg.model.llm_path = shutil.copytree(llm_dir, tmp_path / "elsewhere" / "llm")
         group = TrialGroup(prepare_inputs(cfg, lambda *_: None), log=lambda *_: None,
                            slots=2, compile_cache=store)
         group.add_member(name, cfg, MemorySink())
@@ -117,7 +120,9 @@ def test_a_second_group_of_the_same_shapes_loads_what_the_first_saved(tiny, monk
             files = list(store.iterdir())
             assert [f.read_bytes() for f in files] == [b"artifacts of the slots"]
             events.clear()
-    # the second group loaded the first's file before it compiled, and saved nothing
-    assert events == [("load", b"artifacts of the slots"), "compile"]
-    assert groups[1].compile_cache.path == groups[0].compile_cache.path
-    assert groups[1].compile_cache.loaded and list(store.iterdir()) == files
+    # the later groups loaded the first's file before they compiled, and saved nothing
+    assert events == [("load", b"artifacts of the slots"), "compile"] * 2
+    for later in groups[1:]:
+        assert later.compile_cache.path == groups[0].compile_cache.path
+        assert later.compile_cache.loaded
+    assert list(store.iterdir()) == files

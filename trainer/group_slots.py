@@ -215,11 +215,14 @@ class SlotTable:
         self._cache_open = False
         plain = ref.to_plain()
         model = {k: v for k, v in plain["model"].items() if k != "llm_path"}  # not paths
+        # The LLM's config, less the directory it was loaded from: the same LLM in another
+        # storage or on another worker is the same graph.
+        llm_config = {k: v for k, v in llm.config.to_dict().items() if k != "_name_or_path"}
         key = artifact_key({
             "inputs": [(list(t.shape), str(t.dtype)) for p in parts
                        for t in (p.features, p.input_ids, p.labels)],
             "projector": [list(q.shape) for q in parts[0].projector.parameters()],
-            "lora_rates": self.stacks.rates, "llm": llm.config.to_dict(),
+            "lora_rates": self.stacks.rates, "llm": llm_config,
             "model": model, "precision": plain["phase2"]["precision"],
             "device": str(device)})
         self.cache = CompileCache(self.cache_dir, key, self.log)
