@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha slots scopes kernels
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha slots scopes ahead kernels
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -10,7 +10,9 @@
 # BIG_SDPA=flash: bigro also runs with flash attention as the only SDPA backend.
 # COMPILE_SCOPE=model|layers: model.compile_scope of the compiled stages (compiled groupc
 # sweepall e2enan e2easha; their JSON names get -$COMPILE_SCOPE); unset: the config's.
-# SCOPE_K: the scopes stage's group size (default 8).
+# COMPILE_AHEAD=1: model.compile_ahead=true for sweepall e2enan e2easha (a helper process
+# compiles while the members train eagerly; JSON names get -ahead).
+# SCOPE_K: the scopes and ahead stages' group size (default 8); AHEAD_STEPS: ahead's steps.
 # Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -31,6 +33,8 @@ python3 -c "import torch, transformers, peft; print(torch.__version__, transform
 ref=(configs/reference.yaml --set demo.num_examples=64 --set phase2.warmup_steps=5)
 scope=${COMPILE_SCOPE:+--set model.compile_scope=$COMPILE_SCOPE}  # unquoted below: 0 or 2 words
 sfx=${COMPILE_SCOPE:+-$COMPILE_SCOPE}
+ahead=${COMPILE_AHEAD:+--set model.compile_ahead=true}  # unquoted below: 0 or 2 words
+sfx=$sfx${COMPILE_AHEAD:+-ahead}
 stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
@@ -70,20 +74,20 @@ for stage in ${stages[@]}; do
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} ${SWEEP_LR_GROWTH:+--lr-growth $SWEEP_LR_GROWTH} \
-        --k ${SWEEP_ARMS:-1,8,g8c} $scope --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
+        --k ${SWEEP_ARMS:-1,8,g8c} $scope $ahead --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
     e2enan)    # issue 21 (a), end to end: 8 trials, LR 1e-4..1e-1 x clip none/1.0 (some hit
                # NaN), one compiled group of 8 slots; run twice: cold, then warm from the
                # compile cache the first left in the storage
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400,g8c:400 \
         --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
-                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope \
+                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead \
         --json "$OUT/e2enan$sfx.json" --keep-metrics "$OUT/e2enan$sfx-metrics" ;;
     e2easha)   # issue 21 (b): 16 trials under ASHA (grace 100, reduction 3, max 1,000
                # steps) through one compiled group of 8 slots
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 \
         --num-samples 16 --search random --asha 100,3 \
-        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope \
+        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead \
         --json "$OUT/e2easha$sfx.json" --keep-metrics "$OUT/e2easha$sfx-metrics" ;;
     slots)     # a compiled group (tiny demo, CUDA graphs): members leave and join without
                # a compile; a second process starts warm from the first's compile cache
@@ -95,6 +99,10 @@ for stage in ${stages[@]}; do
                # step, whole forward compiled against each decoder block, a process each
       timeout 590 python3 bench/compile_scope.py "${ref[@]}" --k ${SCOPE_K:-8} \
         --json "$OUT/scopes.json" ;;
+    ahead)     # issue 21: a compiled group's cold start, compiling in its own process against
+               # a helper process compiling while the members train eagerly
+      timeout 590 python3 bench/compile_ahead.py "${ref[@]}" --k ${SCOPE_K:-8} \
+        --steps ${AHEAD_STEPS:-1500} --device cuda --json "$OUT/ahead.json" ;;
     kernels)   # the group's LoRA/attention kernel forms and one member's AdamW host time
       timeout 200 python3 bench/lora_kernels.py --json "$OUT/lora_kernels.json" &&
         timeout 60 python3 bench/adamw_step.py --json "$OUT/adamw_step.json" ;;

@@ -197,6 +197,9 @@ class Model(_Strict):
     # the model's forward (reduce-overhead: CUDA graphs); the first steps pay the compile time
     compile_scope: Literal["model", "layers"] = "model"  # model.compile over the whole forward,
     # or each LLM decoder block (one graph for all identical blocks), the rest eager
+    compile_ahead: bool = False  # a trial group's first compile (when its compile cache
+    # has none) made by a helper process while the members train eagerly
+    # (trainer.compile_ahead); a solo run compiles in its own process
     skip_compile_guards: bool = True  # a compiled forward skips TorchDynamo's guard check
     # (~2 ms of host time a call) on calls that repeat a warmed-up signature
     # (trainer.compile_guards); false checks every call
@@ -204,6 +207,13 @@ class Model(_Strict):
     # LoRA wraps (MLP, ~2/3 of a Qwen LLM) in that dtype: same outputs, half their memory
     lora: LoRA = Field(default_factory=LoRA)
     projector: Projector = Field(default_factory=Projector)
+
+    @model_validator(mode="after")
+    def _ahead_needs_compile(self) -> Model:
+        if self.compile_ahead and self.compile == "off":
+            raise ValueError("model.compile_ahead compiles ahead what model.compile compiles: "
+                             "set model.compile (e.g. reduce-overhead) or compile_ahead: false")
+        return self
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -64,7 +64,7 @@ from torch import nn
 
 from trainer.compile_cache import CompileCache
 from trainer.compile_guards import GuardSkip
-from trainer.compile_scope import compile_forward
+from trainer.compile_scope import compile_forward, eager_blocks
 from trainer.config import TrainConfig
 from trainer.data import place_features, to_device
 from trainer.errors import ConfigError
@@ -161,6 +161,18 @@ class TrialGroup:
         return self._compiled is not None and self.slot_table.fixed
 
     @property
+    def compiling_ahead(self) -> bool:
+        """Whether a helper process is compiling the slots (`model.compile_ahead`): the
+        group's steps run eagerly until a step finds it done."""
+        return self.slot_table.ahead is not None
+
+    def wait_compile_ahead(self, timeout: float | None = None) -> None:
+        """Block until the compiling helper process (if any) ends, so the next step
+        switches to the compiled forward (a benchmark's or a test's known step)."""
+        if self.slot_table.ahead is not None:
+            self.slot_table.ahead.proc.wait(timeout)
+
+    @property
     def llm(self) -> nn.Module | None:
         """The shared peft-wrapped LLM holding every member's adapter (None before the first)."""
         return self._peft
@@ -233,6 +245,9 @@ class TrialGroup:
                                              cfg.model.compile_scope)
             if cfg.model.skip_compile_guards:
                 self._guard_skip = GuardSkip()
+            if cfg.model.compile_ahead and self.slot_table.cache_dir is None:
+                self.log("[compile ahead] off: this group keeps no compile cache for the "
+                         "helper's artifacts; it compiles in its own process")
 
     def remove_member(self, member_id: str, end_reason: str = "stopped") -> RunSummary:
         """End a member from outside (e.g. an ASHA stop): weights, summary, memory freed.
@@ -343,9 +358,14 @@ class TrialGroup:
             with active[0].run.autocast():  # one precision per group
                 if static and self.slot_table.fixed:
                     slotted = self.slot_table.slot_parts(active, parts)
-                    self.slot_table.open_cache(slotted, self._ref, self._lm, self.device)
-                    with self._skip_guards(slotted, active):
-                        out = self._compiled(self._peft, slotted, stacks)
+                    self.slot_table.open_cache(slotted, self._ref, self._lm, self.device,
+                                               list(self.members.values()))
+                    if self.slot_table.eager_while_compiling():  # the forward, uncompiled
+                        with eager_blocks(self._lm):
+                            out = stacked_rows_losses(self._peft, slotted, stacks)
+                    else:
+                        with self._skip_guards(slotted, active):
+                            out = self._compiled(self._peft, slotted, stacks)
                     # An empty (or waiting) slot's loss is left out of the sum below: its
                     # rows get no gradient and reach no member.
                     losses = [out[m.slot] for m in active]

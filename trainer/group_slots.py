@@ -15,7 +15,9 @@ them, and nothing else (the group keeps the graph, the steps and the members' ru
   * members whose LoRA layers cannot share fixed slots (shapes that differ) are routed
     per make-up instead, one graph each;
   * the fixed slots' compiled artifacts on disk (`trainer.compile_cache`): loaded before
-    their first compile, saved after it.
+    their first compile, saved after it; with `model.compile_ahead`, a cold first compile
+    is made by a helper process while the group runs the forward eagerly
+    (`trainer.compile_ahead`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainer.compile_ahead import CompileAhead
 from trainer.compile_cache import CompileCache, artifact_key
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX
@@ -63,6 +66,8 @@ class SlotTable:
         self._filler_rows: dict[int, Rows] = {}  # per slot: its empty rows, made once
         self._cache_open = False  # the slots were (re)built: their artifacts to load
         self._cache_save = False  # their first step compiled: artifacts to save
+        self.ahead: CompileAhead | None = None  # the helper compiling them (compile_ahead)
+        self.ahead_steps = 0  # steps run eagerly while a helper compiled
 
     def route(self, peft: nn.Module, members: list[Member], active: list[Member],
               dtype: torch.dtype | None) -> bool:
@@ -127,6 +132,7 @@ class SlotTable:
                                                       single=True):
             return False
         self._reroute(members)  # the old slots' graph never comes back
+        self.stop_ahead()  # nor does a helper compiling it
         k = max(self.capacity or 0, len(members))
         if self.capacity is not None and k > self.capacity:
             self.log(f"[group] {len(members)} members for {self.capacity} slots: "
@@ -157,6 +163,8 @@ class SlotTable:
         """`m` has left the group (`members`: those still in it): its fixed slot, if it
         had one yet, is free for the next member; a make-up's routing is rebuilt at the
         next step."""
+        if not members:
+            self.stop_ahead()  # nothing left to compile for
         if self.fixed:
             if m.slot is not None:
                 self.stacks.detach(m.slot)
@@ -205,16 +213,19 @@ class SlotTable:
         return out
 
     def open_cache(self, parts: list[Rows], ref: TrainConfig, llm: nn.Module,
-                   device: torch.device) -> None:
+                   device: torch.device, members: list[Member]) -> None:
         """Before the slots' first compile (else nothing): their artifacts' file, keyed by
         what fixes the graph (`parts`, the slots' inputs; the LLM; `ref`, the group's
         config), loaded if a group of the same shapes saved it before; saved after this
-        step (`save_cache`) otherwise."""
+        step (`save_cache`) otherwise, or, with `model.compile_ahead`, by a helper process
+        compiling a group of the `members`' configs (`eager_while_compiling`)."""
         if not self._cache_open:
             return
         self._cache_open = False
         plain = ref.to_plain()
-        model = {k: v for k, v in plain["model"].items() if k != "llm_path"}  # not paths
+        # Not the LLM's path, nor whether a helper compiles: the helper's key is the group's.
+        model = {k: v for k, v in plain["model"].items()
+                 if k not in ("llm_path", "compile_ahead")}
         # The LLM's config, less the directory it was loaded from: the same LLM in another
         # storage or on another worker is the same graph.
         llm_config = {k: v for k, v in llm.config.to_dict().items() if k != "_name_or_path"}
@@ -226,8 +237,40 @@ class SlotTable:
             "model": model, "precision": plain["phase2"]["precision"],
             "device": str(device)})
         self.cache = CompileCache(self.cache_dir, key, self.log)
-        if not self.cache.load():
+        if self.cache.load():
+            return
+        if not ref.model.compile_ahead:
             self._cache_save = True
+            return
+        # In the order they joined, which names their adapters (member0, member1, ...).
+        self.ahead = CompileAhead([m.run.cfg for m in members], len(self.stacks.adapters),
+                                  self.cache.path, device, self.log)
+
+    def eager_while_compiling(self) -> bool:
+        """Whether this step runs the slots' forward eagerly, a helper still compiling it.
+        Once the helper is done, its artifacts are loaded (the step compiles warm); had it
+        failed, the step compiles cold here and saves them, as without it."""
+        ahead = self.ahead
+        if ahead is None:
+            return False
+        progress = ahead.poll()
+        if progress == "running":
+            self.ahead_steps += 1
+            return True
+        self.stop_ahead()
+        if progress == "ready" and self.cache.load():
+            self.log(f"[compile ahead] the helper is done after {self.ahead_steps} eager "
+                     "group steps; compiling warm from its artifacts")
+        else:
+            self._cache_save = True
+        return False
+
+    def stop_ahead(self) -> None:
+        """Stop the helper compiling the slots, if one is (the slots were rebuilt, or the
+        group has no member left)."""
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
 
     def save_cache(self) -> None:
         """After the step that compiled the slots (forward and backward), keep what they
