@@ -75,7 +75,7 @@ def test_members_train_eagerly_while_a_helper_compiles_then_run_compiled(tiny, t
     logs: list[str] = []
     group, sinks = _group(tiny, tmp_path, logs)
     inductor, aot = _run_through_switch(group, sinks)
-    assert group.slot_table.ahead_steps == EAGER_STEPS
+    assert group.ahead_steps == EAGER_STEPS
     assert group.compile_cache.loaded and not group.compile_cache.saved
     assert group.compile_cache.path.is_file()
     # Warm: the forward and backward came from the loaded artifacts, nothing was built.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import pytest
 
@@ -335,6 +336,18 @@ def test_the_median_step_is_the_steady_one():
     st.recent_s.extend([0.05] * RECENT_STEPS)
     assert st.as_dict()["step_ms_median"] == 50.0
     assert GroupStats().as_dict()["step_ms_median"] == 0.0  # no step yet
+
+
+def test_stats_count_the_steps_run_while_a_helper_compiled():
+    from tuning.raytune.group_stats import GroupStats, describe_stats
+
+    st = GroupStats(started=time.monotonic())
+    st.group_steps, st.step_s, st.recent_s = 5, 0.5, deque([0.1] * 5)
+    assert "helper" not in describe_stats(st.as_dict())
+    st.ahead_steps = 4
+    stats = st.as_dict()
+    assert stats["ahead_steps"] == 4
+    assert "4 ran eagerly while a helper process compiled" in describe_stats(stats)
 
 
 def test_a_waiting_poll_gets_a_whole_read_back_window_at_once(actor, monkeypatch):

@@ -166,9 +166,13 @@ class TrialGroup:
         group's steps run eagerly until a step finds it done."""
         return self.slot_table.ahead is not None
 
+    @property
+    def ahead_steps(self) -> int:
+        """Group steps run eagerly while a helper process compiled the slots."""
+        return self.slot_table.ahead_steps
+
     def wait_compile_ahead(self, timeout: float | None = None) -> None:
-        """Block until the compiling helper process (if any) ends, so the next step
-        switches to the compiled forward (a benchmark's or a test's known step)."""
+        """Block until the compiling helper (if any) ends: the next step switches."""
         if self.slot_table.ahead is not None:
             self.slot_table.ahead.proc.wait(timeout)
 

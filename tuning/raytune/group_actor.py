@@ -401,7 +401,7 @@ class GroupActor:
         self._makeup = makeup
         # The group stepped (a failed step replaces self._group) and its count before.
         group, started = self._group, time.monotonic()
-        trained, synced = group.member_steps, group.sync_s
+        trained, synced, eager = group.member_steps, group.sync_s, group.ahead_steps
         try:
             with self._profiler.step() if self._profiler else contextlib.nullcontext():
                 group.step(only=ready)
@@ -420,6 +420,7 @@ class GroupActor:
             # what it launched: a member in `ready` that ends before training is not counted
             st.member_steps += group.member_steps - trained
             st.sync_s += group.sync_s - synced
+            st.ahead_steps += group.ahead_steps - eager
             st.profile_report_s = report_s
             st.step_s += took
             if long:

@@ -28,6 +28,7 @@ class GroupStats:
     step_s: float = 0.0  # in TrialGroup.step (forward, backward, optimizers, read-backs)
     long_steps: int = 0  # steps over LONG_STEP_S: a compiled group's compiles
     long_step_s: float = 0.0
+    ahead_steps: int = 0  # run eagerly while a helper process compiled (model.compile_ahead)
     # The latest short steps' durations, for the median: the mean of the short steps
     # carries the first ones after a compile (CUDA graph recording, 1-5 s each), which in
     # a 300-step sweep raise it from the steady ~37 ms to ~50 (runs 16-20, H200).
@@ -79,6 +80,7 @@ class GroupStats:
             "step_ms_median": round(1e3 * statistics.median(self.recent_s), 2)
             if self.recent_s else 0.0,
             "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
+            "ahead_steps": self.ahead_steps,
             "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
             # 4 significant digits, not places: a CPU's read-backs are ~1e-5 of its steps, not 0
             "sync_fraction": float(
@@ -101,6 +103,8 @@ def describe_stats(stats: dict[str, Any]) -> str:
     waits = ", ".join(f"{why} {s:.0f}s" for why, s in stats["wait_s"].items() if s >= 0.5)
     compiles = (f"; {stats['long_steps']} steps over {LONG_STEP_S:.0f}s (compiles) took "
                 f"{stats['long_step_s']:.0f}s" if stats["long_steps"] else "")
+    if stats["ahead_steps"]:
+        compiles += f"; {stats['ahead_steps']} ran eagerly while a helper process compiled"
     pauses = (f"; members paused {stats['pauses']} times for their clients' reports, "
               f"{stats['pause_ms_mean']:.0f} ms on average" if stats["pauses"] else "")
     return (f"{stats['group_steps']} group steps of {stats['members_per_step']} members, "
