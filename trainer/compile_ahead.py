@@ -23,6 +23,7 @@ the group logs its last lines and compiles in its own process, as without it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -129,12 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.group import TrialGroup  # the group imports this module
     from trainer.inputs import prepare_inputs
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m trainer.compile_ahead SPEC.json", file=sys.stderr)
+    ap = argparse.ArgumentParser(
+        prog="python -m trainer.compile_ahead",
+        description="Compile a trial group's slots into its compile cache (started by a "
+                    "group with model.compile_ahead; not meant to be run by hand).")
+    ap.add_argument("spec", type=Path, help="the JSON spec the group wrote")
+    spec_path = ap.parse_args(argv).spec
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: {spec_path}: not a readable compile-ahead spec ({e}); it is written "
+              "by a group with model.compile_ahead", file=sys.stderr)
         return 2
-    spec_path = Path(args[0])
-    spec = json.loads(spec_path.read_text())
     cfgs = [config_from_data(c, str(spec_path)) for c in spec["configs"]]
     cache_file = Path(spec["cache_file"])
     group = TrialGroup(prepare_inputs(cfgs[0]), spec["device"], slots=spec["slots"],
