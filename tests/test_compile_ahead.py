@@ -96,7 +96,8 @@ def test_a_failed_helper_leaves_the_compile_to_the_group(tiny, tmp_path, monkeyp
     """A helper that dies (out of memory, say) costs the warm start, not the run: the group
     says why, with the helper's last lines, compiles cold itself and saves the artifacts."""
     monkeypatch.setattr(CompileAhead, "command", lambda self: [
-        sys.executable, "-c", "import sys; print('CUDA out of memory (test)'); sys.exit(3)"])
+        sys.executable, "-c",  # after the group's eager steps, as a real helper's failure
+        "import sys, time; time.sleep(10); print('CUDA out of memory (test)'); sys.exit(3)"])
     logs: list[str] = []
     group, sinks = _group(tiny, tmp_path, logs)
     _run_through_switch(group, sinks)

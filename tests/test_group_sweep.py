@@ -169,3 +169,29 @@ def test_group_sweep_refuses_what_a_group_cannot_share(tmp_path, capsys, edit, s
     assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "sweeps").exists()
 
+
+
+@pytest.mark.slow
+def test_a_compiled_group_sweep_trains_while_a_helper_compiles(tmp_path):
+    """model.compile_ahead through the real CLI: the group actor starts the helper, its
+    members train eagerly meanwhile, and the helper's artifacts land in the storage's
+    compile cache, where the group loads them (3,000 steps outlast a CPU's cold compile
+    of the tiny demo, 40-60 s, about 2x over)."""
+    path = _write(tmp_path, {"sweep.name": "ahead", "resources.shared_group": True,
+                             "trials.report_every": 100, "trials.checkpoint_every": 1000})
+    data = load_yaml_file(path)
+    data["base"]["overrides"].update({
+        "model.compile": "default", "model.compile_ahead": True,
+        "phase2.total_training_steps": 3000})
+    path.write_text(dump_yaml(data))
+    res = _sweep(path, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stats = json.loads((tmp_path / "sweeps" / "ahead" / "group_stats.json").read_text())
+    assert 1 <= stats["ahead_steps"] < stats["group_steps"] == 3000, stats
+    assert f"{stats['ahead_steps']} ran eagerly while a helper process compiled" in res.stdout
+    cache = tmp_path / "sweeps" / "compile_cache"
+    assert len(list(cache.glob("*.bin"))) == 1  # the helper's, loaded: none saved besides
+    assert not list(cache.glob(".compile-ahead-*"))  # its scratch directory removed
+    for run_dir in (tmp_path / "sweeps" / "ahead" / "trials").iterdir():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["end_reason"] == "completed" and summary["nan_events"] == []

@@ -24,6 +24,7 @@ the group logs its last lines and compiles in its own process, as without it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from typing import Literal
 import torch
 
 from trainer.config import TrainConfig, config_from_data
+from trainer.inputs import Inputs
 
 Progress = Literal["running", "ready", "failed"]
 SPEC = "spec.json"
@@ -61,10 +63,12 @@ class CompileAhead:
     """The helper process compiling one set of slots into `cache_file`; see the module
     docstring. `poll()` each step until it is no longer "running", then `close()`."""
 
-    def __init__(self, cfgs: Sequence[TrainConfig], slots: int, cache_file: Path,
-                 device: torch.device, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfgs: Sequence[TrainConfig], inputs: Inputs, slots: int,
+                 cache_file: Path, device: torch.device,
+                 log: Callable[[str], None] = print) -> None:
         """Start the helper for a group of `cfgs` (the members in the order they joined,
-        which names their adapters) over `slots` slots on `device`; it must leave
+        which names their adapters) on the group's `inputs` (LLM, data, feature caches:
+        read, never built again) over `slots` slots on `device`; it must leave
         `cache_file`, the file the group's own compile would save."""
         self.cache_file = Path(cache_file)
         self.log = log
@@ -72,6 +76,8 @@ class CompileAhead:
         self.scratch = Path(tempfile.mkdtemp(prefix=".compile-ahead-",
                                              dir=self.cache_file.parent))
         spec = {"configs": [helper_config(c, self.scratch, f"m{i}") for i, c in enumerate(cfgs)],
+                "inputs": {k: None if v is None else str(v)
+                           for k, v in dataclasses.asdict(inputs).items()},
                 "slots": slots, "cache_file": str(self.cache_file), "device": str(device)}
         (self.scratch / SPEC).write_text(json.dumps(spec))
         # The trainer package importable from the helper whatever its working directory
@@ -128,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     """The helper: compile the spec's slots and save their artifacts (exit 0), or say why
     not (exit 1: the graph's artifacts went to another file than the group's)."""
     from trainer.group import TrialGroup  # the group imports this module
-    from trainer.inputs import prepare_inputs
 
     ap = argparse.ArgumentParser(
         prog="python -m trainer.compile_ahead",
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfgs = [config_from_data(c, str(spec_path)) for c in spec["configs"]]
     cache_file = Path(spec["cache_file"])
-    group = TrialGroup(prepare_inputs(cfgs[0]), spec["device"], slots=spec["slots"],
+    inputs = Inputs(**{k: None if v is None else Path(v) for k, v in spec["inputs"].items()})
+    group = TrialGroup(inputs, spec["device"], slots=spec["slots"],
                        compile_cache=cache_file.parent)
     for i, cfg in enumerate(cfgs):
         group.add_member(f"m{i}", cfg)

@@ -363,7 +363,7 @@ class TrialGroup:
                 if static and self.slot_table.fixed:
                     slotted = self.slot_table.slot_parts(active, parts)
                     self.slot_table.open_cache(slotted, self._ref, self._lm, self.device,
-                                               list(self.members.values()))
+                                               list(self.members.values()), self.inputs)
                     if self.slot_table.eager_while_compiling():  # the forward, uncompiled
                         with eager_blocks(self._lm):
                             out = stacked_rows_losses(self._peft, slotted, stacks)

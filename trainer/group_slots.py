@@ -34,6 +34,7 @@ from trainer.compile_cache import CompileCache, artifact_key
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX
 from trainer.group_member import Member
+from trainer.inputs import Inputs
 from trainer.model import Projector
 from trainer.multilora import LoraStacks, route_blocks, vanilla_lora_layers
 from trainer.rows import Rows
@@ -213,12 +214,13 @@ class SlotTable:
         return out
 
     def open_cache(self, parts: list[Rows], ref: TrainConfig, llm: nn.Module,
-                   device: torch.device, members: list[Member]) -> None:
+                   device: torch.device, members: list[Member], inputs: Inputs) -> None:
         """Before the slots' first compile (else nothing): their artifacts' file, keyed by
         what fixes the graph (`parts`, the slots' inputs; the LLM; `ref`, the group's
         config), loaded if a group of the same shapes saved it before; saved after this
         step (`save_cache`) otherwise, or, with `model.compile_ahead`, by a helper process
-        compiling a group of the `members`' configs (`eager_while_compiling`)."""
+        compiling a group of the `members`' configs on the group's `inputs`
+        (`eager_while_compiling`)."""
         if not self._cache_open:
             return
         self._cache_open = False
@@ -243,8 +245,8 @@ class SlotTable:
             self._cache_save = True
             return
         # In the order they joined, which names their adapters (member0, member1, ...).
-        self.ahead = CompileAhead([m.run.cfg for m in members], len(self.stacks.adapters),
-                                  self.cache.path, device, self.log)
+        self.ahead = CompileAhead([m.run.cfg for m in members], inputs,
+                                  len(self.stacks.adapters), self.cache.path, device, self.log)
 
     def eager_while_compiling(self) -> bool:
         """Whether this step runs the slots' forward eagerly, a helper still compiling it.

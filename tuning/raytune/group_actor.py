@@ -453,9 +453,10 @@ class GroupActor:
 
 
 def _cache_lines(line: str) -> None:
-    """The group's log, in the actor: only whether it loaded or saved compiled artifacts
-    (the members' own lines go through their sinks)."""
-    if line.startswith("[compile cache]"):
+    """The group's log, in the actor: only whether it loaded or saved compiled artifacts,
+    and what its compile-ahead helper did (a failed one says why), not the members' own
+    lines (they go through their sinks)."""
+    if line.startswith(("[compile cache]", "[compile ahead]")):
         print(line, flush=True)
 
 
