@@ -84,22 +84,18 @@ def child(args: argparse.Namespace) -> None:
     for i in range(args.k):
         group.add_member(f"m{i}", cfg(i))
     t_ready = time.perf_counter()
-    times, eager, switch = [], 0, None
+    times = []
     for _ in range(args.steps):
-        was_ahead = group.compiling_ahead
         t0 = time.perf_counter()
         group.step()
         if cuda:
             torch.cuda.synchronize()  # a step's time, not its launches'
         times.append(time.perf_counter() - t0)
-        if group.compiling_ahead:
-            eager += 1
-        elif was_ahead:
-            switch = len(times) - 1
     steps_wall = sum(times)
-    # The step that compiled here: the first inline, the switch ahead (None: the helper
+    # The step that compiled here: the first one after the eager ones (None: the helper
     # outlasted the timed steps)
-    first_compiled = 0 if args.child == "inline" else switch
+    eager = group.ahead_steps
+    first_compiled = None if group.compiling_ahead else eager
     for member_id in list(group.members):
         group.remove_member(member_id)
     steady = times[first_compiled + 1:] if first_compiled is not None else []
