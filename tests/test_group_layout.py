@@ -52,7 +52,9 @@ def test_max_concurrent_trials_is_spread_over_the_groups(tmp_path):
 
 @pytest.mark.parametrize(("resources", "cluster", "groups"), [
     ({"gpus_per_trial": 1}, {"CPU": 16.0, "GPU": 8.0}, 8),  # one per GPU
-    ({"gpus_per_trial": 1, "cpus_per_trial": 4}, {"CPU": 16.0, "GPU": 8.0}, 4),  # CPUs bound
+    # CPUs bound: 4 groups of 4 would leave none for the members' trials
+    ({"gpus_per_trial": 1, "cpus_per_trial": 4}, {"CPU": 16.0, "GPU": 8.0}, 3),
+    ({"gpus_per_trial": 1, "cpus_per_trial": 4}, {"CPU": 17.0, "GPU": 8.0}, 4),
     ({"group_resources": {"fake_gpu": 1}}, {"CPU": 4.0, "fake_gpu": 2.0}, 2),
     ({}, {"CPU": 16.0, "GPU": 8.0}, 1),  # no accelerator asked for: one group
 ])
@@ -111,3 +113,22 @@ def test_the_dry_run_says_how_many_groups_run_at_a_time(tmp_path, capsys):
     assert sweep_main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "6 at a time" in out and "in one of 2 shared group(s) of 3 slots" in out, out
+
+
+def test_groups_leave_cpu_for_their_members_trials(tmp_path):
+    # A group that takes every CPU would leave its members' trials (MEMBER_CPU each)
+    # pending forever: refused, naming the key and a cpus_per_trial that fits.
+    cfg = _loaded(tmp_path, max_concurrent_trials=8,
+                  **{"resources.cpus_per_trial": 2}).cfg
+    with pytest.raises(ConfigError) as err:
+        plan_groups(cfg, {"CPU": 2.0}, "s.yaml")
+    line = err.value.lines()[0]
+    assert "resources.cpus_per_trial: 1 group(s) x 2 CPU and their 8 trials" in line, line
+    assert "lower cpus_per_trial to 1.92 or less" in line, line
+    assert plan_groups(cfg, {"CPU": 3.0}, "s.yaml").groups == 1
+    # auto: one group fewer than the CPUs alone would allow, so the trials have room
+    cfg = _loaded(tmp_path, **{"resources.groups": "auto", "resources.gpus_per_trial": 1,
+                               "resources.cpus_per_trial": 4,
+                               "resources.trials_per_group": 2}).cfg
+    plan = plan_groups(cfg, {"CPU": 16.0, "GPU": 8.0}, "s.yaml")
+    assert (plan.groups, plan.concurrency) == (3, 2), plan

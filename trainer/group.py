@@ -178,8 +178,7 @@ class TrialGroup:
 
     @property
     def llm(self) -> nn.Module | None:
-        """The shared peft-wrapped LLM holding every member's adapter (None before the first)."""
-        return self._peft
+        return self._peft  # the peft-wrapped LLM with every member's adapter (None: before)
 
     # ------------------------------------------------------------------ membership
 
@@ -226,19 +225,20 @@ class TrialGroup:
                                          time.perf_counter(), guard, report_due)
 
     def load_shared_llm(self, cfg: TrainConfig, source: str = "config") -> None:
-        """Load the frozen LLM the members share onto the device (and set up its compiled
-        forward), once; `cfg` (the first member's, or the sweep's base config: they agree
-        on every shared key) fixes the group's shared keys. A sweep's group actor calls it
-        as it starts, so the load overlaps the trial processes' start; else the first
-        member's join does."""
+        """Load the shared frozen LLM onto the device (and set up its compiled forward), once;
+        `cfg` (the first member's, or the sweep's base config) fixes the shared keys. A
+        sweep's group actor calls it as it starts, overlapping the trials' start."""
         if self._lm is not None:
             return
+        began = time.perf_counter()  # the parts' times: a sweep's first member waits for all
         tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
         lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
+        loaded = time.perf_counter()
         cast_untargeted_linears(lm, cfg.model.lora.target_modules, frozen_dtype(cfg))
-        problems = io_lora_problems(lm, cfg, source)
-        if problems:
+        if problems := io_lora_problems(lm, cfg, source):
             raise ConfigError(problems)
+        self.log(f"[group] shared LLM on {self.device} in {time.perf_counter() - began:.1f}s "
+                 f"(tokenizer and weights {loaded - began:.1f}s, casts and checks after)")
         self._lm, self._tokenizer = lm, tokenizer
         self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
         if cfg.model.compile != "off":

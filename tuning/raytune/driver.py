@@ -56,6 +56,9 @@ GROUP_CLOSE_TIMEOUT_S = 300.0
 # How long the groups' placement group may take to be placed (the cluster holds its
 # resources, checked before: only other work can hold it back) ...
 GROUP_PLACEMENT_TIMEOUT_S = 300.0
+# A shared group's member trial only relays its group's reports: a token CPU share, which
+# the cluster must still have left beside the groups' bundles.
+MEMBER_CPU = 0.01
 # ... and every node to answer the storage check (one tiny task each).
 STORAGE_PROBE_TIMEOUT_S = 60.0
 STORAGE_PROBE = ".storage_probe"  # in the sweep dir: what every node must read back
@@ -202,15 +205,34 @@ def plan_groups(cfg: SearchConfig, cluster: dict[str, float], src: str) -> Group
                     src, "resources.groups", f"{groups} groups need {groups * v:g} {k} "
                     f"({v:g} each), the Ray cluster has {cluster.get(k, 0.0):g}",
                     "lower resources.groups, or set it to auto")])
-    if res.trials_per_group is None:  # max_concurrent_trials spread over the groups
-        slots, concurrency = math.ceil(cfg.max_concurrent_trials / groups), \
-            cfg.max_concurrent_trials
-    else:
-        slots = res.trials_per_group
-        concurrency = groups * slots
-        if "max_concurrent_trials" in cfg.model_fields_set:  # asked for fewer at once
-            concurrency = min(concurrency, cfg.max_concurrent_trials)
+    slots, concurrency = _slots(cfg, groups)
+    # Each member's trial is a Ray task of its own (MEMBER_CPU, outside the groups'
+    # bundles): groups that take every CPU would leave the trials pending forever.
+    cpus = cluster.get("CPU", 0.0)
+    while (res.groups == "auto" and groups > 1
+           and groups * bundle.get("CPU", 0.0) + concurrency * MEMBER_CPU > cpus + 1e-9):
+        groups -= 1
+        slots, concurrency = _slots(cfg, groups)
+    need = groups * bundle.get("CPU", 0.0) + concurrency * MEMBER_CPU
+    if need > cpus + 1e-9:
+        raise ConfigError([Problem(
+            src, "resources.cpus_per_trial", f"{groups} group(s) x {res.cpus_per_trial:g} CPU "
+            f"and their {concurrency} trials ({MEMBER_CPU:g} CPU each, to relay reports) need "
+            f"{need:g} CPU, the Ray cluster has {cpus:g}",
+            f"lower cpus_per_trial to {max(cpus - concurrency * MEMBER_CPU, 0) / groups:.2f} or "
+            "less (a group's CPUs; its trials share them)")])
     return GroupPlan(groups, slots, concurrency, bundle)
+
+
+def _slots(cfg: SearchConfig, groups: int) -> tuple[int, int]:
+    """A group's slots and the sweep's concurrency, for `groups` groups."""
+    res = cfg.resources
+    if res.trials_per_group is None:  # max_concurrent_trials spread over the groups
+        return math.ceil(cfg.max_concurrent_trials / groups), cfg.max_concurrent_trials
+    concurrency = groups * res.trials_per_group
+    if "max_concurrent_trials" in cfg.model_fields_set:  # asked for fewer at once
+        concurrency = min(concurrency, cfg.max_concurrent_trials)
+    return res.trials_per_group, concurrency
 
 
 def check_shared_storage(sweep_dir: Path, src: str) -> None:
@@ -330,12 +352,12 @@ def build_trainable(cfg: SearchConfig, sweep_dir: Path, base: dict[str, Any],
         print(f"[sweep] shared groups: {plan.groups} processes, each up to {plan.slots} "
               f"trials over its own copy of the frozen model ({plan.bundle} each), "
               f"{plan.concurrency} trials at a time{compiled}")
-    # A member's own process only relays reports: a token CPU share, no GPU. It waits for
+    # A member's own process only relays reports: MEMBER_CPU, no GPU. It waits for
     # a free slot as long as an orphan may hold one (and a minute for the leave's way).
     member = tune.with_resources(
         tune.with_parameters(run_group_member, base=base, opts=opts, actor_names=names,
                              join_wait_s=res.group_orphan_timeout_s + 60.0),
-        {"cpu": 0.01})
+        {"cpu": MEMBER_CPU})
     return member, groups
 
 
