@@ -112,6 +112,20 @@ def test_a_model_without_blocks_is_refused_in_one_clear_line():
         compile_forward(lambda: None, torch.nn.Linear(2, 2), "default", "blocks")
 
 
+@pytest.mark.parametrize(("mode", "block"), [
+    ("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs"),
+    ("default", "default")])
+def test_blocks_compile_without_cuda_graphs(monkeypatch, mode, block):
+    # A CUDA graph fixes its parameters' addresses, and one block graph serves blocks whose
+    # weights live elsewhere: every call would re-record it (run 27: ~40x slower steps).
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: seen.append((type(self).__name__, kw)))
+    lm = AutoModelForCausalLM.from_config(_qwen2(3))
+    assert compile_blocks(lm, mode) == 3
+    assert seen == [("Qwen2DecoderLayer", {"mode": block, "dynamic": False})] * 3
+
+
 @pytest.mark.parametrize("routed", [False, True])
 def test_every_block_runs_one_graph_whatever_the_layer_count(graphs, routed):
     """A solo model's peft LoRA layers, and a group's routed ones reading stacked weights

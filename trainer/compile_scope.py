@@ -13,8 +13,8 @@ Dynamo lifts a block's parameters as graph inputs instead of baking them in as
 constants, so the first block's graph serves every identical block: one block is
 compiled, not all of them, whatever the layer count. The price is paid per step: each
 block call is a guard check (skipped with the whole forward's once warm,
-`trainer.compile_guards`) and, with `reduce-overhead`, a CUDA graph of its own; nothing
-fuses across blocks or into the loss.
+`trainer.compile_guards`), no CUDA graph (`block_mode`: `reduce-overhead` compiles the
+blocks as `default`), and nothing fuses across blocks or into the loss.
 
 A block's graph is shared only if nothing it reads names the layer (Dynamo guards on
 what a trace reads): a group's routed LoRA layers hold the same routing and read their
@@ -64,11 +64,26 @@ def decoder_blocks(llm: nn.Module) -> list[nn.Module]:
     return list(max(found, key=len))
 
 
+# The Inductor mode a block is compiled with: never CUDA graphs. One block graph serves
+# every block, and a CUDA graph takes a graph's parameters as static inputs, fixed
+# addresses: each block's own weights are other addresses, so every block call re-recorded
+# its graph (up to Inductor's cudagraph_unexpected_rerecord_limit, 128 per graph), and a
+# group's step went from 37 ms (compile_scope: model) to 1.45 s on an H100
+# (bench/results/2026-12-06-run27).
+BLOCK_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def block_mode(mode: str) -> str:
+    """The mode `compile_blocks` compiles a block with, for `model.compile` = `mode`."""
+    return BLOCK_MODES.get(mode, mode)
+
+
 def compile_blocks(llm: nn.Module, mode: str) -> int:
-    """Compile every decoder block of `llm` in place (static shapes); how many."""
+    """Compile every decoder block of `llm` in place (static shapes, `block_mode(mode)`);
+    how many."""
     blocks = decoder_blocks(llm)
     for block in blocks:
-        block.compile(mode=mode, dynamic=False)
+        block.compile(mode=block_mode(mode), dynamic=False)
     _COMPILED[causal_lm(llm)] = blocks
     return len(blocks)
 
