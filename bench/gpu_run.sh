@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha slots scopes ahead kernels
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -89,6 +89,17 @@ for stage in ${stages[@]}; do
         --num-samples 16 --search random --asha 100,3 \
         --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead \
         --json "$OUT/e2easha$sfx.json" --keep-metrics "$OUT/e2easha$sfx-metrics" ;;
+    e2eahead)  # issue 21 (a) cold, both ways on one machine: the members training eagerly
+               # while a helper compiles (model.compile_ahead), then compiling in the group's
+               # own process; each sweep with empty Inductor and Triton caches of its own
+      for arm in ahead inline; do
+        TORCHINDUCTOR_CACHE_DIR=/tmp/e2eahead-$arm/inductor TRITON_CACHE_DIR=/tmp/e2eahead-$arm/triton \
+          timeout 290 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400 \
+          --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
+                    "gradient_clip_val": {"grid": [null, 1.0]}}' $scope \
+          $([ $arm = ahead ] && echo --set model.compile_ahead=true) \
+          --json "$OUT/e2eahead-$arm$sfx.json" --keep-metrics "$OUT/e2eahead-$arm$sfx-metrics"
+      done ;;
     slots)     # a compiled group (tiny demo, CUDA graphs): members leave and join without
                # a compile; a second process starts warm from the first's compile cache
       rm -rf /tmp/slots && TORCHINDUCTOR_CACHE_DIR=/tmp/slots-ind1 timeout 280 python3 \
