@@ -189,6 +189,9 @@ def test_a_compiled_group_sweep_trains_while_a_helper_compiles(tmp_path):
     stats = json.loads((tmp_path / "sweeps" / "ahead" / "group_stats.json").read_text())
     assert 1 <= stats["ahead_steps"] < stats["group_steps"] == 3000, stats
     assert f"{stats['ahead_steps']} ran eagerly while a helper process compiled" in res.stdout
+    # the group's own lines reach the sweep's console, from its stats' events
+    assert "s [compile ahead] compiling the group's" in res.stdout, res.stdout[-3000:]
+    assert "s [compile cache] loaded compiled artifacts" in res.stdout, res.stdout[-3000:]
     cache = tmp_path / "sweeps" / "compile_cache"
     assert len(list(cache.glob("*.bin"))) == 1  # the helper's, loaded: none saved besides
     assert not list(cache.glob(".compile-ahead-*"))  # its scratch directory removed

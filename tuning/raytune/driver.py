@@ -409,6 +409,8 @@ def close_group(groups: SharedGroups, sweep_dir: Path) -> None:
         for i, one in enumerate(stats):
             which = "shared group" + (f" {i}" if len(stats) > 1 else "")
             print(f"[sweep] {which}: {describe_stats(one)} (details: {sweep_dir / GROUP_STATS})")
+            for line in one.get("events", []):  # seconds from the group's start
+                print(f"[sweep] {which} at {line}")
     except Exception as e:
         print(f"[sweep] warning: no shared-group stats: {e}", file=sys.stderr)
     try:  # stopped trials' runs end even if their client's leave is still in flight

@@ -59,7 +59,7 @@ import ray
 
 from trainer.inputs import Inputs
 from trainer.metrics import RunSummary
-from tuning.raytune.group_stats import LONG_STEP_S, GroupStats
+from tuning.raytune.group_stats import GROUP_EVENTS, LONG_STEP_S, GroupStats
 
 GROUP_ACTOR_PREFIX = "phase2-group-"
 # A client's poll returns after this long even with nothing new; a group step longer than
@@ -186,8 +186,8 @@ class GroupActor:
         self._inputs, self._device, self._slots = inputs, device, slots
         self._shared_config = shared_config
         self._cache = Path(compile_cache) if compile_cache else None
-        # The group's own log lines go to the actor's worker log: only its compile cache's.
-        self._group = TrialGroup(inputs, device=device, log=_cache_lines, slots=slots,
+        self._stats = GroupStats()
+        self._group = TrialGroup(inputs, device=device, log=self._group_log, slots=slots,
                                  compile_cache=self._cache)
         self._report_every = max(1, report_every)
         self._orphan_s = orphan_timeout_s
@@ -205,7 +205,6 @@ class GroupActor:
         self._barrier_since: float | None = None  # a compiled group waiting for members
         self._joined_at = 0.0  # when the newest member joined (time.monotonic)
         self._makeup: tuple[str, ...] = ()  # the members of the last group step
-        self._stats = GroupStats()
         self._joined: set[str] = set()  # every member that ever joined (group_stats.json)
         self._profiler = (StepProfiler(Path(profile[0]), profile[1], warm=profile[2],
                                        long_s=POLL_WAIT_S) if profile else None)
@@ -435,13 +434,22 @@ class GroupActor:
         if long:
             print(f"[group] a step of {len(ready)} members took {took:.0f}s", flush=True)
 
+    def _group_log(self, line: str) -> None:
+        """The group's log: its shared LLM's load, its compile cache's and compile-ahead
+        helper's lines (a failed helper says why) become events of its stats, which the
+        sweep prints as it ends (Ray does not forward a worker's output to the driver's
+        console); the members' own lines go through their sinks."""
+        if line.startswith(GROUP_EVENTS):
+            self._stats.event(line)
+            print(line, flush=True)  # and the actor's worker log, as it happens
+
     def _fail_all(self, error: str) -> None:
         """Every member's client raises (Tune retries each trial from its checkpoint, and it
         rejoins); the group restarts empty, as a crashed solo process would. The caller
         holds `_step_lock`."""
         from trainer.group import TrialGroup
 
-        fresh = TrialGroup(self._inputs, device=self._device, log=_cache_lines,
+        fresh = TrialGroup(self._inputs, device=self._device, log=self._group_log,
                            slots=self._slots, compile_cache=self._cache)
         with self._lock:
             for member_id, member in self._members.items():
@@ -450,14 +458,6 @@ class GroupActor:
             self._members.clear()
             self._group = fresh
             self._wake()
-
-
-def _cache_lines(line: str) -> None:
-    """The group's log, in the actor: only whether it loaded or saved compiled artifacts,
-    and what its compile-ahead helper did (a failed one says why), not the members' own
-    lines (they go through their sinks)."""
-    if line.startswith(("[compile cache]", "[compile ahead]")):
-        print(line, flush=True)
 
 
 def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
