@@ -209,12 +209,14 @@ def plan_groups(cfg: SearchConfig, cluster: dict[str, float], src: str) -> Group
     # Each member's trial is a Ray task of its own (MEMBER_CPU, outside the groups'
     # bundles): groups that take every CPU would leave the trials pending forever.
     cpus = cluster.get("CPU", 0.0)
-    while (res.groups == "auto" and groups > 1
-           and groups * bundle.get("CPU", 0.0) + concurrency * MEMBER_CPU > cpus + 1e-9):
+
+    def cpus_needed() -> float:
+        return groups * bundle.get("CPU", 0.0) + concurrency * MEMBER_CPU
+
+    while res.groups == "auto" and groups > 1 and cpus_needed() > cpus + 1e-9:
         groups -= 1
         slots, concurrency = _slots(cfg, groups)
-    need = groups * bundle.get("CPU", 0.0) + concurrency * MEMBER_CPU
-    if need > cpus + 1e-9:
+    if (need := cpus_needed()) > cpus + 1e-9:
         raise ConfigError([Problem(
             src, "resources.cpus_per_trial", f"{groups} group(s) x {res.cpus_per_trial:g} CPU "
             f"and their {concurrency} trials ({MEMBER_CPU:g} CPU each, to relay reports) need "

@@ -15,7 +15,6 @@ LONG_STEP_S = 5.0  # a group step longer than this is counted as a compile
 RECENT_STEPS = 1000  # the short group steps the stats' median is taken over
 # The group's log lines kept as events (the rest are its members', through their sinks).
 GROUP_EVENTS = ("[group] shared LLM", "[compile cache]", "[compile ahead]")
-MAX_EVENTS = 100  # a long sweep's events past these are counted, not kept
 
 
 @dataclass
@@ -56,14 +55,11 @@ class GroupStats:
     first_join_s: float = 0.0
     started: float | None = None  # the first member's join: the figures start there
     waiting: tuple[str, float] | None = None  # the wait in progress: why, since when
-    events: list[str] = field(default_factory=list)  # "12.3s <line>", from `created`
-    events_dropped: int = 0
+    # "12.3s <line>", from `created`: a few per LLM load, compile and helper, no more
+    events: list[str] = field(default_factory=list)
 
     def event(self, line: str) -> None:
-        if len(self.events) < MAX_EVENTS:
-            self.events.append(f"{time.monotonic() - self.created:.1f}s {line}")
-        else:
-            self.events_dropped += 1
+        self.events.append(f"{time.monotonic() - self.created:.1f}s {line}")
 
     def begin_wait(self, why: str) -> None:
         if self.started is not None:
@@ -106,7 +102,7 @@ class GroupStats:
             "to_first_member_s": round((self.started or now) - self.created, 3),
             "preload_s": round(self.preload_s, 3),
             "first_join_s": round(self.first_join_s, 3),
-            "events": list(self.events), "events_dropped": self.events_dropped,
+            "events": list(self.events),
         }
 
 
