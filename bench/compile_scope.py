@@ -7,9 +7,11 @@ forward compiled ("model") against each decoder block compiled ("layers").
 
 Each scope runs in a process of its own (`bench/gpu_group.py`: K members of the config
 with synthetic text of `--text-len` tokens, every member's batch `--batch` rows) with an
-empty Inductor cache of its own, so both compiles are cold. Reported per scope: the
-process's wall time, the group's first step (its compile, CUDA graph recordings and the
-step itself) and its steady step time; then the ratios layers / model. `--tiny` runs the
+empty Inductor (and Triton) cache of its own, so both compiles are cold. Reported per scope:
+the process's wall time, the group's first step (its compile, CUDA graph recordings and the
+step itself) and its steady step time; with `--warm`, a second process of the same scope on
+the caches the first left (a warm compile, as a sweep's second group or second sweep gets);
+then the ratios layers / model. `--tiny` runs the
 test suite's seconds-long demo (a 2-layer LLM: `--set demo.llm.num_hidden_layers=N` for
 more) instead of the config's data and LLM. On a CPU shared with other work, one OpenMP
 thread keeps the steady step from swinging with the others' load.
@@ -32,9 +34,11 @@ TINY = ["demo.num_examples=48", "demo.llm.pretrain_steps=100", "data.eval_fracti
         "output.log_every=1000", "phase2.warmup_steps=2", "phase2.batch_size=4"]
 
 
-def run_scope(args: argparse.Namespace, scope: str, work: Path) -> dict:
-    """One scope's cold group in a process of its own: its gpu_group.py row, and wall."""
-    out = work / f"{scope}.json"
+def run_scope(args: argparse.Namespace, scope: str, work: Path, label: str = "cold") -> dict:
+    """One scope's group in a process of its own: its gpu_group.py row, and wall. The
+    scope's caches are its own: empty for its first (cold) process, the first's for the
+    next."""
+    out = work / f"{scope}-{label}.json"
     sets = [*(TINY if args.tiny else []), f"model.compile={args.mode}",
             f"model.compile_scope={scope}", *args.overrides]
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_group.py"), str(args.config),
@@ -43,16 +47,21 @@ def run_scope(args: argparse.Namespace, scope: str, work: Path) -> dict:
            "--json", str(out), *[a for s in sets for a in ("--set", s)]]
     if args.device:
         cmd += ["--device", args.device]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{scope}")}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{scope}"),
+           "TRITON_CACHE_DIR": str(work / f"triton-{scope}")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"[{scope}] gpu_group.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        sys.exit(f"[{scope} {label}] gpu_group.py failed ({proc.returncode}):\n"
+                 f"{proc.stderr[-4000:]}")
+    for line in proc.stdout.splitlines():  # the shared LLM's load, the first step
+        if line.startswith(("[group]", "[k=")):
+            print(f"[{scope} {label}] {line}", flush=True)
     row = json.loads(out.read_text())["rows"][0]
-    result = {"scope": scope, "process_wall_s": round(wall, 1),
+    result = {"scope": scope, "cache": label, "process_wall_s": round(wall, 1),
               "first_step_s": row["first_step_s"], "group_step_ms": row["group_step_ms"],
-              "peak_mem_gib": row["peak_mem_gib"]}
+              "mfu_pct": row["mfu_pct"], "peak_mem_gib": row["peak_mem_gib"]}
     print(json.dumps(result), flush=True)
     return result
 
@@ -71,17 +80,22 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the test suite's tiny demo")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="KEY=VALUE config override for both scopes")
+    ap.add_argument("--warm", action="store_true",
+                    help="then each scope again, warm from its first process's caches")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    scopes = args.scopes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {s: run_scope(args, s, Path(tmp)) for s in args.scopes.split(",")}
-    summary = {"k": args.k, "mode": args.mode, "rows": list(rows.values())}
-    if set(SCOPES) <= set(rows):
-        model, layers = rows["model"], rows["layers"]
-        summary["ratio_layers_over_model"] = {
-            key: round(layers[key] / model[key], 3) if model[key] else None
-            for key in ("process_wall_s", "first_step_s", "group_step_ms")}
-        print(json.dumps(summary["ratio_layers_over_model"]), flush=True)
+        rows = {s: run_scope(args, s, Path(tmp)) for s in scopes}
+        warm = {s: run_scope(args, s, Path(tmp), "warm") for s in scopes} if args.warm else {}
+    summary = {"k": args.k, "mode": args.mode, "rows": [*rows.values(), *warm.values()]}
+    for label, arms in (("", rows), ("warm_", warm)):
+        if set(SCOPES) <= set(arms):
+            model, layers = arms["model"], arms["layers"]
+            ratio = {key: round(layers[key] / model[key], 3) if model[key] else None
+                     for key in ("process_wall_s", "first_step_s", "group_step_ms")}
+            summary[f"{label}ratio_layers_over_model"] = ratio
+            print(json.dumps({f"{label}ratio_layers_over_model": ratio}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
 

@@ -49,7 +49,7 @@ def _sync() -> float:
 
 
 def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
-    group = TrialGroup(inputs, device=args.device, log=lambda *_: None)
+    group = TrialGroup(inputs, device=args.device, log=lambda m: print(m, flush=True))
     for i in range(k):
         member = cfg.model_copy(deep=True)
         member.phase2.learning_rate = 1e-4 * (1.3 ** i)

@@ -12,7 +12,8 @@
 # sweepall e2enan e2easha; their JSON names get -$COMPILE_SCOPE); unset: the config's.
 # COMPILE_AHEAD=1: model.compile_ahead=true for sweepall e2enan e2easha (a helper process
 # compiles while the members train eagerly; JSON names get -ahead).
-# SCOPE_K: the scopes and ahead stages' group size (default 8); AHEAD_STEPS: ahead's steps.
+# SCOPE_K: the scopes and ahead stages' group size (default 8); SCOPE_WARM=1: scopes also runs
+# each scope again, warm from its first run's caches; AHEAD_STEPS: ahead's steps.
 # Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
 # pydantic/Ray/MLflow, builds the reference-scale demo assets once (runs/_assets), and
 # writes every result as JSON (and a log) under $OUT (default: runs/gpu-results).
@@ -109,7 +110,7 @@ for stage in ${stages[@]}; do
     scopes)    # issue 21: a compiled group's cold start (compile + first step) and steady
                # step, whole forward compiled against each decoder block, a process each
       timeout 590 python3 bench/compile_scope.py "${ref[@]}" --k ${SCOPE_K:-8} \
-        --json "$OUT/scopes.json" ;;
+        ${SCOPE_WARM:+--warm} --json "$OUT/scopes.json" ;;
     ahead)     # issue 21: a compiled group's cold start, compiling in its own process against
                # a helper process compiling while the members train eagerly
       timeout 590 python3 bench/compile_ahead.py "${ref[@]}" --k ${SCOPE_K:-8} \
