@@ -193,6 +193,7 @@ def test_the_actor_loads_the_shared_llm_before_its_first_member_joins(tiny):
     assert steps == [1, 2, 3, 4] and member.reports, steps
     stats = group.stats()
     assert stats["first_join_s"] > 0
+    assert stats["preload_s"] <= stats["first_join_asked_s"] <= stats["to_first_member_s"]
     # the load's time is an event of the stats: Ray keeps the actor's output from the sweep
     assert [e for e in stats["events"] if "s [group] shared LLM on cpu in " in e], stats
 

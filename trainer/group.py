@@ -230,15 +230,20 @@ class TrialGroup:
         sweep's group actor calls it as it starts, overlapping the trials' start."""
         if self._lm is not None:
             return
-        began = time.perf_counter()  # the parts' times: a sweep's first member waits for all
+        t = [time.perf_counter()]  # the parts' times: a sweep's first member waits for all
         tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
-        lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation, str(self.device))
-        loaded = time.perf_counter()
+        t.append(time.perf_counter())
+        lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation)  # on the CPU
+        t.append(time.perf_counter())
+        lm.to(self.device)  # apart: a GPU's first use starts CUDA here
+        t.append(time.perf_counter())
         cast_untargeted_linears(lm, cfg.model.lora.target_modules, frozen_dtype(cfg))
         if problems := io_lora_problems(lm, cfg, source):
             raise ConfigError(problems)
-        self.log(f"[group] shared LLM on {self.device} in {time.perf_counter() - began:.1f}s "
-                 f"(tokenizer and weights {loaded - began:.1f}s, casts and checks after)")
+        t.append(time.perf_counter())
+        self.log(f"[group] shared LLM on {self.device} in {t[-1] - t[0]:.1f}s (tokenizer "
+                 f"{t[1] - t[0]:.1f}s, weights read {t[2] - t[1]:.1f}s, to {self.device} "
+                 f"{t[3] - t[2]:.1f}s, casts and checks {t[4] - t[3]:.1f}s)")
         self._lm, self._tokenizer = lm, tokenizer
         self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
         if cfg.model.compile != "off":

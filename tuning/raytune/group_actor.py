@@ -218,6 +218,9 @@ class GroupActor:
         from trainer.config import config_from_data
 
         cfg = config_from_data(cfg_data, f"trial {member_id}")
+        with self._lock:
+            if self._stats.first_asked is None:
+                self._stats.first_asked = time.monotonic()
         with self._step_lock:
             began = time.monotonic()
             if self._slots is not None and self.load(but=member_id) >= self._slots:

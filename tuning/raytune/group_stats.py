@@ -53,6 +53,8 @@ class GroupStats:
     created: float = field(default_factory=time.monotonic)
     preload_s: float = 0.0  # the LLM loaded ahead, as the actor starts (0: by the first join)
     first_join_s: float = 0.0
+    # the first trial's join call: before `preload_s` ends, the LLM's load kept it waiting
+    first_asked: float | None = None
     started: float | None = None  # the first member's join: the figures start there
     waiting: tuple[str, float] | None = None  # the wait in progress: why, since when
     # "12.3s <line>", from `created`: a few per LLM load, compile and helper, no more
@@ -100,6 +102,7 @@ class GroupStats:
             # from the actor's start to its first member in: the trial processes starting,
             # and the shared LLM's load, ahead (preload_s) or in the first join
             "to_first_member_s": round((self.started or now) - self.created, 3),
+            "first_join_asked_s": round((self.first_asked or now) - self.created, 3),
             "preload_s": round(self.preload_s, 3),
             "first_join_s": round(self.first_join_s, 3),
             "events": list(self.events),
@@ -121,5 +124,6 @@ def describe_stats(stats: dict[str, Any]) -> str:
             "stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
             f"{waits or 'nothing'}{pauses}; first member in "
-            f"{stats['to_first_member_s']:.0f}s after the group's start (LLM loaded ahead in "
+            f"{stats['to_first_member_s']:.0f}s after the group's start (asked at "
+            f"{stats['first_join_asked_s']:.0f}s; LLM loaded ahead in "
             f"{stats['preload_s']:.0f}s, the join {stats['first_join_s']:.0f}s)")
