@@ -230,7 +230,9 @@ class TrialGroup:
         sweep's group actor calls it as it starts, overlapping the trials' start."""
         if self._lm is not None:
             return
-        t = [time.perf_counter()]  # the parts' times: a sweep's first member waits for all
+        # The parts' times: a sweep's first member waits for all. The first part is mostly
+        # the process's first imports of transformers' tokenizer and model code and peft.
+        t = [time.perf_counter()]
         tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
         t.append(time.perf_counter())
         lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation)  # on the CPU
@@ -241,8 +243,8 @@ class TrialGroup:
         if problems := io_lora_problems(lm, cfg, source):
             raise ConfigError(problems)
         t.append(time.perf_counter())
-        self.log(f"[group] shared LLM on {self.device} in {t[-1] - t[0]:.1f}s (tokenizer "
-                 f"{t[1] - t[0]:.1f}s, weights read {t[2] - t[1]:.1f}s, to {self.device} "
+        self.log(f"[group] shared LLM on {self.device} in {t[-1] - t[0]:.1f}s (tokenizer and "
+                 f"LoRA plan {t[1] - t[0]:.1f}s, weights read {t[2] - t[1]:.1f}s, to {self.device} "
                  f"{t[3] - t[2]:.1f}s, casts and checks {t[4] - t[3]:.1f}s)")
         self._lm, self._tokenizer = lm, tokenizer
         self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
