@@ -140,6 +140,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         # groups side by side ({"groups": [...]}) overlap: the longest one's.
         each = stats.get("groups", [stats])
         compile_s = max(g["long_step_s"] for g in each)
+        row_stats["first_step_s"] = max(g.get("first_step_s", 0.0) for g in each)
         train_s = max(g["step_s"] - g["long_step_s"] for g in each)
     if (sweep_dir / "group_profile.txt").exists():
         profile = (sweep_dir / "group_profile.txt").read_text()

@@ -203,6 +203,7 @@ def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     while every client's poll waits on the actor: after it, the members are still members
     (on an H200 a whole 8-trial sweep was dropped this way, run 10)."""
     import tuning.raytune.group_actor as actor_mod
+    from tuning.raytune.group_stats import describe_stats
 
     group, cfg = actor
     group._orphan_s = 2.5  # under the 3 s step: without the fix m0 is dropped after it
@@ -213,6 +214,10 @@ def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     time.sleep(3.5)  # the slow step is over; an orphan check has run since
     events, _ = group.poll("m0")  # raised "not a member" before the fix
     assert [p[1] for k, p in events if k == "metrics"][:2] == [1, 2]
+    # the first step (a compile) is timed apart, whatever its length
+    stats = group.stats()
+    assert 3.0 <= stats["first_step_s"] <= stats["long_step_s"] <= stats["step_s"], stats
+    assert f"the first {stats['first_step_s']:.1f}s" in describe_stats(stats)
 
 
 @pytest.mark.parametrize(("ahead", "expected"), [(0, [2, 4, 5, 7]), (1, [4, 5, 7, 8])])

@@ -419,6 +419,8 @@ class GroupActor:
             self._wake()  # the step's records (and summaries) are all queued: hand them out
             st = self._stats
             st.group_steps += 1
+            if st.group_steps == 1:
+                st.first_step_s = took
             # what it launched: a member in `ready` that ends before training is not counted
             st.member_steps += group.member_steps - trained
             st.sync_s += group.sync_s - synced

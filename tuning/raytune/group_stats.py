@@ -30,6 +30,9 @@ class GroupStats:
     step_s: float = 0.0  # in TrialGroup.step (forward, backward, optimizers, read-backs)
     long_steps: int = 0  # steps over LONG_STEP_S: a compiled group's compiles
     long_step_s: float = 0.0
+    # The group's first step, whatever its length: a compiled group's compile (and first
+    # CUDA graph recordings), also when it is under LONG_STEP_S (a warm regional compile).
+    first_step_s: float = 0.0
     ahead_steps: int = 0  # run eagerly while a helper process compiled (model.compile_ahead)
     # The latest short steps' durations, for the median: the mean of the short steps
     # carries the first ones after a compile (CUDA graph recording, 1-5 s each), which in
@@ -89,6 +92,7 @@ class GroupStats:
             "step_ms_median": round(1e3 * statistics.median(self.recent_s), 2)
             if self.recent_s else 0.0,
             "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
+            "first_step_s": round(self.first_step_s, 3),
             "ahead_steps": self.ahead_steps,
             "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
             # 4 significant digits, not places: a CPU's read-backs are ~1e-5 of its steps, not 0
@@ -120,8 +124,8 @@ def describe_stats(stats: dict[str, Any]) -> str:
               f"{stats['pause_ms_mean']:.0f} ms on average" if stats["pauses"] else "")
     return (f"{stats['group_steps']} group steps of {stats['members_per_step']} members, "
             f"{stats['step_ms_mean']:.1f} ms each, median {stats['step_ms_median']:.1f} ms "
-            f"({100 * stats['sync_fraction']:.0f}% of it waiting for the device){compiles}; "
-            "stepping "
+            f"({100 * stats['sync_fraction']:.0f}% of it waiting for the device), the first "
+            f"{stats['first_step_s']:.1f}s{compiles}; stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
             f"{waits or 'nothing'}{pauses}; first member in "
             f"{stats['to_first_member_s']:.0f}s after the group's start (asked at "
