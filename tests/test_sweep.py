@@ -8,12 +8,14 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
 
 from trainer.config import config_from_data
+from trainer.errors import ConfigError, Problem
 from trainer.yaml_io import dump_yaml, load_yaml_file
 from tuning.search_config import load_search, trial_count
 from tuning.sweep import main as sweep_main
@@ -330,3 +332,65 @@ def test_environment_points_storage_and_tracking_at_shared_services(tmp_path, mo
     assert loaded.sweep_dir == tmp_path / "shared" / "smoke"
     assert loaded.base.output.assets_dir == tmp_path / "shared" / "_assets"
     assert loaded.cfg.mlflow.tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_in_background_gives_the_result_and_raises_what_the_work_raised():
+    from tuning.sweep import in_background
+
+    wait = in_background(lambda a, b=0: (threading.current_thread().name, a + b), 2, b=3)
+    (thread, total), seconds = wait()
+    assert total == 5 and thread != threading.main_thread().name and seconds >= 0
+    problem = Problem("data.yaml", "data.train", "broken", "fix it")
+    failing = in_background(lambda: (_ for _ in ()).throw(ConfigError([problem])))
+    with pytest.raises(ConfigError) as e:
+        failing()
+    assert e.value.lines() == [problem.line()]
+
+
+def test_inputs_are_prepared_while_ray_starts(tmp_path, monkeypatch, capsys):
+    """The shared inputs are prepared side by side with Ray's start, not before it: the
+    preparation waits to see Ray starting (sequential, it would wait in vain)."""
+    import tuning.sweep as sweep_mod
+    from tuning.raytune import driver
+
+    path = _write(tmp_path)
+    starting, prepared = threading.Event(), threading.Event()
+    real_prepare = sweep_mod.prepare_inputs
+
+    def prepare(cfg, log=print):
+        assert starting.wait(30), "the inputs were prepared before Ray started"
+        out = real_prepare(cfg, log=log)
+        prepared.set()
+        return out
+
+    def init_ray(loaded, level):  # stops the sweep once both ran
+        starting.set()
+        assert prepared.wait(120), "Ray's start did not overlap the preparation"
+        raise ConfigError([Problem(str(path), "ray.address", "stopped here by the test",
+                                   "none")])
+
+    monkeypatch.setattr(sweep_mod, "prepare_inputs", prepare)
+    monkeypatch.setattr(driver, "init_ray", init_ray)
+    assert sweep_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stopped here by the test" in err and "Traceback" not in err, err
+
+
+def test_a_problem_found_while_preparing_exits_2_and_stops_ray(tmp_path, monkeypatch, capsys):
+    """A bad input found by the preparation (on its thread, Ray started meanwhile) is one
+    error line and exit 2, and the sweep's Ray is shut down."""
+    import ray
+
+    import tuning.sweep as sweep_mod
+
+    path = _write(tmp_path)
+    problem = Problem(str(path), "base.config", "the features file is truncated", "rebuild it")
+
+    def prepare(cfg, log=print):
+        raise ConfigError([problem])
+
+    monkeypatch.setattr(sweep_mod, "prepare_inputs", prepare)
+    assert sweep_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: {problem.line()}"], err
+    assert not ray.is_initialized()

@@ -3,7 +3,7 @@
 Order of work, so that bad input costs nothing: validate search.yaml and the
 base config (exit 2, nothing written) -> check every sampled extreme makes a
 valid run (tuning.preflight) -> take the sweep lock (tuning.sweep_dir) -> prepare
-shared inputs once (demo assets and the frozen-feature cache) -> start Ray, fit or
+shared inputs once (demo assets and the frozen-feature cache) while Ray starts -> fit or
 restore (tuning.raytune.driver) -> report, recheck -> MLflow (tuning.tracking.publish).
 The sweep directory's layout: tuning.sweep_dir.
 """
@@ -15,7 +15,11 @@ import itertools
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from trainer.errors import ConfigError
 from trainer.fsutil import atomic_write_text, storage_error_line
@@ -33,6 +37,27 @@ from tuning.sweep_dir import (
     resolve_sweep_dir,
     snapshot_text,
 )
+
+T = TypeVar("T")
+
+
+def in_background(fn: Callable[..., T], *args: Any,
+                  **kwargs: Any) -> Callable[[], tuple[T, float]]:
+    """Start `fn(*args, **kwargs)` on a thread of its own; the returned call waits for it
+    and gives its result and seconds, or raises what it raised. A daemon thread: an
+    interrupted sweep does not wait for it (what the preparation writes is written to a
+    temporary name and renamed into place, so a stopped build leaves nothing half-made)."""
+    done: Future[tuple[T, float]] = Future()
+
+    def work() -> None:
+        began = time.perf_counter()
+        try:
+            done.set_result((fn(*args, **kwargs), time.perf_counter() - began))
+        except BaseException as e:  # handed to the caller, who raises it
+            done.set_exception(e)
+
+    threading.Thread(target=work, name=f"background-{fn.__name__}", daemon=True).start()
+    return done.result
 
 
 def _fail(lines: list[str]) -> int:
@@ -84,13 +109,22 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             print(f"[sweep] nothing to resume in {sweep_dir}; starting a new sweep")
         atomic_write_text(sweep_dir / SNAPSHOT, snapshot_text(loaded))
         clock = [("start", time.time())]  # the end summary's parts of the wall time
-        print("[sweep] preparing shared inputs (demo assets, frozen-feature cache) ...")
-        inputs = prepare_inputs(loaded.base, log=lambda m: print(m, flush=True))
+        print("[sweep] preparing shared inputs (demo assets, frozen-feature cache) while "
+              "Ray starts ...")
+        # Side by side: Ray's start is mostly waiting for its processes, the preparation
+        # is this process's work (seconds each on a GPU host; a bad input found by the
+        # preparation still exits 2, Ray is shut down).
+        prepared = in_background(prepare_inputs, loaded.base,
+                                 log=lambda m: print(m, flush=True))
+        began = time.perf_counter()
+        driver.init_ray(loaded, ray_log_level)
+        ray_s = time.perf_counter() - began
+        inputs, prepare_s = prepared()
+        print(f"[sweep] inputs ready in {prepare_s:.1f}s, Ray started in {ray_s:.1f}s, "
+              "side by side")
         plan = plan_steps(loaded.base.phase2, train_size(loaded.base), src)
         opts = driver.trial_options(cfg, sweep_dir / "trials")
-        clock.append(("preparation", time.time()))
-        driver.init_ray(loaded, ray_log_level)
-        clock.append(("Ray start", time.time()))
+        clock.append(("preparation and Ray start", time.time()))
         trainable, group = driver.build_trainable(cfg, sweep_dir, loaded.base_data, inputs,
                                                   opts, loaded.base.model.compile, profile,
                                                   src)
