@@ -341,7 +341,11 @@ def test_in_background_gives_the_result_and_raises_what_the_work_raised():
     (thread, total), seconds = wait()
     assert total == 5 and thread != threading.main_thread().name and seconds >= 0
     problem = Problem("data.yaml", "data.train", "broken", "fix it")
-    failing = in_background(lambda: (_ for _ in ()).throw(ConfigError([problem])))
+
+    def fail():
+        raise ConfigError([problem])
+
+    failing = in_background(fail)
     with pytest.raises(ConfigError) as e:
         failing()
     assert e.value.lines() == [problem.line()]
