@@ -298,6 +298,33 @@ def test_a_nan_stays_in_its_member(tiny, sync):
     assert all(torch.isfinite(t).all() for t in clean.values())
 
 
+def test_members_share_the_splits_read_at_the_first_join(tiny, monkeypatch):
+    """The feature cache is read and checked once per group, not at every join: a sweep's
+    group takes a member at every make-up change while its steps wait, and the re-read
+    was most of a join. Every member (one joining after another left too) trains on the
+    first join's splits."""
+    import trainer.group as group_mod
+
+    loads = []
+
+    def counting_load_splits(*args, **kwargs):
+        loads.append(1)
+        return real_load_splits(*args, **kwargs)
+
+    real_load_splits = group_mod.load_splits
+    monkeypatch.setattr(group_mod, "load_splits", counting_load_splits)
+    group = TrialGroup(prepare_inputs(_cfg(tiny, "a"), _quiet), log=_quiet)
+    for k in ("a", "b"):
+        group.add_member(k, _cfg(tiny, k, **SPECS[k]), MemorySink())
+    group.step()
+    group.remove_member("b")
+    group.add_member("c", _cfg(tiny, "c", **SPECS["c"]), MemorySink())
+    assert len(loads) == 1
+    first, third = group.members["a"].run, group.members["c"].run
+    assert third.train.tokens is first.train.tokens and third.eval is first.eval
+    assert len(first.train) + len(first.eval) == tiny().demo.num_examples
+
+
 def test_removed_member_ends_cleanly_and_frees_its_adapter(tiny, monkeypatch):
     keep = _cfg(tiny, "solo-keep", **SPECS["a"])
     solo = _solo(keep)

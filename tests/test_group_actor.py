@@ -403,6 +403,8 @@ def test_a_full_group_refuses_a_join_until_a_slot_is_free(tiny):
     """`join` counts and adds under the step lock: a group of one slot takes one member,
     says False to the next (the trial then tries another group, or waits), takes its
     own member back (a retried trial), and the next one once the first has left."""
+    from tuning.raytune.group_stats import describe_stats
+
     cfg = tiny(run_name="m0")
     group = GroupActor(prepare_inputs(cfg, log=lambda *_: None), "cpu", report_every=2,
                        orphan_timeout_s=600, slots=1)
@@ -416,5 +418,13 @@ def test_a_full_group_refuses_a_join_until_a_slot_is_free(tiny):
     group.leave("m0")
     assert group.load() == 0
     assert group.join("m1", data["m1"], resume=False)
-    assert group.stats()["members"] == ["m0", "m1"]
+    stats = group.stats()
+    assert stats["members"] == ["m0", "m1"]
+    # Make-up changes hold the steps, so they are timed: three joins (a refused one is
+    # none), two leaves (the retried trial's old member, then m0's own).
+    assert (stats["joins"], stats["leaves"]) == (3, 2), stats
+    assert stats["join_s"] > 0 and stats["leave_s"] > 0, stats
+    assert (f"3 joins took {stats['join_s']:.1f}s and 2 leaves {stats['leave_s']:.1f}s"
+            in describe_stats(stats))
     group.close()
+    assert group.stats()["leaves"] == 3

@@ -54,10 +54,12 @@ member classes in `trainer.group_member`; who may share a group in `trainer.grou
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,12 +68,12 @@ from trainer.compile_cache import CompileCache
 from trainer.compile_guards import GuardSkip
 from trainer.compile_scope import compile_forward, eager_blocks
 from trainer.config import TrainConfig
-from trainer.data import place_features, to_device
+from trainer.data import Split, place_features, to_device
 from trainer.errors import ConfigError
 from trainer.group_member import Member, MemberView
 from trainer.group_rules import group_problems, io_lora_problems
 from trainer.group_slots import SlotTable
-from trainer.inputs import Inputs, prepare_inputs
+from trainer.inputs import Inputs, load_splits, prepare_inputs
 from trainer.llm import prepare_llm
 from trainer.loop import WINDOW_MAX_S, StepTally, flush_window, scale_for_backward
 from trainer.metrics import MetricsSink, RunSummary
@@ -137,6 +139,7 @@ class TrialGroup:
         self._compiled: Callable[..., list[torch.Tensor]] | None = None  # model.compile
         self._guard_skip: GuardSkip | None = None  # compiled, model.skip_compile_guards
         self._device_features: dict[tuple[str, ...], torch.Tensor] = {}  # by split rows
+        self._splits: dict[str, tuple[Split, Split | None]] = {}  # member_splits, by data keys
 
     @property
     def slots(self) -> int | None:
@@ -177,6 +180,11 @@ class TrialGroup:
             self.slot_table.ahead.proc.wait(timeout)
 
     @property
+    def tokenizer(self) -> Any:
+        """The shared LLM's tokenizer (None before `load_shared_llm`)."""
+        return self._tokenizer
+
+    @property
     def llm(self) -> nn.Module | None:
         return self._peft  # the peft-wrapped LLM with every member's adapter (None: before)
 
@@ -200,7 +208,8 @@ class TrialGroup:
         t0 = time.perf_counter()
         self.load_shared_llm(cfg, source)
         train_split, eval_split, plan, run_dir = prepare_run_dir(
-            cfg, self.inputs, self._tokenizer, resume=resume, source=source)
+            cfg, self.inputs, self._tokenizer, resume=resume, source=source,
+            splits=self.member_splits(cfg))
         # Every member trains on the same split (one data config per group): one copy.
         train_split = place_features(train_split, self.device, cfg.data.features_on_device,
                                      self._device_features)
@@ -223,6 +232,19 @@ class TrialGroup:
                  else None)
         self.members[member_id] = Member(member_id, adapter, run, state, out, t0,
                                          time.perf_counter(), guard, report_due)
+
+    def member_splits(self, cfg: TrainConfig) -> tuple[Split, Split | None]:
+        """The train and eval splits a member with `cfg` trains on: read and checked at the
+        first join, then shared by every later member of the same data keys. A sweep's group
+        takes a member at every make-up change while the others wait for the step lock, and
+        reading the feature cache again (its digest and finiteness checks included) was most
+        of a join. Splits are never written to after loading, so sharing them is safe."""
+        plain = cfg.to_plain()
+        key = json.dumps({k: plain[k] for k in ("data", "demo", "phase1")}, sort_keys=True,
+                         default=str)
+        if key not in self._splits:
+            self._splits[key] = load_splits(cfg, self.inputs, self.tokenizer)
+        return self._splits[key]
 
     def load_shared_llm(self, cfg: TrainConfig, source: str = "config") -> None:
         """Load the shared frozen LLM onto the device (and set up its compiled forward), once;

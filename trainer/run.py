@@ -155,10 +155,13 @@ def make_run_dir(cfg: TrainConfig, resume: bool, source: str) -> Path:
     return run_dir
 
 
-def prepare_run_dir(cfg: TrainConfig, inputs: Inputs, tokenizer, *, resume: bool, source: str
+def prepare_run_dir(cfg: TrainConfig, inputs: Inputs, tokenizer, *, resume: bool, source: str,
+                    splits: tuple[Split, Split | None] | None = None
                     ) -> tuple[Split, Split | None, Plan, Path]:
-    """Splits, step plan and run directory (with config.resolved.yaml) of one run."""
-    train_split, eval_split = load_splits(cfg, inputs, tokenizer)
+    """Splits, step plan and run directory (with config.resolved.yaml) of one run.
+    `splits`: the train and eval splits already loaded for `cfg` (a trial group's, which
+    every member shares); None loads them."""
+    train_split, eval_split = splits or load_splits(cfg, inputs, tokenizer)
     plan = plan_steps(cfg.phase2, len(train_split), source)
     run_dir = make_run_dir(cfg, resume, source)
     atomic_write_text(run_dir / "config.resolved.yaml",

@@ -225,7 +225,8 @@ class GroupActor:
             began = time.monotonic()
             if self._slots is not None and self.load(but=member_id) >= self._slots:
                 return False
-            self._drop(member_id)  # a retried trial's old member, if still there
+            self._drop(member_id)  # a retried trial's old member, if still there (a leave)
+            adding = time.monotonic()
             member = _Member()
             sink = _QueueSink(member, self._lock, self._report_every)
             # The member's read-back windows end at its reports: it pauses exactly there.
@@ -236,6 +237,8 @@ class GroupActor:
                 self._members[member_id] = member
                 self._joined.add(member_id)
                 self._joined_at = time.monotonic()
+                self._stats.joins += 1
+                self._stats.join_s += self._joined_at - adding
                 if self._stats.started is None:
                     self._stats.started = self._joined_at
                     self._stats.first_join_s = self._joined_at - began
@@ -323,11 +326,16 @@ class GroupActor:
 
     def _drop(self, member_id: str) -> None:
         """End a member, if it is one (the caller holds `_step_lock`, not `_lock`)."""
+        began = time.monotonic()
         with self._lock:
             member = self._members.pop(member_id, None)
-        if member is not None and not member.done:
+        left = member is not None and not member.done
+        if left:
             self._group.remove_member(member_id)  # queues its summary
         with self._lock:
+            if left:
+                self._stats.leaves += 1
+                self._stats.leave_s += time.monotonic() - began
             self._wake()
 
     def _preload(self) -> None:

@@ -49,6 +49,13 @@ class GroupStats:
     # for members still joining (JOIN_WAIT_S, "joining"), or no member at all ("empty").
     wait_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("clients", "barrier", "joining", "empty"), 0.0))
+    # Make-up changes: a member joining (its build, the first's included) or leaving (its
+    # final weights and summary) holds the step lock, so the steps wait for it; neither is
+    # a step or a wait, and a sweep with ASHA has one of each per trial.
+    joins: int = 0
+    join_s: float = 0.0
+    leaves: int = 0
+    leave_s: float = 0.0
     pauses: int = 0  # a member paused until its client polled again ...
     paused_s: float = 0.0  # ... for this long in all (the clients' round trips)
     # The actor's start and its first member's join, which loads the frozen LLM onto the
@@ -101,6 +108,8 @@ class GroupStats:
             "profile_report_s": round(self.profile_report_s, 3),
             "wait_s": {k: round(v, 3) for k, v in waits.items()},
             "busy_fraction": round(self.step_s / wall, 3),
+            "joins": self.joins, "join_s": round(self.join_s, 3),
+            "leaves": self.leaves, "leave_s": round(self.leave_s, 3),
             "pauses": self.pauses,
             "pause_ms_mean": round(1e3 * self.paused_s / max(1, self.pauses), 1),
             # from the actor's start to its first member in: the trial processes starting,
@@ -120,6 +129,9 @@ def describe_stats(stats: dict[str, Any]) -> str:
                 f"{stats['long_step_s']:.0f}s" if stats["long_steps"] else "")
     if stats["ahead_steps"]:
         compiles += f"; {stats['ahead_steps']} ran eagerly while a helper process compiled"
+    makeup = (f"; {stats['joins']} joins took {stats['join_s']:.1f}s and {stats['leaves']} "
+              f"leaves {stats['leave_s']:.1f}s of it" if stats["joins"] or stats["leaves"]
+              else "")
     pauses = (f"; members paused {stats['pauses']} times for their clients' reports, "
               f"{stats['pause_ms_mean']:.0f} ms on average" if stats["pauses"] else "")
     return (f"{stats['group_steps']} group steps of {stats['members_per_step']} members, "
@@ -127,7 +139,7 @@ def describe_stats(stats: dict[str, Any]) -> str:
             f"({100 * stats['sync_fraction']:.0f}% of it waiting for the device), the first "
             f"{stats['first_step_s']:.1f}s{compiles}; stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
-            f"{waits or 'nothing'}{pauses}; first member in "
+            f"{waits or 'nothing'}{makeup}{pauses}; first member in "
             f"{stats['to_first_member_s']:.0f}s after the group's start (asked at "
             f"{stats['first_join_asked_s']:.0f}s; LLM loaded ahead in "
             f"{stats['preload_s']:.0f}s, the join {stats['first_join_s']:.0f}s)")
