@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -103,14 +104,11 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     path = work / f"search-{arm}.yaml"
     path.write_text(dump_yaml(search))
     t0 = time.perf_counter()
-    log = open(keep / f"{label}-sweep.log", "w") if keep is not None else subprocess.DEVNULL  # noqa: SIM115
-    try:  # the sweep's output (and its trials' and the group actor's, through Ray)
+    log_path = (keep or work) / f"{label}-sweep.log"
+    with log_path.open("w") as log:  # the sweep's output (its trials' and actor's, via Ray)
         subprocess.run([sys.executable, "-m", "tuning.sweep", str(path), "--restart"],
                        cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT,
                        env={**os.environ, "PHASE2_GROUP_PROFILE": profile_group})
-    finally:
-        if keep is not None:
-            log.close()
     wall = time.perf_counter() - t0
     tps, done, own_s, steady_s = [], 0, [], []
     step_tokens = batch * tokens_per_row
@@ -142,6 +140,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         compile_s = max(g["long_step_s"] for g in each)
         row_stats["first_step_s"] = max(g.get("first_step_s", 0.0) for g in each)
         train_s = max(g["step_s"] - g["long_step_s"] for g in each)
+        row_stats["wall_parts"] = wall_parts(wall, log_path.read_text(), each[0], k)
     if (sweep_dir / "group_profile.txt").exists():
         profile = (sweep_dir / "group_profile.txt").read_text()
         print(profile, flush=True)
@@ -157,6 +156,42 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
             "train_s": round(train_s, 1), "compile_fraction": round(compile_s / wall, 3),
             "tokens_per_s_per_trial": round(sum(tps) / max(1, len(tps))),
             "aggregate_tokens_per_s_steady": round(k * sum(tps) / max(1, len(tps)))}
+
+
+# The sweep's closing line: "sweep finished in 114s (preparation and Ray start 6s, ...)".
+FINISHED = re.compile(r"^sweep finished in (\d+)s \((.*)\):", re.MULTILINE)
+
+
+def wall_parts(wall: float, log: str, stats: dict, k: int) -> dict:
+    """Where a shared group's sweep spent its wall, in seconds that add up to it: outside
+    the sweep's own clock (the process's imports, validation and exit, Ray's shutdown), the
+    clock's parts (`tuning.sweep.format_clock`, whole seconds) with its trials split by
+    the group's stats (from the group's start to its first member, its first step (the
+    compile), its other steps, the joins, leaves and waits that held its steps, its time
+    between steps, and the rest: Tune's start and end around the group); and `slot_fill`,
+    the share of slot-steps a member filled, which bounds the end-to-end MFU at fill x
+    steady MFU however short the rest."""
+    found = FINISHED.search(log)
+    if found is None:
+        return {}
+    parts = {"outside the sweep's clock": wall - int(found.group(1))}
+    for part in found.group(2).split(", "):
+        name, _, secs = part.rpartition(" ")
+        parts[name] = float(secs.rstrip("s"))
+    trials = parts.pop("trials", 0.0)
+    # The group's own wall starts as its first member is in (that join is before it).
+    joins = stats["join_s"] - stats["first_join_s"] if "join_s" in stats else 0.0  # since run 30
+    held = {"joins after the first": joins,
+            "leaves": stats.get("leave_s", 0.0), "waits": sum(stats["wait_s"].values())}
+    group = {"group start to its first member": stats["to_first_member_s"],
+             "first group step (compile)": stats.get("first_step_s", 0.0),
+             "other group steps": stats["step_s"] - stats.get("first_step_s", 0.0), **held,
+             "group, between steps": stats["wall_s"] - stats["step_s"] - sum(held.values())}
+    parts.update(group)
+    parts["Tune around the group (and clock rounding)"] = trials - sum(group.values())
+    out = {name: round(v, 1) for name, v in parts.items()}
+    out["slot_fill"] = round(stats["members_per_step"] / k, 3)
+    return out
 
 
 def main() -> None:
@@ -251,6 +286,8 @@ def _finish(rows: list[dict], flops: int, args) -> None:
                                     / (args.peak_tflops * 1e12), 2)
         r["mfu_pct_e2e"] = round(100 * r["tokens"] * flops / r["wall_s"]
                                  / (args.peak_tflops * 1e12), 2)
+        if r.get("wall_parts"):
+            r["mfu_pct_e2e_ceiling"] = round(r["mfu_pct_steady"] * r["wall_parts"]["slot_fill"], 2)
     print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
