@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -120,6 +120,8 @@ for stage in ${stages[@]}; do
     join)      # a shared group's make-up changes: each join reading the splits again
                # against the group's shared splits, and what a leave costs
       timeout 300 python3 bench/group_join.py "${ref[@]}" --device cuda --json "$OUT/join.json" ;;
+    client)    # a shared group's trial process: its imports without torch, against with
+      timeout 120 python3 bench/client_start.py --reps 5 ;;
     kernels)   # the group's LoRA/attention kernel forms and one member's AdamW host time
       timeout 200 python3 bench/lora_kernels.py --json "$OUT/lora_kernels.json" &&
         timeout 60 python3 bench/adamw_step.py --json "$OUT/adamw_step.json" ;;

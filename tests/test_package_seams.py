@@ -90,3 +90,21 @@ def test_every_project_import_resolves_including_those_inside_functions() -> Non
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-2000:]
     assert len(wanted) > 100  # the walk found the imports
+
+
+def test_a_shared_groups_trial_client_imports_no_torch() -> None:
+    """A shared group's trial processes are thin clients (join, poll, report): the modules
+    they run, and a trial's config built from plain data, load no torch (each of a sweep's
+    first wave of trial processes would import it while the group actor imports the LLM's
+    code, on the same cores). The trainer package's names still load on first use."""
+    code = ("import sys\n"
+            "import tuning.raytune.group_actor, tuning.raytune.trainable\n"
+            "from trainer.config import TrainConfig, config_from_data\n"
+            "config_from_data(TrainConfig().to_plain(), 'test')\n"
+            "print('torch' in sys.modules)\n"
+            "import trainer\n"
+            "print(trainer.train.__module__, 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "trainer.loop", "True"], res.stdout

@@ -25,11 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from trainer.checkpoint_files import META, STATE, WEIGHTS
 from trainer.optim import group_of
 
-WEIGHTS = "trainable.safetensors"
-STATE = "state.pt"
-META = "trainer_state.json"
+__all__ = ["META", "STATE", "WEIGHTS"]  # the file names, re-exported for its readers
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -53,13 +53,15 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from trainer.inputs import Inputs
 from trainer.metrics import RunSummary
 from tuning.raytune.group_stats import GROUP_EVENTS, LONG_STEP_S, GroupStats
+
+if TYPE_CHECKING:  # annotations only: a trial client imports no torch
+    from trainer.inputs import Inputs
 
 GROUP_ACTOR_PREFIX = "phase2-group-"
 # A client's poll returns after this long even with nothing new; a group step longer than

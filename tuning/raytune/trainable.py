@@ -19,12 +19,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainer.checkpoint import META
-from trainer.inputs import Inputs
+from trainer.checkpoint_files import META
 from trainer.metrics import RunSummary, finite_or_none
 from tuning.analysis.trial_record import STALL_FILE
+
+if TYPE_CHECKING:  # annotations only: a trial client imports no torch
+    from trainer.inputs import Inputs
 
 
 @dataclass(frozen=True)
