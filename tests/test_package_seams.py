@@ -36,6 +36,14 @@ def _imports(path: Path) -> list[tuple[str, list[str], int]]:
     return out
 
 
+def _run_python(code: str) -> str:
+    """`code`'s stdout, run in a fresh interpreter from the project root (which must exit 0)."""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
 def test_trainer_and_analysis_import_neither_ray_nor_mlflow_statically() -> None:
     found = [f"{path.relative_to(ROOT)}:{line}: {module}"
              for folder in NO_RAY_NO_MLFLOW for path in _modules(folder)
@@ -52,10 +60,8 @@ def test_importing_every_trainer_and_analysis_module_loads_neither_ray_nor_mlflo
     code = ("import importlib, sys\n"
             f"for name in {names!r}: importlib.import_module(name)\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}))")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "[]", res.stdout
+    out = _run_python(code)
+    assert out.strip() == "[]", out
 
 
 def test_no_private_name_is_imported_across_project_modules() -> None:
@@ -85,10 +91,8 @@ def test_every_project_import_resolves_including_those_inside_functions() -> Non
             "    except ImportError as e:\n"
             "        bad.append(f'{module} {name}: {e}')\n"
             "print(bad)")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-2000:]
+    out = _run_python(code)
+    assert out.strip().splitlines()[-1] == "[]", out[-2000:]
     assert len(wanted) > 100  # the walk found the imports
 
 
@@ -104,7 +108,5 @@ def test_a_shared_groups_trial_client_imports_no_torch() -> None:
             "print('torch' in sys.modules)\n"
             "import trainer\n"
             "print(trainer.train.__module__, 'torch' in sys.modules)\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == ["False", "trainer.loop", "True"], res.stdout
+    out = _run_python(code)
+    assert out.split() == ["False", "trainer.loop", "True"], out
