@@ -28,8 +28,6 @@ from torch import nn
 from trainer.checkpoint_files import META, STATE, WEIGHTS
 from trainer.optim import group_of
 
-__all__ = ["META", "STATE", "WEIGHTS"]  # the file names, re-exported for its readers
-
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
