@@ -198,6 +198,26 @@ def test_the_actor_loads_the_shared_llm_before_its_first_member_joins(tiny):
     assert [e for e in stats["events"] if "s [group] shared LLM on cpu in " in e], stats
 
 
+def test_stats_count_the_group_steps_by_how_many_members_they_stepped(actor):
+    """How much of a group's stepping ran few members (ASHA's tail) is in its stats: two
+    members together, then one alone, each short step counted once by its members."""
+    group, cfg = actor
+    with group._lock:  # both join before the step thread runs: they start together
+        _join(group, cfg, "m0")
+        _join(group, cfg, "m1")
+    m0, m1 = group._members["m0"], group._members["m1"]
+    _wait(lambda: m0.paused and m1.paused)  # both at their second report, step 4
+    by = group.stats()["steps_by_members"]
+    assert by == {"2": {"steps": 4, "s": by["2"]["s"]}} and by["2"]["s"] > 0, by
+    for _ in range(2):  # m0's client reports, m1's does not: m0 steps alone (eager)
+        group.poll("m0")
+    _wait(lambda: list(m0.reports) == [6, 8])
+    stats = group.stats()
+    by = stats["steps_by_members"]
+    assert by["2"]["steps"] == 4 and by["1"]["steps"] == 4, by
+    assert stats["member_steps"] == 12 and stats["group_steps"] == 8, stats
+
+
 def test_a_long_step_does_not_make_its_members_orphans(actor, monkeypatch):
     """A compiled group's first step compiles for minutes, longer than orphan_timeout_s,
     while every client's poll waits on the actor: after it, the members are still members
@@ -339,11 +359,18 @@ def test_the_median_step_is_the_steady_one():
     st = GroupStats(started=time.monotonic())
     durations = [3.0, 2.0, 1.5] + [0.04] * 20  # recording the CUDA graphs, then steady
     st.group_steps, st.step_s = len(durations), sum(durations)
-    st.recent_s.extend(durations)
+    for took in durations:
+        st.count_step(8, took)
     stats = st.as_dict()
     assert stats["step_ms_median"] == 40.0 and stats["step_ms_mean"] > 280, stats
-    st.recent_s.extend([0.05] * RECENT_STEPS)
-    assert st.as_dict()["step_ms_median"] == 50.0
+    for _ in range(RECENT_STEPS):
+        st.count_step(2, 0.05)
+    stats = st.as_dict()
+    assert stats["step_ms_median"] == 50.0
+    # every short step counted by its members, the oldest too
+    assert stats["steps_by_members"] == {
+        "2": {"steps": RECENT_STEPS, "s": round(0.05 * RECENT_STEPS, 3)},
+        "8": {"steps": 23, "s": round(sum(durations), 3)}}, stats
     assert GroupStats().as_dict()["step_ms_median"] == 0.0  # no step yet
 
 

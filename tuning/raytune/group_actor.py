@@ -432,7 +432,8 @@ class GroupActor:
             if st.group_steps == 1:
                 st.first_step_s = took
             # what it launched: a member in `ready` that ends before training is not counted
-            st.member_steps += group.member_steps - trained
+            stepped = group.member_steps - trained
+            st.member_steps += stepped
             st.sync_s += group.sync_s - synced
             st.ahead_steps += group.ahead_steps - eager
             st.profile_report_s = report_s
@@ -445,7 +446,7 @@ class GroupActor:
                 for member in self._members.values():
                     member.last_poll = max(member.last_poll, ended)
             else:
-                st.recent_s.append(took)
+                st.count_step(stepped, took)
         if long:
             print(f"[group] a step of {len(ready)} members took {took:.0f}s", flush=True)
 

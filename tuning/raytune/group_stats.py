@@ -34,6 +34,11 @@ class GroupStats:
     # CUDA graph recordings), also when it is under LONG_STEP_S (a warm regional compile).
     first_step_s: float = 0.0
     ahead_steps: int = 0  # run eagerly while a helper process compiled (model.compile_ahead)
+    # The short steps by how many members each stepped: [steps, seconds]. A compiled
+    # group's step costs as much whatever its slots hold, so this says how much of the
+    # wall ran few members (ASHA's tail) and what a step whose cost followed its members
+    # would save (docs/performance.md).
+    by_members: dict[int, list[float]] = field(default_factory=dict)
     # The latest short steps' durations, for the median: the mean of the short steps
     # carries the first ones after a compile (CUDA graph recording, 1-5 s each), which in
     # a 300-step sweep raise it from the steady ~37 ms to ~50 (runs 16-20, H200).
@@ -83,6 +88,13 @@ class GroupStats:
             self.wait_s[why] += time.monotonic() - since
             self.waiting = None
 
+    def count_step(self, members: int, took: float) -> None:
+        """A short (not compiling) group step of `members` members that took `took` s."""
+        self.recent_s.append(took)
+        tally = self.by_members.setdefault(members, [0, 0.0])
+        tally[0] += 1
+        tally[1] += took
+
     def as_dict(self) -> dict[str, Any]:
         now = time.monotonic()
         wall = max(now - (self.started or now), 1e-9)
@@ -101,6 +113,9 @@ class GroupStats:
             "long_steps": self.long_steps, "long_step_s": round(self.long_step_s, 3),
             "first_step_s": round(self.first_step_s, 3),
             "ahead_steps": self.ahead_steps,
+            # JSON keys are strings: "3" -> 3 members per step
+            "steps_by_members": {str(n): {"steps": int(c), "s": round(t, 3)}
+                                 for n, (c, t) in sorted(self.by_members.items())},
             "sync_s": round(self.sync_s, 6),  # short on a CPU: not rounded to 0
             # 4 significant digits, not places: a CPU's read-backs are ~1e-5 of its steps, not 0
             "sync_fraction": float(
