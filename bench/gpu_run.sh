@@ -12,6 +12,9 @@
 # sweepall e2enan e2easha; their JSON names get -$COMPILE_SCOPE); unset: the config's.
 # COMPILE_AHEAD=1: model.compile_ahead=true for sweepall e2enan e2easha (a helper process
 # compiles while the members train eagerly; JSON names get -ahead).
+# EMPTY_SLOTS=1: model.run_empty_slots=true for sweepall e2enan e2easha (every group step runs
+# all its slots, empty ones too, in a static graph: the baseline of the occupied-slots step;
+# JSON names get -empty).
 # SCOPE_K: the scopes and ahead stages' group size (default 8); SCOPE_WARM=1: scopes also runs
 # each scope again, warm from its first run's caches; AHEAD_STEPS: ahead's steps.
 # Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
@@ -36,6 +39,8 @@ scope=${COMPILE_SCOPE:+--set model.compile_scope=$COMPILE_SCOPE}  # unquoted bel
 sfx=${COMPILE_SCOPE:+-$COMPILE_SCOPE}
 ahead=${COMPILE_AHEAD:+--set model.compile_ahead=true}  # unquoted below: 0 or 2 words
 sfx=$sfx${COMPILE_AHEAD:+-ahead}
+empty=${EMPTY_SLOTS:+--set model.run_empty_slots=true}  # unquoted below: 0 or 2 words
+sfx=$sfx${EMPTY_SLOTS:+-empty}
 stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
@@ -75,20 +80,20 @@ for stage in ${stages[@]}; do
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} ${SWEEP_LR_GROWTH:+--lr-growth $SWEEP_LR_GROWTH} \
-        --k ${SWEEP_ARMS:-1,8,g8c} $scope $ahead --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
+        --k ${SWEEP_ARMS:-1,8,g8c} $scope $ahead $empty --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
     e2enan)    # issue 21 (a), end to end: 8 trials, LR 1e-4..1e-1 x clip none/1.0 (some hit
                # NaN), one compiled group of 8 slots; run twice: cold, then warm from the
                # compile cache the first left in the storage
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400,g8c:400 \
         --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
-                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead \
+                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead $empty \
         --json "$OUT/e2enan$sfx.json" --keep-metrics "$OUT/e2enan$sfx-metrics" ;;
     e2easha)   # issue 21 (b): 16 trials under ASHA (grace 100, reduction 3, max 1,000
                # steps) through one compiled group of 8 slots
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 \
         --num-samples 16 --search random --asha 100,3 \
-        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead \
+        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead $empty \
         --json "$OUT/e2easha$sfx.json" --keep-metrics "$OUT/e2easha$sfx-metrics" ;;
     e2eahead)  # issue 21 (a) cold, both ways on one machine: the members training eagerly
                # while a helper compiles (model.compile_ahead), then compiling in the group's

@@ -747,6 +747,57 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
     assert_same_steps(solo["asha"].records[:4], asha, "asha")
 
 
+@pytest.mark.parametrize("run_empty", [False, True])
+def test_a_compiled_groups_step_runs_only_its_members_slots(tiny, monkeypatch, run_empty):
+    """As members leave a compiled group of 4 slots, its steps run only the slots that
+    members hold (at least two): 4, then 3, then 2 slots' rows through the LLM, in the one
+    graph, whose slot count is a dynamic dimension (an empty slot's rows no longer cost
+    a full slot: ASHA's tail). Every member trains as the same config trained alone.
+    `model.run_empty_slots: true` runs all 4 slots every step, in a static graph."""
+    from trainer.group_slots import SlotTable
+
+    specs = {k: dict(SPECS["a"], batch_size=4, seed=i, learning_rate=1e-3 * (i + 1),
+                     total_training_steps=n)
+             for i, (k, n) in enumerate({"a": 9, "b": 7, "c": 5, "d": 3}.items())}
+
+    def cfg(prefix, k, compiled):
+        c = _cfg(tiny, f"{prefix}-{k}", **specs[k])
+        c.output.sync_every = 4  # device guard, as on a GPU
+        c.model.compile = "reduce-overhead" if compiled else "off"
+        c.model.run_empty_slots = run_empty
+        return c
+
+    solo = {k: _solo(cfg("solo", k, False)) for k in specs}
+    graphs = _count_group_graphs(monkeypatch)
+    ran, real_running = [], SlotTable.running
+
+    def running(self, active):
+        out = real_running(self, active)
+        ran.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(SlotTable, "running", running)
+    group = TrialGroup(prepare_inputs(cfg("run", "a", True), _quiet), log=_quiet, slots=4)
+    sinks = {k: MemorySink() for k in specs}
+    for k in specs:
+        group.add_member(k, cfg("run", k, True), sinks[k])
+    while group.members:
+        group.step()
+    assert len(graphs) == 1, len(graphs)
+    # the graph's inputs: a symbolic slot count, unless every slot runs
+    symbolic = [n for n in graphs[0].graph.nodes if n.op == "placeholder"
+                and isinstance(n.meta.get("val"), torch.SymInt)]
+    if run_empty:
+        assert ran == [] and not symbolic
+    else:
+        assert ran == [4] * 3 + [3] * 2 + [2] * 2 + [2] * 2, ran  # d, c, b end; a alone
+        assert symbolic, [n.meta.get("val") for n in graphs[0].graph.nodes
+                          if n.op == "placeholder"]
+    monkeypatch.setattr(sys.modules[__name__], "RTOL", 1e-4)  # stacked bmm's rounding
+    for k in specs:
+        assert_same_steps(solo[k].records, sinks[k].records, k)
+
+
 @pytest.mark.parametrize("rates", [(0.1, 0.1), (0.1, 0.3)])
 def test_compiled_group_with_lora_dropout_stays_on_stacked_weights(tiny, monkeypatch, rates):
     """LoRA dropout (0.05 by default) does not close the batched path: the members' rows

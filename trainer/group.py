@@ -393,15 +393,20 @@ class TrialGroup:
                     slotted = self.slot_table.slot_parts(active, parts)
                     self.slot_table.open_cache(slotted, self._ref, self._lm, self.device,
                                                list(self.members.values()), self.inputs)
+                    # Only the active members' slots run the LLM (`SlotTable.running`);
+                    # None: all K, the others' rows masked.
+                    running = (None if self._ref.model.run_empty_slots
+                               else self.slot_table.running(active))
+                    order, ids = running or (list(range(len(slotted))), None)
                     if self.slot_table.eager_while_compiling():  # the forward, uncompiled
                         with eager_blocks(self._lm):
-                            out = stacked_rows_losses(self._peft, slotted, stacks)
+                            out = stacked_rows_losses(self._peft, slotted, stacks, ids)
                     else:
-                        with self._skip_guards(slotted, active):
-                            out = self._compiled(self._peft, slotted, stacks)
-                    # An empty (or waiting) slot's loss is left out of the sum below: its
-                    # rows get no gradient and reach no member.
-                    losses = [out[m.slot] for m in active]
+                        with self._skip_guards(slotted, active, ids):
+                            out = self._compiled(self._peft, slotted, stacks, ids)
+                    # A slot not running, or running but empty or waiting, has its loss left
+                    # out of the sum below: its rows get no gradient and reach no member.
+                    losses = [out[order.index(m.slot)] for m in active]
                 elif static:
                     with self._skip_guards(parts, active):
                         losses = self._compiled(self._peft, parts, stacks)
@@ -449,8 +454,8 @@ class TrialGroup:
 
     # ------------------------------------------------------------------ internals
 
-    def _skip_guards(self, parts: list[Rows], active: list[Member]
-                     ) -> contextlib.AbstractContextManager:
+    def _skip_guards(self, parts: list[Rows], active: list[Member],
+                     running: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
         """The compiled forward's guard check, skipped once this make-up's calls repeat
         (`trainer.compile_guards`). Each routing, each seating of members in the slots and
         each set of stepped slots is a signature of its own, so every make-up change is
@@ -459,6 +464,8 @@ class TrialGroup:
         if self._guard_skip is None:
             return contextlib.nullcontext()
         tensors = [t for p in parts for t in (p.features, p.input_ids, p.labels)]
+        if running is not None:
+            tensors.append(running)
         return self._guard_skip.around(self._peft, *tensors,
                                        key=self.slot_table.call_key(active))
 

@@ -17,7 +17,8 @@ from trainer.model import lora_target_names
 # Every key whose value the shared forward fixes for the whole group.
 SHARED_KEYS = (
     "model.llm_path", "model.attn_implementation", "model.lora.target_modules", "model.compile",
-    "model.compile_scope", "model.compile_ahead", "model.skip_compile_guards",
+    "model.compile_scope", "model.compile_ahead", "model.run_empty_slots",
+    "model.skip_compile_guards",
     "model.cast_frozen_linears", "phase2.precision", "phase2.gradient_accumulation_steps",
     "phase1.bundle_path",
     "data", "demo",

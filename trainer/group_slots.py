@@ -65,6 +65,7 @@ class SlotTable:
         # (`_bind_projector`), so a CUDA-graph forward finds them at the same addresses.
         self._weights: list[list[torch.Tensor]] = []
         self._filler_rows: dict[int, Rows] = {}  # per slot: its empty rows, made once
+        self._running: dict[tuple[int, ...], torch.Tensor] = {}  # `running`'s, made once
         self._cache_open = False  # the slots were (re)built: their artifacts to load
         self._cache_save = False  # their first step compiled: artifacts to save
         self.ahead: CompileAhead | None = None  # the helper compiling them (compile_ahead)
@@ -152,7 +153,7 @@ class SlotTable:
             for q, w in zip(filler.parameters(), weights, strict=True):
                 q.data = w
             self.fillers.append(filler)
-        self._filler_rows = {}
+        self._filler_rows, self._running = {}, {}
         for i, m in enumerate(members):
             self._bind_projector(i, m)
         route_blocks(layers, tuple((f"slot{i}", rows) for i in range(k)), self.stacks)
@@ -180,6 +181,30 @@ class SlotTable:
         members seated in the slots and the slots stepped (for the guard skip,
         `trainer.compile_guards`)."""
         return (self._routings, self._makeups, tuple(m.slot for m in active))
+
+    def running(self, active: list[Member]) -> tuple[list[int], torch.Tensor] | None:
+        """The slots a compiled step runs through the LLM: the `active` members' in slot
+        order, also as an int64 tensor on the stacks' device whose length is a dynamic
+        dimension of the graph (`trainer.rows.stacked_rows_losses`). So a step of 3
+        members costs about what 3 members cost, not K, and every count runs the one
+        graph. None: run all K (members whose LoRA dropout rates differ drop out per slot,
+        over all slots' rows).
+
+        At least two slots run: Dynamo specialises a dimension of size 1 (a second graph),
+        so a member stepping alone runs with one more slot, whose loss is not used."""
+        st = self.stacks
+        k = len(st.adapters)
+        if len(set(st.rates)) > 1 or k < 2:
+            return None
+        slots = sorted(m.slot for m in active)
+        if len(slots) < 2:
+            slots = sorted([*slots, next(s for s in range(k) if s not in slots)])
+        key = tuple(slots)
+        ids = self._running.get(key)
+        if ids is None:
+            ids = self._running[key] = torch.tensor(slots, device=st.flat.device)
+            torch._dynamo.mark_dynamic(ids, 0)
+        return slots, ids
 
     def slot_parts(self, active: list[Member], parts: list[Rows]) -> list[Rows]:
         """The compiled forward's input over fixed slots: one block of the slots' rows per
@@ -323,4 +348,4 @@ class SlotTable:
                 self._unbind_projector(m)
             m.slot = None
         self.fixed = False
-        self.fillers, self._filler_rows, self._weights = [], {}, []
+        self.fillers, self._filler_rows, self._weights, self._running = [], {}, [], {}

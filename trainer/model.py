@@ -280,6 +280,29 @@ def target_losses(hidden: torch.Tensor, blocks: list[tuple[int, Targets]], lm_he
     return [s.sum() / t.count for s, (_, t) in zip(sums, blocks, strict=True)]
 
 
+def slot_losses(hidden: torch.Tensor, labels: torch.Tensor, prefix: int, slot_rows: int,
+                lm_head: nn.Module, chunk: int) -> torch.Tensor:
+    """Each slot's mean target loss, [n], of a batch of n slots of `slot_rows` rows each:
+    `hidden` [n x slot_rows, prefix + t, width], `labels` [n x slot_rows, t] on its device
+    (the targets of `text_targets`: every text position's predecessor goes through the LM
+    head, non-targets carry IGNORE_INDEX). The slot count n may be a dynamic dimension of a
+    compiled graph (a trial group stepping only its occupied slots), so nothing here loops
+    over it or depends on its value: the LM head runs over `chunk` text positions of every
+    slot at a time, a static number of chunks (the caller bounds chunk x its largest n)."""
+    t, width = labels.shape[1], hidden.shape[-1]
+    # Position i predicts label i + 1: the text's predecessors are prefix - 1 ... + t - 1.
+    h = hidden[:, prefix - 1 : prefix - 1 + t].reshape(-1, slot_rows * t, width)
+    y = labels.reshape(-1, slot_rows * t)
+    sums = []
+    for i in range(0, slot_rows * t, chunk):
+        logits = lm_head(h[:, i : i + chunk]).float()
+        sums.append(F.cross_entropy(logits.flatten(0, 1), y[:, i : i + chunk].reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="none")
+                    .view_as(y[:, i : i + chunk]).sum(1))
+    counts = (y != IGNORE_INDEX).sum(1).float()
+    return sum(sums[1:], sums[0]) / counts
+
+
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -117,8 +117,10 @@ def block_lora_forward(layer: nn.Module, blocks: list[tuple[str, int]],
     if stacks is not None:  # equal blocks, equal shapes: the batched path
         stack_a, stack_b = stacks.layer_views(layer)
         x = stacks.dropout(x.to(stack_a.dtype), sizes, layer.training)  # peft's cast
-        xs = x.reshape(len(blocks), -1, x.shape[-1])  # a view, no copy
-        return bmm_lora(result, xs, stack_a, stack_b, stacks.scales.to(xs.dtype),
+        # As many blocks as the stacks lent this forward (a group's running slots), not
+        # len(blocks): their count may be a dynamic dimension of the graph.
+        xs = x.reshape(stack_a.shape[0], -1, x.shape[-1])  # a view, no copy
+        return bmm_lora(result, xs, stack_a, stack_b, stacks.layer_scales().to(xs.dtype),
                          weights_left=False).to(out_dtype)
     lora_a = [layer.lora_A[a].weight for a in names]
     lora_b = [layer.lora_B[a].weight for a in names]
@@ -341,23 +343,32 @@ class LoraStacks:
         return torch.cat([F.dropout(xb, p, training=True) if p else xb
                           for p, xb in zip(self.rates, x.split(sizes), strict=True)])
 
-    def split(self) -> list[torch.Tensor]:
+    def split(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every layer's A [K, r, in] and B [K, out, r] weights in the compute dtype, in
-        layer order: one cast of the stack and one split (whose backward is one cat)."""
-        k = self.flat.shape[0]
-        flat = self.flat if self.compute_dtype is None else self.flat.to(self.compute_dtype)
+        layer order: one cast of the stack and one split (whose backward is one cat).
+        `slots`: only these slots' rows, in this order ([n, r, in] and [n, out, r])."""
+        flat = self.flat if slots is None else self.flat.index_select(0, slots)
+        k = flat.shape[0]
+        flat = flat if self.compute_dtype is None else flat.to(self.compute_dtype)
         sizes = [shape.numel() for _, shape in self.spans]
         return [t.view(k, *shape) for t, (_, shape)
                 in zip(flat.split(sizes, dim=1), self.spans, strict=True)]
 
-    def lend(self, pieces: list[torch.Tensor] | None) -> None:
+    def lend(self, pieces: list[torch.Tensor] | None,
+             scales: torch.Tensor | None = None) -> None:
         """Hand every layer its A and B of `pieces` (`split`, for one forward) as a
         tensor attribute of its own (`lora_stacked`); None takes them back. Attributes,
         not `pieces[2 * index]` read by layer index: a compiled decoder block reads them
-        as its inputs, the same code for every layer (`route_blocks`)."""
+        as its inputs, the same code for every layer (`route_blocks`). `scales`: the
+        LoRA scalings of the slots `pieces` hold, when not all of them (`layer_scales`)."""
+        self.lent_scales = scales
         for i, layer in enumerate(self.layers):
             layer.lora_stacked = (None if pieces is None
                                   else (pieces[2 * i], pieces[2 * i + 1]))
+
+    def layer_scales(self) -> torch.Tensor:
+        """The LoRA scalings [n, 1, 1] of the slots lent for this forward (all K: `scales`)."""
+        return self.scales if self.lent_scales is None else self.lent_scales
 
     def layer_views(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """`layer`'s stacked A and B: what it was lent for this forward, else `views`."""
