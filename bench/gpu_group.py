@@ -15,6 +15,16 @@ back after every group step and once per 10 (output.sync_every). The group runs 
 unless `--set model.compile=MODE` (then its shared forward is compiled once per group
 size, outside the timed steps). LoRA dropout is 0 (members then train exactly as alone)
 unless `--set model.lora.dropout=P` (a sweep's trials have the config's, 0.05 by default).
+
+`--running 4,2,1` also times, for each K, group steps of only the first n members (the
+others wait, as in ASHA's tail or a member waiting for its client), and `--arms
+occupied,all` runs every K twice in the one process: a compiled group's step running only
+its members' slots (the default), then every slot, empty ones too
+(`model.run_empty_slots: true`, the baseline); each arm compiles its own graph. What a
+step of n members costs against one of K is what a sweep's tail spends:
+
+    python bench/gpu_group.py configs/reference.yaml --k 8 --running 8,4,2,1 \
+        --arms occupied,all --set model.compile=reduce-overhead
 """
 
 from __future__ import annotations
@@ -81,6 +91,19 @@ def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
         for _ in range(steps):
             group.step()
         times[sync] = (_sync() - t0) / steps
+    ids = list(group.members)
+    for n in args.running:  # steps of the first n members, the others waiting
+        only = ids[:n]
+        for _ in range(args.warmup):  # a new count: its CUDA graph is recorded here
+            group.step(only=only)
+        while any(m.pending for m in group.members.values()):
+            group.step(only=only)
+        sync = next(iter(group.members.values())).run.sync_every
+        steps = max(1, args.steps // sync) * sync
+        t0 = _sync()
+        for _ in range(steps):
+            group.step(only=only)
+        times[("running", n)] = (_sync() - t0) / steps
     if args.profile and k == args.profile:
         profile_steps(lambda _i: group.step(), 0, max(3, args.sync[-1]))  # a whole window
     first = next(iter(group.members.values()))
@@ -104,6 +127,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--sync", default="10", type=lambda v: [int(x) for x in v.split(",")],
                     help="read-back windows (output.sync_every) to time the same group under")
+    ap.add_argument("--running", default="", type=lambda v: [int(x) for x in v.split(",") if x],
+                    help="also time steps of only the first n members, for each n")
+    ap.add_argument("--arms", default="occupied",
+                    help="occupied (a step runs its members' slots), all (every slot: "
+                         "model.run_empty_slots), or both, comma-separated")
     ap.add_argument("--profile", type=int, default=0,
                     help="also profile a read-back window of the group of this size")
     args = ap.parse_args()
@@ -116,24 +144,37 @@ def main() -> None:
     tokens, per_member, device = bench_batch(inputs, n, args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in [int(x) for x in args.k.split(",")]:
+        for arm, k in [(a, int(x)) for a in args.arms.split(",") for x in args.k.split(",")]:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            r = run_group(cfg, inputs, k, tokens, args, Path(tmp))
+            arm_cfg = cfg.model_copy(deep=True)
+            arm_cfg.model.run_empty_slots = arm == "all"
+            r = run_group(arm_cfg, inputs, k, tokens, args, Path(tmp) / arm)
             flops = 4 * r["frozen"] + 6 * r["trainable"]
-            for sync, step in r["times"].items():
-                tps = k * per_member / step
-                row = {"k": k, "sync_every": sync, "group_step_ms": round(step * 1e3, 2),
+            for what, step in r["times"].items():
+                # (running, n): n members stepped, read back every sync_every steps
+                sync, n = (what, k) if isinstance(what, int) else (None, what[1])
+                tps = n * per_member / step
+                row = {"arm": arm, "k": k, "running": n, "sync_every": sync,
+                       "group_step_ms": round(step * 1e3, 2),
                        "aggregate_tokens_per_s": round(tps),
-                       "trial_steps_per_s": round(k / step, 2),
+                       "trial_steps_per_s": round(n / step, 2),
                        "mfu_pct": round(100 * tps * flops / (args.peak_tflops * 1e12), 2),
                        "peak_mem_gib": r["peak_mem_gib"], "first_step_s": r["first_step_s"]}
                 rows.append(row)
                 row["ratio_vs_first"] = round(
                     row["trial_steps_per_s"] / rows[0]["trial_steps_per_s"], 2)
                 print(json.dumps(row), flush=True)
+    for row in rows:  # the same step, every slot run: the baseline of this process
+        base = [b for b in rows if b["arm"] == "all" and b["k"] == row["k"]
+                and b["running"] == row["running"] and b["sync_every"] == row["sync_every"]]
+        if row["arm"] != "all" and base:
+            row["step_ratio_vs_all"] = round(row["group_step_ms"] / base[0]["group_step_ms"], 3)
+            print(f"k={row['k']} running {row['running']}: {row['group_step_ms']} ms against "
+                  f"{base[0]['group_step_ms']} ms with every slot run = "
+                  f"{row['step_ratio_vs_all']}x", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": device, "batch": args.batch,
                                          "text_len": args.text_len, "rows": rows}, indent=2))

@@ -202,7 +202,8 @@ class Model(_Strict):
     # (trainer.compile_ahead); a solo run compiles in its own process
     run_empty_slots: bool = False  # a compiled trial group's step runs all its slots through
     # the LLM, empty ones too (static shapes); false: only the members' slots, their count
-    # a dynamic dimension of the one graph (trainer.group_slots.SlotTable.running)
+    # a dynamic dimension of the one graph (trainer.group_slots.SlotTable.running; with
+    # compile_scope model; layers always runs every slot)
     skip_compile_guards: bool = True  # a compiled forward skips TorchDynamo's guard check
     # (~2 ms of host time a call) on calls that repeat a warmed-up signature
     # (trainer.compile_guards); false checks every call

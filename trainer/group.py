@@ -395,7 +395,10 @@ class TrialGroup:
                                                list(self.members.values()), self.inputs)
                     # Only the active members' slots run the LLM (`SlotTable.running`);
                     # None: all K, the others' rows masked.
+                    # Only with the whole forward compiled: each compiled decoder block
+                    # (`compile_scope: layers`) would trace its batch again per count.
                     running = (None if self._ref.model.run_empty_slots
+                               or self._ref.model.compile_scope != "model"
                                else self.slot_table.running(active))
                     order, ids = running or (list(range(len(slotted))), None)
                     if self.slot_table.eager_while_compiling():  # the forward, uncompiled
