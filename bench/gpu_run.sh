@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client occupancy
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -72,6 +72,11 @@ for stage in ${stages[@]}; do
         --sync ${GROUP_SYNC:-10} ${GROUP_PROFILE:+--profile $GROUP_PROFILE} \
         --set model.compile=reduce-overhead $scope ${GROUP_DROPOUT:+--set model.lora.dropout=$GROUP_DROPOUT} \
         --json "$OUT/groupc$sfx.json" ;;
+    occupancy) # a compiled group of 8 stepping 8, 4, 2 and 1 of its members: running only
+               # the members' slots against every slot (model.run_empty_slots), one process
+      timeout ${OCC_TIMEOUT:-400} python3 bench/gpu_group.py "${ref[@]}" --k 8 --running 8,4,2,1 \
+        --arms occupied,all --steps 30 --sync 10 --set model.compile=reduce-overhead \
+        --json "$OUT/occupancy.json" ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
         --k 1,g8 --json "$OUT/sweep.json" ;;
