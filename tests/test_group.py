@@ -749,10 +749,10 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
 
 @pytest.mark.parametrize("run_empty", [False, True])
 def test_a_compiled_groups_step_runs_only_its_members_slots(tiny, monkeypatch, run_empty):
-    """As members leave a compiled group of 4 slots, its steps run only the slots that
-    members hold (at least two): 4, then 3, then 2 slots' rows through the LLM, in the one
-    graph, whose slot count is a dynamic dimension (an empty slot's rows no longer cost
-    a full slot: ASHA's tail). Every member trains as the same config trained alone.
+    """As members leave a compiled group of 4 slots, its steps run only as many slots as
+    its members need (a power of two, at least two): 4, then 2 slots' rows through the
+    LLM, in the one graph, whose slot count is a dynamic dimension (empty slots no longer
+    cost full ones: ASHA's tail). Every member trains as the same config trained alone.
     `model.run_empty_slots: true` runs all 4 slots every step, in a static graph."""
     from trainer.group_slots import SlotTable
 
@@ -790,7 +790,9 @@ def test_a_compiled_groups_step_runs_only_its_members_slots(tiny, monkeypatch, r
     if run_empty:
         assert ran == [] and not symbolic
     else:
-        assert ran == [4] * 3 + [3] * 2 + [2] * 2 + [2] * 2, ran  # d, c, b end; a alone
+        # d ends, then c (3 members run in 4 slots: counts are powers of two), then b
+        # (a alone runs in 2: never 1)
+        assert ran == [4] * 3 + [4] * 2 + [2] * 2 + [2] * 2, ran
         assert symbolic, [n.meta.get("val") for n in graphs[0].graph.nodes
                           if n.op == "placeholder"]
     monkeypatch.setattr(sys.modules[__name__], "RTOL", 1e-4)  # stacked bmm's rounding

@@ -183,22 +183,26 @@ class SlotTable:
         return (self._routings, self._makeups, tuple(m.slot for m in active))
 
     def running(self, active: list[Member]) -> tuple[list[int], torch.Tensor] | None:
-        """The slots a compiled step runs through the LLM: the `active` members' in slot
-        order, also as an int64 tensor on the stacks' device whose length is a dynamic
-        dimension of the graph (`trainer.rows.stacked_rows_losses`). So a step of 3
-        members costs about what 3 members cost, not K, and every count runs the one
-        graph. None: run all K (members whose LoRA dropout rates differ drop out per slot,
-        over all slots' rows).
+        """The slots a compiled step runs through the LLM, in slot order: the `active`
+        members', and as many others as make the count a power of two (2, 4, 8, ...; K at
+        most), also as an int64 tensor on the stacks' device whose length is a dynamic
+        dimension of the graph (`trainer.rows.stacked_rows_losses`). So a step of 2 members
+        costs about what 2 slots cost, not K, and every count runs the one graph. None: run
+        all K (members whose LoRA dropout rates differ drop out per slot, over all slots'
+        rows).
 
-        At least two slots run: Dynamo specialises a dimension of size 1 (a second graph),
-        so a member stepping alone runs with one more slot, whose loss is not used."""
+        Powers of two, not the members' exact count: with CUDA graphs each count is a
+        recording of its own, seconds each the first time, and an ASHA sweep passes
+        through every count from K down; 2 at least, since Dynamo specialises a dimension
+        of size 1 (another graph). The other slots' losses are never used."""
         st = self.stacks
         k = len(st.adapters)
         if len(set(st.rates)) > 1 or k < 2:
             return None
         slots = sorted(m.slot for m in active)
-        if len(slots) < 2:
-            slots = sorted([*slots, next(s for s in range(k) if s not in slots)])
+        target = min(k, max(2, 1 << (len(slots) - 1).bit_length()))
+        spare = iter(s for s in range(k) if s not in slots)
+        slots = sorted([*slots, *(next(spare) for _ in range(target - len(slots)))])
         key = tuple(slots)
         ids = self._running.get(key)
         if ids is None:
