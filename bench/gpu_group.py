@@ -19,8 +19,8 @@ unless `--set model.lora.dropout=P` (a sweep's trials have the config's, 0.05 by
 `--running 4,2,1` also times, for each K, group steps of only the first n members (the
 others wait, as in ASHA's tail or a member waiting for its client), and `--arms
 occupied,all` runs every K twice in the one process: a compiled group's step running only
-its members' slots (the default), then every slot, empty ones too
-(`model.run_empty_slots: true`, the baseline); each arm compiles its own graph. What a
+the slots its members need (`model.run_empty_slots: false`), then every slot, empty ones
+too (`true`, the default and the baseline); each arm compiles its own graph. What a
 step of n members costs against one of K is what a sweep's tail spends:
 
     python bench/gpu_group.py configs/reference.yaml --k 8 --running 8,4,2,1 \
@@ -129,9 +129,10 @@ def main() -> None:
                     help="read-back windows (output.sync_every) to time the same group under")
     ap.add_argument("--running", default="", type=lambda v: [int(x) for x in v.split(",") if x],
                     help="also time steps of only the first n members, for each n")
-    ap.add_argument("--arms", default="occupied",
-                    help="occupied (a step runs its members' slots), all (every slot: "
-                         "model.run_empty_slots), or both, comma-separated")
+    ap.add_argument("--arms", default="all",
+                    help="all (every slot runs: model.run_empty_slots, the default), "
+                         "occupied (a step runs the slots its members need), or both, "
+                         "comma-separated")
     ap.add_argument("--profile", type=int, default=0,
                     help="also profile a read-back window of the group of this size")
     args = ap.parse_args()

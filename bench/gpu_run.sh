@@ -12,9 +12,9 @@
 # sweepall e2enan e2easha; their JSON names get -$COMPILE_SCOPE); unset: the config's.
 # COMPILE_AHEAD=1: model.compile_ahead=true for sweepall e2enan e2easha (a helper process
 # compiles while the members train eagerly; JSON names get -ahead).
-# EMPTY_SLOTS=1: model.run_empty_slots=true for sweepall e2enan e2easha (every group step runs
-# all its slots, empty ones too, in a static graph: the baseline of the occupied-slots step;
-# JSON names get -empty).
+# OCCUPIED_SLOTS=1: model.run_empty_slots=false for sweepall e2enan e2easha (a group step runs
+# only as many slots as its members need, the count a dynamic dimension of its graph; the
+# default runs every slot; JSON names get -occupied).
 # SCOPE_K: the scopes and ahead stages' group size (default 8); SCOPE_WARM=1: scopes also runs
 # each scope again, warm from its first run's caches; AHEAD_STEPS: ahead's steps.
 # Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
@@ -39,8 +39,8 @@ scope=${COMPILE_SCOPE:+--set model.compile_scope=$COMPILE_SCOPE}  # unquoted bel
 sfx=${COMPILE_SCOPE:+-$COMPILE_SCOPE}
 ahead=${COMPILE_AHEAD:+--set model.compile_ahead=true}  # unquoted below: 0 or 2 words
 sfx=$sfx${COMPILE_AHEAD:+-ahead}
-empty=${EMPTY_SLOTS:+--set model.run_empty_slots=true}  # unquoted below: 0 or 2 words
-sfx=$sfx${EMPTY_SLOTS:+-empty}
+empty=${OCCUPIED_SLOTS:+--set model.run_empty_slots=false}  # unquoted below: 0 or 2 words
+sfx=$sfx${OCCUPIED_SLOTS:+-occupied}
 stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"

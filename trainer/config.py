@@ -200,10 +200,10 @@ class Model(_Strict):
     compile_ahead: bool = False  # a trial group's first compile (when its compile cache
     # has none) made by a helper process while the members train eagerly
     # (trainer.compile_ahead); a solo run compiles in its own process
-    run_empty_slots: bool = False  # a compiled trial group's step runs all its slots through
-    # the LLM, empty ones too (static shapes); false: only the members' slots, their count
-    # a dynamic dimension of the one graph (trainer.group_slots.SlotTable.running; with
-    # compile_scope model; layers always runs every slot)
+    run_empty_slots: bool = True  # a compiled trial group's step runs all its slots through
+    # the LLM, empty ones too (static shapes); false: only as many as its members need, the
+    # count a dynamic dimension of the one graph (trainer.group_slots.SlotTable.running;
+    # compile_scope model only). True until measured on a GPU (docs/performance.md)
     skip_compile_guards: bool = True  # a compiled forward skips TorchDynamo's guard check
     # (~2 ms of host time a call) on calls that repeat a warmed-up signature
     # (trainer.compile_guards); false checks every call
