@@ -15,6 +15,8 @@
 # OCCUPIED_SLOTS=1: model.run_empty_slots=false for sweepall e2enan e2easha (a group step runs
 # only as many slots as its members need, the count a dynamic dimension of its graph; the
 # default runs every slot; JSON names get -occupied).
+# OCC_SET=KEY=VALUE: one more override of the occupancy stage (e.g.
+# demo.llm.num_hidden_layers=8 for a shorter compile); OCC_TIMEOUT: its time limit.
 # SCOPE_K: the scopes and ahead stages' group size (default 8); SCOPE_WARM=1: scopes also runs
 # each scope again, warm from its first run's caches; AHEAD_STEPS: ahead's steps.
 # Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
@@ -75,8 +77,8 @@ for stage in ${stages[@]}; do
     occupancy) # a compiled group of 8 stepping 8, 4, 2 and 1 of its members: running only
                # the members' slots against every slot (model.run_empty_slots), one process
       timeout ${OCC_TIMEOUT:-400} python3 bench/gpu_group.py "${ref[@]}" --k 8 --running 8,4,2,1 \
-        --arms occupied,all --steps 30 --sync 10 --set model.compile=reduce-overhead \
-        --json "$OUT/occupancy.json" ;;
+        --arms all,occupied --steps 30 --sync 10 --set model.compile=reduce-overhead \
+        ${OCC_SET:+--set $OCC_SET} --json "$OUT/occupancy.json" ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
         --k 1,g8 --json "$OUT/sweep.json" ;;
