@@ -393,10 +393,10 @@ class TrialGroup:
                     slotted = self.slot_table.slot_parts(active, parts)
                     self.slot_table.open_cache(slotted, self._ref, self._lm, self.device,
                                                list(self.members.values()), self.inputs)
-                    # Only the active members' slots run the LLM (`SlotTable.running`);
-                    # None: all K, the others' rows masked.
-                    # Only with the whole forward compiled: each compiled decoder block
-                    # (`compile_scope: layers`) would trace its batch again per count.
+                    # With `run_empty_slots: false` only the slots the active members need
+                    # run the LLM (`SlotTable.running`); else all K, the others' rows
+                    # masked. Only with the whole forward compiled: each compiled decoder
+                    # block (`compile_scope: layers`) would trace its batch again per count.
                     running = (None if self._ref.model.run_empty_slots
                                or self._ref.model.compile_scope != "model"
                                else self.slot_table.running(active))
