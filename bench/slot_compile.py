@@ -46,6 +46,9 @@ def main() -> None:
                     help="runs, demo assets and the compile cache (reuse it for a warm run)")
     ap.add_argument("--label", default="run", help="printed with every line")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile-times", action="store_true",
+                    help="print Dynamo's per-phase compile times at the end (what a cold or "
+                         "warm first step spent tracing, compiling and loading)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="KEY=VALUE base-config override, after the small demo's")
     args = ap.parse_args()
@@ -97,6 +100,10 @@ def main() -> None:
                       "graphs": counters["stats"]["unique_graphs"],
                       "cache_loaded": group.compile_cache.loaded,
                       "cache_saved": group.compile_cache.saved, "finite": finite}), flush=True)
+    if args.compile_times:
+        from torch._dynamo.utils import compile_times
+
+        print(compile_times(repr="str", aggregate=True), flush=True)
 
 
 if __name__ == "__main__":
