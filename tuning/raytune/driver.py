@@ -399,12 +399,20 @@ def fit_sweep(loaded: Loaded, sweep_dir: Path, trainable: Any, tracking: tune.Ca
 
 
 def close_group(groups: SharedGroups, sweep_dir: Path) -> None:
-    """After the trials: the shared groups' figures to GROUP_STATS (one group's, or
-    ``{"groups": [...]}``), their members' runs closed, and the actors killed and their
+    """After the trials: the shared groups' members' runs closed, then their figures to
+    GROUP_STATS (one group's, or ``{"groups": [...]}``), and the actors killed and their
     placement group removed (the GPU memory freed for the recheck)."""
     from ray.util.placement_group import remove_placement_group
 
-    try:  # the figures only: a failure here must not keep the members open
+    # Closed first: a trial Tune stopped may still be a member whose client's leave is in
+    # flight, and the group steps it until then; figures taken before would miss the
+    # steps it trains meanwhile, whose records its run dir still gets.
+    try:  # stopped trials' runs end even if their client's leave is still in flight
+        ray.get([g.close.remote() for g in groups.actors], timeout=GROUP_CLOSE_TIMEOUT_S)
+    except Exception as e:  # a dead or stuck actor: its runs stay as they are on disk
+        print(f"[sweep] warning: a shared group did not close its members: {e}",
+              file=sys.stderr)
+    try:  # the figures only: a failure here must not keep the actors alive
         stats = ray.get([g.stats.remote() for g in groups.actors], timeout=30)  # no step waits
         data = stats[0] if len(stats) == 1 else {"groups": stats}
         atomic_write_text(sweep_dir / GROUP_STATS, json.dumps(data, indent=2) + "\n")
@@ -415,11 +423,6 @@ def close_group(groups: SharedGroups, sweep_dir: Path) -> None:
                 print(f"[sweep] {which} at {line}")
     except Exception as e:
         print(f"[sweep] warning: no shared-group stats: {e}", file=sys.stderr)
-    try:  # stopped trials' runs end even if their client's leave is still in flight
-        ray.get([g.close.remote() for g in groups.actors], timeout=GROUP_CLOSE_TIMEOUT_S)
-    except Exception as e:  # a dead or stuck actor: its runs stay as they are on disk
-        print(f"[sweep] warning: a shared group did not close its members: {e}",
-              file=sys.stderr)
     for group in groups.actors:
         ray.kill(group)  # every member finished; free its GPU memory for the recheck
     if groups.placement is not None:
