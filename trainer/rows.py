@@ -109,15 +109,14 @@ def stacked_rows_losses(llm: nn.Module, parts: list[Rows], stacks: LoraStacks | 
     count. Their losses come back as one tensor, in slot order."""
     if stacks is None:
         return rows_losses(llm, parts, routed=True)
+    rows = None
     if slots is None:
         stacks.lend(stacks.split())
     else:
-        stacks.lend(stacks.split(slots), stacks.scales.index_select(0, slots))
-    try:
-        if slots is None:
-            return rows_losses(llm, parts, routed=True)
         per = parts[0].features.shape[0]  # every slot runs as many rows
         rows = (slots.unsqueeze(1) * per + torch.arange(per, device=slots.device)).reshape(-1)
+        stacks.lend(stacks.split(slots), stacks.scales.index_select(0, slots))
+    try:
         return rows_losses(llm, parts, routed=True, rows=rows)
     finally:
         stacks.lend(None)

@@ -35,8 +35,8 @@ class GroupStats:
     first_step_s: float = 0.0
     ahead_steps: int = 0  # run eagerly while a helper process compiled (model.compile_ahead)
     # The short steps by how many members each stepped: [steps, seconds]. A compiled
-    # group's step costs as much whatever its slots hold, so this says how much of the
-    # wall ran few members (ASHA's tail) and what a step whose cost followed its members
+    # group's step runs all its slots by default (model.run_empty_slots), so this says how
+    # much of the wall ran few members (ASHA's tail) and what running only their slots
     # would save (docs/performance.md).
     by_members: dict[int, list[float]] = field(default_factory=dict)
     # The latest short steps' durations, for the median: the mean of the short steps
