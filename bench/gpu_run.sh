@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client occupancy
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client occupancy warmsplit
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -79,6 +79,14 @@ for stage in ${stages[@]}; do
       timeout ${OCC_TIMEOUT:-400} python3 bench/gpu_group.py "${ref[@]}" --k 8 --running 8,4,2,1 \
         --arms all,occupied --steps 30 --sync 10 --set model.compile=reduce-overhead \
         ${OCC_SET:+--set $OCC_SET} --json "$OUT/occupancy.json" ;;
+    warmsplit) # issue 21 (a): where a compiled group's first step goes at reference scale,
+               # cold, then warm from the first's compile cache (Dynamo's per-phase times)
+      rm -rf /tmp/ws && for arm in cold warm; do
+        TORCHINDUCTOR_CACHE_DIR=/tmp/ws-ind-$arm TRITON_CACHE_DIR=/tmp/ws-tri-$arm timeout 300 \
+          python3 bench/slot_compile.py configs/reference.yaml --device cuda --work /tmp/ws \
+          --label $arm --compile-times --set demo.num_examples=64 --set phase2.batch_size=2 \
+          --set phase2.warmup_steps=5 ${OCC_SET:+--set $OCC_SET}
+      done ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
         --k 1,g8 --json "$OUT/sweep.json" ;;

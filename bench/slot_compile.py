@@ -11,13 +11,22 @@ Inductor cache of its own, to see the second start warm:
 Printed per step: its time, Dynamo's unique graphs, Inductor's FX-graph cache hits and
 misses; at the end one JSON line (first step's time, graphs, whether the compile cache
 was loaded or saved, every loss finite). On a GPU pass `--device cuda` (CUDA graphs).
+
+`--trace-only` compiles with Dynamo's `eager` backend instead of Inductor: the first step's
+time is then Dynamo's trace of the forward alone (what a warm start, its kernels cached,
+still pays), and the JSON line counts the traced graph's nodes by the source file of
+the code that made them (how much of the trace is the LLM's own code, how much the
+group's LoRA routing), e.g. against `--set demo.llm.num_hidden_layers=1` for the cost of
+one decoder layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +58,13 @@ def main() -> None:
     ap.add_argument("--compile-times", action="store_true",
                     help="print Dynamo's per-phase compile times at the end (what a cold or "
                          "warm first step spent tracing, compiling and loading)")
+    ap.add_argument("--trace-only", action="store_true",
+                    help="Dynamo's eager backend (no Inductor, no cache): time its trace alone "
+                         "and count the graph's nodes by source file")
+    ap.add_argument("--base-layers-only", action="store_true",
+                    help="with --trace-only: the LoRA layers run only their frozen base layer "
+                         "(losses no longer the members'), for the LoRA routing's share of "
+                         "the trace")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="KEY=VALUE base-config override, after the small demo's")
     args = ap.parse_args()
@@ -59,6 +75,17 @@ def main() -> None:
             f"output.assets_dir={args.work / 'assets'}", f"output.run_name={name}",
             "model.compile=reduce-overhead", *args.overrides, *extra])
 
+    nodes: collections.Counter[str] = collections.Counter()
+    if args.trace_only:
+        trace_only(nodes)
+    if args.base_layers_only:
+        import trainer.multilora
+
+        def base_layer_only(layer: torch.nn.Module, blocks: object, stacks: object,
+                            x: torch.Tensor, *rest: object, **kwargs: object) -> torch.Tensor:
+            return layer.base_layer(x, *rest, **kwargs)
+
+        trainer.multilora.block_lora_forward = base_layer_only  # routed_lora_forward's callee
     inputs = prepare_inputs(cfg("inputs"), log=lambda *_: None, device=args.device)
     group = TrialGroup(inputs, args.device, log=print, slots=3,
                        compile_cache=args.work / "compile_cache")
@@ -99,11 +126,32 @@ def main() -> None:
     print(json.dumps({"label": args.label, "first_step_s": round(first, 2),
                       "graphs": counters["stats"]["unique_graphs"],
                       "cache_loaded": group.compile_cache.loaded,
-                      "cache_saved": group.compile_cache.saved, "finite": finite}), flush=True)
+                      "cache_saved": group.compile_cache.saved, "finite": finite,
+                      **({"nodes": sum(nodes.values()), "nodes_by_file": dict(
+                          nodes.most_common())} if args.trace_only else {})}), flush=True)
     if args.compile_times:
         from torch._dynamo.utils import compile_times
 
         print(compile_times(repr="str", aggregate=True), flush=True)
+
+
+def trace_only(nodes: collections.Counter[str]) -> None:
+    """Make every torch.compile in this process use a backend that runs Dynamo's graph
+    as it is (no Inductor), counting its nodes into `nodes` by the file of the innermost
+    frame of each node's stack trace."""
+    real_compile = torch.compile
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        for node in gm.graph.nodes:
+            frames = re.findall(r'File "([^"]+)", line', node.meta.get("stack_trace") or "")
+            nodes[Path(frames[-1]).name if frames else f"({node.op})"] += 1
+        return gm.forward
+
+    def compile_eager(model: object = None, **kwargs: object) -> object:
+        kwargs.pop("mode", None)  # a mode is Inductor's; the backend here is Dynamo's own
+        return real_compile(model, backend=counting, **kwargs)
+
+    torch.compile = compile_eager
 
 
 if __name__ == "__main__":
