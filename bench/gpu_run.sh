@@ -15,6 +15,9 @@
 # OCCUPIED_SLOTS=1: model.run_empty_slots=false for sweepall e2enan e2easha (a group step runs
 # only as many slots as its members need, the count a dynamic dimension of its graph; the
 # default runs every slot; JSON names get -occupied).
+# COMPILE_PROGRAM=1: model.compile_program=true for sweepall e2enan e2easha warmsplit (the
+# group's traced program kept with its compile cache: a warm start skips Dynamo's trace;
+# JSON names get -program).
 # OCC_SET=KEY=VALUE: one more override of the occupancy stage (e.g.
 # demo.llm.num_hidden_layers=8 for a shorter compile); OCC_TIMEOUT: its time limit.
 # SCOPE_K: the scopes and ahead stages' group size (default 8); SCOPE_WARM=1: scopes also runs
@@ -43,6 +46,8 @@ ahead=${COMPILE_AHEAD:+--set model.compile_ahead=true}  # unquoted below: 0 or 2
 sfx=$sfx${COMPILE_AHEAD:+-ahead}
 empty=${OCCUPIED_SLOTS:+--set model.run_empty_slots=false}  # unquoted below: 0 or 2 words
 sfx=$sfx${OCCUPIED_SLOTS:+-occupied}
+program=${COMPILE_PROGRAM:+--set model.compile_program=true}  # unquoted below: 0 or 2 words
+sfx=$sfx${COMPILE_PROGRAM:+-program}
 stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
@@ -85,7 +90,7 @@ for stage in ${stages[@]}; do
         TORCHINDUCTOR_CACHE_DIR=/tmp/ws-ind-$arm TRITON_CACHE_DIR=/tmp/ws-tri-$arm timeout 300 \
           python3 bench/slot_compile.py configs/reference.yaml --device cuda --work /tmp/ws \
           --label $arm --compile-times --set demo.num_examples=64 --set phase2.batch_size=2 \
-          --set phase2.warmup_steps=5 ${OCC_SET:+--set $OCC_SET}
+          --set phase2.warmup_steps=5 $program ${OCC_SET:+--set $OCC_SET}
       done ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
@@ -95,20 +100,20 @@ for stage in ${stages[@]}; do
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} ${SWEEP_LR_GROWTH:+--lr-growth $SWEEP_LR_GROWTH} \
-        --k ${SWEEP_ARMS:-1,8,g8c} $scope $ahead $empty --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
+        --k ${SWEEP_ARMS:-1,8,g8c} $scope $ahead $empty $program --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
     e2enan)    # issue 21 (a), end to end: 8 trials, LR 1e-4..1e-1 x clip none/1.0 (some hit
                # NaN), one compiled group of 8 slots; run twice: cold, then warm from the
                # compile cache the first left in the storage
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400,g8c:400 \
         --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
-                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead $empty \
+                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead $empty $program \
         --json "$OUT/e2enan$sfx.json" --keep-metrics "$OUT/e2enan$sfx-metrics" ;;
     e2easha)   # issue 21 (b): 16 trials under ASHA (grace 100, reduction 3, max 1,000
                # steps) through one compiled group of 8 slots
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 \
         --num-samples 16 --search random --asha 100,3 \
-        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead $empty \
+        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead $empty $program \
         --json "$OUT/e2easha$sfx.json" --keep-metrics "$OUT/e2easha$sfx-metrics" ;;
     e2eahead)  # issue 21 (a) cold, both ways on one machine: the members training eagerly
                # while a helper compiles (model.compile_ahead), then compiling in the group's

@@ -405,8 +405,14 @@ class TrialGroup:
                         with eager_blocks(self._lm):
                             out = stacked_rows_losses(self._peft, slotted, stacks, ids)
                     else:
+                        program = self.slot_table.program  # compile_program: its trace kept
+                        signature = (None if program is None
+                                     else self._program_signature(slotted, stacks))
                         with self._skip_guards(slotted, active, ids):
-                            out = self._compiled(self._peft, slotted, stacks, ids)
+                            if program is not None and program.matches(signature):
+                                out = program(signature, self._peft, slotted, stacks, ids)
+                            else:
+                                out = self._compiled(self._peft, slotted, stacks, ids)
                     # A slot not running, or running but empty or waiting, has its loss left
                     # out of the sum below: its rows get no gradient and reach no member.
                     losses = [out[order.index(m.slot)] for m in active]
@@ -456,6 +462,16 @@ class TrialGroup:
         return measured
 
     # ------------------------------------------------------------------ internals
+
+    def _program_signature(self, parts: list[Rows], stacks: LoraStacks) -> tuple:
+        """What a saved program was traced for and its guards (dropped, trainer.compile_program)
+        would have checked per call: grad and train mode, autocast, the LoRA dropout rates
+        and the slots' input shapes and dtypes."""
+        return (torch.is_grad_enabled(), self._peft.training, tuple(stacks.rates),
+                torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(
+                    self.device.type),
+                tuple((tuple(t.shape), t.dtype) for p in parts
+                      for t in (p.features, p.input_ids, p.labels)))
 
     def _skip_guards(self, parts: list[Rows], active: list[Member],
                      running: torch.Tensor | None = None) -> contextlib.AbstractContextManager:

@@ -18,7 +18,7 @@ from trainer.model import lora_target_names
 SHARED_KEYS = (
     "model.llm_path", "model.attn_implementation", "model.lora.target_modules", "model.compile",
     "model.compile_scope", "model.compile_ahead", "model.run_empty_slots",
-    "model.skip_compile_guards",
+    "model.skip_compile_guards", "model.compile_program",
     "model.cast_frozen_linears", "phase2.precision", "phase2.gradient_accumulation_steps",
     "phase1.bundle_path",
     "data", "demo",

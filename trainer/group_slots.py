@@ -31,13 +31,14 @@ from torch import nn
 
 from trainer.compile_ahead import CompileAhead
 from trainer.compile_cache import CompileCache, artifact_key
+from trainer.compile_program import TracedProgram, program_key
 from trainer.config import TrainConfig
 from trainer.data import IGNORE_INDEX
 from trainer.group_member import Member
 from trainer.inputs import Inputs
 from trainer.model import Projector
 from trainer.multilora import LoraStacks, route_blocks, vanilla_lora_layers
-from trainer.rows import Rows
+from trainer.rows import Rows, stacked_rows_losses
 
 
 class SlotTable:
@@ -53,6 +54,7 @@ class SlotTable:
         self.cache_dir = cache_dir
         self.log = log
         self.cache: CompileCache | None = None  # the current slots' artifacts
+        self.program: TracedProgram | None = None  # their traced program (compile_program)
         self.stacks: LoraStacks | None = None  # the routed members' stacked LoRA weights
         self.layers: list[nn.Module] | None = None  # the routed LoRA layers (None: per-row)
         self.fixed = False  # the routing is over fixed slots, not the make-up
@@ -159,6 +161,7 @@ class SlotTable:
         route_blocks(layers, tuple((f"slot{i}", rows) for i in range(k)), self.stacks)
         self.fixed, self._routed = True, None
         self._cache_open = self.cache_dir is not None
+        self.program = None  # the new slots' own, from `open_cache`
         return True
 
     def leave(self, m: Member, members: list[Member]) -> None:
@@ -268,6 +271,9 @@ class SlotTable:
             "model": model, "precision": plain["phase2"]["precision"],
             "device": str(device)})
         self.cache = CompileCache(self.cache_dir, key, self.log)
+        self.program = (TracedProgram(stacked_rows_losses, ref.model.compile, self.cache_dir,
+                                      program_key(key, type(llm)), self.log)
+                        if ref.model.compile_program else None)
         if self.cache.load():
             return
         if not ref.model.compile_ahead:

@@ -1,0 +1,135 @@
+"""A compiled group forward's traced program kept on disk (trainer.compile_program): a warm
+start runs it without Dynamo tracing the forward again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import trainer.compile_program as program_mod
+from trainer.compile_program import SUFFIX, TracedProgram, program_key
+from trainer.errors import ConfigError
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="Inductor on the CPU needs a C++ compiler")]
+
+
+def scaled_sine(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * scale + 1
+
+
+def test_a_saved_program_runs_in_a_new_object_without_a_trace(tmp_path):
+    x, scale = torch.randn(16), torch.tensor(2.0)
+    first = TracedProgram(scaled_sine, "default", tmp_path, "k", log=lambda *_: None)
+    assert first.matches("sig")  # the first call traces, whatever its signature
+    expected = first("sig", x, scale)
+    assert first.saved and (tmp_path / f"k{SUFFIX}").stat().st_size > 0
+    assert torch.allclose(expected, scaled_sine(x, scale))
+    assert first.matches("sig") and not first.matches("another signature")
+
+    traces = counters["stats"]["unique_graphs"]
+    second = TracedProgram(scaled_sine, "default", tmp_path, "k", log=lambda *_: None)
+    out = second("sig", x, 3 * scale)  # new tensors of the same shapes
+    assert second.loaded and not second.saved
+    assert counters["stats"]["unique_graphs"] == traces  # Dynamo traced nothing
+    assert torch.allclose(out, scaled_sine(x, 3 * scale))
+
+
+def test_a_program_file_that_does_not_load_is_traced_again(tmp_path):
+    (tmp_path / f"k{SUFFIX}").write_bytes(b"not a program")
+    seen: list[str] = []
+    program = TracedProgram(scaled_sine, "default", tmp_path, "k", log=seen.append)
+    x, scale = torch.randn(8), torch.tensor(0.5)
+    assert torch.allclose(program("sig", x, scale), scaled_sine(x, scale))
+    assert not program.loaded and program.saved and not program.failed
+    assert "ignoring" in seen[0] and "saved" in seen[-1]
+    assert (tmp_path / f"k{SUFFIX}").read_bytes() != b"not a program"
+
+
+def test_a_forward_that_cannot_be_traced_whole_runs_as_usual(tmp_path):
+    def breaks(x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()  # aot_compile needs one graph (fullgraph)
+        return x + 1
+
+    seen: list[str] = []
+    program = TracedProgram(breaks, "default", tmp_path, "k", log=seen.append)
+    assert torch.equal(program("sig", torch.zeros(2)), torch.ones(2))
+    assert program.failed and not program.matches("sig")
+    assert "off" in seen[0] and not list(tmp_path.iterdir())
+
+
+def test_the_key_follows_the_code_and_the_graph(tmp_path, monkeypatch):
+    class LLM:  # defined here: its file is this test's
+        pass
+
+    package = tmp_path / "trainer"
+    package.mkdir()
+    (package / "rows.py").write_text("x = 1\n")
+    monkeypatch.setattr(program_mod, "PACKAGE_DIR", package)
+    key = program_key("cache-key", LLM)
+    assert key == program_key("cache-key", LLM)
+    assert key != program_key("another graph", LLM)
+    (package / "rows.py").write_text("x = 2\n")  # an edited trainer module: another program
+    assert key != program_key("cache-key", LLM)
+
+
+@pytest.mark.parametrize("clash", ["compile=off", "compile_scope=layers",
+                                   "compile_ahead=true", "run_empty_slots=false"])
+def test_compile_program_rejects_what_it_cannot_keep(tiny, clash):
+    from trainer.config import config_from_data
+
+    data = tiny().to_plain()
+    data["model"].update(compile="default", compile_program=True)
+    key, value = clash.split("=")
+    data["model"][key] = {"true": True, "false": False}.get(value, value)
+    with pytest.raises(ConfigError, match=r"model\.compile_program"):
+        config_from_data(data, "tiny.yaml")
+
+
+def test_a_second_group_trains_on_the_first_groups_program(tiny, tmp_path):
+    """The first compiled group traces its slots' forward, compiles it and saves the
+    program beside the compile cache; a second group of the same shapes (a resumed sweep,
+    the next sweep on the storage) loads it: Dynamo traces nothing, and its member trains
+    step for step as the first group's did, and as the same config alone."""
+    from trainer.group import TrialGroup
+    from trainer.inputs import prepare_inputs
+    from trainer.loop import train
+    from trainer.metrics import MemorySink
+
+    def cfg(name: str, compiled: bool = True):
+        c = tiny(run_name=name, learning_rate=2e-3, warmup_steps=2, gradient_clip_val=1.0,
+                 seed=7, total_training_steps=4)
+        c.model.lora.dropout = 0.0
+        if compiled:
+            c.model.compile, c.model.compile_program = "default", True
+        return c
+
+    solo = MemorySink()
+    train(cfg("solo", compiled=False), solo, console=False, log=lambda *_: None)
+    store, logs, sinks, programs = tmp_path / "compile_cache", [], [], []
+    for name in ("first", "second"):
+        traces = counters["stats"]["unique_graphs"]
+        group = TrialGroup(prepare_inputs(cfg(name), lambda *_: None), log=logs.append,
+                           slots=2, compile_cache=store)
+        sinks.append(MemorySink())
+        group.add_member(name, cfg(name), sinks[-1])
+        while group.members:
+            group.step()
+        programs.append(group.slot_table.program)
+        if name == "second":
+            assert counters["stats"]["unique_graphs"] == traces, logs  # no Dynamo trace
+    assert programs[0].saved and not programs[0].loaded
+    assert programs[1].loaded and not programs[1].saved, logs
+    assert programs[0].path == programs[1].path and programs[0].path.parent == store
+    assert [p.name for p in Path(store).glob(f"*{SUFFIX}")] == [programs[0].path.name]
+    for records in (sinks[0].records, sinks[1].records):
+        assert [r["step"] for r in records] == [r["step"] for r in solo.records]
+        for s, g in zip(solo.records, records, strict=True):
+            for key in ("loss", "grad_norm", "lr/projector", "lr/lora"):
+                assert g[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (g["step"], key)
