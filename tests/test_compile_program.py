@@ -52,6 +52,25 @@ def test_a_program_file_that_does_not_load_is_traced_again(tmp_path):
     assert (tmp_path / f"k{SUFFIX}").read_bytes() != b"not a program"
 
 
+def test_a_loaded_program_that_fails_at_its_first_call_is_traced_again(tmp_path,
+                                                                       monkeypatch):
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    class Unrunnable:  # e.g. a file that another torch wrote and reads otherwise
+        def __call__(self, *_args: object) -> None:
+            raise RuntimeError("saved by another torch")
+
+    (tmp_path / f"k{SUFFIX}").write_bytes(b"a program")
+    monkeypatch.setattr(AOTCompiledFunction, "deserialize",
+                        classmethod(lambda cls, *_a, **_k: Unrunnable()))
+    seen: list[str] = []
+    program = TracedProgram(scaled_sine, "default", tmp_path, "k", log=seen.append)
+    x, scale = torch.randn(8), torch.tensor(0.5)
+    assert torch.allclose(program("sig", x, scale), scaled_sine(x, scale))
+    assert not program.loaded and program.saved and not program.failed
+    assert "failed at its first call" in seen[1], seen
+
+
 def test_a_forward_that_cannot_be_traced_whole_runs_as_usual(tmp_path):
     def breaks(x: torch.Tensor) -> torch.Tensor:
         torch._dynamo.graph_break()  # aot_compile needs one graph (fullgraph)

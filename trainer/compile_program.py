@@ -99,7 +99,18 @@ class TracedProgram:
         """Run the program on `args` (a call `matches` accepted): loaded or traced first."""
         if self.program is None:
             self.signature = signature
-            self.program = self._load() or self._trace(args)
+            loaded = self._load()
+            if loaded is not None:
+                try:
+                    out = loaded(*args)
+                except Exception as e:  # e.g. saved by a torch that reads it otherwise
+                    self.log(f"[compiled program] {self.path} failed at its first call, "
+                             f"tracing it again: {type(e).__name__}: {str(e)[:300]}")
+                    self.loaded = False
+                else:
+                    self.program = loaded
+                    return out
+            self.program = self._trace(args)
             if self.program is None:
                 self.failed = True
                 return self.fn(*args)
