@@ -451,10 +451,10 @@ class GroupActor:
             print(f"[group] a step of {len(ready)} members took {took:.0f}s", flush=True)
 
     def _group_log(self, line: str) -> None:
-        """The group's log: its shared LLM's load, its compile cache's and compile-ahead
-        helper's lines (a failed helper says why) become events of its stats, which the
-        sweep prints as it ends (Ray does not forward a worker's output to the driver's
-        console); the members' own lines go through their sinks."""
+        """The group's log: its shared LLM's load, its compile cache's, compiled program's
+        and compile-ahead helper's lines (a failed helper says why) become events of its
+        stats, which the sweep prints as it ends (Ray does not forward a worker's output
+        to the driver's console); the members' own lines go through their sinks."""
         if line.startswith(GROUP_EVENTS):
             self._stats.event(line)
             print(line, flush=True)  # and the actor's worker log, as it happens

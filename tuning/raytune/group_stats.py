@@ -14,7 +14,7 @@ from typing import Any
 LONG_STEP_S = 5.0  # a group step longer than this is counted as a compile
 RECENT_STEPS = 1000  # the short group steps the stats' median is taken over
 # The group's log lines kept as events (the rest are its members', through their sinks).
-GROUP_EVENTS = ("[group] shared LLM", "[compile cache]", "[compile ahead]")
+GROUP_EVENTS = ("[group] shared LLM", "[compile cache]", "[compile ahead]", "[compiled program]")
 
 
 @dataclass
