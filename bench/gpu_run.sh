@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client occupancy warmsplit
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client occupancy warmsplit program
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -91,6 +91,15 @@ for stage in ${stages[@]}; do
           python3 bench/slot_compile.py configs/reference.yaml --device cuda --work /tmp/ws \
           --label $arm --compile-times --set demo.num_examples=64 --set phase2.batch_size=2 \
           --set phase2.warmup_steps=5 $program ${OCC_SET:+--set $OCC_SET}
+      done ;;
+    program)   # model.compile_program on this GPU's torch (tiny demo, CUDA graphs): a cold
+               # then a warm process with the traced program kept, then both without
+      for arm in program usual; do
+        for label in cold warm; do
+          TORCHINDUCTOR_CACHE_DIR=/tmp/prog-$arm-ind timeout 240 python3 bench/slot_compile.py \
+            configs/phase2.yaml --device cuda --work /tmp/prog-$arm --label $arm-$label \
+            $([ $arm = program ] && echo --set model.compile_program=true)
+        done
       done ;;
     sweep)     # 8 trials through tuning.sweep: one at a time vs one shared group
       timeout 500 python3 bench/gpu_sweep.py configs/reference.yaml --trials 8 --steps 40 \
