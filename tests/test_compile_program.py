@@ -99,7 +99,7 @@ def test_the_key_follows_the_code_and_the_graph(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("clash", ["compile=off", "compile_scope=layers",
-                                   "compile_ahead=true", "run_empty_slots=false"])
+                                   "compile_ahead=true"])
 def test_compile_program_rejects_what_it_cannot_keep(tiny, clash):
     from trainer.config import config_from_data
 
@@ -111,44 +111,72 @@ def test_compile_program_rejects_what_it_cannot_keep(tiny, clash):
         config_from_data(data, "tiny.yaml")
 
 
-def test_a_second_group_trains_on_the_first_groups_program(tiny, tmp_path):
+@pytest.mark.parametrize("run_empty", [True, False])
+def test_a_second_group_trains_on_the_first_groups_program(tiny, tmp_path, monkeypatch,
+                                                           run_empty):
     """The first compiled group traces its slots' forward, compiles it and saves the
     program beside the compile cache; a second group of the same shapes (a resumed sweep,
-    the next sweep on the storage) loads it: Dynamo traces nothing, and its member trains
-    step for step as the first group's did, and as the same config alone."""
+    the next sweep on the storage) loads it: Dynamo traces nothing, and its members train
+    step for step as the first group's did, and as the same configs alone. With
+    `run_empty_slots: false` the members end one after the other, so the one program runs
+    4 slots, then 2 (the count a dynamic dimension of it)."""
     from trainer.group import TrialGroup
+    from trainer.group_slots import SlotTable
     from trainer.inputs import prepare_inputs
     from trainer.loop import train
     from trainer.metrics import MemorySink
 
-    def cfg(name: str, compiled: bool = True):
-        c = tiny(run_name=name, learning_rate=2e-3, warmup_steps=2, gradient_clip_val=1.0,
-                 seed=7, total_training_steps=4)
+    ran, real_running = [], SlotTable.running
+
+    def running(self, active):  # the slots each step ran (run_empty_slots: false)
+        out = real_running(self, active)
+        ran.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(SlotTable, "running", running)
+
+    steps = {"a": 6, "b": 4, "c": 3}  # members of different lengths
+
+    def cfg(name: str, member: str, compiled: bool = True):
+        c = tiny(run_name=f"{name}-{member}", learning_rate=2e-3 * (1 + len(member) % 3),
+                 warmup_steps=2, gradient_clip_val=1.0, seed=ord(member),
+                 total_training_steps=steps[member])
         c.model.lora.dropout = 0.0
         if compiled:
-            c.model.compile, c.model.compile_program = "default", True
+            c.model.compile, c.model.run_empty_slots = "default", run_empty
+            c.model.compile_program = True
         return c
 
-    solo = MemorySink()
-    train(cfg("solo", compiled=False), solo, console=False, log=lambda *_: None)
+    solo = {}
+    for member in steps:
+        solo[member] = MemorySink()
+        train(cfg("solo", member, compiled=False), solo[member], console=False,
+              log=lambda *_: None)
     store, logs, sinks, programs = tmp_path / "compile_cache", [], [], []
     for name in ("first", "second"):
         traces = counters["stats"]["unique_graphs"]
-        group = TrialGroup(prepare_inputs(cfg(name), lambda *_: None), log=logs.append,
-                           slots=2, compile_cache=store)
-        sinks.append(MemorySink())
-        group.add_member(name, cfg(name), sinks[-1])
+        group = TrialGroup(prepare_inputs(cfg(name, "a"), lambda *_: None), log=logs.append,
+                           slots=4, compile_cache=store)
+        sinks.append({m: MemorySink() for m in steps})
+        for member in steps:
+            group.add_member(f"{name}-{member}", cfg(name, member), sinks[-1][member])
         while group.members:
             group.step()
         programs.append(group.slot_table.program)
+        # 3 members run 4 slots; from c's end 2 (a alone too); the one program each time
+        assert ran == ([] if run_empty else [4] * 3 + [2] * 3), ran
+        ran.clear()
         if name == "second":
             assert counters["stats"]["unique_graphs"] == traces, logs  # no Dynamo trace
     assert programs[0].saved and not programs[0].loaded
     assert programs[1].loaded and not programs[1].saved, logs
     assert programs[0].path == programs[1].path and programs[0].path.parent == store
     assert [p.name for p in Path(store).glob(f"*{SUFFIX}")] == [programs[0].path.name]
-    for records in (sinks[0].records, sinks[1].records):
-        assert [r["step"] for r in records] == [r["step"] for r in solo.records]
-        for s, g in zip(solo.records, records, strict=True):
-            for key in ("loss", "grad_norm", "lr/projector", "lr/lora"):
-                assert g[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (g["step"], key)
+    for group_sinks in sinks:
+        for member, sink in group_sinks.items():
+            records = sink.records
+            assert [r["step"] for r in records] == [r["step"] for r in solo[member].records]
+            for s, g in zip(solo[member].records, records, strict=True):
+                for key in ("loss", "grad_norm", "lr/projector", "lr/lora"):
+                    assert g[key] == pytest.approx(s[key], rel=1e-4, abs=1e-6), (
+                        member, g["step"], key)

@@ -407,7 +407,7 @@ class TrialGroup:
                     else:
                         program = self.slot_table.program  # compile_program: its trace kept
                         signature = (None if program is None
-                                     else self._program_signature(slotted, stacks))
+                                     else self._program_signature(slotted, stacks, ids))
                         with self._skip_guards(slotted, active, ids):
                             if program is not None and program.matches(signature):
                                 out = program(signature, self._peft, slotted, stacks, ids)
@@ -463,11 +463,14 @@ class TrialGroup:
 
     # ------------------------------------------------------------------ internals
 
-    def _program_signature(self, parts: list[Rows], stacks: LoraStacks) -> tuple:
+    def _program_signature(self, parts: list[Rows], stacks: LoraStacks,
+                           running: torch.Tensor | None) -> tuple:
         """What a saved program was traced for and its guards (dropped, trainer.compile_program)
-        would have checked per call: grad and train mode, autocast, the LoRA dropout rates
-        and the slots' input shapes and dtypes."""
+        would have checked per call: grad and train mode, autocast, the LoRA dropout rates,
+        the slots' input shapes and dtypes, and whether only some slots run (not how many:
+        that count is a dynamic dimension of the program, `run_empty_slots: false`)."""
         return (torch.is_grad_enabled(), self._peft.training, tuple(stacks.rates),
+                running is None,
                 torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(
                     self.device.type),
                 tuple((tuple(t.shape), t.dtype) for p in parts
