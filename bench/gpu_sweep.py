@@ -58,6 +58,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Keys a config refuses without model.compile: only the compiled arms take them.
+COMPILED_ONLY = ("model.compile_ahead", "model.compile_program")
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import load_config  # noqa: E402
@@ -80,10 +82,8 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     k = groups * per_group  # trials at a time
     if compiled:
         overrides = {**overrides, "model.compile": "reduce-overhead"}
-    elif "model.compile" not in overrides:  # --set model.compile_ahead=true (or
-        # compile_program): the compiled arms' only, an eager arm's config would refuse it
-        overrides = {k: v for k, v in overrides.items()
-                     if k not in ("model.compile_ahead", "model.compile_program")}
+    elif "model.compile" not in overrides:
+        overrides = {k: v for k, v in overrides.items() if k not in COMPILED_ONLY}
     # A group holds a whole GPU, or its share when there are more groups than GPUs (2g4c
     # on one card: two groups of 4 side by side on it, 0.5 GPU each).
     gpus = ((min(1.0, round(_gpu_count() / groups, 4)) if group else round(1.0 / k, 4))
@@ -251,11 +251,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         overrides["output.root"] = str(work / "runs")
-        # The inputs and FLOPs need no compile: compile_ahead or compile_program alone (an
-        # arm's) is refused.
+        # The inputs and FLOPs need no compile (and a COMPILED_ONLY key alone is refused).
         cfg = load_config(args.config, [f"{k}={v}" for k, v in overrides.items()
-                                        if k not in ("model.compile_ahead",
-                                                     "model.compile_program")] +
+                                        if k not in COMPILED_ONLY] +
                           ["data.eval_fraction=0.0"])
         inputs = prepare_inputs(cfg, log=lambda m: print(m, flush=True),
                                 device="cuda" if _has_cuda() else "cpu")
