@@ -29,11 +29,12 @@ def _quiet(*_):
     pass
 
 
-def _cfg_of(tiny, prefix, k, compiled, ahead=False):
+def _cfg_of(tiny, prefix, k, compiled, ahead=False, program=False):
     c = tiny(run_name=f"{prefix}-{k}", **MEMBERS[k])
     c.model.lora.dropout = 0.0  # exact: no masks drawn from the shared RNG stream
     c.model.compile = "default" if compiled else "off"
     c.model.compile_ahead = ahead
+    c.model.compile_program = program
     return c
 
 
@@ -43,8 +44,8 @@ def _solo(cfg):
     return sink
 
 
-def _group(tiny, tmp_path, logs):
-    cfgs = {k: _cfg_of(tiny, "ahead", k, True, ahead=True) for k in MEMBERS}
+def _group(tiny, tmp_path, logs, program=False):
+    cfgs = {k: _cfg_of(tiny, "ahead", k, True, ahead=True, program=program) for k in MEMBERS}
     group = TrialGroup(prepare_inputs(cfgs["a"], _quiet), log=logs.append, slots=2,
                        compile_cache=tmp_path / "compile_cache")
     sinks = {k: MemorySink() for k in MEMBERS}
@@ -86,6 +87,27 @@ def test_members_train_eagerly_while_a_helper_compiles_then_run_compiled(tiny, t
     assert any("compiling the group's 2 slots in helper process" in line for line in logs)
     assert any(f"done after {EAGER_STEPS} eager group steps" in line for line in logs)
     assert not list((tmp_path / "compile_cache").glob(".compile-ahead-*"))  # scratch gone
+    for k in MEMBERS:
+        assert [r["step"] for r in sinks[k].records] == list(range(1, 9))
+        assert_same_steps(solo[k].records, sinks[k].records, k)
+
+
+@pytest.mark.slow
+def test_with_compile_program_the_group_runs_the_helpers_program_untraced(tiny, tmp_path):
+    """With `model.compile_program` the helper also traces the slots' forward and saves its
+    program; at the switch the group loads that program: Dynamo traces nothing in the
+    group's process, and every member still trains as the same config alone."""
+    solo = {k: _solo(_cfg_of(tiny, "solo", k, False)) for k in MEMBERS}
+    logs: list[str] = []
+    group, sinks = _group(tiny, tmp_path, logs, program=True)
+    traces = counters["stats"]["unique_graphs"]
+    _run_through_switch(group, sinks)
+    assert counters["stats"]["unique_graphs"] == traces, logs  # no trace here, eager or not
+    program = group.slot_table.program
+    assert program.loaded and not program.saved, logs
+    assert program.path.parent == tmp_path / "compile_cache" and program.path.is_file()
+    assert any("Dynamo's trace skipped" in line for line in logs)
+    assert group.ahead_steps == EAGER_STEPS
     for k in MEMBERS:
         assert [r["step"] for r in sinks[k].records] == list(range(1, 9))
         assert_same_steps(solo[k].records, sinks[k].records, k)

@@ -98,8 +98,7 @@ def test_the_key_follows_the_code_and_the_graph(tmp_path, monkeypatch):
     assert key != program_key("cache-key", LLM)
 
 
-@pytest.mark.parametrize("clash", ["compile=off", "compile_scope=layers",
-                                   "compile_ahead=true"])
+@pytest.mark.parametrize("clash", ["compile=off", "compile_scope=layers"])
 def test_compile_program_rejects_what_it_cannot_keep(tiny, clash):
     from trainer.config import config_from_data
 

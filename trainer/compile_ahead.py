@@ -12,7 +12,10 @@ group's compile cache (`trainer.compile_cache`): the very file the group would h
 Meanwhile the group runs the same forward over the same slots and stacked LoRA weights
 eagerly, so its members train from the first step (the same losses as compiled, up to
 float rounding). Once the helper is done, the group loads the artifacts and compiles warm
-(Dynamo's trace again; the kernels come from the cache), then runs compiled.
+(Dynamo's trace again; the kernels come from the cache), then runs compiled. With
+`model.compile_program` the helper's group also traces and saves the slots' program
+(`trainer.compile_program`, the same key as the group's), and the group loads that at the
+switch instead of tracing the forward again.
 
 What the helper trains is thrown away: its copies of the members write into a scratch
 directory next to the cache, removed when it ends, and nothing in the members' runs

@@ -206,7 +206,8 @@ class Model(_Strict):
     # compile_scope model only). True until measured on a GPU (docs/performance.md)
     compile_program: bool = False  # a compiled trial group also keeps its forward's traced
     # program in the compile cache (torch's AOT precompile), so a warm start skips Dynamo's
-    # trace too (trainer.compile_program); compile_scope model, no compile_ahead helper
+    # trace too (trainer.compile_program); compile_scope model. With compile_ahead the helper
+    # traces and saves it, and the group loads it at the switch
     skip_compile_guards: bool = True  # a compiled forward skips TorchDynamo's guard check
     # (~2 ms of host time a call) on calls that repeat a warmed-up signature
     # (trainer.compile_guards); false checks every call
@@ -223,14 +224,12 @@ class Model(_Strict):
         if self.compile_program:
             clash = [f"{key}: {value}" for key, value, ok in (
                 ("compile", self.compile, self.compile != "off"),
-                ("compile_scope", self.compile_scope, self.compile_scope == "model"),
-                ("compile_ahead", self.compile_ahead, not self.compile_ahead)) if not ok]
+                ("compile_scope", self.compile_scope, self.compile_scope == "model")) if not ok]
             if clash:
                 raise ValueError(
                     "model.compile_program keeps the program of a group forward compiled whole "
-                    "in its own process (compile set, compile_scope: model, compile_ahead: "
-                    f"false), not with {', '.join(clash)}: change those or set "
-                    "compile_program: false")
+                    f"(compile set, compile_scope: model), not with {', '.join(clash)}: change "
+                    "those or set compile_program: false")
         return self
 
     @field_validator("compile", mode="before")
