@@ -18,6 +18,8 @@
 # COMPILE_PROGRAM=1: model.compile_program=true for sweepall e2enan e2easha warmsplit (the
 # group's traced program kept with its compile cache: a warm start skips Dynamo's trace;
 # JSON names get -program).
+# E2E_STORAGE=DIR: e2enan and e2easha keep their sweeps' storage in DIR (bench/gpu_sweep.py
+# --storage), so e2easha starts warm from the compile cache (and program) e2enan left there.
 # OCC_SET=KEY=VALUE: one more override of the occupancy stage (e.g.
 # demo.llm.num_hidden_layers=8 for a shorter compile); OCC_TIMEOUT: its time limit.
 # SCOPE_K: the scopes and ahead stages' group size (default 8); SCOPE_WARM=1: scopes also runs
@@ -47,6 +49,7 @@ sfx=$sfx${COMPILE_AHEAD:+-ahead}
 empty=${OCCUPIED_SLOTS:+--set model.run_empty_slots=false}  # unquoted below: 0 or 2 words
 sfx=$sfx${OCCUPIED_SLOTS:+-occupied}
 program=${COMPILE_PROGRAM:+--set model.compile_program=true}  # unquoted below: 0 or 2 words
+storage=${E2E_STORAGE:+--storage $E2E_STORAGE}  # unquoted below: 0 or 2 words
 sfx=$sfx${COMPILE_PROGRAM:+-program}
 stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
@@ -116,13 +119,13 @@ for stage in ${stages[@]}; do
                # compile cache the first left in the storage
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400,g8c:400 \
         --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
-                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead $empty $program \
+                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead $empty $program $storage \
         --json "$OUT/e2enan$sfx.json" --keep-metrics "$OUT/e2enan$sfx-metrics" ;;
     e2easha)   # issue 21 (b): 16 trials under ASHA (grace 100, reduction 3, max 1,000
                # steps) through one compiled group of 8 slots
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 \
         --num-samples 16 --search random --asha 100,3 \
-        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead $empty $program \
+        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead $empty $program $storage \
         --json "$OUT/e2easha$sfx.json" --keep-metrics "$OUT/e2easha$sfx-metrics" ;;
     e2eahead)  # issue 21 (a) cold, both ways on one machine: the members training eagerly
                # while a helper compiles (model.compile_ahead), then compiling in the group's

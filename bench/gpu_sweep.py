@@ -71,7 +71,8 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
             overrides: dict, keep: Path | None = None, report_every: int = 10,
             profile_group: str = "", lr_growth: float = 1.3, tokens_per_row: float = 0.0,
             space: dict | None = None, num_samples: int = 1, search_alg: str = "grid",
-            asha: tuple[int, float] | None = None, label: str = "") -> dict:
+            asha: tuple[int, float] | None = None, label: str = "",
+            storage: Path | None = None) -> dict:
     arm, _, arm_steps = arm.partition(":")
     label = label or arm  # file names under `keep`: a repeated arm (cold, warm) gets its own
     steps = int(arm_steps or steps)
@@ -80,6 +81,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     groups = int(groups_s or 1) if group else 1
     per_group = int(rest.rstrip("c")) if group else int(arm.rstrip("c"))
     k = groups * per_group  # trials at a time
+    storage = storage or work / "sweeps"
     if compiled:
         overrides = {**overrides, "model.compile": "reduce-overhead"}
     elif "model.compile" not in overrides:
@@ -89,7 +91,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     gpus = ((min(1.0, round(_gpu_count() / groups, 4)) if group else round(1.0 / k, 4))
             if _has_cuda() else 0)
     search = {
-        "sweep": {"name": f"arm-{arm}", "storage_path": str(work / "sweeps")},
+        "sweep": {"name": f"arm-{arm}", "storage_path": str(storage.resolve())},
         "base": {"config": str(config.resolve()), "overrides": {
             **overrides, "phase2.total_training_steps": steps, "phase2.warmup_steps": 5,
             "phase2.batch_size": batch, "output.eval_every": 0, "data.eval_fraction": 0.0}},
@@ -114,7 +116,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     wall = time.perf_counter() - t0
     tps, done, own_s, steady_s = [], 0, [], []
     step_tokens = batch * tokens_per_row
-    for metrics in (work / "sweeps" / f"arm-{arm}" / "trials").glob("*/metrics.jsonl"):
+    for metrics in (storage / f"arm-{arm}" / "trials").glob("*/metrics.jsonl"):
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         if keep is not None:  # every trial's records in one file, for a closer look
             with (keep / f"{label}-metrics.jsonl").open("a") as f:
@@ -129,7 +131,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
         if dts:
             own_s.append(sum(dts))
             steady_s.append(len(dts) * statistics.median(dts))
-    row_stats, sweep_dir = {}, work / "sweeps" / f"arm-{arm}"
+    row_stats, sweep_dir = {}, storage / f"arm-{arm}"
     # Trial processes run K at a time: their summed times over K, spread over the wall.
     compile_s = (sum(own_s) - sum(steady_s)) / k
     train_s = sum(steady_s) / k
@@ -228,6 +230,10 @@ def main() -> None:
     ap.add_argument("--asha", default=None, metavar="GRACE,REDUCTION",
                     help="ASHA instead of FIFO: grace period (steps) and reduction factor; "
                          "max_t is the arm's steps")
+    ap.add_argument("--storage", type=Path, default=None,
+                    help="the sweeps' storage_path, kept (default: a temporary directory); "
+                         "another run of this script with the same DIR starts warm from "
+                         "the compile cache and traced program its sweeps left there")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -268,7 +274,7 @@ def main() -> None:
             rows.append(run_arm(args.config, work, arm, args.trials, args.steps,
                                 args.batch, overrides, args.keep_metrics, args.report_every,
                                 args.profile_group, args.lr_growth, per_row, args.space,
-                                args.num_samples, args.search, asha, label))
+                                args.num_samples, args.search, asha, label, args.storage))
             _finish(rows, flops, args)  # each arm as it ends: a later one may time out
 
 

@@ -41,13 +41,24 @@ def test_a_saved_program_runs_in_a_new_object_without_a_trace(tmp_path):
     assert torch.allclose(out, scaled_sine(x, 3 * scale))
 
 
+def test_the_program_is_traced_where_torch_keeps_aot_compile_off_by_default(tmp_path):
+    # torch 2.11 and 2.12 attach `.aot_compile` only when this flag is set (off there)
+    seen: list[str] = []
+    with torch._dynamo.config.patch(enable_aot_compile=False):
+        program = TracedProgram(scaled_sine, "default", tmp_path, "k", log=seen.append)
+        x, scale = torch.randn(8), torch.tensor(0.5)
+        assert torch.allclose(program("sig", x, scale), scaled_sine(x, scale))
+        assert torch._dynamo.config.enable_aot_compile is False  # not left switched on
+    assert program.saved and not program.failed, seen
+
+
 def test_a_program_file_that_does_not_load_is_traced_again(tmp_path):
     (tmp_path / f"k{SUFFIX}").write_bytes(b"not a program")
     seen: list[str] = []
     program = TracedProgram(scaled_sine, "default", tmp_path, "k", log=seen.append)
     x, scale = torch.randn(8), torch.tensor(0.5)
     assert torch.allclose(program("sig", x, scale), scaled_sine(x, scale))
-    assert not program.loaded and program.saved and not program.failed
+    assert not program.loaded and program.saved and not program.failed, seen
     assert "ignoring" in seen[0] and "saved" in seen[-1]
     assert (tmp_path / f"k{SUFFIX}").read_bytes() != b"not a program"
 
@@ -67,7 +78,7 @@ def test_a_loaded_program_that_fails_at_its_first_call_is_traced_again(tmp_path,
     program = TracedProgram(scaled_sine, "default", tmp_path, "k", log=seen.append)
     x, scale = torch.randn(8), torch.tensor(0.5)
     assert torch.allclose(program("sig", x, scale), scaled_sine(x, scale))
-    assert not program.loaded and program.saved and not program.failed
+    assert not program.loaded and program.saved and not program.failed, seen
     assert "failed at its first call" in seen[1], seen
 
 

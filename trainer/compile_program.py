@@ -136,7 +136,11 @@ class TracedProgram:
 
         options = {**list_mode_options(self.mode), "guard_filter_fn": drop_guards}
         try:
-            compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, options=options)
+            # torch.compile attaches `.aot_compile` only while this flag is set: on by
+            # default from torch 2.13, off in 2.11 and 2.12 (where the API already works)
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                compiled = torch.compile(self.fn, fullgraph=True, dynamic=False,
+                                         options=options)
             program = compiled.aot_compile((args, {}))
         except Exception as e:  # e.g. a graph break, or a torch without aot_compile
             self.log(f"[compiled program] off, the forward compiles as usual: "
