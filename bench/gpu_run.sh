@@ -84,7 +84,7 @@ for stage in ${stages[@]}; do
         --json "$OUT/groupc$sfx.json" ;;
     occupancy) # a compiled group of 8 stepping 8, 4, 2 and 1 of its members: running only
                # the members' slots against every slot (model.run_empty_slots), one process
-      timeout ${OCC_TIMEOUT:-400} python3 bench/gpu_group.py "${ref[@]}" --k 8 --running 8,4,2,1 \
+      TORCH_LOGS=cudagraphs timeout ${OCC_TIMEOUT:-400} python3 bench/gpu_group.py "${ref[@]}" --k 8 --running 8,4,2,1 \
         --arms all,occupied --steps 30 --sync 10 --set model.compile=reduce-overhead \
         ${OCC_SET:+--set $OCC_SET} --json "$OUT/occupancy.json" ;;
     warmsplit) # issue 21 (a): where a compiled group's first step goes at reference scale,
