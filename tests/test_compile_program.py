@@ -52,6 +52,23 @@ def test_the_program_is_traced_where_torch_keeps_aot_compile_off_by_default(tmp_
     assert program.saved and not program.failed, seen
 
 
+def test_a_loaded_program_is_wrapped_for_its_mode_as_the_traced_one(tmp_path):
+    # Inductor decides whether a loaded graph runs as a CUDA graph from its config at load
+    # time. On the CPU a reduce-overhead graph is considered and skipped (a counted skip):
+    # a loaded program that was never considered would run without CUDA graphs on a GPU.
+    x, scale = torch.randn(8), torch.tensor(0.5)
+    skips = counters["inductor"]["cudagraph_skips"]
+    TracedProgram(scaled_sine, "reduce-overhead", tmp_path, "k", log=lambda *_: None)(
+        "sig", x, scale)
+    traced = counters["inductor"]["cudagraph_skips"] - skips
+    assert traced > 0
+    loaded = TracedProgram(scaled_sine, "reduce-overhead", tmp_path, "k", log=lambda *_: None)
+    skips = counters["inductor"]["cudagraph_skips"]
+    assert torch.allclose(loaded("sig", x, scale), scaled_sine(x, scale))
+    assert loaded.loaded
+    assert counters["inductor"]["cudagraph_skips"] - skips == traced
+
+
 def test_a_program_file_that_does_not_load_is_traced_again(tmp_path):
     (tmp_path / f"k{SUFFIX}").write_bytes(b"not a program")
     seen: list[str] = []

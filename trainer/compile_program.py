@@ -120,10 +120,15 @@ class TracedProgram:
         if not self.path.is_file():
             return None
         from torch._dynamo.aot_compile import AOTCompiledFunction
+        from torch._inductor import list_mode_options
 
         try:
-            program = AOTCompiledFunction.deserialize(self.path.read_bytes(),
-                                                      f_globals=self.fn.__globals__)
+            # The loaded graphs are wrapped (CUDA graphs or not) from Inductor's config of
+            # the moment, not the one they were compiled under: without the mode's options
+            # here a reduce-overhead program would run without its CUDA graphs.
+            with torch._inductor.config.patch(list_mode_options(self.mode)):
+                program = AOTCompiledFunction.deserialize(self.path.read_bytes(),
+                                                          f_globals=self.fn.__globals__)
         except Exception as e:  # another torch's file, a truncated copy: trace it again
             self.log(f"[compiled program] ignoring {self.path}: {type(e).__name__}: {e}")
             return None
