@@ -81,7 +81,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     groups = int(groups_s or 1) if group else 1
     per_group = int(rest.rstrip("c")) if group else int(arm.rstrip("c"))
     k = groups * per_group  # trials at a time
-    storage = storage or work / "sweeps"
+    storage = (storage or work / "sweeps").resolve()
     if compiled:
         overrides = {**overrides, "model.compile": "reduce-overhead"}
     elif "model.compile" not in overrides:
@@ -91,7 +91,7 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     gpus = ((min(1.0, round(_gpu_count() / groups, 4)) if group else round(1.0 / k, 4))
             if _has_cuda() else 0)
     search = {
-        "sweep": {"name": f"arm-{arm}", "storage_path": str(storage.resolve())},
+        "sweep": {"name": f"arm-{arm}", "storage_path": str(storage)},
         "base": {"config": str(config.resolve()), "overrides": {
             **overrides, "phase2.total_training_steps": steps, "phase2.warmup_steps": 5,
             "phase2.batch_size": batch, "output.eval_every": 0, "data.eval_fraction": 0.0}},
