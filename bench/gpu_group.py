@@ -25,6 +25,10 @@ step of n members costs against one of K is what a sweep's tail spends:
 
     python bench/gpu_group.py configs/reference.yaml --k 8 --running 8,4,2,1 \
         --arms occupied,all --set model.compile=reduce-overhead
+
+Each arm also prints how many of its compiled graphs Inductor ran without CUDA graphs
+(`TORCH_LOGS=cudagraphs` says why), and `--profile-running n` profiles a window of its
+steps of n members (a torch.profiler table: where the host's and the GPU's time goes).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,6 +65,7 @@ def _sync() -> float:
 
 def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
     group = TrialGroup(inputs, device=args.device, log=lambda m: print(m, flush=True))
+    skips0 = counters["inductor"]["cudagraph_skips"]
     for i in range(k):
         member = cfg.model_copy(deep=True)
         member.phase2.learning_rate = 1e-4 * (1.3 ** i)
@@ -104,13 +110,20 @@ def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
         for _ in range(steps):
             group.step(only=only)
         times[("running", n)] = (_sync() - t0) / steps
+        if n == args.profile_running:  # where a step of n members' time goes
+            profile_steps(lambda _i, o=only: group.step(only=o), 0, max(3, sync))
     if args.profile and k == args.profile:
         profile_steps(lambda _i: group.step(), 0, max(3, args.sync[-1]))  # a whole window
     first = next(iter(group.members.values()))
     _, counts = param_groups(first.run.model)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    # Inductor's count of graphs it ran without CUDA graphs (TORCH_LOGS=cudagraphs says why;
+    # on the CPU every reduce-overhead graph counts).
+    skips = counters["inductor"]["cudagraph_skips"] - skips0
+    print(f"[k={k}] graphs run without CUDA graphs: {skips}", flush=True)
     return {"times": times, "trainable": counts.trainable, "frozen": counts.frozen,
-            "peak_mem_gib": round(peak, 2), "first_step_s": round(first_s, 1)}
+            "peak_mem_gib": round(peak, 2), "first_step_s": round(first_s, 1),
+            "cudagraph_skips": skips}
 
 
 def main() -> None:
@@ -135,6 +148,8 @@ def main() -> None:
                          "comma-separated")
     ap.add_argument("--profile", type=int, default=0,
                     help="also profile a read-back window of the group of this size")
+    ap.add_argument("--profile-running", type=int, default=0,
+                    help="also profile a window of steps of this many members (--running)")
     args = ap.parse_args()
 
     cfg = load_config(args.config, ["output.run_name=null", "output.save_weights=false",
@@ -163,7 +178,8 @@ def main() -> None:
                        "aggregate_tokens_per_s": round(tps),
                        "trial_steps_per_s": round(n / step, 2),
                        "mfu_pct": round(100 * tps * flops / (args.peak_tflops * 1e12), 2),
-                       "peak_mem_gib": r["peak_mem_gib"], "first_step_s": r["first_step_s"]}
+                       "peak_mem_gib": r["peak_mem_gib"], "first_step_s": r["first_step_s"],
+                       "cudagraph_skips": r["cudagraph_skips"]}
                 rows.append(row)
                 row["ratio_vs_first"] = round(
                     row["trial_steps_per_s"] / rows[0]["trial_steps_per_s"], 2)
