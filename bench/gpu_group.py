@@ -110,7 +110,7 @@ def run_group(cfg, inputs, k: int, tokens: Tokens, args, work: Path) -> dict:
         for _ in range(steps):
             group.step(only=only)
         times[("running", n)] = (_sync() - t0) / steps
-        if n == args.profile_running:  # where a step of n members' time goes
+        if n in args.profile_running:  # where a step of n members' time goes
             profile_steps(lambda _i, o=only: group.step(only=o), 0, max(3, sync))
     if args.profile and k == args.profile:
         profile_steps(lambda _i: group.step(), 0, max(3, args.sync[-1]))  # a whole window
@@ -148,8 +148,9 @@ def main() -> None:
                          "comma-separated")
     ap.add_argument("--profile", type=int, default=0,
                     help="also profile a read-back window of the group of this size")
-    ap.add_argument("--profile-running", type=int, default=0,
-                    help="also profile a window of steps of this many members (--running)")
+    ap.add_argument("--profile-running", default="",
+                    type=lambda v: [int(x) for x in v.split(",") if x],
+                    help="also profile a window of steps of these many members (--running)")
     args = ap.parse_args()
 
     cfg = load_config(args.config, ["output.run_name=null", "output.save_weights=false",

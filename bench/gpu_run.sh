@@ -22,7 +22,8 @@
 # --storage), so e2easha starts warm from the compile cache (and program) e2enan left there.
 # OCC_SET=KEY=VALUE: one more override of the occupancy stage (e.g.
 # demo.llm.num_hidden_layers=8 for a shorter compile); OCC_TIMEOUT: its time limit;
-# OCC_RUNNING, OCC_ARMS: its --running and --arms; OCC_PROFILE=n: profile steps of n members.
+# OCC_RUNNING, OCC_ARMS: its --running and --arms; OCC_PROFILE=n[,m]: profile steps of n
+# members; OCC_TRACE=1: those profiles also record Python calls (traces under $OUT/traces).
 # SCOPE_K: the scopes and ahead stages' group size (default 8); SCOPE_WARM=1: scopes also runs
 # each scope again, warm from its first run's caches; AHEAD_STEPS: ahead's steps.
 # Installs the wheel bundle (`bash ../shared/tools/gpu-bundle.sh .whl soundfile soxr optuna`; carry .whl/) when the host lacks
@@ -85,7 +86,7 @@ for stage in ${stages[@]}; do
         --json "$OUT/groupc$sfx.json" ;;
     occupancy) # a compiled group of 8 stepping 8, 4, 2 and 1 of its members: running only
                # the members' slots against every slot (model.run_empty_slots), one process
-      TORCH_LOGS=cudagraphs timeout ${OCC_TIMEOUT:-400} python3 bench/gpu_group.py "${ref[@]}" --k 8 --running ${OCC_RUNNING:-8,4,2,1} \
+      PROFILE_TRACE=${OCC_TRACE:+$OUT/traces} TORCH_LOGS=cudagraphs timeout ${OCC_TIMEOUT:-400} python3 bench/gpu_group.py "${ref[@]}" --k 8 --running ${OCC_RUNNING:-8,4,2,1} \
         --arms ${OCC_ARMS:-all,occupied} ${OCC_PROFILE:+--profile-running $OCC_PROFILE} --steps 30 --sync 10 --set model.compile=reduce-overhead \
         ${OCC_SET:+--set $OCC_SET} --json "$OUT/occupancy.json" ;;
     warmsplit) # issue 21 (a): where a compiled group's first step goes at reference scale,

@@ -181,18 +181,36 @@ def interleaved(stepper, first: int, use, on_name: str, off_name: str, rounds: i
 
 
 def profile_steps(step_fn, first: int, n: int) -> None:
-    """torch.profiler over `n` more steps: where the host's time goes, and the GPU's."""
+    """torch.profiler over `n` more steps: where the host's time goes, and the GPU's.
+    With `PROFILE_TRACE=DIR` the profile also records Python calls and leaves its
+    Chrome trace in DIR (gzipped), and prints the Python functions that took the host's
+    time (`bench/trace_summary.py`)."""
+    import os
+
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
                                      else [])
+    trace_dir = os.environ.get("PROFILE_TRACE")
     t0 = _sync_time()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=bool(trace_dir)) as prof:
         for i in range(first, first + n):
             step_fn(i)
         _sync_time()
     wall = (_sync_time() - t0) / n
     print("[profile] " + profile_report(prof, n, wall, rows=20), flush=True)
+    if trace_dir:
+        import gzip
+
+        from trace_summary import summarize
+
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(trace_dir) / f"trace-{len(list(Path(trace_dir).glob('trace-*')))}.json"
+        prof.export_chrome_trace(str(path))
+        print(f"[profile] trace {path}.gz\n" + summarize(path.read_text(), n), flush=True)
+        with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+            dst.write(src.read())
+        path.unlink()
 
 
 def trainer_nocache_arm(cfg, inputs, tokens: Tokens, batch: int, args):

@@ -722,14 +722,24 @@ def test_members_leaving_and_joining_a_compiled_group_add_no_graph(tiny, monkeyp
     freed = {group.members[k].slot for k in ("nan", "asha")}
     # Each slot's projector weights stay at the addresses a CUDA graph recorded.
     addresses = [[q.data_ptr() for q in f.parameters()] for f in group.slot_table.fillers]
+    # A step of seated members walks no module tree (host time that grows with the LLM's
+    # modules, thousands with K adapters); a joining member's check does.
+    import trainer.group_slots as slots_mod
+    walks = []
+    real_walk = slots_mod.vanilla_lora_layers
+    monkeypatch.setattr(slots_mod, "vanilla_lora_layers",
+                        lambda *a: walks.append(a) or real_walk(*a))
     group.step(only=["a"])  # the others wait for their clients
     ended = {}
     for _ in range(3):
         ended.update(group.step())
+    assert walks == []
     group.remove_member("asha")  # stopped by the scheduler after 4 of its steps
     ended.update(group.step())
     assert ended["nan"].end_reason == "nan_stop"
     group.add_member("late", cfg("slot", "late", True), sinks["late"])
+    group.step()
+    assert len(walks) == 1  # the late member's seating checked its LoRA layers once
     while group.members:
         group.step()
         if "late" in group.members:

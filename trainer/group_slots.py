@@ -119,6 +119,8 @@ class SlotTable:
         st = self.stacks
         if self.fixed and st is not None:
             new = [m for m in members if m.slot is None]
+            if not new:  # every step but a make-up change's: no walk of the modules
+                return True
             free = st.free_slots()
             if len(new) <= len(free) and all(
                     m.run.plan.batch_size <= self._rows and st.fits(m.adapter)
