@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
+import os
 import statistics
 import sys
 import time
@@ -185,8 +187,6 @@ def profile_steps(step_fn, first: int, n: int) -> None:
     With `PROFILE_TRACE=DIR` the profile also records Python calls and leaves its
     Chrome trace in DIR (gzipped), and prints the Python functions that took the host's
     time (`bench/trace_summary.py`)."""
-    import os
-
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
@@ -200,17 +200,17 @@ def profile_steps(step_fn, first: int, n: int) -> None:
     wall = (_sync_time() - t0) / n
     print("[profile] " + profile_report(prof, n, wall, rows=20), flush=True)
     if trace_dir:
-        import gzip
-
         from trace_summary import summarize
 
-        Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(trace_dir) / f"trace-{len(list(Path(trace_dir).glob('trace-*')))}.json"
-        prof.export_chrome_trace(str(path))
-        print(f"[profile] trace {path}.gz\n" + summarize(path.read_text(), n), flush=True)
-        with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
-            dst.write(src.read())
+        out = Path(trace_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"trace-{len(list(out.glob('trace-*')))}.json"
+        prof.export_chrome_trace(str(path))  # torch writes only to a file
+        raw = path.read_text()  # read once: summarised, then kept gzipped
         path.unlink()
+        with gzip.open(f"{path}.gz", "wt") as dst:
+            dst.write(raw)
+        print(f"[profile] trace {path}.gz\n" + summarize(raw, n), flush=True)
 
 
 def trainer_nocache_arm(cfg, inputs, tokens: Tokens, batch: int, args):
