@@ -14,6 +14,8 @@ import gzip
 import json
 from pathlib import Path
 
+SLACK_US = 1.0  # how far a child's end may pass its parent's (the trace's clock jitter)
+
 
 def summarize(trace_json: str, steps: int, rows: int = 25, threads: int = 2) -> str:
     """Tables of the Python functions and CPU ops (aten, CUDA runtime) with the most self
@@ -34,7 +36,13 @@ def _thread_table(events: list[dict], tid: object, steps: int, rows: int) -> str
     calls: collections.Counter = collections.Counter()
     stack: list[list] = []  # [end, name, time in children, duration] of the open events
     for e in events:
-        while stack and stack[-1][0] <= e["ts"]:
+        # A parent must outlast its child. The profiler's Python and op events can overlap
+        # by a few microseconds without nesting (a C++ op's span ending just after the
+        # Python call that started it begins its next sibling): nesting such an event
+        # under the one it overlaps would charge a long call's whole span as the short
+        # one's child, and the long call's caller with none of it.
+        end = e["ts"] + e["dur"]
+        while stack and (stack[-1][0] <= e["ts"] or stack[-1][0] < end - SLACK_US):
             _, name, child, dur = stack.pop()
             self_us[name] += dur - child
         name = ("py " if e["cat"] == "python_function" else "") + e["name"]
@@ -42,7 +50,7 @@ def _thread_table(events: list[dict], tid: object, steps: int, rows: int) -> str
             stack[-1][2] += e["dur"]
         total_us[name] += e["dur"]
         calls[name] += 1
-        stack.append([e["ts"] + e["dur"], name, 0.0, e["dur"]])
+        stack.append([end, name, 0.0, e["dur"]])
     for _, name, child, dur in stack:
         self_us[name] += dur - child
     lines = [f"host self time per step by function (thread {tid}, {steps} steps): "
