@@ -7,6 +7,7 @@ import os
 import sys
 
 from trainer.errors import ConfigError, Problem
+from trainer.process_exit import exit_process
 
 
 def _quiet_libraries(verbose: bool = False) -> None:
@@ -100,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

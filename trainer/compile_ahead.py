@@ -43,6 +43,7 @@ import torch
 
 from trainer.config import TrainConfig, config_from_data
 from trainer.inputs import Inputs
+from trainer.process_exit import exit_process
 
 Progress = Literal["running", "ready", "failed"]
 SPEC = "spec.json"
@@ -168,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
