@@ -7,7 +7,6 @@ import os
 import sys
 
 from trainer.errors import ConfigError, Problem
-from trainer.process_exit import exit_process
 
 
 def _quiet_libraries(verbose: bool = False) -> None:
@@ -101,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    sys.exit(main())

@@ -43,7 +43,6 @@ import torch
 
 from trainer.config import TrainConfig, config_from_data
 from trainer.inputs import Inputs
-from trainer.process_exit import exit_process
 
 Progress = Literal["running", "ready", "failed"]
 SPEC = "spec.json"
@@ -169,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    sys.exit(main())

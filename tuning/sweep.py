@@ -26,7 +26,6 @@ from trainer.fsutil import atomic_write_text, storage_error_line
 from trainer.inputs import prepare_inputs, train_size
 from trainer.noise import quiet_transformers
 from trainer.plan import plan_steps
-from trainer.process_exit import exit_process
 from tuning.preflight import check_runs, dry_run
 from tuning.raytune.interrupt import INTERRUPT, shutdown_ray
 from tuning.search_config import Loaded, load_search
@@ -233,4 +232,4 @@ def _storage_of(config: str, overrides: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    sys.exit(main())
