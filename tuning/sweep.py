@@ -205,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # SIGTERM (e.g. from a scheduler) stops like Ctrl-C: state saved, runs KILLED.
         INTERRUPT.install()
-        return run_sweep(loaded, resume_flag=args.resume, restart=args.restart,
+        code = run_sweep(loaded, resume_flag=args.resume, restart=args.restart,
                          recheck_k=args.recheck, ray_log_level=ray_log_level)
+        # Ray's own exit hook would do it too, after sleeping half a second for log lines
+        # its workers might still print (theirs do not reach this driver: log_to_driver).
+        shutdown_ray()
+        return code
     except ConfigError as e:
         shutdown_ray()  # a problem found after Ray started (the shared groups' resources)
         return _fail(e.lines())

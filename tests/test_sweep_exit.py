@@ -1,0 +1,32 @@
+"""How the sweep CLI ends: its Ray shut down before `main` returns, its exit code kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_sweep_cli_shuts_its_ray_down_before_it_returns(tmp_path, monkeypatch):
+    # Left to Ray's exit hook, the shutdown would first sleep half a second.
+    from tuning import sweep
+
+    calls = []
+    monkeypatch.setattr(sweep, "INTERRUPT", SimpleNamespace(install=lambda: None))
+    monkeypatch.setattr(sweep, "run_sweep", lambda loaded, **kw: calls.append("sweep") or 0)
+    monkeypatch.setattr(sweep, "shutdown_ray", lambda: calls.append("shutdown"))
+    argv = [str(ROOT / "configs" / "search.yaml"), "--set", f"sweep.storage_path={tmp_path}"]
+    assert sweep.main(argv) == 0
+    assert calls == ["sweep", "shutdown"]
+
+
+def test_the_sweep_cli_exits_2_on_a_bad_key_without_a_traceback(tmp_path):
+    bad = tmp_path / "search.yaml"
+    bad.write_text("sweep:\n  name: x\n  no_such_key: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "tuning.sweep", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no_such_key" in proc.stderr and "Traceback" not in proc.stderr
