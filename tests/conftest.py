@@ -40,6 +40,23 @@ def assets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return assets
 
 
+_SHARED: dict[str, Path] = {}
+
+
+def smoke_assets() -> Path:
+    """The session's demo-asset directory for sweeps of configs/smoke.yaml (`test_sweep._write`
+    points them at it): the first such sweep builds the bundle, LLM and feature cache there and
+    every later one reuses them instead of building its own (about 7 s on an idle 2-core
+    machine, more under load). Asset builds write to a temp file and rename, so a sweep's
+    trials reading while another builds is safe."""
+    return _SHARED["smoke_assets"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _smoke_assets_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _SHARED["smoke_assets"] = tmp_path_factory.mktemp("smoke_assets")
+
+
 @pytest.fixture
 def tiny(tmp_path: Path, assets_dir: Path):
     """Factory: tiny TrainConfig under tmp_path, phase2 keys overridable."""

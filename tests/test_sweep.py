@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, smoke_assets
 
 from trainer.config import config_from_data
 from trainer.errors import ConfigError, Problem
@@ -26,10 +26,14 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def _write(tmp_path: Path, edit: dict | None = None, drop: tuple = (),
-           space: dict | None = None) -> Path:
+           space: dict | None = None, shared_assets: bool = True) -> Path:
+    """A search.yaml from configs/smoke.yaml under `tmp_path`, with dotted `edit`s; its demo
+    assets are the session's (`conftest.smoke_assets`) unless `shared_assets` is false."""
     data = load_yaml_file(SMOKE)
     data["sweep"]["storage_path"] = str(tmp_path / "sweeps")
     data["base"]["overrides"]["output.root"] = str(tmp_path / "runs")
+    if shared_assets:
+        data["base"]["overrides"]["output.assets_dir"] = str(smoke_assets())
     for key in drop:
         data.pop(key)
     for dotted, value in (edit or {}).items():
@@ -328,7 +332,7 @@ def test_environment_points_storage_and_tracking_at_shared_services(tmp_path, mo
                                                                     capsys):
     monkeypatch.setenv("PHASE2_TUNE_STORAGE_PATH", str(tmp_path / "shared"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    loaded = load_search(_write(tmp_path))
+    loaded = load_search(_write(tmp_path, shared_assets=False))
     assert loaded.sweep_dir == tmp_path / "shared" / "smoke"
     assert loaded.base.output.assets_dir == tmp_path / "shared" / "_assets"
     assert loaded.cfg.mlflow.tracking_uri == "http://127.0.0.1:5999"
