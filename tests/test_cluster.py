@@ -1,5 +1,7 @@
 """Scale-out: a real two-node Ray cluster on this machine, trials on both nodes, MLflow over
-HTTP from every node (issue: Docker and scale-out on an existing Ray cluster)."""
+HTTP from every node (issue: Docker and scale-out on an existing Ray cluster). It is also the
+suite's smoke sweep against a real MLflow server: parent and children, every step, params
+and verdict tags read back over HTTP."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def test_sweep_on_a_two_node_cluster_logs_every_trial(tmp_path):
                                  "ray.address": cluster.address})
         res = _sweep(path, cwd=tmp_path)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert f"MLflow: {server.url}" in res.stdout
         trials = sorted((tmp_path / "sweeps" / "smoke" / "trials").iterdir())
         nodes = {json.loads(line)["node_id"] for t in trials
                  for line in (t / "placement.jsonl").read_text().splitlines()}
@@ -34,9 +37,12 @@ def test_sweep_on_a_two_node_cluster_logs_every_trial(tmp_path):
         client = MlflowClient(server.url)
         runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(children) == 2
+        assert len(runs) == 3 and len(children) == 2
         for child in children:
-            assert len(client.get_metric_history(child.info.run_id, "loss")) == 12
+            steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss"))
+            assert steps == list(range(1, 13))
+            assert child.data.params["projector_lr"] in {"0.005", "0.025"}
+            assert child.data.tags["phase2tune.verdict"]
     finally:
         server.stop()
         cluster.shutdown()

@@ -216,33 +216,6 @@ def test_second_sweep_with_the_same_name_refuses(tmp_path, capsys):
     assert sorted(p.name for p in sweep_dir.iterdir()) == [".sweep.lock"]  # untouched
 
 
-@pytest.mark.slow
-def test_smoke_sweep_against_a_real_mlflow_server(tmp_path):
-    from mlflow.tracking import MlflowClient
-    from test_mlflow_server import MlflowServer, free_port
-
-    server = MlflowServer(free_port(), f"sqlite:///{tmp_path / 'server.db'}",
-                          tmp_path / "artifacts", tmp_path / "server.log")
-    server.start()
-    try:
-        path = _write(tmp_path, {"mlflow.tracking_uri": server.url})
-        res = _sweep(path, cwd=tmp_path)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-        assert f"MLflow: {server.url}" in res.stdout
-        client = MlflowClient(server.url)
-        exp = client.get_experiment_by_name("smoke")
-        runs = client.search_runs([exp.experiment_id])
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(runs) == 3 and len(children) == 2
-        for child in children:
-            steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss"))
-            assert steps == list(range(1, 13))
-            assert child.data.params["projector_lr"] in {"0.005", "0.025"}
-            assert child.data.tags["phase2tune.verdict"]
-    finally:
-        server.stop()
-
-
 def test_unreachable_tracking_server_fails_fast(tmp_path, capsys):
     import time
 
