@@ -56,3 +56,24 @@ def test_sweep_cli_silences_mlflow_ray_transformers_unless_verbose(verbose, tmp_
     assert os.environ.get("MLFLOW_LOGGING_LEVEL") == (None if verbose else "WARNING")
     assert hf_logging.get_verbosity() == (logging.WARNING if verbose else logging.ERROR)
     assert hf_logging.is_progress_bar_enabled() is verbose
+
+
+def test_a_process_without_transformers_is_quiet_once_it_imports_it() -> None:
+    """The sweep's driver quiets transformers without importing it (it may never need it):
+    the variables set before its import give the same levels as the explicit calls."""
+    import subprocess
+    import sys
+
+    child = (
+        "import sys\n"
+        "from trainer.noise import quiet_transformers\n"
+        "quiet_transformers()\n"
+        "print('imported' if 'transformers' in sys.modules else 'not imported')\n"
+        "import logging\n"
+        "from transformers.utils import logging as hf\n"
+        "print(hf.get_verbosity() == logging.ERROR, hf.is_progress_bar_enabled())\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == ["not", "imported", "True", "False"], out

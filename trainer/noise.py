@@ -8,6 +8,7 @@ variables reach processes started later (Ray workers, subprocesses) too.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 
@@ -18,6 +19,11 @@ def quiet_transformers(verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by worker processes
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\b")
+    if "transformers" not in sys.modules:
+        # transformers reads both variables as it is imported, so a process that has not
+        # imported it yet is quiet without importing it here: the sweep's driver may never
+        # need it, and its import (about a second) would delay the sweep's start.
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
