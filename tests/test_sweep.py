@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -355,6 +356,41 @@ def test_inputs_are_prepared_while_ray_starts(tmp_path, monkeypatch, capsys):
     assert sweep_main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "stopped here by the test" in err and "Traceback" not in err, err
+
+
+def test_the_sweeps_mlflow_store_is_opened_while_ray_starts(tmp_path, monkeypatch, capsys):
+    """The embedded store's tables are made beside Ray's start (Tune's callback would make
+    them while every trial waits), and an exit during the start waits for them to be whole;
+    the callback's tracker then finds the store and its state without a recovery warning."""
+    from tuning.raytune import driver
+    from tuning.tracking.tracker import SweepTracker
+
+    path = _write(tmp_path)
+    mlflow_dir = tmp_path / "sweeps" / "smoke" / "mlflow"
+
+    def init_ray(loaded, level):  # stops the sweep once the store's tables exist
+        deadline = time.monotonic() + 60
+        while not (mlflow_dir / "mlflow.db").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise ConfigError([Problem(str(path), "ray.address", "stopped here by the test",
+                                   "none")])
+
+    monkeypatch.setattr(driver, "init_ray", init_ray)
+    assert sweep_main([str(path)]) == 2
+    assert "stopped here by the test" in capsys.readouterr().err
+    con = sqlite3.connect(mlflow_dir / "mlflow.db")
+    try:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        version = con.execute("select version_num from alembic_version").fetchall()
+    finally:
+        con.close()
+    assert {"experiments", "runs", "metrics", "params", "tags"} <= tables and version, tables
+    tracker = SweepTracker(None, "smoke", mlflow_dir)
+    try:
+        assert tracker.start_parent("smoke", {"a": 1})
+    finally:
+        tracker.close()
+    assert "[mlflow] warning" not in capsys.readouterr().err
 
 
 def test_a_problem_found_while_preparing_exits_2_and_stops_ray(tmp_path, monkeypatch, capsys):

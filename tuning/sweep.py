@@ -116,10 +116,14 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
         # preparation still exits 2, Ray is shut down).
         prepared = in_background(prepare_inputs, loaded.base,
                                  log=lambda m: print(m, flush=True))
-        began = time.perf_counter()
-        driver.init_ray(loaded, ray_log_level)
-        ray_s = time.perf_counter() - began
-        inputs, prepare_s = prepared()
+        store_opened = in_background(publish.open_store, cfg, experiment, mlflow_dir)
+        try:
+            began = time.perf_counter()
+            driver.init_ray(loaded, ray_log_level)
+            ray_s = time.perf_counter() - began
+            inputs, prepare_s = prepared()
+        finally:  # Tune's callback opens the store next; an exit never cuts its tables short
+            store_opened()
         print(f"[sweep] inputs ready in {prepare_s:.1f}s, Ray started in {ray_s:.1f}s, "
               "side by side")
         plan = plan_steps(loaded.base.phase2, train_size(loaded.base), src)

@@ -46,6 +46,22 @@ def sweep_callback(loaded: Loaded, experiment: str, mlflow_dir: Path, snapshot: 
         timeout_s=cfg.mlflow.timeout_s)
 
 
+def open_store(cfg: SearchConfig, experiment: str, mlflow_dir: Path) -> None:
+    """Open the sweep's own SQLite store (`mlflow.tracking_uri` unset) ahead of Tune's
+    callback, which otherwise creates its tables (about 2 s) while every trial waits to
+    start; the sweep runs this beside the preparation and Ray's start. A store that cannot
+    be opened is left for the callback to meet and report, as without this."""
+    if cfg.mlflow.tracking_uri is not None:
+        return  # a server's store exists already (and was probed before the sweep began)
+    tracker = driver_tracker(cfg, experiment, mlflow_dir)  # saves its state file first
+    try:
+        tracker.check_reachable()
+    except TrackingUnavailable:
+        pass
+    finally:
+        tracker.close()
+
+
 def driver_tracker(cfg: SearchConfig, experiment: str, mlflow_dir: Path) -> SweepTracker:
     """The driver's own MLflow handle, after Tune's callback is done writing (what it left
     pending is written by this handle's first write, before anything newer)."""

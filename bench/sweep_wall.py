@@ -1,0 +1,78 @@
+"""A whole sweep's wall clock, this working tree against a baseline commit, through the CLI.
+
+    python bench/sweep_wall.py --baseline HEAD~1                    # the CI smoke sweep
+    python bench/sweep_wall.py --baseline ec3b3d1 --reps 5 --config configs/smoke.yaml
+
+The baseline is checked out into a temporary git worktree. Each rep runs `python -m
+tuning.sweep CONFIG --restart` in a fresh process from each tree (the arms alternating,
+each with its own storage in a temporary directory, both on the same demo assets, built by
+an untimed first run), and times the process from its start to its exit: imports, Ray,
+the trials, the report and the exit, all of it. Prints every process's wall and the
+sweep's own clock line, then each arm's median and the ratio tree / baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FINISHED = re.compile(r"sweep finished in .*")
+
+
+def one(tree: Path, config: Path, storage: Path, assets: Path) -> tuple[float, str]:
+    """(process wall seconds, the sweep's 'finished in' line) of one sweep from `tree`."""
+    args = [sys.executable, "-m", "tuning.sweep", str(config), "--restart",
+            "--set", f"sweep.storage_path={storage}",
+            "--set", f"base.overrides.output.assets_dir={assets}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    began = time.perf_counter()
+    done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise SystemExit(f"{tree}: the sweep exited {done.returncode}\n{done.stderr[-3000:]}")
+    found = FINISHED.search(done.stdout)
+    return wall, found.group(0) if found else "(no finished line)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", required=True, help="the commit to compare against")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "smoke.yaml")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    config = args.config.resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "baseline"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base),
+                        args.baseline], check=True)
+        try:
+            trees = {"baseline": base, "tree": ROOT}
+            assets = Path(tmp) / "assets"
+            one(ROOT, config, Path(tmp) / "warm-up", assets)  # builds the assets, untimed
+            walls: dict[str, list[float]] = {arm: [] for arm in trees}
+            for rep in range(args.reps):
+                for arm, tree in trees.items():
+                    wall, line = one(tree, config, Path(tmp) / f"{arm}-{rep}", assets)
+                    walls[arm].append(wall)
+                    print(f"rep {rep + 1} {arm:>8}: {wall:5.1f}s process wall; {line}",
+                          flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
+                           check=False)
+    med = {arm: statistics.median(w) for arm, w in walls.items()}
+    for arm, m in med.items():
+        print(f"{arm:>8}: median process wall {m:.1f}s over {args.reps}")
+    print(f"ratio tree / baseline ({args.baseline}): {med['tree'] / med['baseline']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
