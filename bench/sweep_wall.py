@@ -14,7 +14,6 @@ sweep's own clock line, then each arm's median and the ratio tree / baseline.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
@@ -32,10 +31,8 @@ def one(tree: Path, config: Path, storage: Path, assets: Path) -> tuple[float, s
     args = [sys.executable, "-m", "tuning.sweep", str(config), "--restart",
             "--set", f"sweep.storage_path={storage}",
             "--set", f"base.overrides.output.assets_dir={assets}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    began = time.perf_counter()
-    done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True)
+    began = time.perf_counter()  # the CLI sets its own offline and telemetry variables
+    done = subprocess.run(args, cwd=tree, capture_output=True, text=True)
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise SystemExit(f"{tree}: the sweep exited {done.returncode}\n{done.stderr[-3000:]}")

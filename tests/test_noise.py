@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -61,9 +63,6 @@ def test_sweep_cli_silences_mlflow_ray_transformers_unless_verbose(verbose, tmp_
 def test_a_process_without_transformers_is_quiet_once_it_imports_it() -> None:
     """The sweep's driver quiets transformers without importing it (it may never need it):
     the variables set before its import give the same levels as the explicit calls."""
-    import subprocess
-    import sys
-
     child = (
         "import sys\n"
         "from trainer.noise import quiet_transformers\n"

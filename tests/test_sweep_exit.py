@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def test_the_sweep_cli_shuts_its_ray_down_before_it_returns(tmp_path, monkeypatch):
@@ -19,4 +18,3 @@ def test_the_sweep_cli_shuts_its_ray_down_before_it_returns(tmp_path, monkeypatc
     argv = [str(ROOT / "configs" / "search.yaml"), "--set", f"sweep.storage_path={tmp_path}"]
     assert sweep.main(argv) == 0
     assert calls == ["sweep", "shutdown"]
-

@@ -50,7 +50,8 @@ def open_store(cfg: SearchConfig, experiment: str, mlflow_dir: Path) -> None:
     """Open the sweep's own SQLite store (`mlflow.tracking_uri` unset) ahead of Tune's
     callback, which otherwise creates its tables (about 2 s) while every trial waits to
     start; the sweep runs this beside the preparation and Ray's start. A store that cannot
-    be opened is left for the callback to meet and report, as without this."""
+    be used is left for the callback to meet and report, as without this; a state
+    directory that cannot be written stops the sweep as any other write to its directory."""
     if cfg.mlflow.tracking_uri is not None:
         return  # a server's store exists already (and was probed before the sweep began)
     tracker = driver_tracker(cfg, experiment, mlflow_dir)  # saves its state file first
