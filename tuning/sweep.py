@@ -26,6 +26,7 @@ from trainer.fsutil import atomic_write_text, storage_error_line
 from trainer.inputs import prepare_inputs, train_size
 from trainer.noise import quiet_transformers
 from trainer.plan import plan_steps
+from trainer.process_exit import exit_after_handlers
 from tuning.preflight import check_runs, dry_run
 from tuning.raytune.interrupt import INTERRUPT, shutdown_ray
 from tuning.search_config import Loaded, load_search
@@ -240,4 +241,4 @@ def _storage_of(config: str, overrides: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after_handlers(main())
