@@ -170,7 +170,7 @@ def wall_parts(wall: float, log: str, stats: dict, k: int) -> dict:
     """Where a shared group's sweep spent its wall, in seconds that add up to it: outside
     the sweep's own clock (the process's imports, validation and exit, Ray's shutdown), the
     clock's parts (`tuning.sweep.format_clock`, whole seconds) with its trials split by
-    the group's stats (from the group's start to its first member, its first step (the
+    the group's stats (from the group's inputs to its first member, its first step (the
     compile), its other steps, the joins, leaves and waits that held its steps, its time
     between steps, and the rest: Tune's start and end around the group); and `slot_fill`,
     the share of slot-steps a member filled, which bounds the end-to-end MFU at fill x
@@ -187,7 +187,9 @@ def wall_parts(wall: float, log: str, stats: dict, k: int) -> dict:
     joins = stats["join_s"] - stats["first_join_s"] if "join_s" in stats else 0.0  # since run 30
     held = {"joins after the first": joins,
             "leaves": stats.get("leave_s", 0.0), "waits": sum(stats["wait_s"].values())}
-    group = {"group start to its first member": stats["to_first_member_s"],
+    # Since session 27 the actor starts before the preparation ends; its figures count
+    # from the inputs' arrival, where the clock's "trials" begin.
+    group = {"group's inputs to its first member": stats["to_first_member_s"],
              "first group step (compile)": stats.get("first_step_s", 0.0),
              "other group steps": stats["step_s"] - stats.get("first_step_s", 0.0), **held,
              "group, between steps": stats["wall_s"] - stats["step_s"] - sum(held.values())}

@@ -2,6 +2,7 @@
 
     python bench/sweep_wall.py --baseline HEAD~1                    # the CI smoke sweep
     python bench/sweep_wall.py --baseline ec3b3d1 --reps 5 --config configs/smoke.yaml
+    python bench/sweep_wall.py --baseline HEAD --set resources.shared_group=true --fresh-data 256
 
 The baseline is checked out into a temporary git worktree. Each rep runs `python -m
 tuning.sweep CONFIG --restart` in a fresh process from each tree (the arms alternating,
@@ -9,6 +10,9 @@ each with its own storage in a temporary directory, both on the same demo assets
 an untimed first run), and times the process from its start to its exit: imports, Ray,
 the trials, the report and the exit, all of it. Prints every process's wall and the
 sweep's own clock line, then each arm's median and the ratio tree / baseline.
+`--fresh-data N` gives every sweep a demo dataset of its own (N + a different count of
+examples each), so each one's preparation builds the data and encodes its frozen-feature
+cache, as a sweep on new data does; the demo LLM and Phase 1 stay the warm-up's.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FINISHED = re.compile(r"sweep finished in .*")
 
 
-def one(tree: Path, config: Path, storage: Path, assets: Path) -> tuple[float, str]:
+def one(tree: Path, config: Path, storage: Path, assets: Path,
+        overrides: list[str]) -> tuple[float, str]:
     """(process wall seconds, the sweep's 'finished in' line) of one sweep from `tree`."""
     args = [sys.executable, "-m", "tuning.sweep", str(config), "--restart",
             "--set", f"sweep.storage_path={storage}",
             "--set", f"base.overrides.output.assets_dir={assets}"]
+    for item in overrides:
+        args += ["--set", item]
     began = time.perf_counter()  # the CLI sets its own offline and telemetry variables
     done = subprocess.run(args, cwd=tree, capture_output=True, text=True)
     wall = time.perf_counter() - began
@@ -45,6 +52,10 @@ def main() -> None:
     ap.add_argument("--baseline", required=True, help="the commit to compare against")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "smoke.yaml")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="a search.yaml override for every sweep")
+    ap.add_argument("--fresh-data", type=int, default=None, metavar="N",
+                    help="each sweep prepares a new demo dataset of about N examples")
     args = ap.parse_args()
     config = args.config.resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,11 +65,17 @@ def main() -> None:
         try:
             trees = {"baseline": base, "tree": ROOT}
             assets = Path(tmp) / "assets"
-            one(ROOT, config, Path(tmp) / "warm-up", assets)  # builds the assets, untimed
+            # builds the assets (with --fresh-data: the LLM and Phase 1), untimed
+            one(ROOT, config, Path(tmp) / "warm-up", assets, args.overrides)
+            runs = 0
             walls: dict[str, list[float]] = {arm: [] for arm in trees}
             for rep in range(args.reps):
                 for arm, tree in trees.items():
-                    wall, line = one(tree, config, Path(tmp) / f"{arm}-{rep}", assets)
+                    extra = list(args.overrides)
+                    if args.fresh_data is not None:
+                        runs += 1
+                        extra.append(f"base.overrides.demo.num_examples={args.fresh_data + runs}")
+                    wall, line = one(tree, config, Path(tmp) / f"{arm}-{rep}", assets, extra)
                     walls[arm].append(wall)
                     print(f"rep {rep + 1} {arm:>8}: {wall:5.1f}s process wall; {line}",
                           flush=True)

@@ -198,6 +198,77 @@ def test_the_actor_loads_the_shared_llm_before_its_first_member_joins(tiny):
     assert [e for e in stats["events"] if "s [group] shared LLM on cpu in " in e], stats
 
 
+def test_an_actor_started_before_its_inputs_loads_the_llm_and_holds_joins_until_them(tiny):
+    """A sweep starts its groups as soon as Ray is up, while its preparation runs: the actor
+    loads the LLM from the base config's directory meanwhile, and a trial's join waits for
+    the inputs the driver hands it (`set_inputs`); the member then trains as usual."""
+    import threading
+
+    from trainer.inputs import ready_llm_dir
+
+    cfg = tiny(run_name="m0")
+    inputs = prepare_inputs(cfg, log=lambda *_: None)
+    assert ready_llm_dir(cfg) == inputs.llm_dir  # built: known before any preparation
+    group = GroupActor(None, "cpu", report_every=2, orphan_timeout_s=600,
+                       shared_config=cfg.to_plain(), llm_dir=str(ready_llm_dir(cfg)))
+    _wait(lambda: group.stats()["preload_s"] > 0)
+    assert group._group._lm is not None and group._group.inputs is None
+    joined = []
+    data = cfg.to_plain()
+    joining = threading.Thread(target=lambda: joined.append(group.join("m0", data, False)))
+    joining.start()
+    time.sleep(1.0)
+    assert joining.is_alive() and not joined  # no inputs yet: the join waits
+    time.sleep(0.5)
+    group.set_inputs(inputs)
+    joining.join(timeout=120)
+    assert joined == [True]
+    member = group._members["m0"]
+    _wait(lambda: member.paused)
+    with group._lock:
+        steps = [p[1] for k, p in member.events if k == "metrics"]
+    assert steps == [1, 2, 3, 4], steps
+    stats = group.stats()
+    assert stats["started_ahead_s"] >= 1.5, stats  # its figures count from the inputs
+    assert stats["first_join_asked_s"] < 0 < stats["to_first_member_s"], stats
+
+
+def test_a_restarted_actor_takes_the_inputs_the_driver_wrote(tiny, tmp_path):
+    """Ray starts a crashed actor again with its first arguments (no inputs): it reads the
+    ones the driver wrote to the sweep directory, and members join at once."""
+    import json
+
+    from trainer.inputs import inputs_to_data
+
+    cfg = tiny(run_name="m0")
+    inputs = prepare_inputs(cfg, log=lambda *_: None)
+    written = tmp_path / "group_inputs.json"
+    written.write_text(json.dumps(inputs_to_data(inputs)))
+    group = GroupActor(None, "cpu", report_every=2, orphan_timeout_s=600,
+                       inputs_file=str(written))
+    assert group._group.inputs == inputs
+    _, steps = _join_until_paused(group, cfg, "m0")
+    assert steps == [1, 2, 3, 4], steps
+
+
+def test_a_group_loaded_ahead_refuses_inputs_that_name_another_llm(tiny, tmp_path):
+    """The LLM loaded before the inputs came must be the one they name: a join otherwise
+    raises (its trial errors) instead of training on another model."""
+    from dataclasses import replace
+
+    from trainer.errors import ConfigError
+    from trainer.inputs import ready_llm_dir
+
+    cfg = tiny(run_name="m0")
+    inputs = prepare_inputs(cfg, log=lambda *_: None)
+    group = GroupActor(None, "cpu", report_every=2, orphan_timeout_s=600,
+                       shared_config=cfg.to_plain(), llm_dir=str(ready_llm_dir(cfg)))
+    _wait(lambda: group.stats()["preload_s"] > 0)
+    group.set_inputs(replace(inputs, llm_dir=tmp_path / "another-llm"))
+    with pytest.raises(ConfigError, match="the shared LLM was loaded from"):
+        group.join("m0", cfg.to_plain(), False)
+
+
 def test_stats_count_the_group_steps_by_how_many_members_they_stepped(actor):
     """How much of a group's stepping ran few members (ASHA's tail) is in its stats: two
     members together, then one alone, each short step counted once by its members."""

@@ -10,21 +10,28 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+COMPLETE = ".complete"  # the last file a build_once directory gets
+
+
+def is_built(target: Path) -> bool:
+    """Whether `build_once` has finished `target` (a directory being built is not)."""
+    return (target / COMPLETE).is_file()
+
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:
     """Build directory `target` via `build(tmp_dir)` unless it exists; atomic, race-safe."""
-    if (target / ".complete").is_file():
+    if is_built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(tmp)
-        (tmp / ".complete").write_text("ok\n")
+        (tmp / COMPLETE).write_text("ok\n")
         os.replace(tmp, target)
     except OSError:
         # Another process finished the same build first; its copy is identical.
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / ".complete").is_file():
+        if not is_built(target):
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -69,7 +69,7 @@ from trainer.compile_guards import GuardSkip
 from trainer.compile_scope import compile_forward, eager_blocks
 from trainer.config import TrainConfig
 from trainer.data import Split, place_features, to_device
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, Problem
 from trainer.group_member import Member, MemberView
 from trainer.group_rules import group_problems, io_lora_problems
 from trainer.group_slots import SlotTable
@@ -115,14 +115,16 @@ from trainer.step import (
 class TrialGroup:
     """Phase 2 trials training together over one frozen LLM; see the module docstring."""
 
-    def __init__(self, inputs: Inputs, device: str | None = None, log: Callable = print,
+    def __init__(self, inputs: Inputs | None, device: str | None = None, log: Callable = print,
                  slots: int | None = None, compile_cache: Path | None = None) -> None:
-        """`slots`: the group's capacity K, the trials it holds at once (a sweep's
-        `max_concurrent_trials`); a compiled group's forward always runs K slots, so members
-        joining and leaving never change its shapes (None: as many as the members present
-        at the first compiled step). `compile_cache`: a directory where the compiled
-        slots' artifacts are kept (`trainer.compile_cache`): loaded before the slots'
-        first compile, saved after it, so the next group of the same shapes starts warm."""
+        """`inputs`: the shared inputs (None until a sweep's preparation is done: set
+        `inputs` before the first member joins). `slots`: the group's capacity K, the
+        trials it holds at once (a sweep's `max_concurrent_trials`); a compiled group's
+        forward always runs K slots, so members joining and leaving never change its shapes
+        (None: as many as the members present at the first compiled step).
+        `compile_cache`: a directory where the compiled slots' artifacts are kept
+        (`trainer.compile_cache`): loaded before the slots' first compile, saved after it,
+        so the next group of the same shapes starts warm."""
         self.inputs = inputs
         self.slot_table = SlotTable(slots, compile_cache, log)  # compiled: who sits where
         self.device = resolve_device(device)
@@ -130,6 +132,7 @@ class TrialGroup:
         self.members: dict[str, Member] = {}
         self._ref: TrainConfig | None = None  # the first member's config: the group's keys
         self._lm: nn.Module | None = None  # the CausalLM, loaded once at the first member
+        self._llm_dir: Path | None = None  # where `_lm` was loaded from
         self._peft: nn.Module | None = None  # the peft wrapper holding every member's adapter
         self._tokenizer = None
         self._next_adapter = 0
@@ -246,18 +249,27 @@ class TrialGroup:
             self._splits[key] = load_splits(cfg, self.inputs, self.tokenizer)
         return self._splits[key]
 
-    def load_shared_llm(self, cfg: TrainConfig, source: str = "config") -> None:
+    def load_shared_llm(self, cfg: TrainConfig, source: str = "config",
+                        llm_dir: Path | None = None) -> None:
         """Load the shared frozen LLM onto the device (and set up its compiled forward), once;
         `cfg` (the first member's, or the sweep's base config) fixes the shared keys. A
-        sweep's group actor calls it as it starts, overlapping the trials' start."""
+        sweep's group actor calls it as it starts, overlapping the trials' start, and before
+        its `inputs` are there it names the LLM's directory (`llm_dir`)."""
+        llm_dir = llm_dir or self.inputs.llm_dir
         if self._lm is not None:
+            if self.inputs is not None and self._llm_dir != self.inputs.llm_dir:
+                # Loaded ahead from the base config's directory: the inputs must agree.
+                raise ConfigError([Problem(
+                    source, "model.llm_path", f"the shared LLM was loaded from "
+                    f"{self._llm_dir}, but the sweep's inputs name {self.inputs.llm_dir}",
+                    "give every trial the base config's LLM")])
             return
         # The parts' times: a sweep's first member waits for all. The first part is mostly
         # the process's first imports of transformers' tokenizer and model code and peft.
         t = [time.perf_counter()]
-        tokenizer = prepare_llm(self.inputs.llm_dir, cfg.model.lora, source, self.log)
+        tokenizer = prepare_llm(llm_dir, cfg.model.lora, source, self.log)
         t.append(time.perf_counter())
-        lm = load_llm(self.inputs.llm_dir, cfg.model.attn_implementation)  # on the CPU
+        lm = load_llm(llm_dir, cfg.model.attn_implementation)  # on the CPU
         t.append(time.perf_counter())
         lm.to(self.device)  # apart: a GPU's first use starts CUDA here
         t.append(time.perf_counter())
@@ -268,7 +280,7 @@ class TrialGroup:
         self.log(f"[group] shared LLM on {self.device} in {t[-1] - t[0]:.1f}s (tokenizer and "
                  f"LoRA plan {t[1] - t[0]:.1f}s, weights read {t[2] - t[1]:.1f}s, to {self.device} "
                  f"{t[3] - t[2]:.1f}s, casts and checks {t[4] - t[3]:.1f}s)")
-        self._lm, self._tokenizer = lm, tokenizer
+        self._lm, self._tokenizer, self._llm_dir = lm, tokenizer, llm_dir
         self._ref = cfg.model_copy(deep=True)  # what the loaded LLM was loaded with
         if cfg.model.compile != "off":
             # One compiled forward (and, with reduce-overhead, one CUDA graph) for the

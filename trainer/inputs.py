@@ -8,7 +8,7 @@ in-memory train/eval splits inside a run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from trainer.bundle import build_demo_bundle, read_spec
@@ -25,7 +25,7 @@ from trainer.data import (
 from trainer.demo_assets import build_demo_dataset, build_demo_llm, spec_hash
 from trainer.errors import ConfigError, Problem
 from trainer.feature_cache import cached_features, read_features
-from trainer.fsutil import build_once
+from trainer.fsutil import build_once, is_built
 from trainer.phase1.features_file import AlignedFeatures, FeaturesFileError, read_features_file
 from trainer.phase1.source import Phase1Source
 
@@ -51,6 +51,26 @@ def _demo_bundle(cfg: TrainConfig) -> Path:
 def demo_llm_dir(cfg: TrainConfig) -> Path:
     """Where the demo LLM of `cfg` is (or will be) built; nothing is built here."""
     return cfg.assets_dir / f"llm-{spec_hash(cfg.demo.llm.model_dump(mode='json'))}"
+
+
+def ready_llm_dir(cfg: TrainConfig) -> Path | None:
+    """The LLM directory a run of `cfg` loads, if it is there before `prepare_inputs`: the
+    user's `model.llm_path`, or a demo LLM an earlier run built (None: not built yet)."""
+    if cfg.model.llm_path is not None:
+        return cfg.model.llm_path
+    target = demo_llm_dir(cfg)
+    return target if is_built(target) else None
+
+
+def inputs_to_data(inputs: Inputs) -> dict[str, str | None]:
+    """`inputs` as JSON-ready data (its paths as strings); `inputs_from_data` reads it."""
+    return {k: None if v is None else str(v) for k, v in asdict(inputs).items()}
+
+
+def inputs_from_data(data: dict[str, str | None]) -> Inputs:
+    """The `Inputs` that `inputs_to_data` wrote (KeyError: a field is missing)."""
+    return Inputs(**{f.name: None if data[f.name] is None else Path(data[f.name])
+                     for f in fields(Inputs)})
 
 
 def _demo_llm(cfg: TrainConfig) -> Path:

@@ -122,17 +122,22 @@ def run_sweep(loaded: Loaded, *, resume_flag: bool = False, restart: bool = Fals
             began = time.perf_counter()
             driver.init_ray(loaded, ray_log_level)
             ray_s = time.perf_counter() - began
+            # Shared groups start at once: each loads the frozen LLM while the preparation
+            # runs on, and gets the inputs once they are ready (on a GPU host the LLM's
+            # first imports take longer than what is left of the preparation).
+            group = driver.start_shared_groups(cfg, sweep_dir, loaded.base, loaded.base_data,
+                                               profile, src)
             inputs, prepare_s = prepared()
         finally:  # Tune's callback opens the store next; an exit never cuts its tables short
             store_opened()
+        if group is not None:
+            driver.hand_inputs(group, inputs, sweep_dir)
         print(f"[sweep] inputs ready in {prepare_s:.1f}s, Ray started in {ray_s:.1f}s, "
               "side by side")
         plan = plan_steps(loaded.base.phase2, train_size(loaded.base), src)
         opts = driver.trial_options(cfg, sweep_dir / "trials")
         clock.append(("preparation and Ray start", time.time()))
-        trainable, group = driver.build_trainable(cfg, sweep_dir, loaded.base_data, inputs,
-                                                  opts, loaded.base.model.compile, profile,
-                                                  src)
+        trainable = driver.build_trainable(cfg, loaded.base_data, inputs, opts, group)
         index = driver.fit_sweep(
             loaded, sweep_dir, trainable,
             publish.sweep_callback(loaded, experiment, mlflow_dir, sweep_dir / SNAPSHOT),

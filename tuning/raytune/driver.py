@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from trainer.errors import ConfigError, Problem
 from trainer.fsutil import atomic_write_text
-from trainer.inputs import Inputs
+from trainer.inputs import Inputs, inputs_to_data, ready_llm_dir
 from tuning.analysis.report import TRIALS_INDEX
 from tuning.raytune import disk_full
 from tuning.raytune.checkpoint_pruner import CheckpointPruner, prune_experiment
@@ -42,7 +42,10 @@ if TYPE_CHECKING:
     from ray.tune.schedulers import TrialScheduler
     from ray.tune.search import Searcher
 
+    from trainer.config import TrainConfig
+
 GROUP_STATS = "group_stats.json"  # where a shared group's step thread spent its time
+GROUP_INPUTS = "group_inputs.json"  # the sweep's prepared inputs, for a restarted group actor
 # Beside the sweeps of one storage (<storage_path>/compile_cache/): a compiled group's
 # artifacts, so a resumed sweep, or another sweep of the same shapes, starts warm.
 COMPILE_CACHE = "compile_cache"
@@ -289,19 +292,22 @@ def _read_token(path: str) -> str | None:
 
 @dataclass
 class SharedGroups:
-    """The sweep's group actors, the placement group that pins them, and their plan."""
+    """The sweep's group actors (and their names), the placement group that pins them, and
+    their plan."""
 
     plan: GroupPlan
     actors: list[Any] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
     placement: Any = None
 
 
-def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: Inputs,
+def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: Inputs | None,
                  profile: tuple[str, int, int] | None, base: dict[str, Any] | None = None,
-                 ) -> tuple[SharedGroups, list[str]]:
+                 llm_dir: Path | None = None) -> SharedGroups:
     """Reserve one bundle per group (its CPUs, GPU, custom resources) in one placement
-    group, and start each group's actor in its bundle; the groups and the actors' names.
-    `base`: the trials' base config, each actor loads the shared LLM with as it starts."""
+    group, and start each group's actor in its bundle. `inputs`: None to hand them later
+    (`hand_inputs`). `base`: the trials' base config, each actor loads the shared LLM with
+    as it starts (from `llm_dir` while it has no inputs; None: it waits for them)."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -315,9 +321,9 @@ def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: In
                            f"were not free within {GROUP_PLACEMENT_TIMEOUT_S:.0f}s: other "
                            "work holds them")
     key = hashlib.sha256(str(sweep_dir).encode()).hexdigest()[:16]
-    groups = SharedGroups(plan, placement=pg)
-    names = [group_actor_name(key, i) for i in range(plan.groups)]
-    for i, name in enumerate(names):
+    groups = SharedGroups(plan, placement=pg,
+                          names=[group_actor_name(key, i) for i in range(plan.groups)])
+    for i, name in enumerate(groups.names):
         # A profile of the first group only: one report, not N racing for one file.
         groups.actors.append(start_group_actor(
             name, inputs, report_every=cfg.trials.report_every,
@@ -327,24 +333,29 @@ def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: In
             compile_cache=str(sweep_dir.parent / COMPILE_CACHE),
             resources=dict(res.group_resources),
             scheduling=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            shared_config=base))
-    return groups, names
+            shared_config=base, inputs_file=str(sweep_dir / GROUP_INPUTS),
+            llm_dir=None if llm_dir is None else str(llm_dir)))
+    return groups
 
 
-def build_trainable(cfg: SearchConfig, sweep_dir: Path, base: dict[str, Any],
-                    inputs: Inputs, opts: TrialOptions, compile_mode: str,
-                    profile: tuple[str, int, int] | None,
-                    src: str = "search.yaml") -> tuple[Any, SharedGroups | None]:
-    """The Tune trainable, and the shared groups when ``resources.shared_group``
-    (`profile`: the first group's `group_profile`; `src`: search.yaml, for errors)."""
+def start_shared_groups(cfg: SearchConfig, sweep_dir: Path, base: TrainConfig,
+                        base_data: dict[str, Any], profile: tuple[str, int, int] | None,
+                        src: str = "search.yaml") -> SharedGroups | None:
+    """With ``resources.shared_group``, the groups, started as soon as Ray is up and before
+    the sweep's inputs are prepared: each loads the shared LLM meanwhile (from its
+    directory, if an earlier run built it), and gets the inputs from `hand_inputs`. None
+    without shared groups. `base`/`base_data`: the trials' base config, parsed and as data;
+    `profile`: the first group's `group_profile`; `src`: search.yaml, for errors."""
     if not cfg.resources.shared_group:
-        return with_resources(run_trial, cfg, base=base, inputs=inputs, opts=opts), None
+        return None
     plan = plan_groups(cfg, ray.cluster_resources(), src)
     check_shared_storage(sweep_dir, src)
-    groups, names = start_groups(cfg, plan, sweep_dir, inputs, profile, base)
+    # An earlier run's inputs: this run's actors must never take them for its own.
+    (sweep_dir / GROUP_INPUTS).unlink(missing_ok=True)
+    groups = start_groups(cfg, plan, sweep_dir, None, profile, base_data, ready_llm_dir(base))
     compiled = (f"; its forward is compiled once for {plan.slots} member slots "
                 "(minutes at reference scale): trials join and leave without a recompile"
-                if compile_mode != "off" else "")
+                if base.model.compile != "off" else "")
     res = cfg.resources
     if plan.groups == 1:
         print(f"[sweep] shared group: up to {plan.slots} trials in one process "
@@ -354,13 +365,29 @@ def build_trainable(cfg: SearchConfig, sweep_dir: Path, base: dict[str, Any],
         print(f"[sweep] shared groups: {plan.groups} processes, each up to {plan.slots} "
               f"trials over its own copy of the frozen model ({plan.bundle} each), "
               f"{plan.concurrency} trials at a time{compiled}")
+    return groups
+
+
+def hand_inputs(groups: SharedGroups, inputs: Inputs, sweep_dir: Path) -> None:
+    """Give the groups the sweep's prepared inputs, and keep them in the sweep directory for
+    an actor Ray restarts (it is started again with its first arguments: no inputs)."""
+    atomic_write_text(sweep_dir / GROUP_INPUTS, json.dumps(inputs_to_data(inputs)) + "\n")
+    ray.get([actor.set_inputs.remote(inputs) for actor in groups.actors])
+
+
+def build_trainable(cfg: SearchConfig, base: dict[str, Any], inputs: Inputs,
+                    opts: TrialOptions, groups: SharedGroups | None) -> Any:
+    """The Tune trainable: a solo trial, or a member of `groups` (`start_shared_groups`,
+    handed their inputs)."""
+    if groups is None:
+        return with_resources(run_trial, cfg, base=base, inputs=inputs, opts=opts)
+    res = cfg.resources
     # A member's own process only relays reports: MEMBER_CPU, no GPU. It waits for
     # a free slot as long as an orphan may hold one (and a minute for the leave's way).
-    member = tune.with_resources(
-        tune.with_parameters(run_group_member, base=base, opts=opts, actor_names=names,
+    return tune.with_resources(
+        tune.with_parameters(run_group_member, base=base, opts=opts, actor_names=groups.names,
                              join_wait_s=res.group_orphan_timeout_s + 60.0),
         {"cpu": MEMBER_CPU})
-    return member, groups
 
 
 def trial_options(cfg: SearchConfig, trials_dir: Path) -> TrialOptions:

@@ -29,7 +29,12 @@ the trial-side client (``join_group``, ``run_group_member``) are the two ends of
 protocol: join, poll, leave; the numbers it reports are in ``group_stats``.
 
 Ownership: the driver creates the actors before ``Tuner.fit`` (a Ray actor dies with its
-owner, so a trial process must not own it); trials look them up by name.
+owner, so a trial process must not own it); trials look them up by name. It creates them as
+soon as Ray is up, while the sweep's preparation (assets, the frozen-feature cache) is
+still running: an actor loads the shared LLM from the base config's directory, if it is
+there, and gets the prepared inputs later (``set_inputs``; joins wait for them). The driver
+also writes them to the sweep directory (``GROUP_INPUTS``), where a restarted actor, which
+Ray starts again with its first arguments, finds them.
 
 One group per GPU (``resources.groups``): the driver starts N actors, each in its own bundle
 of one placement group (its GPU, or ``resources.group_resources``), each with K slots
@@ -47,6 +52,7 @@ by the trial's: on a multi-node cluster that must be one filesystem every node m
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 import traceback
@@ -82,6 +88,10 @@ JOIN_WAIT_S = 10.0
 REPORTS_AHEAD = 1
 # How often a trial that found every group's slots taken asks again.
 JOIN_RETRY_S = 1.0
+# How long a join waits for a group's inputs: the driver hands them before any trial starts,
+# so only a restarted actor that cannot read GROUP_INPUTS waits this long (its trial errors
+# and Tune retries it).
+INPUTS_WAIT_S = 120.0
 
 
 def group_actor_name(sweep_key: str, index: int = 0) -> str:
@@ -171,25 +181,32 @@ class _QueueSink:
 class GroupActor:
     """Owns one ``TrialGroup`` and steps it on a thread while members are active."""
 
-    def __init__(self, inputs: Inputs, device: str | None, report_every: int,
+    def __init__(self, inputs: Inputs | None, device: str | None, report_every: int,
                  orphan_timeout_s: float, profile: tuple[str, int, int] | None = None,
                  slots: int | None = None, compile_cache: str | None = None,
-                 shared_config: dict[str, Any] | None = None) -> None:
-        """`profile`: (path, steps, warm): write a torch.profiler report of `steps` group
-        steps, after `warm` without a compile, to path (trainer.step_profile; the sweep's
+                 shared_config: dict[str, Any] | None = None, inputs_file: str | None = None,
+                 llm_dir: str | None = None) -> None:
+        """`inputs`: the sweep's prepared inputs, or None to be handed them later
+        (`set_inputs`; `inputs_file`: where a restarted actor reads them). `profile`:
+        (path, steps, warm): write a torch.profiler report of `steps` group steps, after
+        `warm` without a compile, to path (trainer.step_profile; the sweep's
         PHASE2_GROUP_PROFILE). `slots`: the group's capacity (the sweep's
         max_concurrent_trials): a compiled group's forward runs that many member slots.
         `compile_cache`: the directory of its compiled artifacts (trainer.compile_cache).
         `shared_config`: the sweep's base trial config: the step thread loads the frozen
-        LLM with it before any member joins, while the trial processes start."""
+        LLM with it before any member joins, while the trial processes start; from `llm_dir`
+        before the inputs are there (None: it waits for them)."""
         from trainer.group import TrialGroup
+        from trainer.inputs import inputs_from_data
         from trainer.step_profile import StepProfiler
 
-        self._inputs, self._device, self._slots = inputs, device, slots
+        self._device, self._slots = device, slots
         self._shared_config = shared_config
+        self._llm_dir = Path(llm_dir) if llm_dir else None
         self._cache = Path(compile_cache) if compile_cache else None
         self._stats = GroupStats()
-        self._group = TrialGroup(inputs, device=device, log=self._group_log, slots=slots,
+        self._has_inputs = threading.Event()
+        self._group = TrialGroup(None, device=device, log=self._group_log, slots=slots,
                                  compile_cache=self._cache)
         self._report_every = max(1, report_every)
         self._orphan_s = orphan_timeout_s
@@ -210,8 +227,25 @@ class GroupActor:
         self._joined: set[str] = set()  # every member that ever joined (group_stats.json)
         self._profiler = (StepProfiler(Path(profile[0]), profile[1], warm=profile[2],
                                        long_s=POLL_WAIT_S) if profile else None)
+        if inputs is None and inputs_file and Path(inputs_file).is_file():
+            # A restarted actor (Ray passes its first arguments again): what the driver
+            # handed its first life.
+            inputs = inputs_from_data(json.loads(Path(inputs_file).read_text()))
+        if inputs is not None:
+            self.set_inputs(inputs)
         self._thread = threading.Thread(target=self._loop, name="group-steps", daemon=True)
         self._thread.start()
+
+    def set_inputs(self, inputs: Inputs) -> None:
+        """The sweep's prepared inputs (once; later calls change nothing): joins wait for
+        them."""
+        with self._lock:
+            if self._has_inputs.is_set():
+                return
+            self._group.inputs = inputs
+            self._stats.inputs_at = time.monotonic()
+            self._has_inputs.set()
+            self._wake()
 
     def join(self, member_id: str, cfg_data: dict[str, Any], resume: bool) -> bool:
         """Add (or, for a retried trial, replace) a member; errors raise in the caller.
@@ -223,6 +257,9 @@ class GroupActor:
         with self._lock:
             if self._stats.first_asked is None:
                 self._stats.first_asked = time.monotonic()
+        if not self._has_inputs.wait(INPUTS_WAIT_S):
+            raise RuntimeError(f"trial {member_id}: the shared group had no inputs from the "
+                               f"sweep's driver after {INPUTS_WAIT_S:.0f}s")
         with self._step_lock:
             began = time.monotonic()
             if self._slots is not None and self.load(but=member_id) >= self._slots:
@@ -340,15 +377,16 @@ class GroupActor:
                 self._stats.leave_s += time.monotonic() - began
             self._wake()
 
-    def _preload(self) -> None:
-        """Load the shared LLM before the first join (the caller holds `_step_lock`). A
-        failure is only logged: the first join loads it again and its trial gets the error."""
+    def _preload(self, llm_dir: Path | None) -> None:
+        """Load the shared LLM before the first join (the caller holds `_step_lock`), from
+        `llm_dir` (None: the inputs'). A failure is only logged: the first join loads it
+        again and its trial gets the error."""
         from trainer.config import config_from_data
 
         began = time.monotonic()
         try:
             cfg = config_from_data(self._shared_config, "the sweep's base trial config")
-            self._group.load_shared_llm(cfg, "the sweep's base trial config")
+            self._group.load_shared_llm(cfg, "the sweep's base trial config", llm_dir)
         except Exception:  # the first join reports it, in the trial's own words
             print(f"[group] loading the shared LLM ahead failed; the first join loads it:\n"
                   f"{traceback.format_exc()}", flush=True)
@@ -356,8 +394,10 @@ class GroupActor:
 
     def _loop(self) -> None:
         if self._shared_config is not None:
+            if self._llm_dir is None:  # the preparation builds the LLM: wait for it
+                self._has_inputs.wait()
             with self._step_lock:
-                self._preload()
+                self._preload(self._llm_dir)
         while True:
             with self._step_lock:
                 ready, wait_s, seen, why = self._plan_step()
@@ -465,7 +505,7 @@ class GroupActor:
         holds `_step_lock`."""
         from trainer.group import TrialGroup
 
-        fresh = TrialGroup(self._inputs, device=self._device, log=self._group_log,
+        fresh = TrialGroup(self._group.inputs, device=self._device, log=self._group_log,
                            slots=self._slots, compile_cache=self._cache)
         with self._lock:
             for member_id, member in self._members.items():
@@ -476,19 +516,22 @@ class GroupActor:
             self._wake()
 
 
-def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus: float,
-                      num_gpus: float, orphan_timeout_s: float,
+def start_group_actor(name: str, inputs: Inputs | None, *, report_every: int,
+                      num_cpus: float, num_gpus: float, orphan_timeout_s: float,
                       profile: tuple[str, int, int] | None = None,
                       slots: int | None = None, compile_cache: str | None = None,
                       resources: dict[str, float] | None = None,
                       scheduling: Any = None,
-                      shared_config: dict[str, Any] | None = None) -> Any:
+                      shared_config: dict[str, Any] | None = None,
+                      inputs_file: str | None = None, llm_dir: str | None = None) -> Any:
     """Create one of the sweep's group actors (owned by the driver); returns its handle.
-    `slots`: the group's capacity (resources.trials_per_group); `compile_cache`: a
-    directory for its compiled artifacts, shared by the sweeps of one storage;
-    `resources`: custom Ray resources it also holds; `scheduling`: its Ray scheduling
-    strategy (the driver's: its bundle of the sweep's placement group); `shared_config`:
-    the sweep's base trial config, to load the shared LLM with as the actor starts."""
+    `inputs`: the prepared inputs, or None to hand them later (``set_inputs``; `inputs_file`:
+    where the driver also writes them, for a restarted actor); `slots`: the group's capacity
+    (resources.trials_per_group); `compile_cache`: a directory for its compiled artifacts,
+    shared by the sweeps of one storage; `resources`: custom Ray resources it also holds;
+    `scheduling`: its Ray scheduling strategy (the driver's: its bundle of the sweep's
+    placement group); `shared_config`: the sweep's base trial config, to load the shared LLM
+    with as the actor starts (from `llm_dir` before its inputs are there)."""
     device = "cuda" if num_gpus > 0 else "cpu"
     cls = ray.remote(GroupActor)
     # max_concurrency: polls block (up to POLL_WAIT_S) in threads; one per member plus joins.
@@ -498,7 +541,7 @@ def start_group_actor(name: str, inputs: Inputs, *, report_every: int, num_cpus:
                        resources=resources or None, scheduling_strategy=scheduling,
                        max_concurrency=64, max_restarts=3).remote(
         inputs, device, report_every, orphan_timeout_s, profile, slots, compile_cache,
-        shared_config)
+        shared_config, inputs_file, llm_dir)
 
 
 def join_group(actors: list[Any], member_id: str, cfg_data: dict[str, Any], resume: bool,

@@ -66,6 +66,9 @@ class GroupStats:
     # The actor's start and its first member's join, which loads the frozen LLM onto the
     # device: what a sweep spends before its group's first step, apart from the waits.
     created: float = field(default_factory=time.monotonic)
+    # when the sweep's prepared inputs reached the actor (started before the preparation
+    # ends, it loads the LLM meanwhile): the group's own figures count from here
+    inputs_at: float | None = None
     preload_s: float = 0.0  # the LLM loaded ahead, as the actor starts (0: by the first join)
     first_join_s: float = 0.0
     # the first trial's join call: before `preload_s` ends, the LLM's load kept it waiting
@@ -97,6 +100,7 @@ class GroupStats:
 
     def as_dict(self) -> dict[str, Any]:
         now = time.monotonic()
+        origin = self.inputs_at or now
         wall = max(now - (self.started or now), 1e-9)
         waits = dict(self.wait_s)
         if self.waiting is not None:  # counted so far
@@ -127,10 +131,12 @@ class GroupStats:
             "leaves": self.leaves, "leave_s": round(self.leave_s, 3),
             "pauses": self.pauses,
             "pause_ms_mean": round(1e3 * self.paused_s / max(1, self.pauses), 1),
-            # from the actor's start to its first member in: the trial processes starting,
-            # and the shared LLM's load, ahead (preload_s) or in the first join
-            "to_first_member_s": round((self.started or now) - self.created, 3),
-            "first_join_asked_s": round((self.first_asked or now) - self.created, 3),
+            # from the inputs' arrival to its first member in: the trial processes starting,
+            # and what is left of the shared LLM's load, ahead (preload_s) or in the first
+            # join; the actor started `started_ahead_s` before its inputs
+            "to_first_member_s": round((self.started or now) - origin, 3),
+            "first_join_asked_s": round((self.first_asked or now) - origin, 3),
+            "started_ahead_s": round(origin - self.created, 3),
             "preload_s": round(self.preload_s, 3),
             "first_join_s": round(self.first_join_s, 3),
             "events": list(self.events),
@@ -155,6 +161,7 @@ def describe_stats(stats: dict[str, Any]) -> str:
             f"{stats['first_step_s']:.1f}s{compiles}; stepping "
             f"{100 * stats['busy_fraction']:.0f}% of {stats['wall_s']:.0f}s, waiting for: "
             f"{waits or 'nothing'}{makeup}{pauses}; first member in "
-            f"{stats['to_first_member_s']:.0f}s after the group's start (asked at "
+            f"{stats['to_first_member_s']:.0f}s after the sweep's inputs (asked at "
             f"{stats['first_join_asked_s']:.0f}s; LLM loaded ahead in "
-            f"{stats['preload_s']:.0f}s, the join {stats['first_join_s']:.0f}s)")
+            f"{stats['preload_s']:.0f}s from {stats['started_ahead_s']:.0f}s before the "
+            f"inputs, the join {stats['first_join_s']:.0f}s)")
