@@ -27,7 +27,6 @@ the group logs its last lines and compiles in its own process, as without it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from typing import Literal
 import torch
 
 from trainer.config import TrainConfig, config_from_data
-from trainer.inputs import Inputs
+from trainer.inputs import Inputs, inputs_from_data, inputs_to_data
 
 Progress = Literal["running", "ready", "failed"]
 SPEC = "spec.json"
@@ -79,8 +78,7 @@ class CompileAhead:
         self.scratch = Path(tempfile.mkdtemp(prefix=".compile-ahead-",
                                              dir=self.cache_file.parent))
         spec = {"configs": [helper_config(c, self.scratch, f"m{i}") for i, c in enumerate(cfgs)],
-                "inputs": {k: None if v is None else str(v)
-                           for k, v in dataclasses.asdict(inputs).items()},
+                "inputs": inputs_to_data(inputs),
                 "slots": slots, "cache_file": str(self.cache_file), "device": str(device)}
         (self.scratch / SPEC).write_text(json.dumps(spec))
         # The trainer package importable from the helper whatever its working directory
@@ -152,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfgs = [config_from_data(c, str(spec_path)) for c in spec["configs"]]
     cache_file = Path(spec["cache_file"])
-    inputs = Inputs(**{k: None if v is None else Path(v) for k, v in spec["inputs"].items()})
+    inputs = inputs_from_data(spec["inputs"])
     group = TrialGroup(inputs, spec["device"], slots=spec["slots"],
                        compile_cache=cache_file.parent)
     for i, cfg in enumerate(cfgs):
