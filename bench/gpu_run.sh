@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of the README's Performance section, in one device call:
-#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start join client occupancy warmsplit program
+#   bash bench/gpu_run.sh [STAGE ...]   # stages: trainer compiled big bigro bigtune group groupc sweep sweepc sweepall e2enan e2easha e2eahead slots scopes ahead kernels start storeorder join client occupancy warmsplit program
 # Env: PROFILE=1 adds a torch.profiler table to compiled/big/bigtune (and, for groupc, to
 # the group of size GROUP_PROFILE); GROUP_K, GROUP_SYNC: groupc's sizes and read-back windows;
 # GROUP_DROPOUT: groupc's LoRA dropout (default 0; the sweep's trials have the config's 0.05);
@@ -156,6 +156,8 @@ for stage in ${stages[@]}; do
         --steps ${AHEAD_STEPS:-1500} --device cuda --json "$OUT/ahead.json" ;;
     start)     # a sweep's start: its inputs prepared, then Ray, against both side by side
       timeout 300 python3 bench/sweep_start.py "${ref[@]}" --reps 3 ;;
+    storeorder)  # a sweep's start: its MLflow store opened beside the preparation or after it
+      timeout 280 python3 bench/store_order.py --reps ${STORE_REPS:-3} | tee "$OUT/store_order.txt" ;;
     join)      # a shared group's make-up changes: each join reading the splits again
                # against the group's shared splits, and what a leave costs
       timeout 300 python3 bench/group_join.py "${ref[@]}" --device cuda --json "$OUT/join.json" ;;

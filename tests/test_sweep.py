@@ -393,6 +393,70 @@ def test_the_sweeps_mlflow_store_is_opened_while_ray_starts(tmp_path, monkeypatc
     assert "[mlflow] warning" not in capsys.readouterr().err
 
 
+def test_the_store_is_opened_after_the_preparation_not_beside_it(tmp_path, monkeypatch):
+    """Both are import-heavy Python on the driver's one GIL: the store's opening begins only
+    once the inputs are prepared (side by side the reference preparation took 2.7x as long)."""
+    import tuning.sweep as sweep_mod
+    from tuning.raytune import driver
+    from tuning.tracking import publish
+
+    path = _write(tmp_path, shared_assets=True)
+    marks: dict[str, float] = {}
+    real_prepare, real_open = sweep_mod.prepare_inputs, publish.open_store
+
+    def prepare(cfg, log=print):
+        time.sleep(1.0)
+        inputs = real_prepare(cfg, log)
+        marks["prepared"] = time.monotonic()
+        return inputs
+
+    def open_store(*args):
+        marks["store begun"] = time.monotonic()
+        real_open(*args)
+
+    def init_ray(loaded, level):  # stops the sweep once the store was begun
+        deadline = time.monotonic() + 60
+        while "store begun" not in marks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise ConfigError([Problem(str(path), "ray.address", "stopped here by the test", "")])
+
+    monkeypatch.setattr(sweep_mod, "prepare_inputs", prepare)
+    monkeypatch.setattr(publish, "open_store", open_store)
+    monkeypatch.setattr(driver, "init_ray", init_ray)
+    assert sweep_main([str(path)]) == 2
+    assert marks["store begun"] >= marks["prepared"], marks
+
+
+def test_a_sweep_that_stops_before_its_preparation_ends_opens_no_store(tmp_path, monkeypatch):
+    """Stopped while the preparation runs on (here: Ray failed to start), the sweep exits
+    without waiting for it, and the preparation, ending later, begins no store that the
+    exiting process could cut short."""
+    import tuning.sweep as sweep_mod
+    from tuning.raytune import driver
+
+    path = _write(tmp_path, shared_assets=True)
+    release, finished = threading.Event(), threading.Event()
+    real_prepare = sweep_mod.prepare_inputs
+
+    def prepare(cfg, log=print):
+        release.wait(30)
+        try:
+            return real_prepare(cfg, log)
+        finally:
+            finished.set()
+
+    def init_ray(loaded, level):
+        raise ConfigError([Problem(str(path), "ray.address", "stopped here by the test", "")])
+
+    monkeypatch.setattr(sweep_mod, "prepare_inputs", prepare)
+    monkeypatch.setattr(driver, "init_ray", init_ray)
+    assert sweep_main([str(path)]) == 2
+    release.set()
+    assert finished.wait(60)
+    time.sleep(1.0)  # a store begun now would have made its database by then
+    assert not (tmp_path / "sweeps" / "smoke" / "mlflow" / "mlflow.db").exists()
+
+
 def test_a_problem_found_while_preparing_exits_2_and_stops_ray(tmp_path, monkeypatch, capsys):
     """A bad input found by the preparation (on its thread, Ray started meanwhile) is one
     error line and exit 2, and the sweep's Ray is shut down."""
