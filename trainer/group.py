@@ -255,7 +255,6 @@ class TrialGroup:
         `cfg` (the first member's, or the sweep's base config) fixes the shared keys. A
         sweep's group actor calls it as it starts, overlapping the trials' start, and before
         its `inputs` are there it names the LLM's directory (`llm_dir`)."""
-        llm_dir = llm_dir or self.inputs.llm_dir
         if self._lm is not None:
             if self.inputs is not None and self._llm_dir != self.inputs.llm_dir:
                 # Loaded ahead from the base config's directory: the inputs must agree.
@@ -264,6 +263,7 @@ class TrialGroup:
                     f"{self._llm_dir}, but the sweep's inputs name {self.inputs.llm_dir}",
                     "give every trial the base config's LLM")])
             return
+        llm_dir = llm_dir or self.inputs.llm_dir
         # The parts' times: a sweep's first member waits for all. The first part is mostly
         # the process's first imports of transformers' tokenizer and model code and peft.
         t = [time.perf_counter()]

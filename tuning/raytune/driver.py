@@ -301,13 +301,13 @@ class SharedGroups:
     placement: Any = None
 
 
-def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: Inputs | None,
+def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path,
                  profile: tuple[str, int, int] | None, base: dict[str, Any] | None = None,
                  llm_dir: Path | None = None) -> SharedGroups:
     """Reserve one bundle per group (its CPUs, GPU, custom resources) in one placement
-    group, and start each group's actor in its bundle. `inputs`: None to hand them later
-    (`hand_inputs`). `base`: the trials' base config, each actor loads the shared LLM with
-    as it starts (from `llm_dir` while it has no inputs; None: it waits for them)."""
+    group, and start each group's actor in its bundle, without the sweep's inputs
+    (`hand_inputs` gives them). `base`: the trials' base config, each actor loads the shared
+    LLM with as it starts (from `llm_dir` while it has no inputs; None: it waits for them)."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -326,7 +326,7 @@ def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path, inputs: In
     for i, name in enumerate(groups.names):
         # A profile of the first group only: one report, not N racing for one file.
         groups.actors.append(start_group_actor(
-            name, inputs, report_every=cfg.trials.report_every,
+            name, report_every=cfg.trials.report_every,
             num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
             orphan_timeout_s=res.group_orphan_timeout_s,
             profile=profile if i == 0 else None, slots=plan.slots,
@@ -352,7 +352,7 @@ def start_shared_groups(cfg: SearchConfig, sweep_dir: Path, base: TrainConfig,
     check_shared_storage(sweep_dir, src)
     # An earlier run's inputs: this run's actors must never take them for its own.
     (sweep_dir / GROUP_INPUTS).unlink(missing_ok=True)
-    groups = start_groups(cfg, plan, sweep_dir, None, profile, base_data, ready_llm_dir(base))
+    groups = start_groups(cfg, plan, sweep_dir, profile, base_data, ready_llm_dir(base))
     compiled = (f"; its forward is compiled once for {plan.slots} member slots "
                 "(minutes at reference scale): trials join and leave without a recompile"
                 if base.model.compile != "off" else "")

@@ -516,8 +516,8 @@ class GroupActor:
             self._wake()
 
 
-def start_group_actor(name: str, inputs: Inputs | None, *, report_every: int,
-                      num_cpus: float, num_gpus: float, orphan_timeout_s: float,
+def start_group_actor(name: str, *, report_every: int, num_cpus: float, num_gpus: float,
+                      orphan_timeout_s: float,
                       profile: tuple[str, int, int] | None = None,
                       slots: int | None = None, compile_cache: str | None = None,
                       resources: dict[str, float] | None = None,
@@ -525,8 +525,8 @@ def start_group_actor(name: str, inputs: Inputs | None, *, report_every: int,
                       shared_config: dict[str, Any] | None = None,
                       inputs_file: str | None = None, llm_dir: str | None = None) -> Any:
     """Create one of the sweep's group actors (owned by the driver); returns its handle.
-    `inputs`: the prepared inputs, or None to hand them later (``set_inputs``; `inputs_file`:
-    where the driver also writes them, for a restarted actor); `slots`: the group's capacity
+    It starts without the sweep's inputs: the driver hands them later (``set_inputs``) and
+    also writes them to `inputs_file`, for a restarted actor. `slots`: the group's capacity
     (resources.trials_per_group); `compile_cache`: a directory for its compiled artifacts,
     shared by the sweeps of one storage; `resources`: custom Ray resources it also holds;
     `scheduling`: its Ray scheduling strategy (the driver's: its bundle of the sweep's
@@ -540,7 +540,7 @@ def start_group_actor(name: str, inputs: Inputs | None, *, report_every: int,
     return cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
                        resources=resources or None, scheduling_strategy=scheduling,
                        max_concurrency=64, max_restarts=3).remote(
-        inputs, device, report_every, orphan_timeout_s, profile, slots, compile_cache,
+        None, device, report_every, orphan_timeout_s, profile, slots, compile_cache,
         shared_config, inputs_file, llm_dir)
 
 

@@ -49,7 +49,8 @@ def sweep_callback(loaded: Loaded, experiment: str, mlflow_dir: Path, snapshot: 
 def open_store(cfg: SearchConfig, experiment: str, mlflow_dir: Path) -> None:
     """Open the sweep's own SQLite store (`mlflow.tracking_uri` unset) ahead of Tune's
     callback, which otherwise creates its tables (about 2 s) while every trial waits to
-    start; the sweep runs this beside the preparation and Ray's start. A store that cannot
+    start; the sweep runs this once its inputs are prepared, while Ray still starts or the
+    shared groups take their inputs (`tuning.sweep.StoreAfterPreparation`). A store that cannot
     be used is left for the callback to meet and report, as without this; a state
     directory that cannot be written stops the sweep as any other write to its directory."""
     if cfg.mlflow.tracking_uri is not None:
