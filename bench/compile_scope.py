@@ -1,11 +1,15 @@
-"""A compiled trial group's cold start in each `model.compile_scope`: the whole shared
-forward compiled ("model") against each decoder block compiled ("layers").
+"""A compiled trial group's cold start in each `model.compile_scope` (and `model.compile`):
+the whole shared forward compiled ("model") against each decoder block compiled
+("layers"), or against the whole forward in CUDA graphs without Inductor
+("model:cudagraphs").
 
     python bench/compile_scope.py configs/reference.yaml --k 8        # on a GPU
+    python bench/compile_scope.py configs/reference.yaml --k 8 --arms model,model:cudagraphs
     OMP_NUM_THREADS=1 python bench/compile_scope.py configs/phase2.yaml --tiny --k 2 \
         --mode default --set demo.llm.num_hidden_layers=8              # on a CPU
 
-Each scope runs in a process of its own (`bench/gpu_group.py`: K members of the config
+An arm is SCOPE or SCOPE:COMPILE (`--mode` where it names none). Each arm runs in a
+process of its own (`bench/gpu_group.py`: K members of the config
 with synthetic text of `--text-len` tokens, every member's batch `--batch` rows) with an
 empty Inductor (and Triton) cache of its own, so both compiles are cold. Reported per scope:
 the process's wall time, the group's first step (its compile, CUDA graph recordings and the
@@ -34,12 +38,13 @@ TINY = ["demo.num_examples=48", "demo.llm.pretrain_steps=100", "data.eval_fracti
         "output.log_every=1000", "phase2.warmup_steps=2", "phase2.batch_size=4"]
 
 
-def run_scope(args: argparse.Namespace, scope: str, work: Path, label: str = "cold") -> dict:
-    """One scope's group in a process of its own: its gpu_group.py row, and wall. The
-    scope's caches are its own: empty for its first (cold) process, the first's for the
-    next."""
-    out = work / f"{scope}-{label}.json"
-    sets = [*(TINY if args.tiny else []), f"model.compile={args.mode}",
+def run_scope(args: argparse.Namespace, arm: str, work: Path, label: str = "cold") -> dict:
+    """One arm's group in a process of its own: its gpu_group.py row, and wall. The arm's
+    caches are its own: empty for its first (cold) process, the first's for the next."""
+    scope, _, mode = arm.partition(":")
+    name = arm.replace(":", "-")
+    out = work / f"{name}-{label}.json"
+    sets = [*(TINY if args.tiny else []), f"model.compile={mode or args.mode}",
             f"model.compile_scope={scope}", *args.overrides]
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_group.py"), str(args.config),
            "--k", str(args.k), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -47,19 +52,20 @@ def run_scope(args: argparse.Namespace, scope: str, work: Path, label: str = "co
            "--json", str(out), *[a for s in sets for a in ("--set", s)]]
     if args.device:
         cmd += ["--device", args.device]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{scope}"),
-           "TRITON_CACHE_DIR": str(work / f"triton-{scope}")}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{name}"),
+           "TRITON_CACHE_DIR": str(work / f"triton-{name}")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"[{scope} {label}] gpu_group.py failed ({proc.returncode}):\n"
+        sys.exit(f"[{arm} {label}] gpu_group.py failed ({proc.returncode}):\n"
                  f"{proc.stderr[-4000:]}")
     for line in proc.stdout.splitlines():  # the shared LLM's load, the first step
         if line.startswith(("[group]", "[k=")):
-            print(f"[{scope} {label}] {line}", flush=True)
+            print(f"[{arm} {label}] {line}", flush=True)
     row = json.loads(out.read_text())["rows"][0]
-    result = {"scope": scope, "cache": label, "process_wall_s": round(wall, 1),
+    result = {"arm": arm, "scope": scope, "compile": mode or args.mode, "cache": label,
+              "process_wall_s": round(wall, 1),
               "first_step_s": row["first_step_s"], "group_step_ms": row["group_step_ms"],
               "mfu_pct": row["mfu_pct"], "peak_mem_gib": row["peak_mem_gib"]}
     print(json.dumps(result), flush=True)
@@ -70,8 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", type=Path)
     ap.add_argument("--k", type=int, default=8, help="members (slots) of the group")
-    ap.add_argument("--mode", default="reduce-overhead", help="model.compile (CPU: default)")
-    ap.add_argument("--scopes", default=",".join(SCOPES))
+    ap.add_argument("--mode", default="reduce-overhead",
+                    help="model.compile of an arm that names none (CPU: default)")
+    ap.add_argument("--arms", "--scopes", default=",".join(SCOPES),
+                    help="SCOPE or SCOPE:COMPILE, comma-separated; ratios are to the first")
     ap.add_argument("--steps", type=int, default=10, help="timed steady steps")
     ap.add_argument("--warmup", type=int, default=3, help="steps before them, the first too")
     ap.add_argument("--batch", type=int, default=2)
@@ -84,18 +92,21 @@ def main() -> None:
                     help="then each scope again, warm from its first process's caches")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    scopes = args.scopes.split(",")
+    arms = args.arms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {s: run_scope(args, s, Path(tmp)) for s in scopes}
-        warm = {s: run_scope(args, s, Path(tmp), "warm") for s in scopes} if args.warm else {}
+        rows = {a: run_scope(args, a, Path(tmp)) for a in arms}
+        warm = {a: run_scope(args, a, Path(tmp), "warm") for a in arms} if args.warm else {}
     summary = {"k": args.k, "mode": args.mode, "rows": [*rows.values(), *warm.values()]}
-    for label, arms in (("", rows), ("warm_", warm)):
-        if set(SCOPES) <= set(arms):
-            model, layers = arms["model"], arms["layers"]
-            ratio = {key: round(layers[key] / model[key], 3) if model[key] else None
+    for label, done in (("", rows), ("warm_", warm)):
+        if len(done) < 2:
+            continue
+        base = done[arms[0]]
+        for arm in arms[1:]:
+            ratio = {key: round(done[arm][key] / base[key], 3) if base[key] else None
                      for key in ("process_wall_s", "first_step_s", "group_step_ms")}
-            summary[f"{label}ratio_layers_over_model"] = ratio
-            print(json.dumps({f"{label}ratio_layers_over_model": ratio}), flush=True)
+            key = f"{label}ratio_{arm}_over_{arms[0]}".replace(":", "-")
+            summary[key] = ratio
+            print(json.dumps({key: ratio}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
 

@@ -18,6 +18,11 @@
 # COMPILE_PROGRAM=1: model.compile_program=true for sweepall e2enan e2easha warmsplit (the
 # group's traced program kept with its compile cache: a warm start skips Dynamo's trace;
 # JSON names get -program).
+# COMPILE_MODE=cudagraphs (or an Inductor mode): model.compile of the compiled arms of
+# sweepall e2enan e2easha instead of reduce-overhead (JSON names get -$COMPILE_MODE).
+# SCOPE_ARMS: the scopes stage's arms (bench/compile_scope.py --arms, e.g.
+# model,model:cudagraphs; default model,layers).
+# NAN_ARMS: e2enan's arms (default g8c:400,g8c:400: cold, then warm; g8c:400 runs it once).
 # E2E_STORAGE=DIR: e2enan and e2easha keep their sweeps' storage in DIR (bench/gpu_sweep.py
 # --storage), so e2easha starts warm from the compile cache (and program) e2enan left there.
 # OCC_SET=KEY=VALUE: one more override of the occupancy stage (e.g.
@@ -53,6 +58,8 @@ sfx=$sfx${OCCUPIED_SLOTS:+-occupied}
 program=${COMPILE_PROGRAM:+--set model.compile_program=true}  # unquoted below: 0 or 2 words
 storage=${E2E_STORAGE:+--storage $E2E_STORAGE}  # unquoted below: 0 or 2 words
 sfx=$sfx${COMPILE_PROGRAM:+-program}
+mode=${COMPILE_MODE:+--set model.compile=$COMPILE_MODE}  # unquoted below: 0 or 2 words
+sfx=$sfx${COMPILE_MODE:+-$COMPILE_MODE}
 stages=("${@:-trainer compiled big bigro group groupc sweep sweepc}")
 for stage in ${stages[@]}; do
   echo "=== $stage $(date +%T)"
@@ -114,20 +121,20 @@ for stage in ${stages[@]}; do
         --k g8 --set model.compile=reduce-overhead --json "$OUT/sweepc.json" ;;
     sweepall)  # one at a time and 8 processes (eager) vs one compiled group, one run
       timeout ${SWEEP_TIMEOUT:-560} python3 bench/gpu_sweep.py configs/reference.yaml --trials ${SWEEP_TRIALS:-8} --steps ${SWEEP_STEPS:-100} ${SWEEP_LR_GROWTH:+--lr-growth $SWEEP_LR_GROWTH} \
-        --k ${SWEEP_ARMS:-1,8,g8c} $scope $ahead $empty $program --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
+        --k ${SWEEP_ARMS:-1,8,g8c} $scope $ahead $empty $program $mode --json "$OUT/sweepall$sfx.json" --keep-metrics "$OUT/sweepall$sfx-metrics" \
         ${SWEEP_PROFILE:+--profile-group $SWEEP_PROFILE} ;;
     e2enan)    # issue 21 (a), end to end: 8 trials, LR 1e-4..1e-1 x clip none/1.0 (some hit
                # NaN), one compiled group of 8 slots; run twice: cold, then warm from the
                # compile cache the first left in the storage
-      timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:400,g8c:400 \
+      timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k ${NAN_ARMS:-g8c:400,g8c:400} \
         --space '{"learning_rate": {"grid": [1e-4, 1e-3, 1e-2, 1e-1]},
-                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead $empty $program $storage \
+                  "gradient_clip_val": {"grid": [null, 1.0]}}' $scope $ahead $empty $program $mode $storage \
         --json "$OUT/e2enan$sfx.json" --keep-metrics "$OUT/e2enan$sfx-metrics" ;;
     e2easha)   # issue 21 (b): 16 trials under ASHA (grace 100, reduction 3, max 1,000
                # steps) through one compiled group of 8 slots
       timeout 590 python3 bench/gpu_sweep.py configs/reference.yaml --k g8c:1000 \
         --num-samples 16 --search random --asha 100,3 \
-        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead $empty $program $storage \
+        --space '{"learning_rate": {"loguniform": [1e-5, 1e-3]}}' $scope $ahead $empty $program $mode $storage \
         --json "$OUT/e2easha$sfx.json" --keep-metrics "$OUT/e2easha$sfx-metrics" ;;
     e2eahead)  # issue 21 (a) cold, both ways on one machine: the members training eagerly
                # while a helper compiles (model.compile_ahead), then compiling in the group's
@@ -149,7 +156,7 @@ for stage in ${stages[@]}; do
     scopes)    # issue 21: a compiled group's cold start (compile + first step) and steady
                # step, whole forward compiled against each decoder block, a process each
       timeout 590 python3 bench/compile_scope.py "${ref[@]}" --k ${SCOPE_K:-8} \
-        ${SCOPE_WARM:+--warm} --json "$OUT/scopes.json" ;;
+        ${SCOPE_ARMS:+--arms $SCOPE_ARMS} ${SCOPE_WARM:+--warm} --json "$OUT/scopes.json" ;;
     ahead)     # issue 21: a compiled group's cold start, compiling in its own process against
                # a helper process compiling while the members train eagerly
       timeout 590 python3 bench/compile_ahead.py "${ref[@]}" --k ${SCOPE_K:-8} \

@@ -82,8 +82,10 @@ def run_arm(config: Path, work: Path, arm: str, trials: int, steps: int, batch: 
     per_group = int(rest.rstrip("c")) if group else int(arm.rstrip("c"))
     k = groups * per_group  # trials at a time
     storage = (storage or work / "sweeps").resolve()
-    if compiled:
-        overrides = {**overrides, "model.compile": "reduce-overhead"}
+    if compiled:  # reduce-overhead unless --set model.compile names another way to compile
+        compile_as = overrides.get("model.compile", "off")
+        overrides = {**overrides, "model.compile": "reduce-overhead" if compile_as in (
+            "off", False, None) else compile_as}
     elif "model.compile" not in overrides:
         overrides = {k: v for k, v in overrides.items() if k not in COMPILED_ONLY}
     # A group holds a whole GPU, or its share when there are more groups than GPUs (2g4c

@@ -34,6 +34,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from trainer.config import COMPILE_BACKENDS
 from trainer.model import causal_lm
 
 F = TypeVar("F", bound=Callable)
@@ -73,6 +74,18 @@ def decoder_blocks(llm: nn.Module) -> list[nn.Module]:
 BLOCK_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
+def compile_options(mode: str, device: torch.device) -> dict[str, str]:
+    """`torch.compile`'s keyword for `model.compile` = `mode` on `device`: its backend
+    (`trainer.config.COMPILE_BACKENDS`) or its Inductor mode."""
+    if mode not in COMPILE_BACKENDS:
+        return {"mode": mode}
+    if device.type != "cuda":
+        # What the cudagraphs backend runs off CUDA anyway (the traced graphs, eagerly),
+        # without its warning per graph that it skipped CUDA graphs.
+        return {"backend": "aot_eager"}
+    return {"backend": COMPILE_BACKENDS[mode]}
+
+
 def block_mode(mode: str) -> str:
     """The mode `compile_blocks` compiles a block with, for `model.compile` = `mode`."""
     return BLOCK_MODES.get(mode, mode)
@@ -93,7 +106,8 @@ def compile_forward(forward: F, llm: nn.Module, mode: str, scope: str) -> F:
     compiled whole ("model", static shapes), or left eager with every decoder block of
     `llm` compiled in place ("layers")."""
     if scope == "model":
-        return torch.compile(forward, mode=mode, dynamic=False)
+        device = next(llm.parameters()).device
+        return torch.compile(forward, dynamic=False, **compile_options(mode, device))
     if scope != "layers":
         raise ValueError(f"model.compile_scope must be one of {SCOPES}, not {scope!r}")
     compile_blocks(llm, mode)

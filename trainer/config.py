@@ -30,6 +30,14 @@ from pydantic import (
 from trainer.errors import ConfigError, Problem
 from trainer.yaml_io import clip, load_yaml_file, parse_scalar, preview
 
+# `model.compile` values that name a TorchDynamo backend rather than an Inductor mode.
+# "cudagraphs": AOTAutograd's forward and backward graphs of torch's own (eager) kernels,
+# each replayed as a CUDA graph. No Inductor code generation and no Triton kernels to
+# build, so a first compile is Dynamo's and AOTAutograd's traces alone; the kernels are
+# not fused, and nothing is kept in the compile cache for a warm start. On a CPU the
+# traced graphs run eagerly (torch skips CUDA graphs for CPU tensors).
+COMPILE_BACKENDS = {"cudagraphs": "cudagraphs"}
+
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -193,8 +201,11 @@ class Projector(_Strict):
 class Model(_Strict):
     llm_path: Path | None = None  # local HF model dir (from_pretrained); null = demo tiny LLM
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile
-    # the model's forward (reduce-overhead: CUDA graphs); the first steps pay the compile time
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune", "cudagraphs"] = "off"
+    # torch.compile the model's forward (reduce-overhead: Inductor's kernels in CUDA graphs);
+    # the first steps pay the compile time. cudagraphs: torch's own kernels in CUDA graphs,
+    # no Inductor (COMPILE_BACKENDS): a first compile of traces alone, for unfused kernels
+    # and nothing kept for a warm start
     compile_scope: Literal["model", "layers"] = "model"  # model.compile over the whole forward,
     # or each LLM decoder block (one graph for all identical blocks), the rest eager
     compile_ahead: bool = False  # a trial group's first compile (when its compile cache
@@ -221,6 +232,20 @@ class Model(_Strict):
         if self.compile_ahead and self.compile == "off":
             raise ValueError("model.compile_ahead compiles ahead what model.compile compiles: "
                              "set model.compile (e.g. reduce-overhead) or compile_ahead: false")
+        if self.compile in COMPILE_BACKENDS:
+            clash = [f"{key}: {value}" for key, value, bad in (
+                ("compile_scope", self.compile_scope, self.compile_scope != "model"),
+                ("compile_ahead", "true", self.compile_ahead),
+                ("compile_program", "true", self.compile_program)) if bad]
+            if clash:
+                # layers: one block graph replayed as a CUDA graph re-records for every
+                # block's weights; ahead and program keep Inductor's artifacts, and this
+                # backend makes none.
+                raise ValueError(
+                    f"model.compile: {self.compile} compiles the whole forward without "
+                    f"Inductor, not with {', '.join(clash)}: set compile_scope: model, "
+                    "compile_ahead: false and compile_program: false, or an Inductor mode "
+                    "(e.g. compile: reduce-overhead)")
         if self.compile_program:
             clash = [f"{key}: {value}" for key, value, ok in (
                 ("compile", self.compile, self.compile != "off"),
