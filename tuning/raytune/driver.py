@@ -299,6 +299,7 @@ class SharedGroups:
     actors: list[Any] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     placement: Any = None
+    handed: list[Any] = field(default_factory=list)  # the inputs' set_inputs calls
 
 
 def start_groups(cfg: SearchConfig, plan: GroupPlan, sweep_dir: Path,
@@ -370,9 +371,14 @@ def start_shared_groups(cfg: SearchConfig, sweep_dir: Path, base: TrainConfig,
 
 def hand_inputs(groups: SharedGroups, inputs: Inputs, sweep_dir: Path) -> None:
     """Give the groups the sweep's prepared inputs, and keep them in the sweep directory for
-    an actor Ray restarts (it is started again with its first arguments: no inputs)."""
+    an actor Ray restarts (it is started again with its first arguments: no inputs).
+
+    Does not wait for the actors to take them: an actor still starting (its process and
+    imports, a second on this CPU's demo, more on a busy GPU host) takes them once it is up,
+    and a trial's join waits for them (`GroupActor.join`), so Tune starts the trials
+    meanwhile. The calls' refs stay with `groups` (`handed`)."""
     atomic_write_text(sweep_dir / GROUP_INPUTS, json.dumps(inputs_to_data(inputs)) + "\n")
-    ray.get([actor.set_inputs.remote(inputs) for actor in groups.actors])
+    groups.handed = [actor.set_inputs.remote(inputs) for actor in groups.actors]
 
 
 def build_trainable(cfg: SearchConfig, base: dict[str, Any], inputs: Inputs,
