@@ -110,3 +110,35 @@ def test_a_shared_groups_trial_client_imports_no_torch() -> None:
             "print(trainer.train.__module__, 'torch' in sys.modules)\n")
     out = _run_python(code)
     assert out.split() == ["False", "trainer.loop", "True"], out
+
+
+def test_a_shared_groups_trial_starts_without_importing_torch(tmp_path) -> None:
+    """The trial-side start every group member runs before it joins (`start_trial`: its
+    config, the check for a run finished on disk, Ray's checkpoint, its run dir) loads no
+    torch either, whether or not its run dir holds an earlier attempt."""
+    earlier = tmp_path / "trials" / "t1"
+    earlier.mkdir(parents=True)
+    (earlier / "summary.json").write_text("{}")  # an attempt that did not finish
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from unittest import mock\n"
+            "import ray\n"
+            "from ray import tune\n"
+            "from trainer.config import TrainConfig\n"
+            "from tuning.raytune.trainable import TrialOptions, start_trial\n"
+            f"opts = TrialOptions(trials_dir=Path({str(tmp_path / 'trials')!r}), "
+            "report_every=10, checkpoint_every=50, keep_checkpoints=2, nan_policy='stop', "
+            "divergence_factor=None, stall_timeout_s=600.0, worst_loss=1e4, "
+            "cpus_per_trial=1.0)\n"
+            "for trial in ('t0', 't1'):\n"
+            "    context = mock.Mock(**{'get_trial_id.return_value': trial})\n"
+            "    with mock.patch.object(tune, 'get_context', return_value=context), \\\n"
+            "            mock.patch.object(tune, 'get_checkpoint', return_value=None), \\\n"
+            "            mock.patch.object(ray, 'get_runtime_context', return_value=mock.Mock("
+            "**{'get_node_id.return_value': 'node'})):\n"
+            "        start = start_trial({'learning_rate': 1e-3}, TrainConfig().to_plain(), "
+            "opts)\n"
+            "    print(start.trial_id, start.run_dir.is_dir(), start.cfg.phase2.learning_rate)\n"
+            "print('torch' in sys.modules)\n")
+    out = _run_python(code).split()
+    assert out == ["t0", "True", "0.001", "t1", "True", "0.001", "False"], out

@@ -205,11 +205,6 @@ def _replay_finished(cfg, run_dir: Path, opts: TrialOptions, watchdog: StallWatc
     recompute the same numbers. Replays the records after Ray's checkpoint, the final
     checkpoint and the summary instead. True if it did.
     """
-    from trainer.inputs import train_size
-    from trainer.metrics import NanEvent
-    from trainer.plan import plan_steps
-    from trainer.run import resolved_params
-
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file() or not (run_dir / "trainable.safetensors").is_file():
         return False
@@ -217,6 +212,12 @@ def _replay_finished(cfg, run_dir: Path, opts: TrialOptions, watchdog: StallWatc
     final = run_dir / "checkpoints" / f"step_{data['steps_done']:06d}"
     if not (final / META).is_file():
         return False
+    # Only here, for a replay: trainer.inputs and trainer.run import torch, which a shared
+    # group's trial process (a thin client) otherwise never loads; every trial calls this.
+    from trainer.inputs import train_size
+    from trainer.metrics import NanEvent
+    from trainer.plan import plan_steps
+    from trainer.run import resolved_params
     after = _ray_checkpoint_step()
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if r["step"] > after]
