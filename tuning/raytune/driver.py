@@ -374,9 +374,8 @@ def hand_inputs(groups: SharedGroups, inputs: Inputs, sweep_dir: Path) -> None:
     an actor Ray restarts (it is started again with its first arguments: no inputs).
 
     Does not wait for the actors to take them: an actor still starting (its process and
-    imports, a second on this CPU's demo, more on a busy GPU host) takes them once it is up,
-    and a trial's join waits for them (`GroupActor.join`), so Tune starts the trials
-    meanwhile. The calls' refs stay with `groups` (`handed`)."""
+    imports) takes them once it is up, and a trial's join waits for them (`GroupActor.join`),
+    so Tune starts the trials meanwhile. The calls' refs stay with `groups` (`handed`)."""
     atomic_write_text(sweep_dir / GROUP_INPUTS, json.dumps(inputs_to_data(inputs)) + "\n")
     groups.handed = [actor.set_inputs.remote(inputs) for actor in groups.actors]
 
