@@ -88,9 +88,9 @@ JOIN_WAIT_S = 10.0
 REPORTS_AHEAD = 1
 # How often a trial that found every group's slots taken asks again.
 JOIN_RETRY_S = 1.0
-# How long a join waits for a group's inputs: the driver hands them before any trial starts,
-# so only a restarted actor that cannot read GROUP_INPUTS waits this long (its trial errors
-# and Tune retries it).
+# How long a join waits for a group's inputs: the driver sends them before any trial starts,
+# and an actor still starting takes them once it is up (seconds), so only a restarted actor
+# that cannot read GROUP_INPUTS waits this long (its trial errors and Tune retries it).
 INPUTS_WAIT_S = 120.0
 
 
